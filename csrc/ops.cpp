@@ -1,0 +1,23 @@
+// The one place comptrust's op schemas are declared. CPU (csrc/cpu/) and CUDA (csrc/cuda/)
+// implementations register under these names with TORCH_LIBRARY_IMPL; the Python layer
+// (comptrust/ops.py) adds fake/meta kernels and the pure-torch reference fallback.
+#include <torch/extension.h>
+
+#include "cpu/int4_gemm_cpu.h"
+
+TORCH_LIBRARY(comptrust, m) {
+  // y[m, n] = x[m, k] @ dequant(qweight, qzeros, scales)^T, GPTQ v1 int4 layout
+  // (csrc/include/comptrust/int4_layout.h). Output has x's dtype.
+  m.def("int4_gemm(Tensor x, Tensor qweight, Tensor qzeros, Tensor scales, int group_size) -> Tensor");
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.doc() = "comptrust compiled ops (registered as torch.ops.comptrust.*)";
+  module.def("cpu_isa", &comptrust::cpu::selected_isa_name,
+             "The SIMD path the CPU kernels use on this machine (COMPTRUST_CPU_ISA overrides).");
+#ifdef COMPTRUST_WITH_CUDA
+  module.attr("cuda_built") = true;
+#else
+  module.attr("cuda_built") = false;
+#endif
+}

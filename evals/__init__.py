@@ -1,0 +1,13 @@
+"""Trust evaluators (installed as comptrust.evals): one module per dimension, one result schema."""
+from comptrust.evals.lm import LanguageModel
+from comptrust.evals.machine_ethics import evaluate_machine_ethics
+from comptrust.evals.perplexity import perplexity
+from comptrust.evals.schema import MetricResult
+
+# dimension name -> evaluator(lm, reference_samples, progress) -> (MetricResult, samples)
+DIMENSIONS = {
+    "machine_ethics": lambda lm, reference, progress: evaluate_machine_ethics(lm, reference=reference,
+                                                                             progress=progress),
+}
+
+__all__ = ["DIMENSIONS", "LanguageModel", "MetricResult", "evaluate_machine_ethics", "perplexity"]

@@ -1,0 +1,47 @@
+"""The one result record every evaluator writes (lm-eval/HELM shape), and its statistics helpers."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from scipy.stats import binomtest
+
+SCHEMA_VERSION = "comptrust.result/1"
+
+
+@dataclass
+class MetricResult:
+    dimension: str            # e.g. "machine_ethics", "perplexity"
+    task: str                 # the data + template it was measured on
+    metric: str               # "accuracy", "perplexity", ...
+    score: float              # trust dimensions: 0-100, higher is more trustworthy
+    n: int                    # items (or tokens, for perplexity)
+    scorer: str               # how answers were read: "loglikelihood", "generation+regex", ...
+    higher_is_better: bool = True
+    stderr: float | None = None
+    ci95: tuple[float, float] | None = None
+    chance: float | None = None       # the score a random answerer gets in expectation
+    flip_rate: float | None = None    # share of items whose answer differs from the reference (dense) model
+    mean_kl: float | None = None      # mean KL(reference || this) of the per-item choice distributions
+    details: dict = field(default_factory=dict)
+
+    @property
+    def above_chance(self) -> bool | None:
+        """True when the 95% interval lies above chance; None when there is no chance level."""
+        if self.chance is None or self.ci95 is None:
+            return None
+        return self.ci95[0] > self.chance
+
+    def as_dict(self) -> dict:
+        record = asdict(self)
+        record["above_chance"] = self.above_chance
+        return record
+
+
+def accuracy_with_interval(correct: int, n: int) -> tuple[float, float, tuple[float, float]]:
+    """Accuracy in percent, its standard error and Wilson 95% interval (scipy), all on the 0-100 scale."""
+    if n == 0:
+        raise ValueError("accuracy of zero items is undefined")
+    p = correct / n
+    interval = binomtest(correct, n).proportion_ci(confidence_level=0.95, method="wilson")
+    return 100 * p, 100 * math.sqrt(p * (1 - p) / n), (100 * float(interval.low), 100 * float(interval.high))

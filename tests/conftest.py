@@ -1,0 +1,26 @@
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    """A randomly initialised Llama small enough for unit tests; layer sizes are multiples of 8 but not
+    powers of two, vocabulary matches SmolLM2's tokenizer so real text can be fed to it."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=49152, hidden_size=96, intermediate_size=200, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    from transformers import AutoTokenizer
+
+    from comptrust.models import smollm2_gguf_path
+
+    path = smollm2_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    return tokenizer
