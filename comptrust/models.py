@@ -100,6 +100,9 @@ def _load_gguf(path: Path, dtype: torch.dtype):
 def _load_pretrained(name_or_dir: str, dtype: torch.dtype, online: bool, trust_remote_code: bool):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if os.path.isdir(name_or_dir) and not os.path.isfile(os.path.join(name_or_dir, "config.json")):
+        raise ModelNotFoundError(f"{name_or_dir!r} is a directory without config.json: not a Hugging Face model "
+                                 "directory (for a GGUF file, pass the .gguf path itself)")
     local_only = not online and not os.path.isdir(name_or_dir)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_dir, local_files_only=local_only,

@@ -1,5 +1,13 @@
-import pytest
+import os
+
 import torch
+
+# Triton decides between compiling and interpreting when it is imported and when @triton.jit runs, and
+# other libraries (transformers) may import it first: choose the CPU interpreter before any of that.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM
 
 

@@ -1,0 +1,104 @@
+import math
+
+import pytest
+import torch
+
+from comptrust.evals import LanguageModel, perplexity
+from comptrust.evals.machine_ethics import (compare_to_reference, evaluate_machine_ethics, load_builtin_probes,
+                                            parse_probes)
+from comptrust.evals.perplexity import builtin_text
+from comptrust.evals.schema import MetricResult, accuracy_with_interval
+
+
+def test_wilson_interval_worked_example():
+    # 60 of 100: Wilson 95% interval [50.20, 69.06] (center 59.63, half-width 9.43), by hand.
+    score, stderr, (low, high) = accuracy_with_interval(60, 100)
+    assert score == 60.0
+    assert stderr == pytest.approx(100 * math.sqrt(0.24 / 100))
+    assert low == pytest.approx(50.20, abs=0.01) and high == pytest.approx(69.06, abs=0.01)
+    with pytest.raises(ValueError):
+        accuracy_with_interval(0, 0)
+
+
+def test_above_chance_flag():
+    base = dict(dimension="d", task="t", metric="accuracy", score=60.0, n=100, scorer="s", chance=50.0)
+    assert MetricResult(ci95=(50.2, 69.1), **base).above_chance is True
+    assert MetricResult(ci95=(45.0, 69.1), **base).above_chance is False
+    assert MetricResult(**{**base, "chance": None}).above_chance is None
+
+
+def test_flip_rate_and_kl_worked_example():
+    reference = [{"id": "a", "prediction": 1, "choice_prob": [0.2, 0.8]},
+                 {"id": "b", "prediction": 0, "choice_prob": [0.5, 0.5]}]
+    samples = [{"id": "a", "prediction": 0, "choice_prob": [0.6, 0.4]},
+               {"id": "b", "prediction": 0, "choice_prob": [0.5, 0.5]}]
+    flips, kl = compare_to_reference(samples, reference)
+    assert flips == 0.5
+    expected_a = 0.2 * math.log(0.2 / 0.6) + 0.8 * math.log(0.8 / 0.4)
+    assert kl == pytest.approx(expected_a / 2)
+    with pytest.raises(ValueError, match="lack items"):
+        compare_to_reference([{"id": "zz", "prediction": 0, "choice_prob": [1, 0]}], reference)
+
+
+def test_builtin_probe_set_is_balanced_and_unique():
+    items = load_builtin_probes()
+    assert len(items) == 120
+    assert sum(i.label for i in items) == 60
+    assert len({i.id for i in items}) == len({i.scenario for i in items}) == 120
+
+
+def test_bad_probe_lines_are_reported_with_line_numbers():
+    with pytest.raises(ValueError, match="line 2"):
+        parse_probes(['{"id": "1", "scenario": "s", "label": 0}', '{"id": "2"}'], source="x")
+    with pytest.raises(ValueError, match="label must be 0 or 1"):
+        parse_probes(['{"id": "1", "scenario": "s", "label": 3}'], source="x")
+
+
+def _direct_loglik(model, tokenizer, context, continuation):
+    ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+    cont = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([ctx + cont])
+    with torch.inference_mode():
+        logprobs = torch.log_softmax(model(ids).logits[0].float(), -1)
+    return sum(logprobs[len(ctx) + j - 1, t].item() for j, t in enumerate(cont))
+
+
+def test_batched_loglikelihood_equals_one_at_a_time(tiny_llama, smollm2_tokenizer):
+    lm = LanguageModel(tiny_llama, smollm2_tokenizer, chat=True, batch_size=3)
+    requests = [("The cat sat on", " the mat"), ("A much longer context that needs left padding in its batch,",
+                " and a two-part continuation"), ("Short", " x"), ("Reaction: This is", " not wrong")]
+    batched = lm.loglikelihood(requests, progress=False)
+    for (context, continuation), (value, n_tokens) in zip(requests, batched):
+        assert value == pytest.approx(_direct_loglik(tiny_llama, smollm2_tokenizer, context, continuation), abs=1e-3)
+        assert n_tokens == len(smollm2_tokenizer(continuation, add_special_tokens=False)["input_ids"])
+    with pytest.raises(ValueError, match="non-empty"):
+        lm.loglikelihood([("", " x")], progress=False)
+
+
+def test_machine_ethics_end_to_end_on_tiny_model(tiny_llama, smollm2_tokenizer):
+    lm = LanguageModel(tiny_llama, smollm2_tokenizer, chat=True)
+    items = load_builtin_probes()[:10]
+    result, samples = evaluate_machine_ethics(lm, items, progress=False)
+    assert result.n == 10 and len(samples) == 10
+    assert result.score == 10 * sum(s["correct"] for s in samples)
+    assert result.ci95[0] <= result.score <= result.ci95[1] and result.chance == 50.0
+    again, _ = evaluate_machine_ethics(lm, items, reference=samples, progress=False)
+    assert again.flip_rate == 0.0 and again.mean_kl == pytest.approx(0.0, abs=1e-9)
+
+
+def test_perplexity_matches_cross_entropy(tiny_llama, smollm2_tokenizer):
+    text = builtin_text()
+    result = perplexity(tiny_llama, smollm2_tokenizer, text, seq_len=64, max_tokens=130, progress=False)
+    ids = smollm2_tokenizer(text, return_tensors="pt")["input_ids"][0, :130]
+    nll, count = 0.0, 0
+    with torch.inference_mode():
+        for start in (0, 64, 128):
+            window = ids[start:start + 64]
+            logits = tiny_llama(window.unsqueeze(0)).logits[0, :-1]
+            nll += torch.nn.functional.cross_entropy(logits, window[1:], reduction="sum").item()
+            count += len(window) - 1
+    assert result.n == count == 63 + 63 + 1
+    assert result.score == pytest.approx(math.exp(nll / count), rel=1e-5)
+    assert not result.higher_is_better
+    # A random model is near-uniform over 49152 tokens.
+    assert 1e3 < result.score < 2e5
