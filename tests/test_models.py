@@ -79,3 +79,15 @@ def test_local_hf_directory_round_trip(tmp_path, tiny_llama, smollm2_tokenizer):
     loaded = load_model(str(tmp_path))
     assert type(loaded.model).__name__ == "LlamaForCausalLM" and loaded.source == str(tmp_path)
     assert not any(p.requires_grad and p.grad is not None for p in loaded.model.parameters())
+
+
+def test_gemma3_alias_loads_the_second_embedded_model():
+    import math
+
+    from comptrust.evals import perplexity
+
+    loaded = load_model("gemma3-270m")
+    assert type(loaded.model).__name__ == "Gemma3ForCausalLM"
+    assert loaded.chat is False  # a base model: prompts go in as plain text
+    result = perplexity(loaded.model, loaded.tokenizer, max_tokens=256, progress=False)
+    assert math.isfinite(result.score) and 5 < result.score < 200  # measured ~46 on the first 512 tokens

@@ -24,6 +24,7 @@ pytest.importorskip("triton")
 
 from comptrust import reference  # noqa: E402
 from comptrust.formats import pack_int4  # noqa: E402
+from int4_cases import random_int4, rel_err  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPILE_CHECK = ROOT / "scripts" / "compile_check_triton.py"
@@ -43,16 +44,7 @@ TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
 
 
 def _random_packed(n: int, k: int, group_size: int, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    groups = -(-k // group_size)
-    codes = torch.randint(0, 16, (n, k), generator=g)
-    zeros = torch.randint(1, 17, (n, groups), generator=g)  # 16 exercises the top stored nibble (zero-1 = 15)
-    scales = torch.rand(n, groups, generator=g) * 0.02 + 1e-3
-    return pack_int4(codes, zeros, scales, group_size)
-
-
-def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((y.double() - ref.double()).norm() / ref.double().norm()).item()
+    return random_int4(n, k, group_size, seed)[0]
 
 
 def _check(m, n, k, group_size, dtype, seed=0, x=None, **blocks):
@@ -63,7 +55,7 @@ def _check(m, n, k, group_size, dtype, seed=0, x=None, **blocks):
     ref = reference.int4_gemm(x, p.qweight, p.qzeros, p.scales, group_size)
     assert y.shape == (x.shape[0], n) and y.dtype == x.dtype
     assert torch.isfinite(y).all()
-    err = _rel_err(y, ref)
+    err = rel_err(y, ref)
     assert err < TOL[x.dtype], f"m={x.shape[0]} n={n} k={k} group_size={group_size} {x.dtype}: rel err {err:.2e}"
 
 
@@ -120,7 +112,7 @@ def test_negative_words_and_extreme_codes():
     x = torch.randn(3, k)
     y = K.int4_gemm(x, p.qweight, p.qzeros, p.scales, gs)
     ref = reference.int4_gemm(x, p.qweight, p.qzeros, p.scales, gs)
-    assert _rel_err(y, ref) < TOL[torch.float32]
+    assert rel_err(y, ref) < TOL[torch.float32]
 
 
 def test_empty_batch():
