@@ -64,12 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from comptrust.models import ModelNotFoundError
+    from comptrust.models import ModelLoadError, ModelNotFoundError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ModelNotFoundError, ValueError, FileNotFoundError) as exc:
+    except (ModelNotFoundError, ModelLoadError, ValueError, FileNotFoundError) as exc:
         print(f"comptrust {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

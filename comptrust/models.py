@@ -35,6 +35,10 @@ class ModelNotFoundError(RuntimeError):
     """The requested model is not available offline; the message says what to install or where to put it."""
 
 
+class ModelLoadError(RuntimeError):
+    """The model's files were found but could not be read."""
+
+
 @dataclass
 class LoadedModel:
     model: torch.nn.Module
@@ -92,8 +96,13 @@ def _load_gguf(path: Path, dtype: torch.dtype):
 
     _require("gguf", "Reading a GGUF model")
     _require("accelerate", "Reading a GGUF model")
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    except Exception as exc:  # truncated/corrupt files fail deep in the readers with struct/KeyError/...
+        raise ModelLoadError(f"Could not read GGUF file {str(path)!r}: {type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else ''}\n"
+                             "The file may be truncated or not a supported architecture.") from exc
     return model, tokenizer
 
 
