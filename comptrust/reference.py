@@ -12,3 +12,31 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scal
     """y = x @ W^T with W the dequantized GPTQ v1 int4 weight; computed in fp32, returned in x's dtype."""
     weight = dequantize_int4(Int4Packed(qweight.cpu(), qzeros.cpu(), scales.cpu(), group_size)).to(x.device)
     return (x.to(torch.float32) @ weight.t()).to(x.dtype)
+
+
+ACT_BLOCK = 32  # inputs per int8 activation scale (see csrc/cpu/int4_gemm_a8_cpu.cpp)
+
+
+def quantize_activations_int8(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Symmetric int8 quantization of x [m, k] per row and per block of up to 32 inputs, blocks restarting
+    at each weight group. Returns (x8 as float, per-input scale, block id of each input)."""
+    k = x.shape[1]
+    position = torch.arange(k)
+    group = position // group_size
+    key = group * (group_size // ACT_BLOCK + 1) + (position - group * group_size) // ACT_BLOCK
+    _, block = torch.unique_consecutive(key, return_inverse=True)
+    xf = x.to(torch.float32)
+    amax = torch.zeros(x.shape[0], int(block.max()) + 1).scatter_reduce(
+        1, block.expand_as(xf), xf.abs(), reduce="amax", include_self=True)
+    # A true division, as the kernel does: torch computes `127.0 / amax` as 127 * (1 / amax), which rounds
+    # differently and would move rounding ties of x * inv to the other integer.
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
+    x8 = torch.round(xf * inv[:, block])  # round half to even, like the kernel's nearbyint
+    return x8, (amax / 127.0)[:, block], block
+
+
+def int4_gemm_a8(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                 group_size: int) -> torch.Tensor:
+    """int4_gemm with x first quantized to int8 (w4a8): the product of the dequantized activations."""
+    x8, scale, _ = quantize_activations_int8(x.cpu(), group_size)
+    return int4_gemm((x8 * scale).to(x.device), qweight, qzeros, scales, group_size).to(x.dtype)

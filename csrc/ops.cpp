@@ -3,12 +3,16 @@
 // (comptrust/ops.py) adds fake/meta kernels and the pure-torch reference fallback.
 #include <torch/extension.h>
 
-#include "cpu/int4_gemm_cpu.h"
+#include "cpu/isa.h"
 
 TORCH_LIBRARY(comptrust, m) {
   // y[m, n] = x[m, k] @ dequant(qweight, qzeros, scales)^T, GPTQ v1 int4 layout
   // (csrc/include/comptrust/int4_layout.h). Output has x's dtype.
   m.def("int4_gemm(Tensor x, Tensor qweight, Tensor qzeros, Tensor scales, int group_size) -> Tensor");
+  // The same product with x first quantized to int8 (w4a8): symmetric, one scale max|x|/127 per row and
+  // per block of 32 inputs (blocks restart at each weight group), then integer dot products. Exactly
+  // x8 * sx @ dequant(W)^T up to float summation order; see comptrust.reference.int4_gemm_a8.
+  m.def("int4_gemm_a8(Tensor x, Tensor qweight, Tensor qzeros, Tensor scales, int group_size) -> Tensor");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {

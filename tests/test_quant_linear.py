@@ -58,3 +58,16 @@ def test_state_dict_holds_gptq_v1_tensors():
     state = q.state_dict()
     assert {k: (tuple(v.shape), v.dtype) for k, v in state.items() if k != "bias"} == {
         "qweight": ((8, 16), torch.int32), "qzeros": ((2, 2), torch.int32), "scales": ((2, 16), torch.float16)}
+
+
+def test_a8_layer_runs_on_int8_activations():
+    from comptrust import reference
+
+    torch.manual_seed(1)
+    dense = nn.Linear(256, 64)
+    q = QuantLinear.from_linear(dense, group_size=64, act_bits=8)
+    x = torch.randn(3, 256)
+    p = q.packed()
+    expected = reference.int4_gemm_a8(x, p.qweight, p.qzeros, p.scales, 64) + dense.bias
+    assert rel_err(q(x), expected) < 1e-5
+    assert "a8" in repr(q)

@@ -46,3 +46,11 @@ def test_config_validation_and_tags():
         config_from_tag("rtn-w4g12")
     with pytest.raises(ValueError, match="unknown compression tag"):
         config_from_tag("gptq-w4g128")
+
+
+def test_a8_tag_round_trip():
+    config = config_from_tag("rtn-w4g-1-sym-a8")
+    assert config == RTNConfig(group_size=-1, symmetric=True, act_bits=8)
+    assert config_from_tag(config.tag) == config
+    with pytest.raises(ValueError, match="act_bits=4"):
+        RTNConfig(act_bits=4)

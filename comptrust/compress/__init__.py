@@ -1,6 +1,8 @@
 """Compression methods. Each config is a frozen dataclass; compress_() dispatches on its type."""
 from __future__ import annotations
 
+import re
+
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -23,7 +25,8 @@ class CompressionSummary:
 
 def _rtn(model: nn.Module, config: RTNConfig, calib, skip, progress) -> CompressionSummary:
     def make(name: str, linear: nn.Linear) -> nn.Module:
-        return QuantLinear.from_linear(linear, config.group_size_for(linear.in_features), config.symmetric)
+        return QuantLinear.from_linear(linear, config.group_size_for(linear.in_features), config.symmetric,
+                                       config.act_bits)
 
     replaced, kept = replace_linears(model, make, skip=skip, eligible=QuantLinear.why_ineligible, progress=progress)
     return CompressionSummary(config.tag, {"method": config.method, **asdict(config)}, replaced, kept)
@@ -43,15 +46,19 @@ def compress_(model: nn.Module, config, calib=None, skip: tuple[str, ...] = ("lm
     return method(model, config, calib, skip, progress)
 
 
+_TAG = re.compile(r"rtn-w4g(?P<group>-1|\d+)(?P<flags>(?:-sym|-a8)*)")
+
+
 def config_from_tag(tag: str):
-    """Parse the short names used on the command line: 'rtn-w4g128', 'rtn-w4g-1', 'rtn-w4g32-sym'."""
-    parts = tag.split("-")
-    if parts[0] == "rtn" and len(parts) >= 2 and parts[1].startswith("w4g"):
-        rest = "-".join(parts[1:])
-        symmetric = rest.endswith("-sym")
-        group = rest.removeprefix("w4g").removesuffix("-sym")
-        try:
-            return RTNConfig(bits=4, group_size=int(group), symmetric=symmetric)
-        except ValueError as exc:
-            raise ValueError(f"bad compression tag {tag!r}: {exc}") from None
-    raise ValueError(f"unknown compression tag {tag!r}; known forms: rtn-w4g128, rtn-w4g-1, rtn-w4g32-sym")
+    """Parse the short names used on the command line: 'rtn-w4g128', 'rtn-w4g-1', 'rtn-w4g32-sym',
+    'rtn-w4g128-a8' (int8 activations)."""
+    match = _TAG.fullmatch(tag)
+    if match is None:
+        raise ValueError(f"unknown compression tag {tag!r}; known forms: rtn-w4g128, rtn-w4g-1, rtn-w4g32-sym, "
+                         "rtn-w4g128-a8")
+    flags = match["flags"]
+    try:
+        return RTNConfig(bits=4, group_size=int(match["group"]), symmetric="-sym" in flags,
+                         act_bits=8 if "-a8" in flags else None)
+    except ValueError as exc:
+        raise ValueError(f"bad compression tag {tag!r}: {exc}") from None

@@ -20,6 +20,7 @@ class RTNConfig:
     bits: int = 4
     group_size: int = 128  # -1: one group per output channel (per-channel)
     symmetric: bool = False
+    act_bits: int | None = None  # 8: run on int8 activations (w4a8, like llama.cpp); None: float activations
 
     method = "rtn"
 
@@ -29,11 +30,14 @@ class RTNConfig:
                              "their packed kernels)")
         if self.group_size != -1 and (self.group_size <= 0 or self.group_size % 8):
             raise ValueError(f"RTNConfig: group_size={self.group_size} must be -1 or a positive multiple of 8")
+        if self.act_bits not in (None, 8):
+            raise ValueError(f"RTNConfig: act_bits={self.act_bits} must be None (float activations) or 8")
 
     @property
     def tag(self) -> str:
-        """Short name carrying format and precision, e.g. 'rtn-w4g128' or 'rtn-w4g-1-sym'."""
-        return f"rtn-w{self.bits}g{self.group_size}" + ("-sym" if self.symmetric else "")
+        """Short name carrying format and precision, e.g. 'rtn-w4g128', 'rtn-w4g-1-sym', 'rtn-w4g128-a8'."""
+        return (f"rtn-w{self.bits}g{self.group_size}" + ("-sym" if self.symmetric else "")
+                + (f"-a{self.act_bits}" if self.act_bits else ""))
 
     def group_size_for(self, in_features: int) -> int:
         return in_features if self.group_size == -1 else self.group_size

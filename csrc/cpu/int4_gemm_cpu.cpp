@@ -6,25 +6,22 @@
 //
 // Per group we accumulate sum_k x*q and apply zero and scale once at the end of the group, using
 //   sum_k x*(q - z)*s = s * (sum_k x*q - z * sum_k x)
-// with sum_k x precomputed per (row, group); that keeps the inner loop at shift/and/convert/fma.
+// with sum_k x precomputed per (row, group); that keeps the inner loop at shift/permute/fma.
 //
-// ISA: one translation unit, per-function target attributes, the path picked at run time from
-// __builtin_cpu_supports, so a single build runs on any x86-64 (and non-x86 builds take the scalar path).
+// ISA: per-function target attributes, the path picked at run time (isa.h), so a single build runs on
+// any x86-64 (and non-x86 builds take the scalar path).
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 #include <string>
 
 #include "../int4_checks.h"
 #include "comptrust/int4_layout.h"
-#include "int4_gemm_cpu.h"
+#include "isa.h"
 
-#if defined(__x86_64__) || defined(_M_X64)
+#ifdef COMPTRUST_X86
 #include <immintrin.h>
-#define COMPTRUST_X86 1
 #endif
 
 namespace comptrust::cpu {
@@ -41,49 +38,6 @@ struct Int4GemmProblem {
 };
 
 constexpr int kRowBlock = 4;
-
-enum class Isa { kScalar, kAvx2, kAvx512 };
-
-bool cpu_has(Isa isa) {
-#ifdef COMPTRUST_X86
-  switch (isa) {
-    case Isa::kAvx512:
-      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-             __builtin_cpu_supports("avx512vl");
-    case Isa::kAvx2:
-      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-    case Isa::kScalar:
-      return true;
-  }
-  return false;
-#else
-  return isa == Isa::kScalar;
-#endif
-}
-
-const char* isa_name(Isa isa) {
-  switch (isa) {
-    case Isa::kAvx512: return "avx512";
-    case Isa::kAvx2: return "avx2";
-    default: return "scalar";
-  }
-}
-
-Isa select_isa() {
-  if (const char* forced = std::getenv("COMPTRUST_CPU_ISA"); forced && *forced) {
-    for (Isa isa : {Isa::kAvx512, Isa::kAvx2, Isa::kScalar}) {
-      if (std::strcmp(forced, isa_name(isa)) == 0) {
-        TORCH_CHECK(cpu_has(isa), "COMPTRUST_CPU_ISA=", forced, " but this CPU does not support it");
-        return isa;
-      }
-    }
-    TORCH_CHECK(false, "COMPTRUST_CPU_ISA=", forced, " is not one of avx512, avx2, scalar");
-  }
-  for (Isa isa : {Isa::kAvx512, Isa::kAvx2}) {
-    if (cpu_has(isa)) return isa;
-  }
-  return Isa::kScalar;
-}
 
 // ---------------------------------------------------------------- scalar (portable reference path)
 void columns_scalar(const Int4GemmProblem& p, int64_t col_begin, int64_t col_end) {
@@ -116,7 +70,9 @@ template <int R>
 __attribute__((target("avx512f,avx512bw,avx512vl,fma,f16c"))) void rows_avx512(const Int4GemmProblem& p, int64_t i0,
                                                                                int64_t j0,
                                                                                const __mmask16* mask) {
-  const __m512i nibble = _mm512_set1_epi32(0xF);
+  // vpermps reads only the low 4 bits of each index lane, so one permute both masks the nibble and
+  // converts it to float (a 16-entry table of 0..15), replacing an and + an int->float convert.
+  const __m512 code_to_float = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   __m512 out[R][kAvx512Vectors];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < kAvx512Vectors; ++v) out[r][v] = _mm512_setzero_ps();
@@ -137,7 +93,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,fma,f16c"))) void rows_avx512(c
       for (int b = 0; b < kInt4PerWord; ++b) {
         __m512 q[kAvx512Vectors];
         for (int v = 0; v < kAvx512Vectors; ++v)
-          q[v] = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(w[v], kInt4Bits * b), nibble));
+          q[v] = _mm512_permutexvar_ps(b == 0 ? w[v] : _mm512_srli_epi32(w[v], kInt4Bits * b), code_to_float);
         for (int r = 0; r < R; ++r) {
           const __m512 xb = _mm512_set1_ps(xcol[r * p.k + b]);
           for (int v = 0; v < kAvx512Vectors; ++v) acc[r][v] = _mm512_fmadd_ps(q[v], xb, acc[r][v]);
@@ -268,9 +224,6 @@ at::Tensor int4_gemm_cpu(const at::Tensor& x, const at::Tensor& qweight, const a
 }
 
 }  // namespace
-
-std::string selected_isa_name() { return isa_name(select_isa()); }
-
 }  // namespace comptrust::cpu
 
 TORCH_LIBRARY_IMPL(comptrust, CPU, m) { m.impl("int4_gemm", &comptrust::cpu::int4_gemm_cpu); }
