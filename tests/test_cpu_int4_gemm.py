@@ -146,3 +146,22 @@ def test_unknown_isa_request_is_an_error(monkeypatch):
     monkeypatch.setenv("COMPTRUST_CPU_ISA", "sse9")
     with pytest.raises(RuntimeError, match="not one of avx512, avx2, scalar"):
         _C.cpu_isa()
+
+
+def test_awq_layer_with_zero_points_0_runs_on_the_kernel(isa):
+    # AWQ zero 0 converts to GPTQ v1 as codes 15-q, zero 15 and a negated scale: kernels must not assume
+    # scales are positive.
+    from comptrust.formats import dequantize_awq, from_awq_tensors
+
+    g = torch.Generator().manual_seed(5)
+    n, k, group = 64, 256, 64
+    awq = {"qweight": torch.randint(-2**31, 2**31 - 1, (k, n // 8), generator=g, dtype=torch.int32),
+           "qzeros": torch.zeros(k // group, n // 8, dtype=torch.int32),  # every zero point is 0
+           "scales": (torch.rand(k // group, n, generator=g) * 0.02 + 1e-3).half()}
+    packed = from_awq_tensors(awq, group, k, n, "layer")
+    assert (packed.scales < 0).all()
+    x = torch.randn(5, k, generator=g)
+    expected = x @ dequantize_awq(awq["qweight"], awq["qzeros"], awq["scales"], group).t()
+    for gemm in (ops.int4_gemm, ops.int4_gemm_a8):
+        y = gemm(x, packed.qweight, packed.qzeros, packed.scales, group)
+        assert rel_err(y, expected) < (1e-5 if gemm is ops.int4_gemm else 2e-2)

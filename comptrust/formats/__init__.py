@@ -1,4 +1,5 @@
-"""Packed weight formats. int4 follows the GPTQ v1 checkpoint layout (see int4.py)."""
+"""Packed weight formats. int4 and int3 follow the GPTQ v1 checkpoint layout (see int4.py, int3.py);
+gptq.py / awq.py import checkpoint tensors into them, act_order.py handles GPTQ's g_idx."""
 from comptrust.formats.int4 import (
     Int4Packed,
     pack_int4,
@@ -6,5 +7,29 @@ from comptrust.formats.int4 import (
     dequantize_int4,
     num_groups,
 )
+from comptrust.formats.int3 import (
+    Int3Packed,
+    check_int3_shapes,
+    pack_int3,
+    unpack_int3,
+    dequantize_int3,
+)
+from comptrust.formats.act_order import (
+    act_order_permutation,
+    apply_act_order,
+    check_act_order_groups,
+    g_idx_is_trivial,
+    trivial_g_idx,
+    undo_act_order,
+)
+from comptrust.formats.gptq import from_gptq_tensors, read_bias, to_gptq_tensors
+from comptrust.formats.awq import dequantize_awq, from_awq_tensors, to_awq_tensors
 
-__all__ = ["Int4Packed", "pack_int4", "unpack_int4", "dequantize_int4", "num_groups"]
+__all__ = [
+    "Int4Packed", "pack_int4", "unpack_int4", "dequantize_int4", "num_groups",
+    "Int3Packed", "check_int3_shapes", "pack_int3", "unpack_int3", "dequantize_int3",
+    "act_order_permutation", "apply_act_order", "check_act_order_groups", "g_idx_is_trivial",
+    "trivial_g_idx", "undo_act_order",
+    "from_gptq_tensors", "read_bias", "to_gptq_tensors",
+    "dequantize_awq", "from_awq_tensors", "to_awq_tensors",
+]
