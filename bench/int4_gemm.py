@@ -1,109 +1,164 @@
 """int4 GEMM/GEMV benchmark: comptrust's CPU kernel against anchors timed in the same run.
 
-    python bench/int4_gemm.py [--quick] [--json FILE]
+    comptrust bench int [--quick] [--json FILE]          (or python -m comptrust.bench.int4_gemm ...)
+    from comptrust.bench.int4_gemm import run_int_bench; result = run_int_bench(quick=True)
 
 Anchors on the same shapes: F.linear fp32 and bf16 on the dense weight, and torch's own int4 CPU op
-(_weight_int4pack_mm_for_cpu, bf16 activations). Reports the median time, effective GB/s of the bytes each
-kernel must read (weights + activations), its share of the machine's measured read bandwidth (a
-STREAM-like sum over a 512 MiB buffer), and ratios. Timings are noisy: compare rows of one run only.
+(_weight_int4pack_mm_for_cpu, bf16 activations). Each row has the median time, the effective GB/s of the
+bytes the kernel must read (weights + activations), its share of the machine's measured read bandwidth,
+and its speedup over each anchor. Every kernel reads cold weights (see comptrust.bench.harness). Timings
+are noisy: compare rows of one run only.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import platform
-import statistics
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-import comptrust
 from comptrust import ops
-from comptrust.formats import dequantize_int4, pack_int4
+from comptrust.bench import harness
+from comptrust.formats import Int4Packed, dequantize_int4, pack_int4
 
-# (n, k) = (out, in): SmolLM2-135M layers and Llama-7B's
+# (n, k) = (out, in): SmolLM2-135M's layers (q/o, k/v, gate/up, down), then Llama-7B's
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (4096, 4096), (11008, 4096), (4096, 11008)]
 QUICK_SHAPES = [(576, 1536), (4096, 4096)]
 BATCHES, QUICK_BATCHES = (1, 4, 16, 64), (1, 32)
 GROUP = 128
+ANCHORS = ("torch_fp32", "torch_bf16", "torch_int4pack")
+MIN_TIME = 0.2            # seconds of timed calls per (kernel, shape, batch)
+BANDWIDTH_MIN_TIME = 0.5
 
 
-def median_ms(fn, min_time: float = 0.2, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times, start = [], time.perf_counter()
-    while time.perf_counter() - start < min_time or len(times) < 5:
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+@dataclass
+class _Layer:
+    """One shape's quantized weight; the dense and tinygemm forms are made only when a kernel needs them."""
+    codes: torch.Tensor
+    packed: Int4Packed
+
+    def dense(self, dtype: torch.dtype) -> torch.Tensor:
+        return dequantize_int4(self.packed, dtype)
+
+    def int4pack(self) -> tuple[torch.Tensor, torch.Tensor]:
+        # torch's layout: codes pre-swizzled by its own converter, and [groups, n, 2] bf16 (scale, zero).
+        # Its zero is a float offset rather than our integer zero point; the work per call is the same.
+        n, k = self.codes.shape
+        weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.codes.to(torch.int32), 1)
+        scale_zero = torch.stack([self.packed.scales.float(), torch.zeros(k // GROUP, n)], -1).to(torch.bfloat16)
+        return weight, scale_zero
 
 
-def read_bandwidth_gbs(mib: int = 512) -> float:
-    buffer = torch.ones(mib * 1024 * 1024 // 4)
-    return buffer.numel() * 4 / median_ms(lambda: buffer.sum(), min_time=0.5) / 1e6
+@dataclass(frozen=True)
+class Kernel:
+    name: str
+    act_dtype: torch.dtype
+    weights: Callable[[_Layer], tuple[torch.Tensor, ...]]   # the tensors each call reads (copied cold)
+    call: Callable[..., torch.Tensor]                       # call(x, *weights)
 
 
-def bench_shape(n: int, k: int, batches, bandwidth: float) -> list[dict]:
+def _ours(layer: _Layer) -> tuple[torch.Tensor, ...]:
+    return layer.packed.qweight, layer.packed.qzeros, layer.packed.scales
+
+
+def _int4_gemm(x, qweight, qzeros, scales):
+    return ops.int4_gemm(x, qweight, qzeros, scales, GROUP)
+
+
+KERNELS = [
+    Kernel("comptrust_int4_fp32", torch.float32, _ours, _int4_gemm),
+    Kernel("comptrust_int4_bf16", torch.bfloat16, _ours, _int4_gemm),
+    Kernel("torch_fp32", torch.float32, lambda layer: (layer.dense(torch.float32),), F.linear),
+    Kernel("torch_bf16", torch.bfloat16, lambda layer: (layer.dense(torch.bfloat16),), F.linear),
+    Kernel("torch_int4pack", torch.bfloat16, _Layer.int4pack,
+           lambda x, w, sz: torch.ops.aten._weight_int4pack_mm_for_cpu(x, w, GROUP, sz)),
+]
+
+
+def _layer(n: int, k: int) -> _Layer:
     g = torch.Generator().manual_seed(0)
     codes = torch.randint(0, 16, (n, k), generator=g)
     packed = pack_int4(codes, torch.randint(1, 17, (n, k // GROUP), generator=g),
                        torch.rand(n, k // GROUP, generator=g) * 0.01, GROUP)
-    w32 = dequantize_int4(packed)
-    w16 = w32.to(torch.bfloat16)
-    tinygemm_w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
-    tinygemm_sz = torch.stack([packed.scales.float(), torch.zeros(k // GROUP, n)], -1).to(torch.bfloat16)
-    int4_bytes = packed.qweight.numel() * 4 + packed.scales.numel() * 2 + packed.qzeros.numel() * 4
-    rows = []
-    for m in batches:
-        x32 = torch.randn(m, k, generator=g)
-        x16 = x32.to(torch.bfloat16)
-        kernels = {
-            "comptrust_int4_fp32": (lambda: ops.int4_gemm(x32, packed.qweight, packed.qzeros, packed.scales, GROUP),
-                                    int4_bytes + x32.numel() * 4),
-            "comptrust_int4_bf16": (lambda: ops.int4_gemm(x16, packed.qweight, packed.qzeros, packed.scales, GROUP),
-                                    int4_bytes + x16.numel() * 2),
-            "torch_fp32": (lambda: F.linear(x32, w32), w32.numel() * 4 + x32.numel() * 4),
-            "torch_bf16": (lambda: F.linear(x16, w16), w16.numel() * 2 + x16.numel() * 2),
-            "torch_int4pack": (lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x16, tinygemm_w, GROUP, tinygemm_sz),
-                               tinygemm_w.numel() + tinygemm_sz.numel() * 2 + x16.numel() * 2),
-        }
-        times = {name: median_ms(fn) for name, (fn, _) in kernels.items()}
-        for name, (_, nbytes) in kernels.items():
-            gbs = nbytes / times[name] / 1e6
-            rows.append({"kernel": name, "n": n, "k": k, "batch": m, "group_size": GROUP, "ms": times[name],
-                         "gb_per_s": gbs, "pct_of_read_bandwidth": 100 * gbs / bandwidth,
-                         "speedup_vs_torch_fp32": times["torch_fp32"] / times[name],
-                         "speedup_vs_torch_bf16": times["torch_bf16"] / times[name],
-                         "speedup_vs_torch_int4pack": times["torch_int4pack"] / times[name]})
-    return rows
+    return _Layer(codes, packed)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="two shapes, batch 1 and 32")
-    parser.add_argument("--json", help="write rows and machine info here")
-    args = parser.parse_args()
-    bandwidth = read_bandwidth_gbs()
-    shapes, batches = (QUICK_SHAPES, QUICK_BATCHES) if args.quick else (SHAPES, BATCHES)
-    print(f"read bandwidth {bandwidth:.1f} GB/s; {torch.get_num_threads()} threads; "
-          f"{ops.backends()['cpu']['detail']}")
-    print(f"{'kernel':<22}{'n':>7}{'k':>7}{'batch':>6}{'ms':>10}{'GB/s':>8}{'%bw':>6}{'vs fp32':>9}{'vs bf16':>9}{'vs int4pack':>12}")
-    rows = []
+def _bench_shape(n: int, k: int, batches: Sequence[int], cold_bytes: int, min_time: float) -> list[dict]:
+    layer = _layer(n, k)
+    activations = {m: torch.randn(m, k, generator=torch.Generator().manual_seed(m)) for m in batches}
+    rows = {}
+    # Kernel-major: one kernel's copies exist at a time (memory stays near cold_bytes), and all batches reuse them.
+    for kernel in KERNELS:
+        copies = harness.cold_copies(kernel.weights(layer), cold_bytes)
+        weight_bytes = sum(t.numel() * t.element_size() for t in copies[0])
+        for m in batches:
+            x = activations[m].to(kernel.act_dtype)
+            ms = harness.median_ms(lambda i: kernel.call(x, *copies[i]), copies=len(copies), min_time=min_time)
+            nbytes = weight_bytes + x.numel() * x.element_size()
+            gbs = nbytes / ms / 1e6
+            rows[(m, kernel.name)] = {
+                "kernel": kernel.name, "role": "anchor" if kernel.name in ANCHORS else "ours",
+                "n": n, "k": k, "batch": m, "group_size": GROUP, "activation_dtype": str(kernel.act_dtype),
+                "ms": ms, "bytes_read": nbytes, "gb_per_s": gbs,
+                "pct_of_read_bandwidth": None,  # set once the run's bandwidth is known
+                "weight_copies": len(copies),
+            }
+        del copies
+    return [rows[(m, kernel.name)] for m in batches for kernel in KERNELS]
+
+
+def run_int_bench(quick: bool, shapes: Sequence[tuple[int, int]] | None = None,
+                  batches: Sequence[int] | None = None, progress: bool = True, *,
+                  min_time: float | None = None, cold_bytes: int | None = None,
+                  bandwidth_bytes: int | None = None) -> dict:
+    """Time every kernel in KERNELS on each (n, k) shape and batch; {"machine", "settings", "rows"}.
+
+    quick picks QUICK_SHAPES x QUICK_BATCHES instead of SHAPES x BATCHES; shapes/batches override either.
+    The keyword-only arguments exist for tests and quick looks and make the numbers meaningless as
+    DRAM figures when shrunk: min_time (s of timed calls per row, default MIN_TIME), cold_bytes (weight
+    copies per kernel, default twice the L3) and bandwidth_bytes (read-test buffer)."""
+    start = time.perf_counter()
+    shapes = list(shapes or (QUICK_SHAPES if quick else SHAPES))
+    batches = list(batches or (QUICK_BATCHES if quick else BATCHES))
     for n, k in shapes:
-        for row in bench_shape(n, k, batches, bandwidth):
-            rows.append(row)
-            print(f"{row['kernel']:<22}{n:>7}{k:>7}{row['batch']:>6}{row['ms']:>10.3f}{row['gb_per_s']:>8.1f}"
-                  f"{row['pct_of_read_bandwidth']:>6.0f}{row['speedup_vs_torch_fp32']:>9.2f}"
-                  f"{row['speedup_vs_torch_bf16']:>9.2f}{row['speedup_vs_torch_int4pack']:>12.2f}")
-    if args.json:
-        info = {"machine": platform.machine(), "processor": platform.processor(), "threads": torch.get_num_threads(),
-                "torch": torch.__version__, "comptrust": comptrust.__version__, "read_bandwidth_gb_per_s": bandwidth}
-        with open(args.json, "w") as handle:
-            json.dump({"machine": info, "rows": rows}, handle, indent=2)
-        print(f"wrote {args.json}")
+        if n % 8 or k % GROUP:
+            raise ValueError(f"bench int: shape {n}x{k} needs n % 8 == 0 and k % {GROUP} == 0")
+    if any(m < 1 for m in batches):
+        raise ValueError(f"bench int: batches must be positive, got {batches}")
+    min_time = MIN_TIME if min_time is None else min_time
+    cold_bytes = harness.cold_bytes_target() if cold_bytes is None else cold_bytes
+    if bandwidth_bytes is None:
+        bandwidth_bytes = max(harness.MIN_BANDWIDTH_BYTES, cold_bytes)
+    if not ops.backends()["cpu"]["available"]:
+        harness.progress_line("bench int: warning: comptrust._C is not loaded, so the comptrust_* rows time the "
+                              "pure-torch reference: " + ops.backends()["cpu"]["detail"], True)
+    harness.progress_line(f"bench int: read bandwidth over {bandwidth_bytes // harness.MIB} MiB ...", progress)
+    bandwidth_time = BANDWIDTH_MIN_TIME * min_time / MIN_TIME
+    bandwidth = harness.read_bandwidth(bandwidth_bytes, min_time=bandwidth_time)
+    rows = []
+    for index, (n, k) in enumerate(shapes, 1):
+        t0 = time.perf_counter()
+        rows += _bench_shape(n, k, batches, cold_bytes, min_time)
+        harness.progress_line(f"bench int: [{index}/{len(shapes)}] {n}x{k} batches {batches}: "
+                              f"{time.perf_counter() - t0:.1f} s", progress)
+    # The machine's bandwidth drifts (its memory is shared with other tenants): read it again at the end, and
+    # take the better of the two as the roofline, as STREAM reports its best run.
+    end = harness.read_bandwidth(bandwidth_bytes, min_time=bandwidth_time)
+    bandwidth = dict(bandwidth, samples_gb_per_s=[bandwidth["gb_per_s"], end["gb_per_s"]],
+                     gb_per_s=max(bandwidth["gb_per_s"], end["gb_per_s"]))
+    for row in rows:
+        row["pct_of_read_bandwidth"] = 100 * row["gb_per_s"] / bandwidth["gb_per_s"]
+    harness.add_speedups(rows, ANCHORS)
+    settings = {"bench": "int", "quick": quick, "shapes": [list(s) for s in shapes], "batches": batches,
+                "group_size": GROUP, "min_time_s": min_time, "anchors": list(ANCHORS),
+                "kernels": [kernel.name for kernel in KERNELS], "wall_s": time.perf_counter() - start}
+    return {"machine": harness.machine_info(bandwidth, cold_bytes), "settings": settings, "rows": rows}
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from comptrust.cli import main
+
+    sys.exit(main(["bench", "int", *sys.argv[1:]]))

@@ -40,6 +40,37 @@ def _cmd_run(args) -> int:
     return 0
 
 
+def _shapes(text: str) -> list[tuple[int, int]]:
+    try:
+        shapes = [tuple(int(side) for side in item.lower().split("x")) for item in text.split(",")]
+        if any(len(shape) != 2 for shape in shapes):
+            raise ValueError
+        return shapes
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NxK[,NxK...] (out x in), e.g. 4096x4096,11008x4096; got {text!r}")
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(item) for item in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, e.g. 1,4,16; got {text!r}")
+
+
+def _cmd_bench_int(args) -> int:
+    from comptrust.bench.harness import format_table, write_json
+    from comptrust.bench.int4_gemm import run_int_bench
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = run_int_bench(args.quick, shapes=args.shapes, batches=args.batches, progress=not args.no_progress)
+    print(format_table(result))
+    if args.json:
+        write_json(result, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="comptrust", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -60,7 +91,25 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--online", action="store_true", help="allow downloading models from the hub")
     run.add_argument("--no-progress", action="store_true")
     run.set_defaults(func=_cmd_run)
+
+    bench = sub.add_parser("bench", help="kernel benchmarks: our kernels vs anchors timed in the same run")
+    benches = bench.add_subparsers(dest="bench", required=True)
+    bench_int = benches.add_parser("int", help="int4 GEMM/GEMV (CPU) vs F.linear fp32/bf16 and torch's int4 op",
+                                   description="Real layer shapes (SmolLM2-135M, Llama-7B) x batch 1, 4, 16, 64, "
+                                               "weights read cold from DRAM; prints a table, optionally JSON.")
+    _bench_options(bench_int, quick_help="4096x4096 and 576x1536 at batch 1 and 32 (under a minute)")
+    bench_int.set_defaults(func=_cmd_bench_int)
     return parser
+
+
+def _bench_options(parser: argparse.ArgumentParser, quick_help: str) -> None:
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--json", metavar="FILE", help="write machine info, settings and every row here")
+    parser.add_argument("--shapes", type=_shapes, metavar="NxK,...",
+                        help="out x in shapes instead of the built-in list")
+    parser.add_argument("--batches", type=_ints, metavar="M,...", help="batch sizes instead of the built-in list")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--no-progress", action="store_true", help="no per-shape progress on stderr")
 
 
 def main(argv: list[str] | None = None) -> int:

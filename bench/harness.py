@@ -1,0 +1,225 @@
+"""What every comptrust benchmark shares: timing, cold weights, the read-bandwidth anchor, machine info,
+the printed table and the JSON file. The benchmarks themselves (int4_gemm.py, ...) only say which
+kernels run on which shapes.
+
+Why weights are cold. One weight matrix reused call after call stays in the last-level cache when it fits
+(this machine reports a 480 MiB L3; a 64 MiB fp32 4096x4096 weight fits easily), so a "memory-bound"
+kernel is then timed reading cache, not DRAM: F.linear fp32 4096x4096 showed 2-3x the machine's
+measured DRAM read bandwidth. In inference each layer's weights are read once per token, and the other
+layers' weights have evicted them in between; so every kernel here (ours and the anchors alike) rotates
+through enough independent copies of its weights that the copies together exceed twice the L3 (at least
+256 MiB, at most MAX_COLD_BYTES) and each call reads weights not touched since the cache was last filled.
+Twice, not once: modern L3s do not evict in strict LRU order and may keep part of a streamed working set
+that only slightly exceeds them. Activations stay the same tensor: in decoding they are small and hot.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+MIB = 1024 * 1024
+MIN_COLD_BYTES = 256 * MIB
+# Each kernel's copies live only while that kernel is timed, so this bounds the benchmark's extra memory.
+MAX_COLD_BYTES = 2048 * MIB
+# The read-bandwidth buffer: at least this, and at least as large as the cold-weight set.
+MIN_BANDWIDTH_BYTES = 1024 * MIB
+
+
+def _parse_size(text: str) -> int:
+    text = text.strip().upper()
+    units = {"K": 1024, "M": MIB, "G": 1024 * MIB}
+    if text and text[-1] in units:
+        return int(text[:-1]) * units[text[-1]]
+    return int(text)
+
+
+def l3_bytes() -> int | None:
+    """The last-level (L3) cache size Linux reports for cpu0, or None where it reports none."""
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        entries = sorted(os.listdir(base))
+    except OSError:
+        return None
+    for entry in entries:
+        try:
+            with open(os.path.join(base, entry, "level")) as handle:
+                if handle.read().strip() != "3":
+                    continue
+            with open(os.path.join(base, entry, "size")) as handle:
+                return _parse_size(handle.read())
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def cold_bytes_target(l3: int | None = None) -> int:
+    """How many bytes of weight copies one kernel rotates through (see the module docstring)."""
+    l3 = l3_bytes() if l3 is None else l3
+    return min(max(2 * (l3 or 0), MIN_COLD_BYTES), MAX_COLD_BYTES)
+
+
+def cold_copies(tensors: Sequence[torch.Tensor], target_bytes: int) -> list[tuple[torch.Tensor, ...]]:
+    """Independent copies of `tensors`, enough that together they hold at least target_bytes.
+
+    Each tensor is copied into one contiguous [copies, ...] block and handed out as views, so making
+    thousands of copies of a small layer costs one allocation per tensor."""
+    per_copy = sum(t.numel() * t.element_size() for t in tensors)
+    count = max(1, math.ceil(target_bytes / per_copy))
+    blocks = [t.unsqueeze(0).expand(count, *t.shape).contiguous() for t in tensors]
+    return [tuple(block[i] for block in blocks) for i in range(count)]
+
+
+def median_ms(call: Callable[[int], object], copies: int = 1, min_time: float = 0.2, warmup: int = 3,
+              min_calls: int = 5) -> float:
+    """Median wall time in ms of call(i), i cycling through 0..copies-1, after `warmup` calls; timed
+    calls continue until min_time seconds and min_calls calls have passed."""
+    i = 0
+    for _ in range(warmup):
+        call(i % copies)
+        i += 1
+    times, start = [], time.perf_counter()
+    while time.perf_counter() - start < min_time or len(times) < min_calls:
+        t0 = time.perf_counter()
+        call(i % copies)
+        times.append(time.perf_counter() - t0)
+        i += 1
+    return 1e3 * statistics.median(times)
+
+
+def _thread_cpu_ticks() -> dict[str, int] | None:
+    """CPU ticks (user + system) used so far by each thread of this process; None off Linux."""
+    ticks = {}
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{tid}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+            ticks[tid] = int(fields[11]) + int(fields[12])
+    except (OSError, IndexError, ValueError):
+        return None
+    return ticks
+
+
+def read_bandwidth(nbytes: int, min_time: float = 0.5) -> dict:
+    """A STREAM-like read test: the median time torch.sum takes over an fp32 buffer of nbytes, which
+    should be much larger than the L3 so the buffer comes from DRAM on every pass.
+
+    torch.sum reduces a large contiguous tensor on all intra-op threads (checked: each of torch's threads
+    accumulates CPU time during it). We still count the threads that did work, so a torch build that
+    reduces on one thread shows up in the machine info instead of as a too-low bandwidth anchor."""
+    buffer = torch.ones(nbytes // 4)
+    before = _thread_cpu_ticks()
+    ms = median_ms(lambda _: buffer.sum(), min_time=min_time)
+    after = _thread_cpu_ticks()
+    busy = None
+    if before is not None and after is not None:
+        deltas = [after[tid] - before.get(tid, 0) for tid in after]
+        top = max(deltas, default=0)
+        busy = sum(1 for d in deltas if top and d >= 0.25 * top)
+    return {"gb_per_s": buffer.numel() * 4 / ms / 1e6, "buffer_bytes": buffer.numel() * 4, "threads_busy": busy}
+
+
+def _cpuinfo() -> tuple[str, int | None]:
+    """(CPU model name, physical cores) from /proc/cpuinfo; (platform.processor(), None) elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            text = handle.read()
+    except OSError:
+        return platform.processor() or platform.machine(), None
+    model, cores, physical, core = None, set(), None, None
+    for line in text.splitlines():
+        key, _, value = (part.strip() for part in line.partition(":"))
+        if key == "model name" and model is None:
+            model = value
+        elif key == "physical id":
+            physical = value
+        elif key == "core id":
+            core = value
+        elif not key and core is not None:
+            cores.add((physical, core))
+            core = None
+    if core is not None:
+        cores.add((physical, core))
+    return model or platform.processor() or platform.machine(), len(cores) or None
+
+
+def machine_info(bandwidth: dict, cold_bytes: int) -> dict:
+    import comptrust
+    from comptrust import ops
+
+    model, cores = _cpuinfo()
+    return {
+        "cpu_model": model,
+        "physical_cores": cores,
+        "logical_cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "l3_bytes": l3_bytes(),
+        "cold_weight_bytes": cold_bytes,
+        "read_bandwidth_gb_per_s": bandwidth["gb_per_s"],
+        "read_bandwidth_samples_gb_per_s": bandwidth.get("samples_gb_per_s", [bandwidth["gb_per_s"]]),
+        "read_bandwidth_buffer_bytes": bandwidth["buffer_bytes"],
+        "read_bandwidth_threads_busy": bandwidth["threads_busy"],
+        "isa": ops.backends()["cpu"]["detail"],
+        "cpu_backend_available": ops.backends()["cpu"]["available"],
+        "torch": torch.__version__,
+        "comptrust": comptrust.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def add_speedups(rows: list[dict], anchors: Sequence[str]) -> None:
+    """speedup_vs_<anchor> = ms of the anchor / ms of the row, for rows of the same (n, k, batch)."""
+    anchor_ms = {(r["n"], r["k"], r["batch"], r["kernel"]): r["ms"] for r in rows if r["kernel"] in anchors}
+    for row in rows:
+        for anchor in anchors:
+            reference = anchor_ms.get((row["n"], row["k"], row["batch"], anchor))
+            row[f"speedup_vs_{anchor}"] = None if reference is None else reference / row["ms"]
+
+
+def progress_line(text: str, enabled: bool) -> None:
+    if enabled:
+        print(text, file=sys.stderr, flush=True)
+
+
+def format_table(result: dict) -> str:
+    """The benchmark's rows as a text table, one block per (n, k, batch), with the machine line first."""
+    machine, rows = result["machine"], result["rows"]
+    anchors = result["settings"]["anchors"]
+    lines = [f"{machine['cpu_model']}; {machine['threads']} threads; {machine['isa']}",
+             f"read bandwidth {machine['read_bandwidth_gb_per_s']:.1f} GB/s "
+             f"({machine['read_bandwidth_buffer_bytes'] // MIB} MiB buffer, "
+             f"{machine['read_bandwidth_threads_busy']} threads busy); weights cold: "
+             f"{machine['cold_weight_bytes'] // MIB} MiB of copies per kernel (L3 "
+             f"{(machine['l3_bytes'] or 0) // MIB} MiB)"]
+    header = f"{'kernel':<22}{'n':>7}{'k':>7}{'batch':>6}{'ms':>10}{'GB/s':>8}{'%bw':>6}"
+    header += "".join(f"{'vs ' + a.removeprefix('torch_'):>12}" for a in anchors)
+    lines.append(header)
+    previous = None
+    for row in rows:
+        key = (row["n"], row["k"], row["batch"])
+        if previous is not None and key != previous:
+            lines.append("")
+        previous = key
+        line = (f"{row['kernel']:<22}{row['n']:>7}{row['k']:>7}{row['batch']:>6}{row['ms']:>10.3f}"
+                f"{row['gb_per_s']:>8.1f}{row['pct_of_read_bandwidth']:>6.0f}")
+        for anchor in anchors:
+            value = row.get(f"speedup_vs_{anchor}")
+            line += f"{'-' if value is None else format(value, '.2f'):>12}"
+        lines.append(line)
+    lines.append(f"({len(rows)} rows in {result['settings']['wall_s']:.1f} s; speedup = anchor ms / row ms; "
+                 f"compare rows of one run only)")
+    return "\n".join(lines)
+
+
+def write_json(result: dict, path: str) -> None:
+    with open(path, "w") as handle:
+        json.dump(result, handle, indent=2)
+        handle.write("\n")

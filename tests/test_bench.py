@@ -1,0 +1,94 @@
+"""The int4 benchmark's plumbing: every kernel timed on every (n, k, batch), one JSON schema, speedups that
+agree with the times. Tiny shape, tiny time budget and a tiny cold-copy set: no timing is asserted."""
+import json
+import math
+
+import pytest
+
+from comptrust import cli
+from comptrust.bench import harness
+from comptrust.bench import int4_gemm as bench
+
+SHAPE, BATCHES = (256, 256), [1, 2]
+TINY = {"min_time": 0.002, "cold_bytes": 1 << 20, "bandwidth_bytes": 1 << 22}
+MACHINE_KEYS = {"cpu_model", "physical_cores", "logical_cpus", "threads", "l3_bytes", "cold_weight_bytes",
+                "read_bandwidth_gb_per_s", "read_bandwidth_buffer_bytes", "read_bandwidth_threads_busy", "isa",
+                "cpu_backend_available", "torch", "comptrust"}
+ROW_KEYS = {"kernel", "role", "n", "k", "batch", "group_size", "ms", "bytes_read", "gb_per_s",
+            "pct_of_read_bandwidth", "weight_copies"} | {f"speedup_vs_{a}" for a in bench.ANCHORS}
+
+
+def check_result(result: dict, shapes, batches) -> None:
+    assert MACHINE_KEYS <= set(result["machine"])
+    assert result["machine"]["read_bandwidth_gb_per_s"] > 0
+    assert result["settings"]["anchors"] == list(bench.ANCHORS)
+    names = [kernel.name for kernel in bench.KERNELS]
+    assert set(bench.ANCHORS) <= set(names) and {"comptrust_int4_fp32", "comptrust_int4_bf16"} <= set(names)
+    rows = result["rows"]
+    assert len(rows) == len(shapes) * len(batches) * len(names)
+    by_key = {(r["n"], r["k"], r["batch"], r["kernel"]): r for r in rows}
+    assert len(by_key) == len(rows), "one row per (n, k, batch, kernel)"
+    bandwidth = result["machine"]["read_bandwidth_gb_per_s"]
+    for (n, k) in shapes:
+        for m in batches:
+            for name in names:
+                row = by_key[(n, k, m, name)]
+                assert ROW_KEYS <= set(row), ROW_KEYS - set(row)
+                assert row["ms"] > 0 and row["bytes_read"] > 0 and row["weight_copies"] >= 1
+                assert row["role"] == ("anchor" if name in bench.ANCHORS else "ours")
+                assert math.isclose(row["gb_per_s"], row["bytes_read"] / row["ms"] / 1e6, rel_tol=1e-9)
+                assert math.isclose(row["pct_of_read_bandwidth"], 100 * row["gb_per_s"] / bandwidth, rel_tol=1e-9)
+                for anchor in bench.ANCHORS:
+                    expected = by_key[(n, k, m, anchor)]["ms"] / row["ms"]
+                    assert math.isclose(row[f"speedup_vs_{anchor}"], expected, rel_tol=1e-9)
+                    if name == anchor:
+                        assert row[f"speedup_vs_{anchor}"] == 1.0
+
+
+def test_library_rows_cover_every_kernel_and_speedups_agree():
+    result = bench.run_int_bench(False, shapes=[SHAPE], batches=BATCHES, progress=False, **TINY)
+    check_result(result, [SHAPE], BATCHES)
+    json.dumps(result)  # plain data only
+    # ours reads packed int4 + fp16 scales; fp32 reads 8x the weight bytes (activations aside)
+    row = {(r["kernel"], r["batch"]): r for r in result["rows"]}
+    n, k = SHAPE
+    assert row[("torch_fp32", 1)]["bytes_read"] == n * k * 4 + k * 4
+    assert row[("comptrust_int4_fp32", 1)]["bytes_read"] == n * k // 2 + n * k // 128 * (2 + 0.5) + k * 4
+
+
+def test_cli_bench_int_writes_json(tmp_path, monkeypatch, capsys):
+    # The CLI takes no test-only knobs: shrink the library's defaults instead.
+    monkeypatch.setattr(bench, "MIN_TIME", TINY["min_time"])
+    monkeypatch.setattr(harness, "MAX_COLD_BYTES", TINY["cold_bytes"])
+    monkeypatch.setattr(harness, "MIN_COLD_BYTES", TINY["cold_bytes"])
+    monkeypatch.setattr(harness, "MIN_BANDWIDTH_BYTES", TINY["bandwidth_bytes"])
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "int", "--shapes", "256x256", "--batches", "1,2", "--json", str(out),
+                     "--no-progress"]) == 0
+    table = capsys.readouterr().out
+    for name in ("comptrust_int4_fp32", "torch_int4pack", "vs int4pack", "read bandwidth"):
+        assert name in table
+    result = json.loads(out.read_text())
+    assert result["settings"]["shapes"] == [[256, 256]] and result["settings"]["batches"] == BATCHES
+    check_result(result, [SHAPE], BATCHES)
+
+
+def test_cli_rejects_bad_shapes(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "int", "--shapes", "4096"])
+    assert "NxK" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="k % 128"):
+        bench.run_int_bench(False, shapes=[(256, 200)], batches=[1], progress=False, **TINY)
+
+
+def test_cold_copies_are_independent_and_cover_the_target():
+    import torch
+
+    weight = torch.arange(64, dtype=torch.float32).reshape(8, 8)
+    copies = harness.cold_copies([weight], 10_000)
+    assert len(copies) == math.ceil(10_000 / weight.nbytes)
+    pointers = {c[0].data_ptr() for c in copies}
+    assert len(pointers) == len(copies) and all(torch.equal(c[0], weight) for c in copies)
+    assert harness.cold_bytes_target(l3=480 * harness.MIB) == 960 * harness.MIB
+    assert harness.cold_bytes_target(l3=0) == harness.MIN_COLD_BYTES
+    assert harness.cold_bytes_target(l3=10 * 1024 * harness.MIB) == harness.MAX_COLD_BYTES
