@@ -1,8 +1,10 @@
-"""int4 GEMM/GEMV benchmark: comptrust's CPU kernel against anchors timed in the same run.
+"""int4/int3 GEMM/GEMV benchmark: comptrust's CPU kernels against anchors timed in the same run.
 
     comptrust bench int [--quick] [--json FILE]          (or python -m comptrust.bench.int4_gemm ...)
     from comptrust.bench.int4_gemm import run_int_bench; result = run_int_bench(quick=True)
 
+Ours: the tiled CPU kernels as QuantLinear runs them (weights tiled once, comptrust.formats.cpu_tiles), int4
+and int3, with float activations (fp32; bf16 is converted on entry) and with int8 activations (a8).
 Anchors on the same shapes: F.linear fp32 and bf16 on the dense weight, and torch's own int4 CPU op
 (_weight_int4pack_mm_for_cpu, bf16 activations). Each row has the median time, the effective GB/s of the
 bytes the kernel must read (weights + activations), its share of the machine's measured read bandwidth,
@@ -20,7 +22,8 @@ import torch.nn.functional as F
 
 from comptrust import ops
 from comptrust.bench import harness
-from comptrust.formats import Int4Packed, dequantize_int4, pack_int4
+from comptrust.formats import Int3Packed, Int4Packed, dequantize_int4, pack_int3, pack_int4
+from comptrust.formats.cpu_tiles import tile
 
 # (n, k) = (out, in): SmolLM2-135M's layers (q/o, k/v, gate/up, down), then Llama-7B's
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (4096, 4096), (11008, 4096), (4096, 11008)]
@@ -37,6 +40,7 @@ class _Layer:
     """One shape's quantized weight; the dense and tinygemm forms are made only when a kernel needs them."""
     codes: torch.Tensor
     packed: Int4Packed
+    packed_int3: Int3Packed  # the same codes' low 3 bits, when the shape allows int3 (n % 32 == 0)
 
     def dense(self, dtype: torch.dtype) -> torch.Tensor:
         return dequantize_int4(self.packed, dtype)
@@ -58,17 +62,25 @@ class Kernel:
     call: Callable[..., torch.Tensor]                       # call(x, *weights)
 
 
-def _ours(layer: _Layer) -> tuple[torch.Tensor, ...]:
-    return layer.packed.qweight, layer.packed.qzeros, layer.packed.scales
+def _tiled(bits: int) -> Callable[[_Layer], tuple[torch.Tensor, ...]]:
+    def weights(layer: _Layer) -> tuple[torch.Tensor, ...]:
+        tiled = tile(layer.packed if bits == 4 else layer.packed_int3)
+        return tiled.weight, tiled.zeros, tiled.scales
+    return weights
 
 
-def _int4_gemm(x, qweight, qzeros, scales):
-    return ops.int4_gemm(x, qweight, qzeros, scales, GROUP)
+def _gemm_tiled(bits: int, act_bits: int) -> Callable[..., torch.Tensor]:
+    def call(x, weight, zeros, scales):
+        return torch.ops.comptrust.gemm_tiled(x, weight, zeros, scales, bits, GROUP, act_bits)
+    return call
 
 
 KERNELS = [
-    Kernel("comptrust_int4_fp32", torch.float32, _ours, _int4_gemm),
-    Kernel("comptrust_int4_bf16", torch.bfloat16, _ours, _int4_gemm),
+    Kernel("comptrust_int4_fp32", torch.float32, _tiled(4), _gemm_tiled(4, 0)),
+    Kernel("comptrust_int4_bf16", torch.bfloat16, _tiled(4), _gemm_tiled(4, 0)),
+    Kernel("comptrust_int4_a8", torch.float32, _tiled(4), _gemm_tiled(4, 8)),
+    Kernel("comptrust_int3_fp32", torch.float32, _tiled(3), _gemm_tiled(3, 0)),
+    Kernel("comptrust_int3_a8", torch.float32, _tiled(3), _gemm_tiled(3, 8)),
     Kernel("torch_fp32", torch.float32, lambda layer: (layer.dense(torch.float32),), F.linear),
     Kernel("torch_bf16", torch.bfloat16, lambda layer: (layer.dense(torch.bfloat16),), F.linear),
     Kernel("torch_int4pack", torch.bfloat16, _Layer.int4pack,
@@ -79,9 +91,10 @@ KERNELS = [
 def _layer(n: int, k: int) -> _Layer:
     g = torch.Generator().manual_seed(0)
     codes = torch.randint(0, 16, (n, k), generator=g)
-    packed = pack_int4(codes, torch.randint(1, 17, (n, k // GROUP), generator=g),
-                       torch.rand(n, k // GROUP, generator=g) * 0.01, GROUP)
-    return _Layer(codes, packed)
+    zeros, scales = torch.randint(1, 17, (n, k // GROUP), generator=g), torch.rand(n, k // GROUP, generator=g) * 0.01
+    packed = pack_int4(codes, zeros, scales, GROUP)
+    packed_int3 = pack_int3(codes % 8, (zeros - 1) % 8 + 1, scales, GROUP)
+    return _Layer(codes, packed, packed_int3)
 
 
 def _bench_shape(n: int, k: int, batches: Sequence[int], cold_bytes: int, min_time: float) -> list[dict]:
@@ -122,8 +135,8 @@ def run_int_bench(quick: bool, shapes: Sequence[tuple[int, int]] | None = None,
     shapes = list(shapes or (QUICK_SHAPES if quick else SHAPES))
     batches = list(batches or (QUICK_BATCHES if quick else BATCHES))
     for n, k in shapes:
-        if n % 8 or k % GROUP:
-            raise ValueError(f"bench int: shape {n}x{k} needs n % 8 == 0 and k % {GROUP} == 0")
+        if n % 32 or k % GROUP:
+            raise ValueError(f"bench int: shape {n}x{k} needs n % 32 == 0 (int3's packing) and k % {GROUP} == 0")
     if any(m < 1 for m in batches):
         raise ValueError(f"bench int: batches must be positive, got {batches}")
     min_time = MIN_TIME if min_time is None else min_time

@@ -16,9 +16,11 @@ import torch
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of all parameters and buffers, counting shared storage (tied embeddings) once."""
+    """Bytes of all parameters and buffers, plus tensors modules keep for their kernels (QuantLinear's CPU
+    tiles), counting shared storage (tied embeddings) once."""
     seen, total = set(), 0
-    for tensor in list(model.parameters()) + list(model.buffers()):
+    kernel_tensors = [t for m in model.modules() if hasattr(m, "kernel_tensors") for t in m.kernel_tensors()]
+    for tensor in list(model.parameters()) + list(model.buffers()) + kernel_tensors:
         storage = tensor.untyped_storage()
         key = (storage.data_ptr(), storage.nbytes())
         if key not in seen:

@@ -12,6 +12,9 @@ import os
 import torch
 
 from comptrust import reference
+from comptrust.formats.cpu_tiles import TiledWeight, tile_int3, tile_int4
+from comptrust.formats.int3 import Int3Packed
+from comptrust.formats.int4 import Int4Packed
 
 _BACKEND_ERRORS: dict[str, str] = {}
 
@@ -23,6 +26,11 @@ except Exception as exc:  # the package stays usable on the reference path
 
 
 def _compiled() -> bool:
+    return _C is not None
+
+
+def cpu_kernels_available() -> bool:
+    """True when the compiled CPU kernels (gemm_tiled and friends) can run here."""
     return _C is not None
 
 
@@ -68,9 +76,20 @@ def _serves(device: torch.device) -> bool:
     return False
 
 
+def gemm_tiled(x: torch.Tensor, tiled: TiledWeight, act_bits: int | None = None) -> torch.Tensor:
+    """y[m, n] = x[m, k] @ W^T on the CPU kernels, W in their tiled layout (comptrust.formats.cpu_tiles).
+    act_bits=8 quantizes x to int8 per row and block of 32 inputs first (w4a8/w3a8, as llama.cpp runs
+    low-bit models): integer dot products, numerics differ from float activations by that rounding."""
+    if not _compiled():
+        raise RuntimeError(f"gemm_tiled needs the compiled CPU ops: {_BACKEND_ERRORS['cpu']}")
+    return torch.ops.comptrust.gemm_tiled(x, tiled.weight, tiled.zeros, tiled.scales, tiled.bits,
+                                          tiled.group_size, act_bits or 0)
+
+
 def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
               group_size: int) -> torch.Tensor:
-    """y[m, n] = x[m, k] @ W^T for W in the GPTQ v1 int4 layout (comptrust.formats.int4); y has x's dtype."""
+    """y[m, n] = x[m, k] @ W^T for W in the GPTQ v1 int4 layout (comptrust.formats.int4); y has x's dtype.
+    On CPU this tiles W on every call: layers that run many times keep a TiledWeight (QuantLinear does)."""
     if _serves(x.device):
         return torch.ops.comptrust.int4_gemm(x, qweight, qzeros, scales, group_size)
     _check_int4_gemm_args(x, qweight, qzeros, scales, group_size)
@@ -79,13 +98,58 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scal
 
 def int4_gemm_a8(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                  group_size: int) -> torch.Tensor:
-    """int4_gemm with x quantized to int8 per row and block of 32 inputs first (w4a8, as llama.cpp runs
-    int4 models): on CPUs with AVX-512 VNNI this reads weights at memory speed. Numerics differ from
-    int4_gemm by the activation rounding (~0.5% relative); comptrust.reference.int4_gemm_a8 is exact."""
+    """int4_gemm with x quantized to int8 first (see gemm_tiled); comptrust.reference.int4_gemm_a8 is exact."""
     _check_int4_gemm_args(x, qweight, qzeros, scales, group_size)
     if x.device.type == "cpu" and _compiled():
         return torch.ops.comptrust.int4_gemm_a8(x, qweight, qzeros, scales, group_size)
     return reference.int4_gemm_a8(x, qweight, qzeros, scales, group_size)
+
+
+def int3_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+              group_size: int) -> torch.Tensor:
+    """y[m, n] = x[m, k] @ W^T for W in the GPTQ v1 int3 layout (comptrust.formats.int3); y has x's dtype."""
+    if _serves(x.device):
+        return torch.ops.comptrust.int3_gemm(x, qweight, qzeros, scales, group_size)
+    _check_int3_gemm_args(x, qweight, qzeros, scales, group_size)
+    return reference.int3_gemm(x, qweight, qzeros, scales, group_size)
+
+
+def _check_int3_gemm_args(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                         group_size: int) -> None:
+    """Raise ValueError naming m, n, k, the group size and the expected shape (as csrc/int3_checks.h does)."""
+    if x.dim() != 2:
+        raise ValueError(f"int3_gemm: x must be 2-D [m, k], got shape {tuple(x.shape)}")
+    if qweight.dim() != 2:
+        raise ValueError(f"int3_gemm: qweight must be 2-D [k/32*3, n], got shape {tuple(qweight.shape)}")
+    m, k = x.shape
+    n = qweight.shape[1]
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"int3_gemm: x must be float32, bfloat16 or float16, got {x.dtype}")
+    for name, t, dtype in (("qweight", qweight, torch.int32), ("qzeros", qzeros, torch.int32),
+                           ("scales", scales, torch.float16)):
+        if t.dtype != dtype:
+            raise ValueError(f"int3_gemm: {name} must be {str(dtype).removeprefix('torch.')}, got {t.dtype}")
+    if k <= 0 or k % 32:
+        raise ValueError(f"int3_gemm: k={k} (x.size(1)) must be a positive multiple of 32 (m={m}, n={n})")
+    if qweight.shape[0] != k // 32 * 3:
+        raise ValueError(f"int3_gemm: qweight is {tuple(qweight.shape)} but x has k={k} "
+                         f"(expected [{k // 32 * 3}, n])")
+    if n <= 0 or n % 32:
+        raise ValueError(f"int3_gemm: n={n} (qweight.size(1)) must be a positive multiple of 32 (m={m}, k={k})")
+    if group_size <= 0 or group_size % 32:
+        raise ValueError(f"int3_gemm: group_size={group_size} must be a positive multiple of 32 "
+                         f"(m={m}, n={n}, k={k})")
+    groups = -(-k // group_size)
+    if tuple(scales.shape) != (groups, n):
+        raise ValueError(f"int3_gemm: scales is {tuple(scales.shape)}, expected [{groups}, {n}] "
+                         f"for k={k}, n={n}, group_size={group_size}")
+    if tuple(qzeros.shape) != (groups, n // 32 * 3):
+        raise ValueError(f"int3_gemm: qzeros is {tuple(qzeros.shape)}, expected [{groups}, {n // 32 * 3}] "
+                         f"for k={k}, n={n}, group_size={group_size}")
+    devices = {t.device for t in (x, qweight, qzeros, scales)}
+    if len(devices) != 1:
+        raise ValueError(f"int3_gemm: x, qweight, qzeros and scales must share a device, got "
+                         f"{sorted(map(str, devices))} (m={m}, n={n}, k={k}, group_size={group_size})")
 
 
 def _check_int4_gemm_args(x, qweight, qzeros, scales, group_size) -> None:
@@ -120,3 +184,27 @@ if _C is not None:
     @torch.library.register_fake("comptrust::int4_gemm_a8")
     def _int4_gemm_a8_fake(x, qweight, qzeros, scales, group_size):
         return x.new_empty((x.shape[0], qweight.shape[1]))
+
+    @torch.library.register_fake("comptrust::int3_gemm")
+    def _int3_gemm_fake(x, qweight, qzeros, scales, group_size):
+        return x.new_empty((x.shape[0], qweight.shape[1]))
+
+    @torch.library.register_fake("comptrust::gemm_tiled")
+    def _gemm_tiled_fake(x, weight, zeros, scales, bits, group_size, act_bits):
+        return x.new_empty((x.shape[0], weight.shape[0] * 8))
+
+    # The GPTQ-layout ops on CPU: tile, then run the tiled kernels (one CPU implementation of each product).
+    @torch.library.impl("comptrust::int4_gemm", "CPU")
+    def _int4_gemm_cpu(x, qweight, qzeros, scales, group_size):
+        _check_int4_gemm_args(x, qweight, qzeros, scales, group_size)
+        return gemm_tiled(x, tile_int4(Int4Packed(qweight, qzeros, scales, group_size)))
+
+    @torch.library.impl("comptrust::int4_gemm_a8", "CPU")
+    def _int4_gemm_a8_cpu(x, qweight, qzeros, scales, group_size):
+        _check_int4_gemm_args(x, qweight, qzeros, scales, group_size)
+        return gemm_tiled(x, tile_int4(Int4Packed(qweight, qzeros, scales, group_size)), act_bits=8)
+
+    @torch.library.impl("comptrust::int3_gemm", "CPU")
+    def _int3_gemm_cpu(x, qweight, qzeros, scales, group_size):
+        _check_int3_gemm_args(x, qweight, qzeros, scales, group_size)
+        return gemm_tiled(x, tile_int3(Int3Packed(qweight, qzeros, scales, group_size)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from comptrust.formats.int3 import Int3Packed, dequantize_int3
 from comptrust.formats.int4 import Int4Packed, dequantize_int4
 
 
@@ -12,6 +13,20 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scal
     """y = x @ W^T with W the dequantized GPTQ v1 int4 weight; computed in fp32, returned in x's dtype."""
     weight = dequantize_int4(Int4Packed(qweight.cpu(), qzeros.cpu(), scales.cpu(), group_size)).to(x.device)
     return (x.to(torch.float32) @ weight.t()).to(x.dtype)
+
+
+def int3_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+              group_size: int) -> torch.Tensor:
+    """y = x @ W^T with W the dequantized GPTQ v1 int3 weight; computed in fp32, returned in x's dtype."""
+    weight = dequantize_int3(Int3Packed(qweight.cpu(), qzeros.cpu(), scales.cpu(), group_size)).to(x.device)
+    return (x.to(torch.float32) @ weight.t()).to(x.dtype)
+
+
+def int3_gemm_a8(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                 group_size: int) -> torch.Tensor:
+    """int3_gemm with x first quantized to int8 like int4_gemm_a8."""
+    x8, scale, _ = quantize_activations_int8(x.cpu(), group_size)
+    return int3_gemm((x8 * scale).to(x.device), qweight, qzeros, scales, group_size).to(x.dtype)
 
 
 ACT_BLOCK = 32  # inputs per int8 activation scale (see csrc/cpu/int4_gemm_a8_cpu.cpp)

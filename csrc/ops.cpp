@@ -13,6 +13,14 @@ TORCH_LIBRARY(comptrust, m) {
   // per block of 32 inputs (blocks restart at each weight group), then integer dot products. Exactly
   // x8 * sx @ dequant(W)^T up to float summation order; see comptrust.reference.int4_gemm_a8.
   m.def("int4_gemm_a8(Tensor x, Tensor qweight, Tensor qzeros, Tensor scales, int group_size) -> Tensor");
+  // y[m, n] = x[m, k] @ dequant(qweight, qzeros, scales)^T, GPTQ v1 int3 layout (comptrust/formats/int3.py:
+  // 32 inputs per 3 words, value i of a block at bits 3i..3i+2 of the 96-bit little-endian block).
+  m.def("int3_gemm(Tensor x, Tensor qweight, Tensor qzeros, Tensor scales, int group_size) -> Tensor");
+  // The CPU kernels' own layout (csrc/include/comptrust/cpu_tiles.h, built by comptrust.formats.cpu_tiles):
+  // y = x @ dequant(W)^T for int4 or int3 weights (bits) tiled 8 output columns at a time; act_bits 0 keeps
+  // x in float, 8 quantizes it like int4_gemm_a8. Output has x's dtype.
+  m.def("gemm_tiled(Tensor x, Tensor weight, Tensor zeros, Tensor scales, int bits, int group_size, "
+        "int act_bits) -> Tensor");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {

@@ -27,7 +27,7 @@ import torch
 
 from comptrust import reference
 from comptrust.formats import Int4Packed
-from int4_cases import random_int4
+from quant_cases import random_int4
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "compile_check_cuda.sh"

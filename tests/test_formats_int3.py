@@ -4,20 +4,11 @@ import torch
 
 from comptrust.formats import Int3Packed, dequantize_int3, pack_int3, unpack_int3
 from comptrust.formats.int3 import pack_3bit_last_dim, unpack_3bit_last_dim
+from quant_cases import random_int3
 
 # (n, k): tiny, odd multiples of 32, and SmolLM2-135M's real layer shapes
 SHAPES = ((32, 32), (96, 160), (64, 96), (160, 224), (576, 576), (192, 576), (1536, 576), (576, 1536))
 GROUP_SIZES = (32, 64, 128, -1)
-
-
-def random_int3(n, k, group_size, seed=0):
-    """Random packed int3 weights covering every code and every storable zero point (1..8)."""
-    g = torch.Generator().manual_seed(seed)
-    groups = -(-k // group_size)
-    codes = torch.randint(0, 8, (n, k), generator=g)
-    zeros = torch.randint(1, 9, (n, groups), generator=g)
-    scales = torch.rand(n, groups, generator=g) * 0.02 + 1e-3
-    return pack_int3(codes, zeros, scales, group_size), codes, zeros, scales
 
 
 def autogptq_pack3_rows(intweight: np.ndarray) -> np.ndarray:

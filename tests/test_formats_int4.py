@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from comptrust.formats import Int4Packed, dequantize_int4, pack_int4, unpack_int4
-from int4_cases import MODEL_SHAPES, ODD_SHAPES, random_int4
+from quant_cases import MODEL_SHAPES, ODD_SHAPES, random_int4
 
 
 @pytest.mark.parametrize("n,k", ODD_SHAPES + MODEL_SHAPES)

@@ -6,7 +6,7 @@ from comptrust import compress_
 from comptrust.compress import RTNConfig
 from comptrust.formats import dequantize_int4
 from comptrust.nn import QuantLinear, replace_linears
-from int4_cases import rel_err
+from quant_cases import rel_err
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -71,3 +71,58 @@ def test_a8_layer_runs_on_int8_activations():
     expected = reference.int4_gemm_a8(x, p.qweight, p.qzeros, p.scales, 64) + dense.bias
     assert rel_err(q(x), expected) < 1e-5
     assert "a8" in repr(q)
+
+
+@pytest.mark.parametrize("act_bits", [None, 8])
+def test_int3_layer_matches_its_reference(act_bits):
+    from comptrust import reference
+
+    torch.manual_seed(2)
+    dense = nn.Linear(320, 96, bias=True)
+    q = QuantLinear.from_linear(dense, group_size=64, act_bits=act_bits, bits=3)
+    x = torch.randn(2, 7, 320)
+    p = q.packed()
+    gemm = reference.int3_gemm_a8 if act_bits else reference.int3_gemm
+    expected = gemm(x.reshape(-1, 320), p.qweight, p.qzeros, p.scales, 64).reshape(2, 7, 96) + dense.bias
+    assert rel_err(q(x), expected) < 1e-5
+    assert "w3g64" in repr(q)
+    assert QuantLinear.why_ineligible("x", nn.Linear(320, 40), bits=3) is not None  # 40 is no multiple of 32
+
+
+def test_cpu_layer_keeps_only_the_tiles_and_exports_gptq_bit_exactly():
+    from comptrust.compress import quantize_rtn
+    from comptrust.efficiency import weight_bytes
+
+    w = torch.randn(64, 256)
+    for bits in (4, 3):
+        packed = quantize_rtn(w, bits, 64)
+        q = QuantLinear.from_packed(packed)
+        assert q.qweight.numel() == 0  # released: the tiles are the only copy
+        assert weight_bytes(q) == q._tiled.nbytes()
+        state = q.state_dict()
+        for name in ("qweight", "qzeros", "scales"):
+            assert torch.equal(state[name], getattr(packed, name))
+        # a fresh layer loads that checkpoint and computes the same thing
+        fresh = QuantLinear(256, 64, 64, bits=bits)
+        fresh.load_state_dict(state)
+        x = torch.randn(3, 256)
+        assert torch.equal(fresh(x), q(x))
+        # moving the layer (here: a dtype-preserving .to) brings the GPTQ buffers back
+        q.to("cpu")
+        assert torch.equal(q.qweight, packed.qweight) and q._tiled is None
+        assert torch.equal(q(x), fresh(x))
+
+
+def test_int3_compression_of_a_model(tiny_llama):
+    import copy
+
+    model = copy.deepcopy(tiny_llama)
+    summary = compress_(model, RTNConfig(bits=3, group_size=32), progress=False)
+    # the tiny model's 200-wide MLP and 48-wide k/v cannot be int3 (32 inputs per block): they stay dense, with why
+    assert summary.method == "rtn-w3g32" and len(summary.replaced) == 2 * 2
+    assert all("divisible by 32" in why for name, why in summary.kept_dense.items() if name != "lm_head")
+    ids = torch.randint(0, 1000, (1, 9))
+    with torch.inference_mode():
+        dense_logits, quant_logits = tiny_llama(ids).logits, model(ids).logits
+    assert torch.isfinite(quant_logits).all()
+    assert rel_err(quant_logits, dense_logits) < 0.4  # int3 noise, not garbage

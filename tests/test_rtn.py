@@ -40,8 +40,11 @@ def test_config_validation_and_tags():
     assert RTNConfig().tag == "rtn-w4g128"
     assert config_from_tag("rtn-w4g-1") == RTNConfig(group_size=-1)
     assert config_from_tag("rtn-w4g32-sym") == RTNConfig(group_size=32, symmetric=True)
-    with pytest.raises(ValueError, match="bits=3"):
-        RTNConfig(bits=3)
+    with pytest.raises(ValueError, match="bits=5"):
+        RTNConfig(bits=5)
+    assert config_from_tag("rtn-w3g128") == RTNConfig(bits=3, group_size=128)
+    with pytest.raises(ValueError, match="multiple of 32 for int3"):
+        config_from_tag("rtn-w3g8")
     with pytest.raises(ValueError, match="group_size=12"):
         config_from_tag("rtn-w4g12")
     with pytest.raises(ValueError, match="unknown compression tag"):
@@ -54,3 +57,44 @@ def test_a8_tag_round_trip():
     assert config_from_tag(config.tag) == config
     with pytest.raises(ValueError, match="act_bits=4"):
         RTNConfig(act_bits=4)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("group_size", [32, 128])
+def test_int3_rtn_error_bound_and_codes(symmetric, group_size):
+    from comptrust.compress import quantize_rtn
+    from comptrust.formats import dequantize_int3, unpack_int3
+
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(3))
+    packed = quantize_rtn(w, 3, group_size, symmetric)
+    codes, zeros, scales = unpack_int3(packed)
+    assert codes.max() <= 7 and zeros.min() >= 1 and zeros.max() <= 8
+    if symmetric:
+        assert (zeros == 4).all()
+    # Round to nearest on a 7-step grid: every weight within half a step (+ fp16 scale rounding) of its code;
+    # the symmetric grid (zero 4, codes 0..7) clips the top half step of the positive side, as GPTQ's does.
+    step = scales.float().repeat_interleave(group_size, dim=1)
+    bound = (1.0 if symmetric else 0.5) * step * (1 + 1e-3) + 1e-6
+    assert ((dequantize_int3(packed) - w).abs() <= bound).all()
+    # int3 is coarser than int4 on the same weight
+    err3 = (dequantize_int3(packed) - w).norm()
+    err4 = (dequantize_int4(quantize_int4_rtn(w, group_size, symmetric)) - w).norm()
+    assert err4 < err3
+
+
+def test_head_flag_quantizes_the_output_projection(tiny_llama):
+    import copy
+
+    import torch.nn as nn
+
+    from comptrust import compress_
+    from comptrust.nn import QuantLinear
+
+    config = config_from_tag("rtn-w4g32-a8-head")
+    assert config == RTNConfig(group_size=32, act_bits=8, lm_head=True) and config_from_tag(config.tag) == config
+    model = copy.deepcopy(tiny_llama)
+    summary = compress_(model, config, progress=False)
+    assert isinstance(model.lm_head, QuantLinear) and "lm_head" in summary.replaced
+    plain = copy.deepcopy(tiny_llama)
+    compress_(plain, RTNConfig(group_size=32), progress=False)
+    assert isinstance(plain.lm_head, nn.Linear)

@@ -24,7 +24,7 @@ pytest.importorskip("triton")
 
 from comptrust import reference  # noqa: E402
 from comptrust.formats import pack_int4  # noqa: E402
-from int4_cases import random_int4, rel_err  # noqa: E402
+from quant_cases import random_int4, rel_err  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPILE_CHECK = ROOT / "scripts" / "compile_check_triton.py"

@@ -8,11 +8,11 @@ from typing import Callable
 
 import torch.nn as nn
 
-from comptrust.compress.rtn import RTNConfig, quantize_int4_rtn
+from comptrust.compress.rtn import RTNConfig, quantize_int4_rtn, quantize_rtn
 from comptrust.nn.quant_linear import QuantLinear
 from comptrust.nn.swap import replace_linears
 
-__all__ = ["RTNConfig", "CompressionSummary", "compress_", "config_from_tag", "quantize_int4_rtn"]
+__all__ = ["RTNConfig", "CompressionSummary", "compress_", "config_from_tag", "quantize_int4_rtn", "quantize_rtn"]
 
 
 @dataclass
@@ -26,9 +26,14 @@ class CompressionSummary:
 def _rtn(model: nn.Module, config: RTNConfig, calib, skip, progress) -> CompressionSummary:
     def make(name: str, linear: nn.Linear) -> nn.Module:
         return QuantLinear.from_linear(linear, config.group_size_for(linear.in_features), config.symmetric,
-                                       config.act_bits)
+                                       config.act_bits, bits=config.bits)
 
-    replaced, kept = replace_linears(model, make, skip=skip, eligible=QuantLinear.why_ineligible, progress=progress)
+    def eligible(name: str, linear: nn.Linear) -> str | None:
+        return QuantLinear.why_ineligible(name, linear, config.bits)
+
+    if config.lm_head:
+        skip = tuple(name for name in skip if name != "lm_head")
+    replaced, kept = replace_linears(model, make, skip=skip, eligible=eligible, progress=progress)
     return CompressionSummary(config.tag, {"method": config.method, **asdict(config)}, replaced, kept)
 
 
@@ -46,19 +51,19 @@ def compress_(model: nn.Module, config, calib=None, skip: tuple[str, ...] = ("lm
     return method(model, config, calib, skip, progress)
 
 
-_TAG = re.compile(r"rtn-w4g(?P<group>-1|\d+)(?P<flags>(?:-sym|-a8)*)")
+_TAG = re.compile(r"rtn-w(?P<bits>[34])g(?P<group>-1|\d+)(?P<flags>(?:-sym|-a8|-head)*)")
 
 
 def config_from_tag(tag: str):
     """Parse the short names used on the command line: 'rtn-w4g128', 'rtn-w4g-1', 'rtn-w4g32-sym',
-    'rtn-w4g128-a8' (int8 activations)."""
+    'rtn-w4g128-a8' (int8 activations), 'rtn-w3g128' (int3), 'rtn-w4g128-a8-head' (lm_head quantized too)."""
     match = _TAG.fullmatch(tag)
     if match is None:
         raise ValueError(f"unknown compression tag {tag!r}; known forms: rtn-w4g128, rtn-w4g-1, rtn-w4g32-sym, "
-                         "rtn-w4g128-a8")
+                         "rtn-w4g128-a8, rtn-w3g128, rtn-w4g128-a8-head")
     flags = match["flags"]
     try:
-        return RTNConfig(bits=4, group_size=int(match["group"]), symmetric="-sym" in flags,
-                         act_bits=8 if "-a8" in flags else None)
+        return RTNConfig(bits=int(match["bits"]), group_size=int(match["group"]), symmetric="-sym" in flags,
+                         act_bits=8 if "-a8" in flags else None, lm_head="-head" in flags)
     except ValueError as exc:
         raise ValueError(f"bad compression tag {tag!r}: {exc}") from None

@@ -1,7 +1,7 @@
-"""Round-to-nearest (RTN) weight-only quantization into the GPTQ v1 int4 layout.
+"""Round-to-nearest (RTN) weight-only quantization into the GPTQ v1 int4 / int3 layouts.
 
 The grid follows GPTQ's quantizer (so our RTN and later GPTQ share one definition): asymmetric ranges
-always include 0 (xmin <= 0 <= xmax); symmetric uses zero point 8.
+always include 0 (xmin <= 0 <= xmax); symmetric uses zero point 2^(bits-1) (8 for int4, 4 for int3).
 """
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from comptrust.formats.int3 import Int3Packed, check_int3_shapes, pack_int3
 from comptrust.formats.int4 import Int4Packed, check_int4_shapes, num_groups, pack_int4
 
 INT4_MAX = 15
+_PACKERS = {4: (check_int4_shapes, pack_int4), 3: (check_int3_shapes, pack_int3)}
 
 
 @dataclass(frozen=True)
@@ -21,23 +23,27 @@ class RTNConfig:
     group_size: int = 128  # -1: one group per output channel (per-channel)
     symmetric: bool = False
     act_bits: int | None = None  # 8: run on int8 activations (w4a8, like llama.cpp); None: float activations
+    # Quantize the output projection too. Off by default (GPTQ/AWQ keep it dense), but on a small model's
+    # CPU decode the fp32 lm_head is the largest single read: SmolLM2's is 113 MB of its 513.
+    lm_head: bool = False
 
     method = "rtn"
 
     def __post_init__(self):
-        if self.bits != 4:
-            raise ValueError(f"RTNConfig: bits={self.bits} is not available yet; int4 is (int3/int8 come with "
-                             "their packed kernels)")
-        if self.group_size != -1 and (self.group_size <= 0 or self.group_size % 8):
-            raise ValueError(f"RTNConfig: group_size={self.group_size} must be -1 or a positive multiple of 8")
+        if self.bits not in _PACKERS:
+            raise ValueError(f"RTNConfig: bits={self.bits} is not available; int4 and int3 are")
+        unit = 8 if self.bits == 4 else 32  # int3 packs 32 inputs per 3 words, so groups are multiples of 32
+        if self.group_size != -1 and (self.group_size <= 0 or self.group_size % unit):
+            raise ValueError(f"RTNConfig: group_size={self.group_size} must be -1 or a positive multiple of {unit} "
+                             f"for int{self.bits}")
         if self.act_bits not in (None, 8):
             raise ValueError(f"RTNConfig: act_bits={self.act_bits} must be None (float activations) or 8")
 
     @property
     def tag(self) -> str:
-        """Short name carrying format and precision, e.g. 'rtn-w4g128', 'rtn-w4g-1-sym', 'rtn-w4g128-a8'."""
+        """Short name carrying format and precision, e.g. 'rtn-w4g128', 'rtn-w4g-1-sym', 'rtn-w4g128-a8', 'rtn-w4g128-a8-head'."""
         return (f"rtn-w{self.bits}g{self.group_size}" + ("-sym" if self.symmetric else "")
-                + (f"-a{self.act_bits}" if self.act_bits else ""))
+                + (f"-a{self.act_bits}" if self.act_bits else "") + ("-head" if self.lm_head else ""))
 
     def group_size_for(self, in_features: int) -> int:
         return in_features if self.group_size == -1 else self.group_size
@@ -45,8 +51,17 @@ class RTNConfig:
 
 def quantize_int4_rtn(weight: torch.Tensor, group_size: int, symmetric: bool = False) -> Int4Packed:
     """Quantize a [out, in] weight to int4 with per-group scales and zero points, packed."""
+    return quantize_rtn(weight, 4, group_size, symmetric)
+
+
+def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool = False) -> Int4Packed | Int3Packed:
+    """Quantize a [out, in] weight to int4 or int3 with per-group scales and zero points, packed."""
+    if bits not in _PACKERS:
+        raise ValueError(f"quantize_rtn: bits={bits} must be 4 or 3")
+    check_shapes, pack = _PACKERS[bits]
+    top = 2**bits - 1
     n, k = weight.shape
-    check_int4_shapes(k, n, group_size)
+    check_shapes(k, n, group_size)
     groups = num_groups(k, group_size)
     # Zero padding of a partial last group leaves its range unchanged: the range always includes 0.
     w = F.pad(weight.detach().to(torch.float32), (0, groups * group_size - k)).view(n, groups, group_size)
@@ -58,19 +73,19 @@ def quantize_int4_rtn(weight: torch.Tensor, group_size: int, symmetric: bool = F
     empty = (xmin == 0) & (xmax == 0)
     xmin, xmax = torch.where(empty, -1.0, xmin), torch.where(empty, 1.0, xmax)
 
-    scale = (xmax - xmin) / INT4_MAX
+    scale = (xmax - xmin) / top
     if symmetric:
-        zero = torch.full_like(scale, (INT4_MAX + 1) / 2)
+        zero = torch.full_like(scale, (top + 1) / 2)
     else:
         zero = torch.round(-xmin / scale)
-        # GPTQ v1 stores zero-1 in 4 bits, so zero 0 cannot be stored (it would read back as 16).
+        # GPTQ v1 stores zero-1 in `bits` bits, so zero 0 cannot be stored (it would read back as 2^bits).
         # Where the rounded zero is 0 (a group with almost no negative weight), move it to 1 and widen
-        # the scale so [xmin, xmax] still fits codes 0..15.
+        # the scale so [xmin, xmax] still fits codes 0..top.
         needs_shift = zero < 1
-        scale = torch.where(needs_shift, torch.maximum(xmax / (INT4_MAX - 1), -xmin), scale)
+        scale = torch.where(needs_shift, torch.maximum(xmax / (top - 1), -xmin), scale)
         zero = torch.where(needs_shift, torch.ones_like(zero), zero)
     # Codes are computed with the fp16-rounded scale that is stored, so dequantization matches exactly.
     scale = scale.to(torch.float16).to(torch.float32)
-    codes = torch.clamp(torch.round(w / scale.unsqueeze(-1)) + zero.unsqueeze(-1), 0, INT4_MAX)
+    codes = torch.clamp(torch.round(w / scale.unsqueeze(-1)) + zero.unsqueeze(-1), 0, top)
     codes = codes.view(n, groups * group_size)[:, :k].to(torch.uint8)
-    return pack_int4(codes, zero.to(torch.int16), scale, group_size)
+    return pack(codes, zero.to(torch.int16), scale, group_size)

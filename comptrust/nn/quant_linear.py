@@ -1,44 +1,65 @@
-"""QuantLinear: an nn.Linear replacement holding int4 weights in the GPTQ v1 layout and running on
-comptrust's packed int4 kernels (comptrust.ops.int4_gemm), never on a dequantized dense copy."""
+"""QuantLinear: an nn.Linear replacement holding int4 or int3 weights and running on comptrust's packed
+kernels, never on a dequantized dense copy.
+
+Its buffers (qweight, qzeros, scales) are the GPTQ v1 checkpoint tensors, so state_dict() is a GPTQ
+checkpoint. On CPU the kernels want their own tiled layout (comptrust.formats.cpu_tiles): the layer
+builds it once and from then on keeps only that form, releasing the GPTQ buffers' storage (the
+weights would otherwise sit in memory twice). packed() and state_dict() rebuild the GPTQ tensors
+bit-exactly from the tiles; moving the layer to another device brings them back as buffers first.
+"""
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-from comptrust import ops
+from comptrust import ops, reference
+from comptrust.formats.cpu_tiles import TiledWeight, tile, untile
+from comptrust.formats.int3 import INT3_PER_BLOCK, WORDS_PER_BLOCK, Int3Packed, check_int3_shapes
 from comptrust.formats.int4 import INT4_PER_WORD, Int4Packed, check_int4_shapes, num_groups
+
+_GPTQ_BUFFERS = ("qweight", "qzeros", "scales")
+
+
+def _gptq_shapes(bits: int, k: int, n: int, group_size: int) -> dict[str, tuple[int, int]]:
+    groups = num_groups(k, group_size)
+    if bits == 4:
+        return {"qweight": (k // INT4_PER_WORD, n), "qzeros": (groups, n // INT4_PER_WORD), "scales": (groups, n)}
+    return {"qweight": (k // INT3_PER_BLOCK * WORDS_PER_BLOCK, n),
+            "qzeros": (groups, n // INT3_PER_BLOCK * WORDS_PER_BLOCK), "scales": (groups, n)}
 
 
 class QuantLinear(nn.Module):
-    bits = 4
-
     def __init__(self, in_features: int, out_features: int, group_size: int, bias: bool = False,
-                 symmetric: bool = False, act_bits: int | None = None):
+                 symmetric: bool = False, act_bits: int | None = None, bits: int = 4):
         super().__init__()
-        check_int4_shapes(in_features, out_features, group_size)
+        if bits not in (3, 4):
+            raise ValueError(f"QuantLinear: bits={bits} must be 4 or 3")
+        (check_int4_shapes if bits == 4 else check_int3_shapes)(in_features, out_features, group_size)
         if act_bits not in (None, 8):
             raise ValueError(f"QuantLinear: act_bits={act_bits} must be None (float activations) or 8")
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
-        self.symmetric, self.act_bits = symmetric, act_bits
-        groups = num_groups(in_features, group_size)
-        self.register_buffer("qweight", torch.zeros(in_features // INT4_PER_WORD, out_features, dtype=torch.int32))
-        self.register_buffer("qzeros", torch.zeros(groups, out_features // INT4_PER_WORD, dtype=torch.int32))
-        self.register_buffer("scales", torch.zeros(groups, out_features, dtype=torch.float16))
+        self.bits, self.symmetric, self.act_bits = bits, symmetric, act_bits
+        for name, shape in _gptq_shapes(bits, in_features, out_features, group_size).items():
+            self.register_buffer(name, torch.zeros(shape, dtype=torch.float16 if name == "scales" else torch.int32))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self._tiled: TiledWeight | None = None  # the CPU kernels' form, once built (then the buffers are empty)
 
     @staticmethod
-    def why_ineligible(name: str, linear: nn.Linear) -> str | None:
-        """None if this nn.Linear can be stored as int4, else the reason it stays dense."""
-        if linear.in_features % INT4_PER_WORD or linear.out_features % INT4_PER_WORD:
-            return (f"int4 needs in/out features divisible by 8, got in={linear.in_features}, "
+    def why_ineligible(name: str, linear: nn.Linear, bits: int = 4) -> str | None:
+        """None if this nn.Linear can be stored as int4/int3, else the reason it stays dense."""
+        unit = INT4_PER_WORD if bits == 4 else INT3_PER_BLOCK
+        if linear.in_features % unit or linear.out_features % unit:
+            return (f"int{bits} needs in/out features divisible by {unit}, got in={linear.in_features}, "
                     f"out={linear.out_features}")
         return None
 
     @classmethod
-    def from_packed(cls, packed: Int4Packed, bias: torch.Tensor | None = None, symmetric: bool = False,
+    def from_packed(cls, packed: Int4Packed | Int3Packed, bias: torch.Tensor | None = None, symmetric: bool = False,
                     act_bits: int | None = None) -> "QuantLinear":
-        layer = cls(packed.in_features, packed.out_features, packed.group_size, bias is not None, symmetric, act_bits)
-        for name in ("qweight", "qzeros", "scales"):
+        bits = 4 if isinstance(packed, Int4Packed) else 3
+        layer = cls(packed.in_features, packed.out_features, packed.group_size, bias is not None, symmetric,
+                    act_bits, bits)
+        for name in _GPTQ_BUFFERS:
             expected = getattr(layer, name)
             got = getattr(packed, name)
             if got.shape != expected.shape or got.dtype != expected.dtype:
@@ -47,29 +68,84 @@ class QuantLinear(nn.Module):
             setattr(layer, name, got.contiguous())
         if bias is not None:
             layer.bias = bias.detach().to(torch.float32).clone()
+        if layer.scales.device.type == "cpu" and ops.cpu_kernels_available():
+            layer.tiled()  # the form it will run in, so memory reports see the final layer
         return layer
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int, symmetric: bool = False,
-                    act_bits: int | None = None) -> "QuantLinear":
+                    act_bits: int | None = None, bits: int = 4) -> "QuantLinear":
         """Round-to-nearest quantization of a dense layer."""
-        from comptrust.compress.rtn import quantize_int4_rtn  # compress depends on nn, not the reverse
+        from comptrust.compress.rtn import quantize_rtn  # compress depends on nn, not the reverse
 
-        packed = quantize_int4_rtn(linear.weight, group_size, symmetric)
+        packed = quantize_rtn(linear.weight, bits, group_size, symmetric)
         return cls.from_packed(packed, linear.bias, symmetric, act_bits)
 
-    def packed(self) -> Int4Packed:
-        return Int4Packed(self.qweight, self.qzeros, self.scales, self.group_size)
+    # ------------------------------------------------------------------ the two forms of the weight
+    def packed(self) -> Int4Packed | Int3Packed:
+        """The GPTQ v1 tensors (rebuilt from the tiles when the layer runs on CPU)."""
+        if self._tiled is not None:
+            return untile(self._tiled)
+        kind = Int4Packed if self.bits == 4 else Int3Packed
+        return kind(self.qweight, self.qzeros, self.scales, self.group_size)
 
+    def tiled(self) -> TiledWeight:
+        """The CPU kernels' form; built on first use, after which the GPTQ buffers are released."""
+        if self._tiled is None:
+            self._tiled = tile(self.packed())
+            for name in _GPTQ_BUFFERS:
+                setattr(self, name, getattr(self, name).new_empty(0))
+        return self._tiled
+
+    def _restore_gptq_buffers(self) -> None:
+        if self._tiled is not None:
+            packed = untile(self._tiled)
+            self._tiled = None
+            for name in _GPTQ_BUFFERS:
+                setattr(self, name, getattr(packed, name))
+
+    def _apply(self, fn, recurse=True):
+        # .to() / .cuda() / .half() move buffers: give them their contents back first.
+        self._restore_gptq_buffers()
+        return super()._apply(fn, recurse)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._tiled is not None:
+            packed = self.packed()
+            for name in _GPTQ_BUFFERS:
+                destination[prefix + name] = getattr(packed, name)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self._restore_gptq_buffers()  # loading replaces the weight: the tiles would be stale
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    # ------------------------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"QuantLinear: input has {x.shape[-1]} features, layer expects {self.in_features}")
-        gemm = ops.int4_gemm_a8 if self.act_bits == 8 else ops.int4_gemm
-        y = gemm(x.reshape(-1, self.in_features), self.qweight, self.qzeros, self.scales, self.group_size)
+        x2d = x.reshape(-1, self.in_features)
+        device = self.scales.device if self._tiled is None else torch.device("cpu")
+        if x.device != device:
+            raise ValueError(f"QuantLinear: input is on {x.device} but the layer's weights are on {device}")
+        if device.type == "cpu" and ops.cpu_kernels_available():
+            y = ops.gemm_tiled(x2d, self.tiled(), self.act_bits)
+        elif self.bits == 4:
+            gemm = ops.int4_gemm_a8 if self.act_bits == 8 else ops.int4_gemm
+            y = gemm(x2d, self.qweight, self.qzeros, self.scales, self.group_size)
+        elif self.act_bits == 8:
+            y = reference.int3_gemm_a8(x2d, self.qweight, self.qzeros, self.scales, self.group_size)
+        else:
+            y = ops.int3_gemm(x2d, self.qweight, self.qzeros, self.scales, self.group_size)
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def kernel_tensors(self) -> tuple[torch.Tensor, ...]:
+        """Tensors the layer holds outside its buffers (the CPU tiles), for memory accounting."""
+        return () if self._tiled is None else (self._tiled.weight, self._tiled.zeros, self._tiled.scales)
 
     def extra_repr(self) -> str:
         kind = "sym" if self.symmetric else "asym"
         acts = f"a{self.act_bits}" if self.act_bits else "float activations"
-        return f"in_features={self.in_features}, out_features={self.out_features}, w4g{self.group_size} {kind}, {acts}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"w{self.bits}g{self.group_size} {kind}, {acts}")

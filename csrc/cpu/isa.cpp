@@ -11,9 +11,6 @@ namespace {
 bool cpu_has(Isa isa) {
 #ifdef COMPTRUST_X86
   switch (isa) {
-    case Isa::kAvx512:
-      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-             __builtin_cpu_supports("avx512vl");
     case Isa::kAvx2:
       return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
     case Isa::kScalar:
@@ -29,7 +26,6 @@ bool cpu_has(Isa isa) {
 
 const char* isa_name(Isa isa) {
   switch (isa) {
-    case Isa::kAvx512: return "avx512";
     case Isa::kAvx2: return "avx2";
     default: return "scalar";
   }
@@ -37,28 +33,17 @@ const char* isa_name(Isa isa) {
 
 Isa select_isa() {
   if (const char* forced = std::getenv("COMPTRUST_CPU_ISA"); forced && *forced) {
-    for (Isa isa : {Isa::kAvx512, Isa::kAvx2, Isa::kScalar}) {
+    for (Isa isa : {Isa::kAvx2, Isa::kScalar}) {
       if (std::strcmp(forced, isa_name(isa)) == 0) {
         TORCH_CHECK(cpu_has(isa), "COMPTRUST_CPU_ISA=", forced, " but this CPU does not support it");
         return isa;
       }
     }
-    TORCH_CHECK(false, "COMPTRUST_CPU_ISA=", forced, " is not one of avx512, avx2, scalar");
+    TORCH_CHECK(false, "COMPTRUST_CPU_ISA=", forced, " is not one of avx2, scalar");
   }
-  for (Isa isa : {Isa::kAvx512, Isa::kAvx2}) {
-    if (cpu_has(isa)) return isa;
-  }
-  return Isa::kScalar;
+  return cpu_has(Isa::kAvx2) ? Isa::kAvx2 : Isa::kScalar;
 }
 
 std::string selected_isa_name() { return isa_name(select_isa()); }
-
-bool cpu_has_avx512_vnni() {
-#ifdef COMPTRUST_X86
-  return cpu_has(Isa::kAvx512) && __builtin_cpu_supports("avx512vnni");
-#else
-  return false;
-#endif
-}
 
 }  // namespace comptrust::cpu

@@ -9,18 +9,13 @@
 #pragma once
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define COMPTRUST_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define COMPTRUST_HOST_DEVICE inline
-#endif
+#include "comptrust/gptq_v1.h"
 
 namespace comptrust {
 
 constexpr int kInt4Bits = 4;
 constexpr int kInt4PerWord = 8;
 constexpr uint32_t kInt4Mask = 0xF;
-constexpr int kGptqV1ZeroOffset = 1;  // v1 stores zero-1
 
 COMPTRUST_HOST_DEVICE int int4_at(uint32_t word, int i) {
   return static_cast<int>((word >> (kInt4Bits * i)) & kInt4Mask);

@@ -1,0 +1,547 @@
+// CPU int4/int3 x float GEMM/GEMV over the tiled layout (csrc/include/comptrust/cpu_tiles.h).
+//
+// Three kernels, picked by batch size and activation precision:
+//   * direct (batch < kPanelMinRows, float activations): codes are decoded in registers and feed up to
+//     kRowBlock rows at once. Per group we accumulate sum_k x*q and apply zero and scale once:
+//       sum_k x*(q - z)*s = s * (sum_k x*q - z * sum_k x),   sum_k x precomputed per (row, group).
+//     Batch 1 is memory-bound, so this is the path that must run at DRAM speed.
+//   * panel (batch >= kPanelMinRows, float activations): a group of two tiles is dequantized once into
+//     an L1-resident fp32 panel, then a 6x16 register-blocked microkernel runs every row over it (the
+//     decode cost is paid once per weight instead of once per row block).
+//   * a8 (int8 activations, any batch): x is quantized per row and per block of 32 inputs, the codes are
+//     unpacked into u8 lanes and multiplied with vpmaddubsw/vpmaddwd (16 u8 x s8 products per
+//     instruction pair), the integer block sums scaled once per block.
+// Each kernel has an AVX2 path and a portable scalar one (isa.h picks; AVX-512 machines run AVX2).
+// Work split: tiles (8 output columns) are the tasks of at::parallel_for, so each thread streams a
+// contiguous stretch of the weight.
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+#include <type_traits>
+#include <vector>
+
+#include "comptrust/cpu_tiles.h"
+#include "isa.h"
+
+#ifdef COMPTRUST_X86
+#include <immintrin.h>
+#define COMPTRUST_AVX2 __attribute__((target("avx2,fma,f16c")))
+#endif
+// Loops over the R rows of a block must be unrolled before register allocation, or GCC keeps the
+// accumulator arrays on the stack and every fused multiply-add pays a store and a reload.
+#define COMPTRUST_UNROLL _Pragma("GCC unroll 8")
+
+namespace comptrust::cpu {
+namespace {
+
+constexpr int kRowBlock = 4;
+constexpr int64_t kPanelMinRows = 8;
+constexpr int kPanelRows = 6;
+constexpr int kPanelTiles = 2;
+constexpr int64_t kPanelChunk = 256;  // input rows per panel: 256 x 16 fp32 = 16 KB, stays in L1
+
+// int4: k/8 words per column; int3: 3 words per 32 rows.
+inline int64_t words_per_column(int bits, int64_t k) { return bits == 4 ? k / 8 : k / kInt3BlockRows * 3; }
+
+struct Problem {
+  int bits;
+  const float* x;             // [m, k] fp32 (float activations)
+  const int8_t* x8;           // [m, k] int8 in the layout's lane order (a8; see quantize_rows)
+  const float* x_block_scale; // [m, groups * blocks_per_group] (a8)
+  const float* x_group_sum;   // [m, groups]: sum of x (or of dequantized x8) over each group
+  const int32_t* w;
+  const uint8_t* zeros;
+  const at::Half* scales;
+  float* y;  // [m, n]
+  int64_t m, n, k, group_size, groups, blocks_per_group;
+
+  const int32_t* tile_w(int64_t t) const { return w + t * words_per_column(bits, k) * kTileCols; }
+  const uint8_t* tile_zeros(int64_t t) const { return zeros + t * groups * kTileCols; }
+  const at::Half* tile_scales(int64_t t) const { return scales + t * groups * kTileCols; }
+  int64_t group_end(int64_t g) const { return std::min(k, (g + 1) * group_size); }
+};
+
+// ------------------------------------------------------------------------------------------- scalar
+// code of input row kk in column c of tile t (cpu_tiles.h)
+inline int code_at(const Problem& p, int64_t t, int64_t kk, int c) {
+  const int32_t* tw = p.tile_w(t);
+  if (p.bits == 4) {
+    const uint32_t word = static_cast<uint32_t>(tw[(kk / 8) * kTileCols + c]);
+    return static_cast<int>((word >> (4 * (kk % 8))) & 0xF);
+  }
+  const int64_t block = kk / kInt3BlockRows, row = kk % kInt3BlockRows;
+  const int plane = static_cast<int>(row / 16), j = static_cast<int>(row % 16);
+  const int32_t* bw = tw + block * kInt3BlockPlanes * kTileCols;
+  const uint32_t low = static_cast<uint32_t>(bw[plane * kTileCols + c]);
+  const uint32_t high = static_cast<uint32_t>(bw[2 * kTileCols + c]);
+  const int high_bit = 8 * (j / 4) + 4 * plane + j % 4;
+  return static_cast<int>(((low >> (2 * j)) & 3) | (((high >> high_bit) & 1) << 2));
+}
+
+// Position of input kk inside its 8 (int4) or 32 (int3) row unit in the a8 lane order.
+inline int64_t a8_lane_position(int bits, int64_t kk) {
+  if (bits == 4) {
+    const int64_t base = kk - kk % 8, r = kk % 8;  // even rows 0,2,4,6 then odd rows 1,3,5,7
+    return base + (r % 2) * 4 + r / 2;
+  }
+  const int64_t base = kk - kk % kInt3BlockRows, r = kk % kInt3BlockRows;  // row 16p + 4q + i -> 16p + 4i + q
+  const int64_t plane = r / 16, q = (r % 16) / 4, i = r % 4;
+  return base + plane * 16 + i * 4 + q;
+}
+
+void tile_scalar(const Problem& p, int64_t t, bool a8) {
+  const uint8_t* tz = p.tile_zeros(t);
+  const at::Half* ts = p.tile_scales(t);
+  for (int64_t i = 0; i < p.m; ++i) {
+    for (int c = 0; c < kTileCols; ++c) {
+      float out = 0.f;
+      for (int64_t g = 0; g < p.groups; ++g) {
+        const int64_t kb = g * p.group_size, ke = p.group_end(g);
+        float acc = 0.f;
+        if (a8) {
+          for (int64_t b = 0; b * kActBlock < ke - kb; ++b) {
+            int32_t dot = 0;
+            for (int64_t kk = kb + b * kActBlock; kk < std::min(ke, kb + (b + 1) * kActBlock); ++kk)
+              dot += p.x8[i * p.k + a8_lane_position(p.bits, kk)] * code_at(p, t, kk, c);
+            acc += p.x_block_scale[(i * p.groups + g) * p.blocks_per_group + b] * static_cast<float>(dot);
+          }
+        } else {
+          for (int64_t kk = kb; kk < ke; ++kk) acc += p.x[i * p.k + kk] * static_cast<float>(code_at(p, t, kk, c));
+        }
+        const float zero = tz[g * kTileCols + c], scale = static_cast<float>(ts[g * kTileCols + c]);
+        out += scale * (acc - zero * p.x_group_sum[i * p.groups + g]);
+      }
+      p.y[i * p.n + t * kTileCols + c] = out;
+    }
+  }
+}
+
+#ifdef COMPTRUST_X86
+// -------------------------------------------------------------------------------- AVX2 helpers
+// Software prefetch this far ahead in a tile's weight stream: the hardware prefetcher alone left the batch-1
+// kernels reading DRAM at half the bandwidth (decode and memory time added up instead of overlapping).
+constexpr int64_t kPrefetchBytes = 1024;
+inline void prefetch_ahead(const int32_t* words) {
+  _mm_prefetch(reinterpret_cast<const char*>(words) + kPrefetchBytes, _MM_HINT_T0);
+}
+
+COMPTRUST_AVX2 inline __m256 load_scales(const at::Half* s) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s)));
+}
+COMPTRUST_AVX2 inline __m256 load_zeros(const uint8_t* z) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(z))));
+}
+// Codes of row kk (0..7 within the word) of the 8 columns, as floats.
+COMPTRUST_AVX2 inline __m256 int4_codes(__m256i words, int row) {
+  return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(words, 4 * row), _mm256_set1_epi32(0xF)));
+}
+// Codes of row 16*plane + j of an int3 block (low plane word, high plane word), as floats.
+COMPTRUST_AVX2 inline __m256 int3_codes(__m256i low, __m256i high, int plane, int j) {
+  const int high_bit = 8 * (j / 4) + 4 * plane + j % 4;
+  const __m256i lo = _mm256_and_si256(_mm256_srli_epi32(low, 2 * j), _mm256_set1_epi32(3));
+  const __m256i hi_at_2 = high_bit >= 2 ? _mm256_srli_epi32(high, high_bit - 2) : _mm256_slli_epi32(high, 2 - high_bit);
+  return _mm256_cvtepi32_ps(_mm256_or_si256(lo, _mm256_and_si256(hi_at_2, _mm256_set1_epi32(4))));
+}
+
+// ----------------------------------------------------------------------- AVX2 direct (float x)
+// Independent accumulator chains per row: a fused multiply-add waits ~4 cycles for its predecessor, so
+// with one row and one chain the loop would run at a quarter of the FMA units' rate.
+template <int R>
+constexpr int kChains = R == 1 ? 8 : R == 2 ? 4 : 2;
+
+template <int BITS, int R>
+COMPTRUST_AVX2 void direct_avx2(const Problem& p, int64_t t, int64_t i0) {
+  constexpr int A = kChains<R>;
+  const int32_t* tw = p.tile_w(t);
+  const float* x = p.x + i0 * p.k;
+  __m256 out[R];
+  COMPTRUST_UNROLL for (int r = 0; r < R; ++r) out[r] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < p.groups; ++g) {
+    const int64_t kb = g * p.group_size, ke = p.group_end(g);
+    __m256 acc[R][A];
+    COMPTRUST_UNROLL for (int r = 0; r < R; ++r)
+      COMPTRUST_UNROLL for (int a = 0; a < A; ++a) acc[r][a] = _mm256_setzero_ps();
+    if constexpr (BITS == 4) {
+      for (int64_t row = kb / 8; row < ke / 8; ++row) {
+        prefetch_ahead(tw + row * kTileCols);
+        const __m256i words = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tw + row * kTileCols));
+        COMPTRUST_UNROLL for (int b = 0; b < 8; ++b) {
+          const __m256 q = int4_codes(words, b);
+          COMPTRUST_UNROLL for (int r = 0; r < R; ++r)
+            acc[r][b % A] = _mm256_fmadd_ps(q, _mm256_broadcast_ss(x + r * p.k + row * 8 + b), acc[r][b % A]);
+        }
+      }
+    } else {
+      for (int64_t block = kb / kInt3BlockRows; block < ke / kInt3BlockRows; ++block) {
+        const int32_t* bw = tw + block * kInt3BlockPlanes * kTileCols;
+        prefetch_ahead(bw);
+        prefetch_ahead(bw + 16);
+        const __m256i high = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bw + 2 * kTileCols));
+        COMPTRUST_UNROLL for (int plane = 0; plane < 2; ++plane) {
+          const __m256i low = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bw + plane * kTileCols));
+          const float* xb = x + block * kInt3BlockRows + plane * 16;
+          _Pragma("GCC unroll 16") for (int j = 0; j < 16; ++j) {
+            const __m256 q = int3_codes(low, high, plane, j);
+            COMPTRUST_UNROLL for (int r = 0; r < R; ++r)
+              acc[r][j % A] = _mm256_fmadd_ps(q, _mm256_broadcast_ss(xb + r * p.k + j), acc[r][j % A]);
+          }
+        }
+      }
+    }
+    const __m256 zero = load_zeros(p.tile_zeros(t) + g * kTileCols);
+    const __m256 scale = load_scales(p.tile_scales(t) + g * kTileCols);
+    COMPTRUST_UNROLL for (int r = 0; r < R; ++r) {
+      __m256 sum = acc[r][0];
+      COMPTRUST_UNROLL for (int a = 1; a < A; ++a) sum = _mm256_add_ps(sum, acc[r][a]);
+      const __m256 xsum = _mm256_set1_ps(p.x_group_sum[(i0 + r) * p.groups + g]);
+      out[r] = _mm256_fmadd_ps(scale, _mm256_fnmadd_ps(zero, xsum, sum), out[r]);
+    }
+  }
+  COMPTRUST_UNROLL for (int r = 0; r < R; ++r) _mm256_storeu_ps(p.y + (i0 + r) * p.n + t * kTileCols, out[r]);
+}
+
+// -------------------------------------------------------------------------- AVX2 a8 (int8 x)
+// Products of u8 codes and s8 activations (|x| <= 127) are summed in int16 lanes over a whole block of 32
+// inputs, then widened once with vpmaddwd: a lane sums 8 vpmaddubsw pairs at most, 8 * 2 * 15 * 127 = 30480
+// for int4 (8 * 2 * 7 * 127 = 14224 for int3), below 2^15, so nothing saturates.
+COMPTRUST_AVX2 inline __m256i broadcast4(const int8_t* lanes) {
+  int32_t v;
+  std::memcpy(&v, lanes, sizeof v);
+  return _mm256_set1_epi32(v);
+}
+
+// table[i][v] = 4 * (bit i of v & 15): 16 entries, repeated for each 128-bit lane of vpshufb.
+struct HighBitTables {
+  alignas(32) int8_t table[4][32];
+};
+constexpr HighBitTables make_high_bit_tables() {
+  HighBitTables tables{};
+  for (int i = 0; i < 4; ++i)
+    for (int v = 0; v < 32; ++v) tables.table[i][v] = static_cast<int8_t>((((v & 15) >> i) & 1) * 4);
+  return tables;
+}
+constexpr HighBitTables kHighBitTimes4 = make_high_bit_tables();
+
+template <int BITS, int R>
+COMPTRUST_AVX2 void a8_avx2(const Problem& p, int64_t t, int64_t i0) {
+  const int32_t* tw = p.tile_w(t);
+  const __m256i ones16 = _mm256_set1_epi16(1);
+  const __m256i nibbles = _mm256_set1_epi8(0x0F);
+  __m256 out[R];
+  COMPTRUST_UNROLL for (int r = 0; r < R; ++r) out[r] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < p.groups; ++g) {
+    const int64_t kb = g * p.group_size, ke = p.group_end(g);
+    __m256 acc[R];
+    COMPTRUST_UNROLL for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0, bk = kb; bk < ke; ++b, bk += kActBlock) {
+      const int64_t bend = std::min(ke, bk + kActBlock);
+      __m256i pairs[R];  // int16 partial sums of the block (bounds: see above)
+      COMPTRUST_UNROLL for (int r = 0; r < R; ++r) pairs[r] = _mm256_setzero_si256();
+      if constexpr (BITS == 4) {
+        for (int64_t row = bk / 8; row < bend / 8; ++row) {
+          prefetch_ahead(tw + row * kTileCols);
+          const __m256i words = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tw + row * kTileCols));
+          const __m256i even = _mm256_and_si256(words, nibbles);
+          const __m256i odd = _mm256_and_si256(_mm256_srli_epi16(words, 4), nibbles);
+          COMPTRUST_UNROLL for (int r = 0; r < R; ++r) {
+            const int8_t* xr = p.x8 + (i0 + r) * p.k + row * 8;
+            pairs[r] = _mm256_add_epi16(pairs[r], _mm256_add_epi16(_mm256_maddubs_epi16(even, broadcast4(xr)),
+                                                                   _mm256_maddubs_epi16(odd, broadcast4(xr + 4))));
+          }
+        }
+      } else {
+        const int32_t* bw = tw + (bk / kInt3BlockRows) * kInt3BlockPlanes * kTileCols;
+        prefetch_ahead(bw);
+        prefetch_ahead(bw + 16);
+        const __m256i high = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bw + 2 * kTileCols));
+        COMPTRUST_UNROLL for (int plane = 0; plane < 2; ++plane) {
+          const __m256i low = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bw + plane * kTileCols));
+          // Byte q of the high plane holds this plane's 4 high bits in nibble `plane` (bit i: row 4q + i).
+          const __m256i high_nibbles = _mm256_and_si256(plane ? _mm256_srli_epi16(high, 4) : high, nibbles);
+          COMPTRUST_UNROLL for (int i = 0; i < 4; ++i) {
+            const __m256i lo = _mm256_and_si256(i ? _mm256_srli_epi16(low, 2 * i) : low, _mm256_set1_epi8(3));
+            // vpshufb with a 16-entry byte table: "bit i of the nibble, times 4" in one instruction.
+            const __m256i bit_i_times_4 = _mm256_load_si256(reinterpret_cast<const __m256i*>(kHighBitTimes4.table[i]));
+            const __m256i codes = _mm256_or_si256(lo, _mm256_shuffle_epi8(bit_i_times_4, high_nibbles));
+            COMPTRUST_UNROLL for (int r = 0; r < R; ++r) {
+              const int8_t* xr = p.x8 + (i0 + r) * p.k + bk + plane * 16 + i * 4;
+              pairs[r] = _mm256_add_epi16(pairs[r], _mm256_maddubs_epi16(codes, broadcast4(xr)));
+            }
+          }
+        }
+      }
+      __m256i dot[R];
+      COMPTRUST_UNROLL for (int r = 0; r < R; ++r) dot[r] = _mm256_madd_epi16(pairs[r], ones16);
+      COMPTRUST_UNROLL for (int r = 0; r < R; ++r) {
+        const __m256 sx = _mm256_set1_ps(p.x_block_scale[((i0 + r) * p.groups + g) * p.blocks_per_group + b]);
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r]), sx, acc[r]);
+      }
+    }
+    const __m256 zero = load_zeros(p.tile_zeros(t) + g * kTileCols);
+    const __m256 scale = load_scales(p.tile_scales(t) + g * kTileCols);
+    COMPTRUST_UNROLL for (int r = 0; r < R; ++r) {
+      const __m256 xsum = _mm256_set1_ps(p.x_group_sum[(i0 + r) * p.groups + g]);
+      out[r] = _mm256_fmadd_ps(scale, _mm256_fnmadd_ps(zero, xsum, acc[r]), out[r]);
+    }
+  }
+  COMPTRUST_UNROLL for (int r = 0; r < R; ++r) _mm256_storeu_ps(p.y + (i0 + r) * p.n + t * kTileCols, out[r]);
+}
+
+// ------------------------------------------------------------------------ AVX2 panel (float x)
+// panel[kk - kc][16]: dequantized weights (q - z) * s of input rows kc..kce (inside group g) of tiles t and
+// t+1, or of t alone with the other 8 columns zero. Same arithmetic as the reference dequantization.
+template <int BITS>
+COMPTRUST_AVX2 void dequantize_panel(const Problem& p, int64_t t, int tiles, int64_t g, int64_t kc, int64_t kce,
+                                     float* panel) {
+  for (int u = 0; u < kPanelTiles; ++u) {
+    float* col = panel + u * kTileCols;
+    if (u >= tiles) {
+      for (int64_t kk = kc; kk < kce; ++kk) _mm256_storeu_ps(col + (kk - kc) * 16, _mm256_setzero_ps());
+      continue;
+    }
+    const int32_t* tw = p.tile_w(t + u);
+    const __m256 scale = load_scales(p.tile_scales(t + u) + g * kTileCols);
+    const __m256 zero = load_zeros(p.tile_zeros(t + u) + g * kTileCols);
+    if constexpr (BITS == 4) {
+      for (int64_t row = kc / 8; row < kce / 8; ++row) {
+        const __m256i words = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tw + row * kTileCols));
+        for (int b = 0; b < 8; ++b)
+          _mm256_storeu_ps(col + (row * 8 + b - kc) * 16,
+                           _mm256_mul_ps(_mm256_sub_ps(int4_codes(words, b), zero), scale));
+      }
+    } else {
+      for (int64_t block = kc / kInt3BlockRows; block < kce / kInt3BlockRows; ++block) {
+        const int32_t* bw = tw + block * kInt3BlockPlanes * kTileCols;
+        const __m256i high = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bw + 2 * kTileCols));
+        for (int plane = 0; plane < 2; ++plane) {
+          const __m256i low = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bw + plane * kTileCols));
+          for (int j = 0; j < 16; ++j)
+            _mm256_storeu_ps(col + (block * kInt3BlockRows + plane * 16 + j - kc) * 16,
+                             _mm256_mul_ps(_mm256_sub_ps(int3_codes(low, high, plane, j), zero), scale));
+        }
+      }
+    }
+  }
+}
+
+// y[i0..i0+R, 16 columns] += x[i0..i0+R, kb..ke] @ panel
+template <int R>
+COMPTRUST_AVX2 void panel_rows(const Problem& p, const float* panel, int64_t kb, int64_t ke, int64_t i0,
+                               float* y, bool first) {
+  __m256 c0[R], c1[R];
+  COMPTRUST_UNROLL for (int r = 0; r < R; ++r) {
+    c0[r] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(y + r * p.n);
+    c1[r] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(y + r * p.n + kTileCols);
+  }
+  const float* x = p.x + i0 * p.k;
+  for (int64_t kk = kb; kk < ke; ++kk) {
+    const __m256 b0 = _mm256_loadu_ps(panel + (kk - kb) * 16);
+    const __m256 b1 = _mm256_loadu_ps(panel + (kk - kb) * 16 + kTileCols);
+    COMPTRUST_UNROLL for (int r = 0; r < R; ++r) {
+      const __m256 a = _mm256_broadcast_ss(x + r * p.k + kk);
+      c0[r] = _mm256_fmadd_ps(a, b0, c0[r]);
+      c1[r] = _mm256_fmadd_ps(a, b1, c1[r]);
+    }
+  }
+  COMPTRUST_UNROLL for (int r = 0; r < R; ++r) {
+    _mm256_storeu_ps(y + r * p.n, c0[r]);
+    _mm256_storeu_ps(y + r * p.n + kTileCols, c1[r]);
+  }
+}
+
+// Tiles t, t+1 (or just t when tiles == 1) for every row. With one tile the microkernel writes a
+// 16-wide scratch row block and the 8 real columns are copied out, so it never branches on the width.
+template <int BITS>
+COMPTRUST_AVX2 void panel_avx2(const Problem& p, int64_t t, int tiles, float* panel, float* spill) {
+  for (int64_t g = 0; g < p.groups; ++g) {
+    for (int64_t kc = g * p.group_size; kc < p.group_end(g); kc += kPanelChunk) {
+      const int64_t kce = std::min(p.group_end(g), kc + kPanelChunk);
+      const bool first = kc == 0;
+      dequantize_panel<BITS>(p, t, tiles, g, kc, kce, panel);
+      for (int64_t i0 = 0; i0 < p.m; i0 += kPanelRows) {
+        const int rows = static_cast<int>(std::min<int64_t>(kPanelRows, p.m - i0));
+        Problem q = p;
+        float* y = p.y + i0 * p.n + t * kTileCols;
+        if (tiles < kPanelTiles) {
+          q.n = 16;
+          y = spill;
+          if (!first)
+            for (int r = 0; r < rows; ++r) std::copy_n(p.y + (i0 + r) * p.n + t * kTileCols, kTileCols, spill + r * 16);
+        }
+        switch (rows) {
+          case 6: panel_rows<6>(q, panel, kc, kce, i0, y, first); break;
+          case 5: panel_rows<5>(q, panel, kc, kce, i0, y, first); break;
+          case 4: panel_rows<4>(q, panel, kc, kce, i0, y, first); break;
+          case 3: panel_rows<3>(q, panel, kc, kce, i0, y, first); break;
+          case 2: panel_rows<2>(q, panel, kc, kce, i0, y, first); break;
+          default: panel_rows<1>(q, panel, kc, kce, i0, y, first); break;
+        }
+        if (tiles < kPanelTiles)
+          for (int r = 0; r < rows; ++r) std::copy_n(spill + r * 16, kTileCols, p.y + (i0 + r) * p.n + t * kTileCols);
+      }
+    }
+  }
+}
+
+template <int BITS, bool A8>
+COMPTRUST_AVX2 void rows_avx2(const Problem& p, int64_t t) {
+  int64_t i0 = 0;
+  auto run = [&](auto rows) {
+    constexpr int R = decltype(rows)::value;
+    if constexpr (A8) a8_avx2<BITS, R>(p, t, i0);
+    else direct_avx2<BITS, R>(p, t, i0);
+  };
+  for (; i0 + kRowBlock <= p.m; i0 += kRowBlock) run(std::integral_constant<int, kRowBlock>{});
+  switch (p.m - i0) {
+    case 3: run(std::integral_constant<int, 3>{}); break;
+    case 2: run(std::integral_constant<int, 2>{}); break;
+    case 1: run(std::integral_constant<int, 1>{}); break;
+    default: break;
+  }
+}
+#endif  // COMPTRUST_X86
+
+void run(const Problem& p, bool a8, Isa isa) {
+  const int64_t tiles = p.n / kTileCols;
+#ifdef COMPTRUST_X86
+  if (isa != Isa::kScalar) {
+    if (!a8 && p.m >= kPanelMinRows) {
+      const int64_t pairs = (tiles + kPanelTiles - 1) / kPanelTiles;
+      at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
+        std::vector<float> panel(kPanelChunk * 16), spill(kPanelRows * 16);
+        for (int64_t pair = begin; pair < end; ++pair) {
+          const int64_t t = pair * kPanelTiles;
+          const int count = static_cast<int>(std::min<int64_t>(kPanelTiles, tiles - t));
+          if (p.bits == 4) panel_avx2<4>(p, t, count, panel.data(), spill.data());
+          else panel_avx2<3>(p, t, count, panel.data(), spill.data());
+        }
+      });
+      return;
+    }
+    at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        if (p.bits == 4) a8 ? rows_avx2<4, true>(p, t) : rows_avx2<4, false>(p, t);
+        else a8 ? rows_avx2<3, true>(p, t) : rows_avx2<3, false>(p, t);
+      }
+    });
+    return;
+  }
+#endif
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) tile_scalar(p, t, a8);
+  });
+}
+
+// ------------------------------------------------------------------------- activation preparation
+// Quantize each row to int8 per block of kActBlock inputs, blocks restarting at every group (the
+// definition in comptrust.reference.quantize_activations_int8), store the codes in the weight
+// layout's lane order, and sum the dequantized inputs of each group for the zero-point term.
+void quantize_rows(const Problem& p, const float* x, int8_t* x8, float* block_scale, float* group_sum) {
+  at::parallel_for(0, p.m, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float* xi = x + i * p.k;
+      for (int64_t g = 0; g < p.groups; ++g) {
+        const int64_t kb = g * p.group_size, ke = p.group_end(g);
+        float sum = 0.f;
+        for (int64_t b = 0, bk = kb; bk < ke; ++b, bk += kActBlock) {
+          const int64_t bend = std::min(ke, bk + kActBlock);
+          float amax = 0.f;
+          for (int64_t kk = bk; kk < bend; ++kk) amax = std::max(amax, std::fabs(xi[kk]));
+          // A true division (not 127 * (1 / amax)): it decides which integer rounding ties go to.
+          const float inv = amax > 0.f ? 127.f / amax : 0.f;
+          const float scale = amax / 127.f;
+          int32_t isum = 0;
+          for (int64_t kk = bk; kk < bend; ++kk) {
+            const int32_t q = static_cast<int32_t>(std::nearbyint(xi[kk] * inv));
+            x8[i * p.k + a8_lane_position(p.bits, kk)] = static_cast<int8_t>(q);
+            isum += q;
+          }
+          block_scale[(i * p.groups + g) * p.blocks_per_group + b] = scale;
+          sum += scale * static_cast<float>(isum);
+        }
+        group_sum[i * p.groups + g] = sum;
+      }
+    }
+  });
+}
+
+void check_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& zeros, const at::Tensor& scales,
+                int64_t bits, int64_t group_size, int64_t act_bits) {
+  TORCH_CHECK(bits == 3 || bits == 4, "gemm_tiled: bits=", bits, " must be 3 or 4");
+  TORCH_CHECK(act_bits == 0 || act_bits == 8, "gemm_tiled: act_bits=", act_bits, " must be 0 (float) or 8");
+  TORCH_CHECK(x.dim() == 2, "gemm_tiled: x must be 2-D [m, k], got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              "gemm_tiled: x must be float32, bfloat16 or float16, got ", x.scalar_type());
+  for (const at::Tensor* t : {&x, &weight, &zeros, &scales})
+    TORCH_CHECK(t->device().is_cpu(), "gemm_tiled (CPU): every tensor must be on the CPU, got one on ", t->device());
+  TORCH_CHECK(weight.scalar_type() == at::kInt, "gemm_tiled: weight must be int32, got ", weight.scalar_type());
+  TORCH_CHECK(zeros.scalar_type() == at::kByte, "gemm_tiled: zeros must be uint8, got ", zeros.scalar_type());
+  TORCH_CHECK(scales.scalar_type() == at::kHalf, "gemm_tiled: scales must be float16, got ", scales.scalar_type());
+  const int64_t k = x.size(1);
+  const int64_t unit = bits == 4 ? 8 : kInt3BlockRows;
+  TORCH_CHECK(k > 0 && k % unit == 0, "gemm_tiled: k=", k, " must be a positive multiple of ", unit, " for int",
+              bits);
+  TORCH_CHECK(group_size > 0 && group_size % unit == 0, "gemm_tiled: group_size=", group_size,
+              " must be a positive multiple of ", unit, " for int", bits, " (k=", k, ")");
+  const int64_t tiles = weight.dim() > 0 ? weight.size(0) : 0;
+  const int64_t groups = (k + group_size - 1) / group_size;
+  if (bits == 4) {
+    TORCH_CHECK(weight.dim() == 3 && weight.size(1) == k / 8 && weight.size(2) == kTileCols,
+                "gemm_tiled: int4 weight is ", weight.sizes(), ", expected [n/8, ", k / 8, ", 8] for k=", k);
+  } else {
+    TORCH_CHECK(weight.dim() == 4 && weight.size(1) == k / kInt3BlockRows && weight.size(2) == kInt3BlockPlanes &&
+                    weight.size(3) == kTileCols,
+                "gemm_tiled: int3 weight is ", weight.sizes(), ", expected [n/8, ", k / kInt3BlockRows, ", 3, 8] for k=",
+                k);
+  }
+  TORCH_CHECK(tiles > 0, "gemm_tiled: weight has no output columns");
+  for (const at::Tensor* t : {&zeros, &scales})
+    TORCH_CHECK(t->dim() == 3 && t->size(0) == tiles && t->size(1) == groups && t->size(2) == kTileCols,
+                "gemm_tiled: ", (t == &zeros ? "zeros" : "scales"), " is ", t->sizes(), ", expected [", tiles, ", ",
+                groups, ", 8] for n=", tiles * kTileCols, ", k=", k, ", group_size=", group_size);
+}
+
+at::Tensor gemm_tiled_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& zeros,
+                          const at::Tensor& scales, int64_t bits, int64_t group_size, int64_t act_bits) {
+  check_args(x, weight, zeros, scales, bits, group_size, act_bits);
+  const int64_t m = x.size(0), k = x.size(1), n = weight.size(0) * kTileCols;
+  const int64_t groups = (k + group_size - 1) / group_size;
+  const int64_t blocks_per_group = (group_size + kActBlock - 1) / kActBlock;
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  const at::Tensor w = weight.contiguous(), z = zeros.contiguous(), s = scales.contiguous();
+  at::Tensor y = at::empty({m, n}, xf.options());
+  if (m == 0) return y.to(x.scalar_type());
+
+  Problem p{static_cast<int>(bits), xf.data_ptr<float>(), nullptr, nullptr, nullptr, w.data_ptr<int32_t>(),
+            z.data_ptr<uint8_t>(), s.data_ptr<at::Half>(), y.data_ptr<float>(), m, n, k, group_size, groups,
+            blocks_per_group};
+  at::Tensor group_sum, x8, block_scale;
+  if (act_bits == 8) {
+    x8 = at::empty({m, k}, xf.options().dtype(at::kChar));
+    block_scale = at::empty({m, groups * blocks_per_group}, xf.options());
+    group_sum = at::empty({m, groups}, xf.options());
+    p.x8 = x8.data_ptr<int8_t>();
+    p.x_block_scale = block_scale.data_ptr<float>();
+    p.x_group_sum = group_sum.data_ptr<float>();
+    quantize_rows(p, p.x, x8.data_ptr<int8_t>(), block_scale.data_ptr<float>(), group_sum.data_ptr<float>());
+  } else {
+    // A plain loop, not ATen ops: at batch 1 on a 576-wide layer, pad + view + sum cost as much as the product.
+    group_sum = at::empty({m, groups}, xf.options());
+    float* sums = group_sum.data_ptr<float>();
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t g = 0; g < groups; ++g)
+        sums[i * groups + g] = std::accumulate(p.x + i * k + g * group_size, p.x + i * k + p.group_end(g), 0.f);
+    p.x_group_sum = sums;
+  }
+  run(p, act_bits == 8, select_isa());
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
+}  // namespace
+}  // namespace comptrust::cpu
+
+TORCH_LIBRARY_IMPL(comptrust, CPU, m) { m.impl("gemm_tiled", &comptrust::cpu::gemm_tiled_cpu); }

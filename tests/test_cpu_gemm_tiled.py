@@ -1,0 +1,231 @@
+"""The tiled CPU kernels (csrc/cpu/gemm_tiled_cpu.cpp) and their layout (comptrust.formats.cpu_tiles).
+
+Each SIMD path is forced in turn through COMPTRUST_CPU_ISA. Against the pure-torch references (the
+dequantized weight; for act_bits=8 the same int8 activation rounding done in torch), float activations
+differ only by summation order: bound 1e-5 relative Frobenius error, measured <1e-6. A wrong code, plane
+bit, zero, scale or group gives errors of order 1. Batches 1..7 run the register kernels, 8 and up the
+dequantized-panel kernel; both are covered.
+"""
+import pytest
+import torch
+
+from comptrust import _C, ops, reference
+from comptrust.formats.cpu_tiles import TiledWeight, tile, tile_int3, tile_int4, untile
+from quant_cases import MODEL_SHAPES, random_int3, random_int4, rel_err
+
+INT3_ODD_SHAPES = ((32, 32), (96, 160), (160, 224), (64, 96))
+INT4_ODD_SHAPES = ((24, 40), (200, 136), (8, 200), (40, 96))
+M_SIZES = (1, 2, 3, 5, 8, 13, 70)
+
+
+def _isas():
+    import os
+
+    found = []
+    for isa in ("avx2", "scalar"):
+        os.environ["COMPTRUST_CPU_ISA"] = isa
+        try:
+            _C.cpu_isa()
+            found.append(isa)
+        except RuntimeError:
+            pass
+        finally:
+            os.environ.pop("COMPTRUST_CPU_ISA", None)
+    return found
+
+
+@pytest.fixture(params=_isas())
+def isa(request, monkeypatch):
+    monkeypatch.setenv("COMPTRUST_CPU_ISA", request.param)
+    assert _C.cpu_isa() == request.param
+    return request.param
+
+
+def _random(bits, n, k, group_size, seed=0):
+    return (random_int4 if bits == 4 else random_int3)(n, k, group_size, seed)[0]
+
+
+def _reference(bits, act_bits):
+    if bits == 4:
+        return reference.int4_gemm_a8 if act_bits else reference.int4_gemm
+    return reference.int3_gemm_a8 if act_bits else reference.int3_gemm
+
+
+def _check(bits, act_bits, m, n, k, group_size, dtype=torch.float32, seed=0, tol=1e-5):
+    packed = _random(bits, n, k, group_size, seed)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    y = ops.gemm_tiled(x, tile(packed), act_bits)
+    assert y.shape == (m, n) and y.dtype == dtype
+    ref = _reference(bits, act_bits)(x, packed.qweight, packed.qzeros, packed.scales, group_size)
+    err = rel_err(y, ref)
+    assert err < tol, f"int{bits} a{act_bits} m={m} n={n} k={k} g={group_size} {dtype}: rel err {err:.2e}"
+
+
+# ------------------------------------------------------------------------------------------ layout
+@pytest.mark.parametrize("bits", [4, 3])
+@pytest.mark.parametrize("group_size", [32, 64, 128, "channel"])
+def test_tile_untile_round_trip_is_bit_exact(bits, group_size):
+    n, k = (200, 256) if bits == 4 else (96, 256)
+    packed = _random(bits, n, k, k if group_size == "channel" else group_size, seed=bits)
+    tiled = tile(packed)
+    assert tiled.bits == bits and (tiled.out_features, tiled.in_features) == (n, k)
+    back = untile(tiled)
+    for name in ("qweight", "qzeros", "scales"):
+        assert torch.equal(getattr(back, name), getattr(packed, name)), name
+
+
+def test_int3_planes_follow_the_documented_bit_positions():
+    # One column, one block: code 4 (only the high bit) at row 16p + 4q + i sets bit 8q + 4p + i of plane 2;
+    # code 3 at row 16p + j sets bits 2j, 2j+1 of plane p.
+    from comptrust.formats import pack_int3
+
+    for row in (0, 5, 17, 31):
+        codes = torch.zeros(32, 32, dtype=torch.int64)
+        codes[0, row] = 4
+        codes[1, row] = 3
+        tiled = tile_int3(pack_int3(codes, torch.ones(32, 1), torch.ones(32, 1), 32))
+        plane, j = divmod(row, 16)
+        q, i = divmod(j, 4)
+        assert tiled.weight[0, 0, 2, 0].item() & 0xFFFFFFFF == 1 << (8 * q + 4 * plane + i)
+        assert tiled.weight[0, 0, plane, 1].item() & 0xFFFFFFFF == 3 << (2 * j)
+
+
+def test_tiled_layer_is_smaller_for_int3():
+    n, k = 576, 1536
+    int4, int3 = tile(_random(4, n, k, 128)), tile(_random(3, n, k, 128))
+    assert int3.weight.numel() * 4 == n * k * 3 // 8 and int4.weight.numel() * 4 == n * k // 2
+    assert int3.nbytes() < 0.8 * int4.nbytes()
+
+
+# ----------------------------------------------------------------------------------------- kernels
+@pytest.mark.parametrize("act_bits", [None, 8])
+@pytest.mark.parametrize("bits", [4, 3])
+@pytest.mark.parametrize("m", M_SIZES)
+def test_matches_reference_odd_and_model_shapes(isa, bits, act_bits, m):
+    for n, k in (INT4_ODD_SHAPES if bits == 4 else INT3_ODD_SHAPES) + MODEL_SHAPES:
+        _check(bits, act_bits, m, n, k, 128 if k % 128 == 0 else 32, seed=m + n + k)
+
+
+@pytest.mark.parametrize("act_bits", [None, 8])
+@pytest.mark.parametrize("bits", [4, 3])
+@pytest.mark.parametrize("group_size", [32, 64, 96, 128, "channel", 2048])
+@pytest.mark.parametrize("m", [1, 9])
+def test_group_sizes_including_partial_last_group(isa, bits, act_bits, group_size, m):
+    k = 224  # 64/96/128 leave a partial last group; 2048 > k is one partial group
+    _check(bits, act_bits, m, 64, k, k if group_size == "channel" else group_size)
+
+
+@pytest.mark.parametrize("bits", [4, 3])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_activations(isa, bits, dtype):
+    _check(bits, None, 3, 576, 576, 128, dtype, tol=8e-3)
+    _check(bits, None, 11, 576, 576, 128, dtype, tol=8e-3)
+
+
+def test_int3_op_in_gptq_layout_runs_the_tiled_kernel():
+    packed = _random(3, 96, 160, 32)
+    x = torch.randn(4, 160)
+    y = torch.ops.comptrust.int3_gemm(x, packed.qweight, packed.qzeros, packed.scales, 32)
+    assert rel_err(y, reference.int3_gemm(x, packed.qweight, packed.qzeros, packed.scales, 32)) < 1e-5
+    assert rel_err(ops.int3_gemm(x, packed.qweight, packed.qzeros, packed.scales, 32), y) == 0
+
+
+@pytest.mark.parametrize("bits", [4, 3])
+@pytest.mark.parametrize("act_bits", [None, 8])
+def test_thread_count_does_not_change_results(bits, act_bits):
+    tiled = tile(_random(bits, 576, 1536, 128))
+    threads = torch.get_num_threads()
+    for m in (1, 13):
+        x = torch.randn(m, 1536)
+        try:
+            torch.set_num_threads(1)
+            one = ops.gemm_tiled(x, tiled, act_bits)
+            torch.set_num_threads(max(2, threads))
+            many = ops.gemm_tiled(x, tiled, act_bits)
+        finally:
+            torch.set_num_threads(threads)
+        assert torch.equal(one, many)  # tiles are independent: no reduction order depends on threads
+
+
+def test_extreme_codes_zero_rows_and_empty_batch(isa):
+    from comptrust.formats import pack_int3, pack_int4
+
+    for bits, pack, top in ((4, pack_int4, 15), (3, pack_int3, 7)):
+        n, k = 32, 64
+        codes = torch.full((n, k), top)
+        codes[::2] = 0
+        packed = pack(codes, torch.full((n, 2), top + 1), torch.full((n, 2), 0.5), 32)
+        x = torch.randn(3, k)
+        for act_bits in (None, 8):
+            ref = _reference(bits, act_bits)(x, packed.qweight, packed.qzeros, packed.scales, 32)
+            assert rel_err(ops.gemm_tiled(x, tile(packed), act_bits), ref) < 1e-5
+            assert torch.equal(ops.gemm_tiled(torch.zeros(2, k), tile(packed), act_bits), torch.zeros(2, n))
+            assert ops.gemm_tiled(torch.zeros(0, k), tile(packed), act_bits).shape == (0, n)
+
+
+def test_randomized_sweep_1000_cases():
+    """1,000 seeded random cases over int4/int3 x float/int8 activations x shape, group, batch, dtype."""
+    gen = torch.Generator().manual_seed(2026)
+    worst = {}
+
+    def draw(low, high):
+        return int(torch.randint(low, high, (1,), generator=gen))
+
+    for case in range(1000):
+        bits, act_bits = (4, 3)[case % 2], (None, 8)[(case // 2) % 2]
+        unit = 8 if bits == 4 else 32
+        n = (8 if bits == 4 else 32) * draw(1, 9)
+        k = unit * draw(1, 320 // unit + 1)
+        group = unit * draw(1, 160 // unit + 1) if draw(0, 4) else k
+        m = draw(1, 12)
+        dtype = (torch.float32, torch.bfloat16)[draw(0, 4) == 0]
+        packed = _random(bits, n, k, group, seed=case)
+        x = torch.randn(m, k, generator=gen).to(dtype)
+        y = ops.gemm_tiled(x, tile(packed), act_bits)
+        ref = _reference(bits, act_bits)(x, packed.qweight, packed.qzeros, packed.scales, group)
+        err = rel_err(y, ref)
+        key = (bits, act_bits, dtype)
+        worst[key] = max(worst.get(key, 0.0), err)
+        assert err < (1e-5 if dtype == torch.float32 else 8e-3), (
+            f"case {case}: int{bits} a{act_bits} m={m} n={n} k={k} g={group} {dtype}: {err:.2e}")
+    assert len(worst) == 8  # every combination was drawn
+
+
+# ------------------------------------------------------------------------------------- bad input
+def _tiled(bits=4, n=32, k=64, group=32):
+    return tile(_random(bits, n, k, group))
+
+
+BAD_CASES = [
+    ("bits 5", lambda t: (torch.zeros(2, 64), t.weight, t.zeros, t.scales, 5, 32, 0), "bits=5"),
+    ("act bits 4", lambda t: (torch.zeros(2, 64), t.weight, t.zeros, t.scales, 4, 32, 4), "act_bits=4"),
+    ("k mismatch", lambda t: (torch.zeros(2, 72), t.weight, t.zeros, t.scales, 4, 32, 0), r"expected \[n/8, 9, 8\]"),
+    ("group mismatch", lambda t: (torch.zeros(2, 64), t.weight, t.zeros, t.scales, 4, 64, 0), "zeros is"),
+    ("bad group", lambda t: (torch.zeros(2, 64), t.weight, t.zeros, t.scales, 4, 12, 0), "group_size=12"),
+    ("int3 as int4", lambda t: (torch.zeros(2, 64), t.weight, t.zeros, t.scales, 3, 32, 0), "int3 weight is"),
+    ("x 1-D", lambda t: (torch.zeros(64), t.weight, t.zeros, t.scales, 4, 32, 0), "2-D"),
+    ("int x", lambda t: (torch.zeros(2, 64, dtype=torch.int32), t.weight, t.zeros, t.scales, 4, 32, 0), "float32"),
+    ("fp32 scales", lambda t: (torch.zeros(2, 64), t.weight, t.zeros, t.scales.float(), 4, 32, 0), "float16"),
+    ("int32 zeros", lambda t: (torch.zeros(2, 64), t.weight, t.zeros.int(), t.scales, 4, 32, 0), "uint8"),
+]
+
+
+@pytest.mark.parametrize("case", BAD_CASES, ids=[c[0] for c in BAD_CASES])
+def test_bad_inputs_raise_clear_errors(case):
+    _, args, message = case
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.comptrust.gemm_tiled(*args(_tiled()))
+
+
+def test_tiling_rejects_columns_not_in_tiles_of_8():
+    from comptrust.formats import Int4Packed
+
+    packed = _random(4, 32, 64, 32)
+    odd = Int4Packed(packed.qweight[:, :28].contiguous(), packed.qzeros, packed.scales[:, :28].contiguous(), 32)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        tile_int4(odd)
+
+
+def test_tiled_weight_reports_shape():
+    t = _tiled(3, 96, 160, 32)
+    assert isinstance(t, TiledWeight) and (t.out_features, t.in_features, t.bits) == (96, 160, 3)
