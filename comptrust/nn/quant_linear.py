@@ -18,6 +18,8 @@ from comptrust.formats.int3 import INT3_PER_BLOCK, WORDS_PER_BLOCK, Int3Packed, 
 from comptrust.formats.int4 import INT4_PER_WORD, Int4Packed, check_int4_shapes, num_groups
 
 _GPTQ_BUFFERS = ("qweight", "qzeros", "scales")
+# Resolved once: looking the op up through torch.ops on every call costs microseconds a decode step repeats.
+_GEMM_TILED = torch.ops.comptrust.gemm_tiled.default if ops.cpu_kernels_available() else None
 
 
 def _gptq_shapes(bits: int, k: int, n: int, group_size: int) -> dict[str, tuple[int, int]]:
@@ -124,21 +126,28 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"QuantLinear: input has {x.shape[-1]} features, layer expects {self.in_features}")
-        x2d = x.reshape(-1, self.in_features)
-        device = self.scales.device if self._tiled is None else torch.device("cpu")
-        if x.device != device:
-            raise ValueError(f"QuantLinear: input is on {x.device} but the layer's weights are on {device}")
-        if device.type == "cpu" and ops.cpu_kernels_available():
-            y = ops.gemm_tiled(x2d, self.tiled(), self.act_bits)
-        elif self.bits == 4:
-            gemm = ops.int4_gemm_a8 if self.act_bits == 8 else ops.int4_gemm
-            y = gemm(x2d, self.qweight, self.qzeros, self.scales, self.group_size)
-        elif self.act_bits == 8:
-            y = reference.int3_gemm_a8(x2d, self.qweight, self.qzeros, self.scales, self.group_size)
+        tiled = self._tiled
+        if tiled is not None and x.is_cpu:
+            # The decode hot path (~200 calls per token on a small model): straight to the op, no other checks.
+            y = _GEMM_TILED(x.reshape(-1, self.in_features), tiled.weight, tiled.zeros, tiled.scales, tiled.bits,
+                            tiled.group_size, self.act_bits or 0)
         else:
-            y = ops.int3_gemm(x2d, self.qweight, self.qzeros, self.scales, self.group_size)
+            y = self._forward_any_device(x.reshape(-1, self.in_features))
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def _forward_any_device(self, x2d: torch.Tensor) -> torch.Tensor:
+        device = self.scales.device if self._tiled is None else torch.device("cpu")
+        if x2d.device != device:
+            raise ValueError(f"QuantLinear: input is on {x2d.device} but the layer's weights are on {device}")
+        if device.type == "cpu" and ops.cpu_kernels_available():
+            return ops.gemm_tiled(x2d, self.tiled(), self.act_bits)
+        if self.bits == 4:
+            gemm = ops.int4_gemm_a8 if self.act_bits == 8 else ops.int4_gemm
+            return gemm(x2d, self.qweight, self.qzeros, self.scales, self.group_size)
+        if self.act_bits == 8:
+            return reference.int3_gemm_a8(x2d, self.qweight, self.qzeros, self.scales, self.group_size)
+        return ops.int3_gemm(x2d, self.qweight, self.qzeros, self.scales, self.group_size)
 
     def kernel_tensors(self) -> tuple[torch.Tensor, ...]:
         """Tensors the layer holds outside its buffers (the CPU tiles), for memory accounting."""

@@ -405,8 +405,13 @@ COMPTRUST_AVX2 void rows_avx2(const Problem& p, int64_t t) {
 }
 #endif  // COMPTRUST_X86
 
+// Tiles per task such that a task has at least kMinTaskMacs multiply-adds: below that, waking a second
+// thread costs more than it saves (a 32x32 layer at batch 1 would otherwise pay for an OpenMP region).
+constexpr int64_t kMinTaskMacs = 1 << 15;
+
 void run(const Problem& p, bool a8, Isa isa) {
   const int64_t tiles = p.n / kTileCols;
+  const int64_t grain = std::max<int64_t>(1, kMinTaskMacs / (p.m * p.k * kTileCols));
 #ifdef COMPTRUST_X86
   if (isa != Isa::kScalar) {
     if (!a8 && p.m >= kPanelMinRows) {
@@ -422,7 +427,7 @@ void run(const Problem& p, bool a8, Isa isa) {
       });
       return;
     }
-    at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         if (p.bits == 4) a8 ? rows_avx2<4, true>(p, t) : rows_avx2<4, false>(p, t);
         else a8 ? rows_avx2<3, true>(p, t) : rows_avx2<3, false>(p, t);
@@ -431,7 +436,7 @@ void run(const Problem& p, bool a8, Isa isa) {
     return;
   }
 #endif
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) tile_scalar(p, t, a8);
   });
 }
@@ -519,15 +524,20 @@ at::Tensor gemm_tiled_cpu(const at::Tensor& x, const at::Tensor& weight, const a
   Problem p{static_cast<int>(bits), xf.data_ptr<float>(), nullptr, nullptr, nullptr, w.data_ptr<int32_t>(),
             z.data_ptr<uint8_t>(), s.data_ptr<at::Half>(), y.data_ptr<float>(), m, n, k, group_size, groups,
             blocks_per_group};
-  at::Tensor group_sum, x8, block_scale;
+  at::Tensor group_sum;
   if (act_bits == 8) {
-    x8 = at::empty({m, k}, xf.options().dtype(at::kChar));
-    block_scale = at::empty({m, groups * blocks_per_group}, xf.options());
-    group_sum = at::empty({m, groups}, xf.options());
-    p.x8 = x8.data_ptr<int8_t>();
-    p.x_block_scale = block_scale.data_ptr<float>();
-    p.x_group_sum = group_sum.data_ptr<float>();
-    quantize_rows(p, p.x, x8.data_ptr<int8_t>(), block_scale.data_ptr<float>(), group_sum.data_ptr<float>());
+    // One allocation for the int8 codes, block scales and group sums (three would cost more than a
+    // 576-wide layer's product at batch 1).
+    const int64_t scale_floats = m * groups * blocks_per_group, sum_floats = m * groups;
+    const int64_t code_floats = (m * k + sizeof(float) - 1) / sizeof(float);
+    group_sum = at::empty({scale_floats + sum_floats + code_floats}, xf.options());
+    float* block_scale = group_sum.data_ptr<float>();
+    float* sums = block_scale + scale_floats;
+    auto* x8 = reinterpret_cast<int8_t*>(sums + sum_floats);
+    p.x8 = x8;
+    p.x_block_scale = block_scale;
+    p.x_group_sum = sums;
+    quantize_rows(p, p.x, x8, block_scale, sums);
   } else {
     // A plain loop, not ATen ops: at batch 1 on a 576-wide layer, pad + view + sum cost as much as the product.
     group_sum = at::empty({m, groups}, xf.options());

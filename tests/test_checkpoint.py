@@ -1,0 +1,338 @@
+"""Whole-model checkpoints: save ours (GPTQ v1), load ours and other tools' (GPTQ v1 incl. act-order, AWQ GEMM)."""
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from comptrust import compress_
+from comptrust.checkpoint import load_quantized, save_quantized
+from comptrust.cli import main as cli_main
+from comptrust.compress import RTNConfig
+from comptrust.formats import dequantize_awq, to_gptq_tensors
+from comptrust.models import ModelLoadError, ModelNotFoundError, checkpoint_quantization, load_model
+from comptrust.nn import ActOrderQuantLinear, QuantLinear
+from quant_cases import random_int3, random_int4, rel_err
+
+RANDOM_LAYER = {3: random_int3, 4: random_int4}
+IDS = torch.randint(0, 500, (2, 11), generator=torch.Generator().manual_seed(0))
+
+
+def logits(model, ids=IDS):
+    with torch.inference_mode():
+        return model(ids).logits
+
+
+def gptq_tensors_of(model):
+    return {name: to_gptq_tensors(m.packed(), m.bits, m.bias) if not isinstance(m, ActOrderQuantLinear)
+            else m.gptq_tensors() for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+@pytest.fixture(scope="module")
+def compressed_w4(tiny_llama):
+    model = copy.deepcopy(tiny_llama)
+    config = RTNConfig(bits=4, group_size=32)
+    compress_(model, config, progress=False)
+    return model, config
+
+
+@pytest.fixture(scope="module")
+def saved_w4(compressed_w4, smollm2_tokenizer, tmp_path_factory):
+    model, config = compressed_w4
+    out = tmp_path_factory.mktemp("w4") / "ckpt"
+    save_quantized(model, smollm2_tokenizer, out, config)
+    return out
+
+
+# ------------------------------------------------------------------------------------ our round trip
+
+@pytest.mark.parametrize("config", [
+    RTNConfig(bits=4, group_size=32),
+    RTNConfig(bits=3, group_size=32),                      # MLP (200 wide) stays dense: int3 needs 32 | n, k
+    RTNConfig(bits=4, group_size=-1, symmetric=True, act_bits=8, lm_head=True),  # lm_head packed: tie broken
+], ids=lambda c: c.tag)
+def test_save_load_round_trip_is_bit_exact(tiny_llama, smollm2_tokenizer, tmp_path, config):
+    model = copy.deepcopy(tiny_llama)
+    summary = compress_(model, config, progress=False)
+    saved = save_quantized(model, smollm2_tokenizer, tmp_path / "ckpt", config)
+    assert saved.quantized == sorted(summary.replaced) and saved.files["model.safetensors"] > 0
+    assert {"config.json", "tokenizer.json"} <= set(saved.files)
+
+    written = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    qc = written["quantization_config"]
+    assert (qc["quant_method"], qc["bits"], qc["group_size"], qc["sym"], qc["desc_act"], qc["checkpoint_format"]) == \
+        ("gptq", config.bits, config.group_size, config.symmetric, False, "gptq")
+    assert qc["comptrust"]["tag"] == config.tag and qc["comptrust"]["act_bits"] == config.act_bits
+    assert written["tie_word_embeddings"] is not config.lm_head
+    stored = load_file(tmp_path / "ckpt" / "model.safetensors")
+    assert "lm_head.weight" not in stored  # tied (written once) or packed
+    first = summary.replaced[0]
+    assert stored[f"{first}.g_idx"].dtype == torch.int32 and stored[f"{first}.scales"].dtype == torch.float16
+
+    loaded = load_quantized(tmp_path / "ckpt")
+    assert loaded.quantization.tag == config.tag and loaded.compression.replaced == sorted(summary.replaced)
+    expected, got = gptq_tensors_of(model), gptq_tensors_of(loaded.model)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        for key, tensor in expected[name].items():
+            assert got[name][key].dtype == tensor.dtype and torch.equal(got[name][key], tensor), f"{name}.{key}"
+        layer = loaded.model.get_submodule(name)
+        assert (layer.bits, layer.symmetric, layer.act_bits) == (config.bits, config.symmetric, config.act_bits)
+    if config.lm_head:
+        assert isinstance(loaded.model.lm_head, QuantLinear)
+    else:
+        assert loaded.model.lm_head.weight is loaded.model.model.embed_tokens.weight
+    assert torch.equal(logits(loaded.model), logits(model))
+
+
+def test_save_refuses_non_empty_dir_unless_asked(compressed_w4, smollm2_tokenizer, tmp_path):
+    model, config = compressed_w4
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not empty"):
+        save_quantized(model, smollm2_tokenizer, tmp_path, config)
+    save_quantized(model, smollm2_tokenizer, tmp_path, config, overwrite=True)
+    assert (tmp_path / "notes.txt").read_text() == "keep me" and (tmp_path / "model.safetensors").is_file()
+
+
+def test_save_rejects_dense_model_and_wrong_config(tiny_llama, compressed_w4, smollm2_tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="no QuantLinear layers"):
+        save_quantized(tiny_llama, smollm2_tokenizer, tmp_path / "a")
+    with pytest.raises(ValueError, match="group size 32"):
+        save_quantized(compressed_w4[0], smollm2_tokenizer, tmp_path / "b", RTNConfig(bits=4, group_size=64))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+# ------------------------------------------------------------------------- other tools' checkpoints
+
+def small_config(bias=False):
+    """Every linear a multiple of 32 wide (int3 too); biases exercise the .bias tensors."""
+    return LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                       tie_word_embeddings=True, attention_bias=bias, mlp_bias=bias)
+
+
+def decoder_linears(model):
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name != "lm_head"]
+
+
+def write_checkpoint(path, model, quantization_config, layer_tensors, tokenizer, both_tied=False):
+    """A checkpoint directory laid out the way AutoGPTQ / AutoAWQ / transformers write them (a tied
+    embedding once, or under both names as some older writers did)."""
+    path.mkdir()
+    config = model.config.to_dict()
+    config["quantization_config"] = quantization_config
+    (path / "config.json").write_text(json.dumps(config))
+    dense = {k: v.contiguous() for k, v in model.state_dict().items()
+             if (both_tied or k != "lm_head.weight") and k.rpartition(".")[0] not in layer_tensors}
+    if both_tied:
+        dense["lm_head.weight"] = dense["lm_head.weight"].clone()  # safetensors stores no shared memory
+    for name, tensors in layer_tensors.items():
+        dense.update({f"{name}.{key}": t.contiguous() for key, t in tensors.items()})
+    save_file(dense, str(path / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save_pretrained(str(path))
+    return path
+
+
+def act_order_g_idx(k, g, seed):
+    """What GPTQ desc_act writes: the j-th row quantized (a random order) is in group j // g."""
+    order = torch.randperm(k, generator=torch.Generator().manual_seed(seed))
+    g_idx = torch.empty(k, dtype=torch.int32)
+    g_idx[order] = (torch.arange(k) // g).to(torch.int32)
+    return g_idx
+
+
+@pytest.mark.parametrize("bits", [4, 3])
+def test_act_order_gptq_checkpoint_matches_dequantized_reference(bits, smollm2_tokenizer, tmp_path):
+    torch.manual_seed(1)
+    reference = LlamaForCausalLM(small_config(bias=True)).eval()
+    layers = {}
+    for i, name in enumerate(decoder_linears(reference)):
+        linear = reference.get_submodule(name)
+        packed, codes, zeros, _ = RANDOM_LAYER[bits](linear.out_features, linear.in_features, 32, seed=i)
+        g_idx = act_order_g_idx(linear.in_features, 32, seed=100 + i)
+        tensors = to_gptq_tensors(packed, bits, bias=linear.bias.detach().half())  # rows packed as they are
+        tensors["g_idx"] = g_idx
+        layers[name] = tensors
+        scales = packed.scales.t().float()[:, g_idx.long()]          # row i uses group g_idx[i]
+        linear.weight.data = (codes - zeros[:, g_idx.long()]).float() * scales
+        linear.bias.data = linear.bias.detach().half().float()
+    qc = {"quant_method": "gptq", "bits": bits, "group_size": 32, "desc_act": True, "sym": False,
+          "static_groups": False, "true_sequential": True, "damp_percent": 0.01, "checkpoint_format": "gptq"}
+    path = write_checkpoint(tmp_path / "gptq", reference, qc, layers, smollm2_tokenizer)
+
+    loaded = load_model(str(path))
+    assert loaded.quantization.tag == f"gptq-w{bits}g32-act-order"
+    assert all(isinstance(loaded.model.get_submodule(n), ActOrderQuantLinear) for n in layers)
+    assert rel_err(logits(loaded.model), logits(reference)) < 1e-5
+
+    # Re-saving gives the act-order tensors back bit for bit (desc_act stays true).
+    save_quantized(loaded.model, loaded.tokenizer, tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["quantization_config"]["desc_act"] is True
+    stored = load_file(tmp_path / "again" / "model.safetensors")
+    for name, tensors in layers.items():
+        for key, tensor in tensors.items():
+            expected = tensor.float() if key == "bias" else tensor  # QuantLinear keeps its bias in fp32
+            assert torch.equal(stored[f"{name}.{key}"], expected), f"{name}.{key}"
+
+
+def test_awq_gemm_checkpoint_matches_dequantized_reference(smollm2_tokenizer, tmp_path):
+    torch.manual_seed(2)
+    reference = LlamaForCausalLM(small_config(bias=True)).eval()
+    gen = torch.Generator().manual_seed(3)
+    layers = {}
+    for name in decoder_linears(reference):
+        linear = reference.get_submodule(name)
+        n, k = linear.out_features, linear.in_features
+        # Random words: every nibble value, including AWQ's zero point 0 (stored by flipping, see formats/awq.py).
+        qweight = torch.randint(-2**31, 2**31, (k, n // 8), generator=gen, dtype=torch.int64).to(torch.int32)
+        qzeros = torch.randint(-2**31, 2**31, (k // 32, n // 8), generator=gen, dtype=torch.int64).to(torch.int32)
+        scales = (torch.rand(k // 32, n, generator=gen) * 0.02 + 1e-3).half()
+        layers[name] = {"qweight": qweight, "qzeros": qzeros, "scales": scales, "bias": linear.bias.detach().half()}
+        linear.weight.data = dequantize_awq(qweight, qzeros, scales, 32)
+        linear.bias.data = linear.bias.detach().half().float()
+    zero_points = torch.cat([((t["qzeros"].unsqueeze(-1) >> torch.arange(0, 32, 4)) & 0xF).flatten()
+                             for t in layers.values()])
+    assert (zero_points == 0).any() and (zero_points == 15).any()
+    qc = {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True, "version": "gemm",
+          "modules_to_not_convert": None}
+    path = write_checkpoint(tmp_path / "awq", reference, qc, layers, smollm2_tokenizer, both_tied=True)
+
+    loaded = load_quantized(path)
+    assert loaded.quantization.tag == "awq-w4g32" and len(loaded.compression.replaced) == 14
+    assert loaded.compression.kept_dense == {"lm_head": "not quantized in the checkpoint"}
+    assert loaded.model.lm_head.weight is loaded.model.model.embed_tokens.weight  # stored twice, equal: tied
+    assert rel_err(logits(loaded.model), logits(reference)) < 1e-5
+
+
+# --------------------------------------------------------------------------------- malformed inputs
+
+LAYER = "model.layers.0.self_attn.q_proj"
+
+
+def rewrite(path, change):
+    tensors = load_file(path / "model.safetensors")
+    change(tensors)
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+
+
+def copy_checkpoint(saved, tmp_path):
+    import shutil
+
+    return shutil.copytree(saved, tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda t: t.update({f"{LAYER}.qweight": t[f"{LAYER}.qweight"][:-1].clone()}),
+     rf"{LAYER}\.qweight: expected \[12, 96\] int32, got \[11, 96\] int32"),
+    (lambda t: t.update({f"{LAYER}.scales": t[f"{LAYER}.scales"].float()}),
+     rf"{LAYER}\.scales: expected \[3, 96\] float16, got \[3, 96\] float32"),
+    (lambda t: t.pop(f"{LAYER}.qzeros"), rf"{LAYER}\.qzeros: missing \(expected \[3, 12\] int32\)"),
+    (lambda t: t.pop(f"{LAYER}.qweight"), rf"{LAYER}\.qweight: missing"),
+    (lambda t: t.pop("model.norm.weight"), r"missing tensors: model\.norm\.weight \(expected \[96\] float32\)"),
+    (lambda t: t.update({"model.norm.weight": torch.ones(95)}), r"model\.norm\.weight: expected shape \[96\]"),
+    (lambda t: t.update({f"{LAYER}.g_idx": torch.zeros(96, dtype=torch.int32)}), rf"{LAYER}\.g_idx: group 0 has 96"),
+    (lambda t: t.update({"model.layers.0.extra": torch.ones(2)}), r"model\.layers\.0\.extra is not part of"),
+], ids=["qweight-shape", "scales-dtype", "no-qzeros", "no-qweight", "no-dense", "dense-shape", "bad-g_idx", "extra"])
+def test_malformed_tensors_are_named(saved_w4, tmp_path, change, message):
+    path = copy_checkpoint(saved_w4, tmp_path)
+    rewrite(path, change)
+    with pytest.raises(ModelLoadError, match=message):
+        load_quantized(path)
+
+
+@pytest.mark.parametrize("update, message", [
+    ({"quant_method": "bitsandbytes"}, r"quant_method 'bitsandbytes' is not supported"),
+    ({"quant_method": "exl2"}, r"quant_method 'exl2' is not supported"),
+    ({"format": "gptq_v2", "checkpoint_format": "gptq_v2"}, r"format 'gptq_v2' is not supported.*v1"),
+    ({"format": None, "checkpoint_format": "marlin"}, r"format 'marlin' is not supported"),
+    ({"bits": 8}, r"bits=8 are not supported"),
+    ({"bits": "4"}, r"bits must be an integer"),
+    ({"quant_method": "awq", "format": None, "version": "gemv"}, r"AWQ format 'gemv' is not supported"),
+    ({"quant_method": "awq", "format": "gemm", "bits": 3}, r"AWQ checkpoints with bits=3"),
+])
+def test_unsupported_quantization_is_refused_before_reading_tensors(saved_w4, tmp_path, update, message):
+    path = copy_checkpoint(saved_w4, tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"].update(update)
+    (path / "config.json").write_text(json.dumps(config))
+    (path / "model.safetensors").write_bytes(b"not read")
+    with pytest.raises(ModelLoadError, match=message):
+        load_model(str(path))
+
+
+def test_missing_files(saved_w4, tmp_path):
+    with pytest.raises(ModelNotFoundError, match="does not exist"):
+        load_quantized(tmp_path / "nowhere")
+    path = copy_checkpoint(saved_w4, tmp_path)
+    (path / "model.safetensors").rename(path / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match="never loads pickles"):
+        load_quantized(path)
+    (path / "pytorch_model.bin").unlink()
+    with pytest.raises(ModelLoadError, match="no model.safetensors"):
+        load_quantized(path)
+    (path / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")  # truncated header
+    with pytest.raises(ModelLoadError, match="not a readable safetensors file"):
+        load_quantized(path)
+    (path / "config.json").unlink()
+    with pytest.raises(ModelNotFoundError, match="no config.json"):
+        load_quantized(path)
+
+
+# ------------------------------------------------------------------------------- load_model and CLI
+
+def test_load_model_dispatches_a_quantized_directory(saved_w4, compressed_w4):
+    assert checkpoint_quantization(str(saved_w4)).tag == "rtn-w4g32"
+    loaded = load_model(str(saved_w4))
+    assert loaded.quantization.quant_method == "gptq" and loaded.chat and loaded.source == str(saved_w4.resolve())
+    assert sum(isinstance(m, QuantLinear) for m in loaded.model.modules()) == 14
+    assert torch.equal(logits(loaded.model), logits(compressed_w4[0]))
+
+
+def test_load_model_finds_a_cached_hub_checkpoint(saved_w4, tmp_path, monkeypatch):
+    import shutil
+
+    from huggingface_hub import constants
+
+    snapshot = tmp_path / "hub" / "models--some-org--tiny-gptq" / "snapshots" / ("a" * 40)
+    shutil.copytree(saved_w4, snapshot)
+    (tmp_path / "hub" / "models--some-org--tiny-gptq" / "refs").mkdir()
+    (tmp_path / "hub" / "models--some-org--tiny-gptq" / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    loaded = load_model("some-org/tiny-gptq")
+    assert loaded.quantization.tag == "rtn-w4g32" and loaded.name == "some-org/tiny-gptq"
+
+
+def test_cli_quantize_round_trip(tiny_llama, smollm2_tokenizer, tmp_path, capsys):
+    dense_dir = tmp_path / "dense"
+    tiny_llama.save_pretrained(dense_dir)
+    smollm2_tokenizer.save_pretrained(dense_dir)
+    out = tmp_path / "int4"
+    assert cli_main(["quantize", "--model", str(dense_dir), "--compress", "rtn-w4g32", "--out", str(out),
+                     "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "14 linear layers quantized rtn-w4g32" in printed and "model.safetensors" in printed and "MiB" in printed
+
+    expected = copy.deepcopy(tiny_llama)
+    compress_(expected, RTNConfig(bits=4, group_size=32), progress=False)
+    assert torch.equal(logits(load_model(str(out)).model), logits(expected))
+
+    assert cli_main(["quantize", "--model", str(dense_dir), "--out", str(out)]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert cli_main(["quantize", "--model", str(out), "--out", str(tmp_path / "again")]) == 2
+    assert "already quantized" in capsys.readouterr().err
+
+
+def test_run_evaluates_a_checkpoint_as_it_is(saved_w4, tmp_path):
+    from comptrust.run import RunConfig, run
+
+    output = run(RunConfig(model=str(saved_w4), out_dir=str(tmp_path / "report"), ppl_max_tokens=128,
+                           prompt_tokens=16, decode_tokens=2, speed_repeats=1, progress=False))
+    report = json.loads(open(output.paths["json"]).read())
+    (row,) = report["configs"]
+    assert row["name"] == "rtn-w4g32 (checkpoint)" and len(row["compression"]["replaced"]) == 14
+    assert row["compression"]["config"]["quant_method"] == "gptq" and report["settings"]["compressions"] == []
+    markdown = open(output.paths["markdown"]).read()
+    assert "| rtn-w4g32 (checkpoint) |" in markdown and "| dense |" not in markdown
