@@ -18,8 +18,16 @@ import torch
 import triton
 import triton.language as tl
 
-_DEFAULT_NUM_WARPS = 4
-_DEFAULT_NUM_STAGES = 3
+if __package__:  # imported as comptrust.kernels.int3_gemm
+    from . import _quant_gemm
+else:  # loaded by file path, as scripts/compile_check_triton.py does from a bare source checkout
+    import importlib.util
+    from pathlib import Path
+
+    _spec = importlib.util.spec_from_file_location("_quant_gemm", Path(__file__).with_name("_quant_gemm.py"))
+    _quant_gemm = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(_quant_gemm)
+
 _BLOCK = 32  # values per 3-word block, and the granularity of k, n and group_size
 _WORDS = 3
 
@@ -115,73 +123,23 @@ def int3_gemm_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-def _next_pow2(v: int) -> int:
-    return 1 << max(v - 1, 0).bit_length()
-
-
 def _pick_block_k(k: int, group_size: int) -> int:
     """The widest BLOCK_K (<= 64) inside one group. Group sizes are multiples of 32, so 32 always fits."""
     if group_size >= k:
-        return min(64, _next_pow2(k))
+        return min(64, _quant_gemm.next_pow2(k))
     return 64 if group_size % 64 == 0 else 32
-
-
-def _pick_block_m(m: int) -> int:
-    # tl.dot's minimum M is 16; decode (m <= 16) wastes rows rather than launching a GEMV variant.
-    return 16 if m <= 16 else 32 if m <= 32 else 64
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    if dtype != torch.float32:
-        return "ieee"
-    # Follow torch's own fp32 matmul setting so this kernel and F.linear agree on what fp32 means.
-    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
-
-
-def _interpreted() -> bool:
-    from triton.runtime.jit import JITFunction
-
-    return not isinstance(int3_gemm_kernel, JITFunction)
 
 
 def int3_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
               group_size: int, *, block_m: int | None = None, block_n: int | None = None,
-              block_k: int | None = None, num_warps: int = _DEFAULT_NUM_WARPS) -> torch.Tensor:
+              block_k: int | None = None, num_warps: int = _quant_gemm.DEFAULT_NUM_WARPS) -> torch.Tensor:
     """y = x @ W^T for W in the GPTQ v1 int3 layout; y has x's dtype. Block sizes default to a heuristic."""
     from comptrust.ops import _check_int3_gemm_args  # lazily, so comptrust.ops may import this module
 
     _check_int3_gemm_args(x, qweight, qzeros, scales, group_size)
-    m, k = x.shape
-    n = qweight.shape[1]
-    if x.device.type == "cpu" and not _interpreted():
-        raise ValueError(f"int3_gemm (Triton): CPU tensors run only under TRITON_INTERPRET=1 set before importing "
-                         f"this module (m={m}, n={n}, k={k}, group_size={group_size})")
+    return _quant_gemm.launch(int3_gemm_kernel, "int3_gemm", _pick_block_k, x, qweight, qzeros, scales,
+                              group_size, block_m, block_n, block_k, num_warps)
 
-    bm = block_m or _pick_block_m(m)
-    bn = block_n or 64
-    bk = block_k or _pick_block_k(k, group_size)
-    for name, b in (("block_m", bm), ("block_n", bn), ("block_k", bk)):
-        if b < 16 or b & (b - 1):
-            raise ValueError(f"int3_gemm: {name}={b} must be a power of two >= 16 (tl.dot's minimum)")
-    even_groups = group_size >= k or group_size % bk == 0
-
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    if m == 0:
-        return y
-    # The kernel indexes the weight tensors as dense row-major arrays.
-    qweight, qzeros, scales = qweight.contiguous(), qzeros.contiguous(), scales.contiguous()
-    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
-    int3_gemm_kernel[grid](
-        x, qweight, qzeros, scales, y,
-        m, n, k, group_size,
-        x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_GROUPS=even_groups, DOT_PRECISION=_dot_precision(x.dtype),
-        num_warps=num_warps,
-    )
-    return y
-
-
-_TRITON_DTYPES = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
 
 # Variants scripts/compile_check_triton.py compiles: constexpr branches are only type-checked and lowered
 # when taken, so each EVEN_GROUPS path and each activation dtype needs its own compile to be checked.
@@ -193,40 +151,6 @@ AOT_CONFIGS = (
 )
 
 
-def aot_compile_ptx(arch: int = 80, *, dtype: str = "fp16", even_groups: bool = True, block_m: int = 16,
-                    block_n: int = 64, block_k: int = 64, num_warps: int = _DEFAULT_NUM_WARPS,
-                    num_stages: int = _DEFAULT_NUM_STAGES) -> str:
-    """PTX of int3_gemm_kernel for sm_<arch>, compiled ahead of time (no GPU or driver needed).
-
-    The specialization mirrors what the JIT produces for the usual launch: contiguous x and y (unit
-    inner strides become constants) and 16-byte-aligned pointers and sizes (k, n are multiples of 32).
-    """
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
-    from triton.runtime.jit import JITFunction
-
-    if dtype not in _TRITON_DTYPES:
-        raise ValueError(f"aot_compile_ptx: dtype={dtype!r} must be one of {sorted(_TRITON_DTYPES)}")
-    kernel = int3_gemm_kernel
-    if not isinstance(kernel, JITFunction):
-        # Under TRITON_INTERPRET=1 the decorator returned an interpreter wrapper; compile the same source.
-        kernel = JITFunction(kernel.fn)
-    act = _TRITON_DTYPES[dtype]
-    signature = {
-        "x_ptr": act, "qweight_ptr": "*i32", "qzeros_ptr": "*i32", "scales_ptr": "*fp16", "y_ptr": act,
-        "m": "i32", "n": "i32", "k": "i32", "group_size": "i32",
-        "stride_xm": "i32", "stride_xk": "constexpr", "stride_ym": "i32", "stride_yn": "constexpr",
-        "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
-        "EVEN_GROUPS": "constexpr", "DOT_PRECISION": "constexpr",
-    }
-    constexprs = {
-        "stride_xk": 1, "stride_yn": 1, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
-        "EVEN_GROUPS": even_groups, "DOT_PRECISION": "ieee",
-    }
-    aligned = ("x_ptr", "qweight_ptr", "qzeros_ptr", "scales_ptr", "y_ptr", "n", "k", "stride_xm", "stride_ym")
-    attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
-    target = GPUTarget("cuda", arch, 32)
-    options = make_backend(target).parse_options({"num_warps": num_warps, "num_stages": num_stages})
-    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
-                              target=target, options=options.__dict__)
-    return compiled.asm["ptx"]
+def aot_compile_ptx(arch: int = 80, **config) -> str:
+    """PTX of int3_gemm_kernel for sm_<arch> (see _quant_gemm.aot_compile_ptx for the config keys)."""
+    return _quant_gemm.aot_compile_ptx(int3_gemm_kernel, arch, **config)

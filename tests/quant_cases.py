@@ -31,5 +31,24 @@ def random_int3(n: int, k: int, group_size: int, seed: int = 0):
     return pack_int3(codes, zeros, scales, group_size), codes, zeros, scales
 
 
+def available_isas() -> list[str]:
+    """The CPU SIMD paths this machine can run (COMPTRUST_CPU_ISA values), widest first."""
+    import os
+
+    from comptrust import _C
+
+    found = []
+    for isa in ("avx2", "scalar"):
+        os.environ["COMPTRUST_CPU_ISA"] = isa
+        try:
+            _C.cpu_isa()
+            found.append(isa)
+        except RuntimeError:
+            pass
+        finally:
+            os.environ.pop("COMPTRUST_CPU_ISA", None)
+    return found
+
+
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y.double() - ref.double()).norm() / ref.double().norm()).item()

@@ -1,5 +1,6 @@
 """Packed weight formats. int4 and int3 follow the GPTQ v1 checkpoint layout (see int4.py, int3.py);
-gptq.py / awq.py import checkpoint tensors into them, act_order.py handles GPTQ's g_idx."""
+gptq.py / awq.py import checkpoint tensors into them, act_order.py handles GPTQ's g_idx; sparse24.py is the
+2:4 semi-structured layout (values + 4-bit-per-group metadata), alone or with int4 kept values."""
 from comptrust.formats.int4 import (
     Int4Packed,
     pack_int4,
@@ -24,6 +25,17 @@ from comptrust.formats.act_order import (
 )
 from comptrust.formats.gptq import from_gptq_tensors, read_bias, to_gptq_tensors
 from comptrust.formats.awq import dequantize_awq, from_awq_tensors, to_awq_tensors
+from comptrust.formats.sparse24 import (
+    Sparse24Int4Packed,
+    Sparse24Packed,
+    check_sparse24_int4_shapes,
+    check_sparse24_weight,
+    dequantize_sparse24_int4,
+    pack_sparse24,
+    pack_sparse24_int4,
+    prune_magnitude_24,
+    unpack_sparse24,
+)
 
 __all__ = [
     "Int4Packed", "pack_int4", "unpack_int4", "dequantize_int4", "num_groups",
@@ -32,4 +44,6 @@ __all__ = [
     "trivial_g_idx", "undo_act_order",
     "from_gptq_tensors", "read_bias", "to_gptq_tensors",
     "dequantize_awq", "from_awq_tensors", "to_awq_tensors",
+    "Sparse24Packed", "Sparse24Int4Packed", "check_sparse24_weight", "check_sparse24_int4_shapes",
+    "pack_sparse24", "unpack_sparse24", "prune_magnitude_24", "pack_sparse24_int4", "dequantize_sparse24_int4",
 ]
