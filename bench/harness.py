@@ -22,6 +22,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -31,6 +32,8 @@ MIN_COLD_BYTES = 256 * MIB
 MAX_COLD_BYTES = 2048 * MIB
 # The read-bandwidth buffer: at least this, and at least as large as the cold-weight set.
 MIN_BANDWIDTH_BYTES = 1024 * MIB
+MIN_TIME = 0.2            # seconds of timed calls per (kernel, shape, batch)
+BANDWIDTH_MIN_TIME = 0.5
 
 
 def _parse_size(text: str) -> int:
@@ -187,6 +190,77 @@ def add_speedups(rows: list[dict], anchors: Sequence[str]) -> None:
 def progress_line(text: str, enabled: bool) -> None:
     if enabled:
         print(text, file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One benchmarked product: weights(layer) are the tensors each call reads (copied cold), call(x, *weights)."""
+    name: str
+    act_dtype: torch.dtype
+    weights: Callable[[object], tuple[torch.Tensor, ...]]
+    call: Callable[..., torch.Tensor]
+
+
+def _bench_shape(kernels: Sequence[Kernel], anchors: Sequence[str], layer, n: int, k: int, batches: Sequence[int],
+                 cold_bytes: int, min_time: float, row_fields: dict) -> list[dict]:
+    activations = {m: torch.randn(m, k, generator=torch.Generator().manual_seed(m)) for m in batches}
+    rows = {}
+    # Kernel-major: one kernel's copies exist at a time (memory stays near cold_bytes), and all batches reuse them.
+    for kernel in kernels:
+        copies = cold_copies(kernel.weights(layer), cold_bytes)
+        weight_bytes = sum(t.numel() * t.element_size() for t in copies[0])
+        for m in batches:
+            x = activations[m].to(kernel.act_dtype)
+            ms = median_ms(lambda i: kernel.call(x, *copies[i]), copies=len(copies), min_time=min_time)
+            nbytes = weight_bytes + x.numel() * x.element_size()
+            rows[(m, kernel.name)] = {
+                "kernel": kernel.name, "role": "anchor" if kernel.name in anchors else "ours",
+                "n": n, "k": k, "batch": m, **row_fields, "activation_dtype": str(kernel.act_dtype),
+                "ms": ms, "bytes_read": nbytes, "gb_per_s": nbytes / ms / 1e6,
+                "pct_of_read_bandwidth": None,  # set once the run's bandwidth is known
+                "weight_copies": len(copies),
+            }
+        del copies
+    return [rows[(m, kernel.name)] for m in batches for kernel in kernels]
+
+
+def run_kernel_bench(bench: str, kernels: Sequence[Kernel], anchors: Sequence[str], make_layer: Callable,
+                     shapes: Sequence[tuple[int, int]], batches: Sequence[int], quick: bool, progress: bool,
+                     min_time: float, cold_bytes: int | None, bandwidth_bytes: int | None,
+                     row_fields: dict | None = None) -> dict:
+    """Time every kernel on make_layer(n, k) for each shape and batch, between two read-bandwidth tests;
+    {"machine", "settings", "rows"} with % of bandwidth and speedups over `anchors` filled in."""
+    from comptrust import ops
+
+    start = time.perf_counter()
+    row_fields = row_fields or {}
+    cold_bytes = cold_bytes_target() if cold_bytes is None else cold_bytes
+    if bandwidth_bytes is None:
+        bandwidth_bytes = max(MIN_BANDWIDTH_BYTES, cold_bytes)
+    if not ops.backends()["cpu"]["available"]:
+        progress_line(f"bench {bench}: warning: comptrust._C is not loaded, so the comptrust_* rows time the "
+                      "pure-torch reference: " + ops.backends()["cpu"]["detail"], True)
+    progress_line(f"bench {bench}: read bandwidth over {bandwidth_bytes // MIB} MiB ...", progress)
+    bandwidth_time = BANDWIDTH_MIN_TIME * min_time / MIN_TIME
+    bandwidth = read_bandwidth(bandwidth_bytes, min_time=bandwidth_time)
+    rows = []
+    for index, (n, k) in enumerate(shapes, 1):
+        t0 = time.perf_counter()
+        rows += _bench_shape(kernels, anchors, make_layer(n, k), n, k, batches, cold_bytes, min_time, row_fields)
+        progress_line(f"bench {bench}: [{index}/{len(shapes)}] {n}x{k} batches {list(batches)}: "
+                      f"{time.perf_counter() - t0:.1f} s", progress)
+    # The machine's bandwidth drifts (its memory is shared with other tenants): read it again at the end, and
+    # take the better of the two as the roofline, as STREAM reports its best run.
+    end = read_bandwidth(bandwidth_bytes, min_time=bandwidth_time)
+    bandwidth = dict(bandwidth, samples_gb_per_s=[bandwidth["gb_per_s"], end["gb_per_s"]],
+                     gb_per_s=max(bandwidth["gb_per_s"], end["gb_per_s"]))
+    for row in rows:
+        row["pct_of_read_bandwidth"] = 100 * row["gb_per_s"] / bandwidth["gb_per_s"]
+    add_speedups(rows, anchors)
+    settings = {"bench": bench, "quick": quick, "shapes": [list(s) for s in shapes], "batches": list(batches),
+                **row_fields, "min_time_s": min_time, "anchors": list(anchors),
+                "kernels": [kernel.name for kernel in kernels], "wall_s": time.perf_counter() - start}
+    return {"machine": machine_info(bandwidth, cold_bytes), "settings": settings, "rows": rows}
 
 
 def format_table(result: dict) -> str:

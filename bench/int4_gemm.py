@@ -13,7 +13,6 @@ are noisy: compare rows of one run only.
 """
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 
 from comptrust import ops
 from comptrust.bench import harness
+from comptrust.bench.harness import Kernel
 from comptrust.formats import Int3Packed, Int4Packed, dequantize_int4, pack_int3, pack_int4
 from comptrust.formats.cpu_tiles import tile
 
@@ -31,8 +31,6 @@ QUICK_SHAPES = [(576, 1536), (4096, 4096)]
 BATCHES, QUICK_BATCHES = (1, 4, 16, 64), (1, 32)
 GROUP = 128
 ANCHORS = ("torch_fp32", "torch_bf16", "torch_int4pack")
-MIN_TIME = 0.2            # seconds of timed calls per (kernel, shape, batch)
-BANDWIDTH_MIN_TIME = 0.5
 
 
 @dataclass
@@ -52,14 +50,6 @@ class _Layer:
         weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.codes.to(torch.int32), 1)
         scale_zero = torch.stack([self.packed.scales.float(), torch.zeros(k // GROUP, n)], -1).to(torch.bfloat16)
         return weight, scale_zero
-
-
-@dataclass(frozen=True)
-class Kernel:
-    name: str
-    act_dtype: torch.dtype
-    weights: Callable[[_Layer], tuple[torch.Tensor, ...]]   # the tensors each call reads (copied cold)
-    call: Callable[..., torch.Tensor]                       # call(x, *weights)
 
 
 def _tiled(bits: int) -> Callable[[_Layer], tuple[torch.Tensor, ...]]:
@@ -97,30 +87,6 @@ def _layer(n: int, k: int) -> _Layer:
     return _Layer(codes, packed, packed_int3)
 
 
-def _bench_shape(n: int, k: int, batches: Sequence[int], cold_bytes: int, min_time: float) -> list[dict]:
-    layer = _layer(n, k)
-    activations = {m: torch.randn(m, k, generator=torch.Generator().manual_seed(m)) for m in batches}
-    rows = {}
-    # Kernel-major: one kernel's copies exist at a time (memory stays near cold_bytes), and all batches reuse them.
-    for kernel in KERNELS:
-        copies = harness.cold_copies(kernel.weights(layer), cold_bytes)
-        weight_bytes = sum(t.numel() * t.element_size() for t in copies[0])
-        for m in batches:
-            x = activations[m].to(kernel.act_dtype)
-            ms = harness.median_ms(lambda i: kernel.call(x, *copies[i]), copies=len(copies), min_time=min_time)
-            nbytes = weight_bytes + x.numel() * x.element_size()
-            gbs = nbytes / ms / 1e6
-            rows[(m, kernel.name)] = {
-                "kernel": kernel.name, "role": "anchor" if kernel.name in ANCHORS else "ours",
-                "n": n, "k": k, "batch": m, "group_size": GROUP, "activation_dtype": str(kernel.act_dtype),
-                "ms": ms, "bytes_read": nbytes, "gb_per_s": gbs,
-                "pct_of_read_bandwidth": None,  # set once the run's bandwidth is known
-                "weight_copies": len(copies),
-            }
-        del copies
-    return [rows[(m, kernel.name)] for m in batches for kernel in KERNELS]
-
-
 def run_int_bench(quick: bool, shapes: Sequence[tuple[int, int]] | None = None,
                   batches: Sequence[int] | None = None, progress: bool = True, *,
                   min_time: float | None = None, cold_bytes: int | None = None,
@@ -129,9 +95,8 @@ def run_int_bench(quick: bool, shapes: Sequence[tuple[int, int]] | None = None,
 
     quick picks QUICK_SHAPES x QUICK_BATCHES instead of SHAPES x BATCHES; shapes/batches override either.
     The keyword-only arguments exist for tests and quick looks and make the numbers meaningless as
-    DRAM figures when shrunk: min_time (s of timed calls per row, default MIN_TIME), cold_bytes (weight
-    copies per kernel, default twice the L3) and bandwidth_bytes (read-test buffer)."""
-    start = time.perf_counter()
+    DRAM figures when shrunk: min_time (s of timed calls per row, default harness.MIN_TIME), cold_bytes
+    (weight copies per kernel, default twice the L3) and bandwidth_bytes (read-test buffer)."""
     shapes = list(shapes or (QUICK_SHAPES if quick else SHAPES))
     batches = list(batches or (QUICK_BATCHES if quick else BATCHES))
     for n, k in shapes:
@@ -139,34 +104,9 @@ def run_int_bench(quick: bool, shapes: Sequence[tuple[int, int]] | None = None,
             raise ValueError(f"bench int: shape {n}x{k} needs n % 32 == 0 (int3's packing) and k % {GROUP} == 0")
     if any(m < 1 for m in batches):
         raise ValueError(f"bench int: batches must be positive, got {batches}")
-    min_time = MIN_TIME if min_time is None else min_time
-    cold_bytes = harness.cold_bytes_target() if cold_bytes is None else cold_bytes
-    if bandwidth_bytes is None:
-        bandwidth_bytes = max(harness.MIN_BANDWIDTH_BYTES, cold_bytes)
-    if not ops.backends()["cpu"]["available"]:
-        harness.progress_line("bench int: warning: comptrust._C is not loaded, so the comptrust_* rows time the "
-                              "pure-torch reference: " + ops.backends()["cpu"]["detail"], True)
-    harness.progress_line(f"bench int: read bandwidth over {bandwidth_bytes // harness.MIB} MiB ...", progress)
-    bandwidth_time = BANDWIDTH_MIN_TIME * min_time / MIN_TIME
-    bandwidth = harness.read_bandwidth(bandwidth_bytes, min_time=bandwidth_time)
-    rows = []
-    for index, (n, k) in enumerate(shapes, 1):
-        t0 = time.perf_counter()
-        rows += _bench_shape(n, k, batches, cold_bytes, min_time)
-        harness.progress_line(f"bench int: [{index}/{len(shapes)}] {n}x{k} batches {batches}: "
-                              f"{time.perf_counter() - t0:.1f} s", progress)
-    # The machine's bandwidth drifts (its memory is shared with other tenants): read it again at the end, and
-    # take the better of the two as the roofline, as STREAM reports its best run.
-    end = harness.read_bandwidth(bandwidth_bytes, min_time=bandwidth_time)
-    bandwidth = dict(bandwidth, samples_gb_per_s=[bandwidth["gb_per_s"], end["gb_per_s"]],
-                     gb_per_s=max(bandwidth["gb_per_s"], end["gb_per_s"]))
-    for row in rows:
-        row["pct_of_read_bandwidth"] = 100 * row["gb_per_s"] / bandwidth["gb_per_s"]
-    harness.add_speedups(rows, ANCHORS)
-    settings = {"bench": "int", "quick": quick, "shapes": [list(s) for s in shapes], "batches": batches,
-                "group_size": GROUP, "min_time_s": min_time, "anchors": list(ANCHORS),
-                "kernels": [kernel.name for kernel in KERNELS], "wall_s": time.perf_counter() - start}
-    return {"machine": harness.machine_info(bandwidth, cold_bytes), "settings": settings, "rows": rows}
+    return harness.run_kernel_bench("int", KERNELS, ANCHORS, _layer, shapes, batches, quick, progress,
+                                    harness.MIN_TIME if min_time is None else min_time, cold_bytes, bandwidth_bytes,
+                                    row_fields={"group_size": GROUP})
 
 
 if __name__ == "__main__":

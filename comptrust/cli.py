@@ -92,13 +92,16 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, e.g. 1,4,16; got {text!r}")
 
 
-def _cmd_bench_int(args) -> int:
+def _cmd_bench(args) -> int:
     from comptrust.bench.harness import format_table, write_json
-    from comptrust.bench.int4_gemm import run_int_bench
 
+    if args.bench == "int":
+        from comptrust.bench.int4_gemm import run_int_bench as run_bench
+    else:
+        from comptrust.bench.sparse24_gemm import run_sparse_bench as run_bench
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = run_int_bench(args.quick, shapes=args.shapes, batches=args.batches, progress=not args.no_progress)
+    result = run_bench(args.quick, shapes=args.shapes, batches=args.batches, progress=not args.no_progress)
     print(format_table(result))
     if args.json:
         write_json(result, args.json)
@@ -117,8 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--model", default="default",
                      help="default | gemma3-270m | path/to/model.gguf | local HF dir | HF id (cache only unless --online)")
     run.add_argument("--compress", nargs="+", metavar="TAG",
-                     help="compressions to compare with dense, e.g. rtn-w4g128 rtn-w4g-1 rtn-w4g32-sym (default: "
-                          "rtn-w4g128; a pre-quantized GPTQ/AWQ checkpoint is evaluated as it is)")
+                     help="compressions to compare with dense, e.g. rtn-w4g128 rtn-w4g-1 rtn-w4g32-sym mag-24 mag-24-w4g64 "
+                          "(default: rtn-w4g128 mag-24; a pre-quantized GPTQ/AWQ checkpoint is evaluated as it is)")
     run.add_argument("--dimensions", nargs="+", default=["machine_ethics"])
     run.add_argument("--out", default="comptrust-out", help="output folder (default: comptrust-out)")
     run.add_argument("--ppl-file", help="text file for perplexity (default: the built-in sample)")
@@ -146,7 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    description="Real layer shapes (SmolLM2-135M, Llama-7B) x batch 1, 4, 16, 64, "
                                                "weights read cold from DRAM; prints a table, optionally JSON.")
     _bench_options(bench_int, quick_help="4096x4096 and 576x1536 at batch 1 and 32 (under a minute)")
-    bench_int.set_defaults(func=_cmd_bench_int)
+    bench_int.set_defaults(func=_cmd_bench)
+    bench_sparse = benches.add_parser("sparse", help="2:4 sparse GEMM/GEMV (CPU) vs F.linear fp32/bf16 and our int4",
+                                      description="2:4 with fp32/bf16 values and with int4 values, on the shapes and "
+                                                  "batches of `bench int`, weights read cold; prints a table, "
+                                                  "optionally JSON.")
+    _bench_options(bench_sparse, quick_help="4096x4096 and 576x1536 at batch 1 and 32 (under a minute)")
+    bench_sparse.set_defaults(func=_cmd_bench)
     return parser
 
 

@@ -12,9 +12,10 @@ import os
 import torch
 
 from comptrust import reference
-from comptrust.formats.cpu_tiles import TiledWeight, tile_int3, tile_int4
+from comptrust.formats.cpu_tiles import TiledSparse24, TiledWeight, tile_int3, tile_int4, tile_sparse24, tile_sparse24_int4
 from comptrust.formats.int3 import Int3Packed
 from comptrust.formats.int4 import Int4Packed
+from comptrust.formats.sparse24 import Sparse24Int4Packed, Sparse24Packed
 
 _BACKEND_ERRORS: dict[str, str] = {}
 
@@ -86,6 +87,16 @@ def gemm_tiled(x: torch.Tensor, tiled: TiledWeight, act_bits: int | None = None)
                                           tiled.group_size, act_bits or 0)
 
 
+def sparse24_tiled(x: torch.Tensor, tiled: TiledSparse24) -> torch.Tensor:
+    """y[m, n] = x[m, k] @ W^T on the CPU 2:4 kernels, W in their tiled layout (TiledSparse24)."""
+    if not _compiled():
+        raise RuntimeError(f"sparse24_tiled needs the compiled CPU ops: {_BACKEND_ERRORS['cpu']}")
+    if tiled.int4 is None:
+        return torch.ops.comptrust.sparse24_gemm_tiled(x, tiled.values, tiled.meta)
+    q = tiled.int4
+    return torch.ops.comptrust.sparse24_int4_gemm_tiled(x, q.weight, tiled.meta, q.zeros, q.scales, q.group_size)
+
+
 def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
               group_size: int) -> torch.Tensor:
     """y[m, n] = x[m, k] @ W^T for W in the GPTQ v1 int4 layout (comptrust.formats.int4); y has x's dtype.
@@ -112,6 +123,83 @@ def int3_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scal
         return torch.ops.comptrust.int3_gemm(x, qweight, qzeros, scales, group_size)
     _check_int3_gemm_args(x, qweight, qzeros, scales, group_size)
     return reference.int3_gemm(x, qweight, qzeros, scales, group_size)
+
+
+def sparse24_gemm(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+    """y[m, n] = x[m, k] @ W^T for a 2:4 weight W given as kept values [n, k/2] and meta [n, k/8] uint8
+    (comptrust.formats.sparse24). On CPU this tiles W on every call: Sparse24Linear keeps the tiles."""
+    _check_sparse24_gemm_args(x, values, meta)
+    if _serves(x.device):
+        return torch.ops.comptrust.sparse24_gemm(x, values, meta)
+    return reference.sparse24_gemm(x, values, meta)
+
+
+def sparse24_int4_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                       meta: torch.Tensor, group_size: int) -> torch.Tensor:
+    """y = x @ W^T for a 2:4 weight whose kept values are int4 (GPTQ v1 tensors over the compact [n, k/2]
+    matrix, group_size counted in kept values) with meta [n, k/8] uint8."""
+    _check_sparse24_int4_gemm_args(x, qweight, qzeros, scales, meta, group_size)
+    if _serves(x.device):
+        return torch.ops.comptrust.sparse24_int4_gemm(x, qweight, qzeros, scales, meta, group_size)
+    return reference.sparse24_int4_gemm(x, qweight, qzeros, scales, meta, group_size)
+
+
+def _check_same_device(name: str, tensors: dict[str, torch.Tensor], shape_note: str) -> None:
+    devices = {t.device for t in tensors.values()}
+    if len(devices) != 1:
+        raise ValueError(f"{name}: {', '.join(tensors)} must share a device, got {sorted(map(str, devices))} "
+                         f"({shape_note})")
+
+
+def _check_sparse24_x(name: str, x: torch.Tensor, n_desc: str) -> tuple[int, int]:
+    if x.dim() != 2:
+        raise ValueError(f"{name}: x must be 2-D [m, k], got shape {tuple(x.shape)}")
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"{name}: x must be float32, bfloat16 or float16, got {x.dtype}")
+    m, k = x.shape
+    if k <= 0 or k % 8:
+        raise ValueError(f"{name}: k={k} (x.size(1)) must be a positive multiple of 8 (m={m}, {n_desc})")
+    return m, k
+
+
+def _check_sparse24_meta(name: str, meta: torch.Tensor, n: int, k: int) -> None:
+    if meta.dtype != torch.uint8:
+        raise ValueError(f"{name}: meta must be uint8, got {meta.dtype}")
+    if tuple(meta.shape) != (n, k // 8):
+        raise ValueError(f"{name}: meta is {tuple(meta.shape)}, expected [n={n}, k/8={k // 8}] for k={k}")
+
+
+def _check_sparse24_gemm_args(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor) -> None:
+    """Raise ValueError naming the tensor, m, n, k and the expected shape (csrc/sparse24_checks.h mirrors it)."""
+    if values.dim() != 2:
+        raise ValueError(f"sparse24_gemm: values must be 2-D [n, k/2], got shape {tuple(values.shape)}")
+    n = values.shape[0]
+    m, k = _check_sparse24_x("sparse24_gemm", x, f"n={n}")
+    if values.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"sparse24_gemm: values must be float32, bfloat16 or float16, got {values.dtype}")
+    if n <= 0 or values.shape[1] != k // 2:
+        raise ValueError(f"sparse24_gemm: values is {tuple(values.shape)}, expected [n, k/2={k // 2}] with n > 0 "
+                         f"for x of k={k} (m={m})")
+    _check_sparse24_meta("sparse24_gemm", meta, n, k)
+    _check_same_device("sparse24_gemm", {"x": x, "values": values, "meta": meta}, f"m={m}, n={n}, k={k}")
+
+
+def _check_sparse24_int4_gemm_args(x, qweight, qzeros, scales, meta, group_size) -> None:
+    """The int4 tensors quantize the compact [n, k/2] values: _check_int4_gemm_args on a k/2-wide view."""
+    if qweight.dim() != 2:
+        raise ValueError(f"sparse24_int4_gemm: qweight must be 2-D [k/16, n], got shape {tuple(qweight.shape)}")
+    n = qweight.shape[1]
+    m, k = _check_sparse24_x("sparse24_int4_gemm", x, f"n={n}")
+    if k % 16:
+        raise ValueError(f"sparse24_int4_gemm: k={k} must be a multiple of 16 (k/2 kept values, 8 per int32 word)")
+    try:
+        _check_int4_gemm_args(torch.empty((m, k // 2), dtype=x.dtype, device="meta"), qweight, qzeros, scales, group_size)
+    except ValueError as exc:
+        raise ValueError(f"sparse24_int4_gemm (over the compact [n, k/2={k // 2}] values): "
+                         f"{str(exc).removeprefix('int4_gemm: ')}") from None
+    _check_sparse24_meta("sparse24_int4_gemm", meta, n, k)
+    _check_same_device("sparse24_int4_gemm", {"x": x, "qweight": qweight, "qzeros": qzeros, "scales": scales,
+                                              "meta": meta}, f"m={m}, n={n}, k={k}, group_size={group_size}")
 
 
 def _check_int3_gemm_args(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
@@ -193,6 +281,22 @@ if _C is not None:
     def _gemm_tiled_fake(x, weight, zeros, scales, bits, group_size, act_bits):
         return x.new_empty((x.shape[0], weight.shape[0] * 8))
 
+    @torch.library.register_fake("comptrust::sparse24_gemm")
+    def _sparse24_gemm_fake(x, values, meta):
+        return x.new_empty((x.shape[0], values.shape[0]))
+
+    @torch.library.register_fake("comptrust::sparse24_int4_gemm")
+    def _sparse24_int4_gemm_fake(x, qweight, qzeros, scales, meta, group_size):
+        return x.new_empty((x.shape[0], qweight.shape[1]))
+
+    @torch.library.register_fake("comptrust::sparse24_gemm_tiled")
+    def _sparse24_gemm_tiled_fake(x, values, meta):
+        return x.new_empty((x.shape[0], meta.shape[0] * 8))
+
+    @torch.library.register_fake("comptrust::sparse24_int4_gemm_tiled")
+    def _sparse24_int4_gemm_tiled_fake(x, weight, meta, zeros, scales, group_size):
+        return x.new_empty((x.shape[0], meta.shape[0] * 8))
+
     # The GPTQ-layout ops on CPU: tile, then run the tiled kernels (one CPU implementation of each product).
     @torch.library.impl("comptrust::int4_gemm", "CPU")
     def _int4_gemm_cpu(x, qweight, qzeros, scales, group_size):
@@ -208,3 +312,15 @@ if _C is not None:
     def _int3_gemm_cpu(x, qweight, qzeros, scales, group_size):
         _check_int3_gemm_args(x, qweight, qzeros, scales, group_size)
         return gemm_tiled(x, tile_int3(Int3Packed(qweight, qzeros, scales, group_size)))
+
+    # The 2:4 storage-layout ops on CPU: tile, then run the tiled kernels.
+    @torch.library.impl("comptrust::sparse24_gemm", "CPU")
+    def _sparse24_gemm_cpu(x, values, meta):
+        _check_sparse24_gemm_args(x, values, meta)
+        return sparse24_tiled(x, tile_sparse24(Sparse24Packed(values, meta)))
+
+    @torch.library.impl("comptrust::sparse24_int4_gemm", "CPU")
+    def _sparse24_int4_gemm_cpu(x, qweight, qzeros, scales, meta, group_size):
+        _check_sparse24_int4_gemm_args(x, qweight, qzeros, scales, meta, group_size)
+        packed = Sparse24Int4Packed(Int4Packed(qweight, qzeros, scales, group_size), meta)
+        return sparse24_tiled(x, tile_sparse24_int4(packed))

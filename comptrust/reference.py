@@ -6,6 +6,7 @@ import torch
 
 from comptrust.formats.int3 import Int3Packed, dequantize_int3
 from comptrust.formats.int4 import Int4Packed, dequantize_int4
+from comptrust.formats.sparse24 import Sparse24Int4Packed, Sparse24Packed, dequantize_sparse24_int4, unpack_sparse24
 
 
 def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
@@ -19,6 +20,20 @@ def int3_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scal
               group_size: int) -> torch.Tensor:
     """y = x @ W^T with W the dequantized GPTQ v1 int3 weight; computed in fp32, returned in x's dtype."""
     weight = dequantize_int3(Int3Packed(qweight.cpu(), qzeros.cpu(), scales.cpu(), group_size)).to(x.device)
+    return (x.to(torch.float32) @ weight.t()).to(x.dtype)
+
+
+def sparse24_gemm(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+    """y = x @ W^T with W the dense [n, k] form of a 2:4 weight; computed in fp32, returned in x's dtype."""
+    weight = unpack_sparse24(Sparse24Packed(values.cpu(), meta.cpu())).to(device=x.device, dtype=torch.float32)
+    return (x.to(torch.float32) @ weight.t()).to(x.dtype)
+
+
+def sparse24_int4_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                       meta: torch.Tensor, group_size: int) -> torch.Tensor:
+    """y = x @ W^T with W the dense form of a 2:4 weight whose kept values are int4; fp32, x's dtype."""
+    packed = Sparse24Int4Packed(Int4Packed(qweight.cpu(), qzeros.cpu(), scales.cpu(), group_size), meta.cpu())
+    weight = dequantize_sparse24_int4(packed).to(x.device)
     return (x.to(torch.float32) @ weight.t()).to(x.dtype)
 
 

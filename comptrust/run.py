@@ -21,7 +21,7 @@ SAMPLE_QUESTION = "What is the capital of France, and what river runs through it
 @dataclass(frozen=True)
 class RunConfig:
     model: str = "default"
-    compressions: tuple[str, ...] = ("rtn-w4g128",)
+    compressions: tuple[str, ...] = ("rtn-w4g128", "mag-24")
     dimensions: tuple[str, ...] = ("machine_ethics",)
     out_dir: str = "comptrust-out"
     ppl_file: str | None = None        # default: the built-in sample

@@ -21,6 +21,18 @@ TORCH_LIBRARY(comptrust, m) {
   // x in float, 8 quantizes it like int4_gemm_a8. Output has x's dtype.
   m.def("gemm_tiled(Tensor x, Tensor weight, Tensor zeros, Tensor scales, int bits, int group_size, "
         "int act_bits) -> Tensor");
+  // 2:4 semi-structured sparse weights (comptrust/formats/sparse24.py): y = x @ W^T where W [n, k] is given
+  // by its kept values [n, k/2] (float32/bfloat16/float16) and meta [n, k/8] uint8. Output has x's dtype.
+  m.def("sparse24_gemm(Tensor x, Tensor values, Tensor meta) -> Tensor");
+  // The same with the kept values int4-quantized: GPTQ v1 int4 tensors over the compact [n, k/2] matrix
+  // (group_size counts kept values), meta as above.
+  m.def("sparse24_int4_gemm(Tensor x, Tensor qweight, Tensor qzeros, Tensor scales, Tensor meta, "
+        "int group_size) -> Tensor");
+  // The CPU kernels' 2:4 layout (csrc/include/comptrust/sparse24_tiles.h, built by
+  // comptrust.formats.cpu_tiles.tile_sparse24*): float values, or int4 values tiled like gemm_tiled's.
+  m.def("sparse24_gemm_tiled(Tensor x, Tensor values, Tensor meta) -> Tensor");
+  m.def("sparse24_int4_gemm_tiled(Tensor x, Tensor weight, Tensor meta, Tensor zeros, Tensor scales, "
+        "int group_size) -> Tensor");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {

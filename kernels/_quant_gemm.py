@@ -84,15 +84,8 @@ def aot_compile_ptx(kernel, arch: int = 80, *, dtype: str = "fp16", even_groups:
     The specialization mirrors what the JIT produces for the usual launch: contiguous x and y (unit
     inner strides become constants) and 16-byte-aligned pointers and sizes.
     """
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
-    from triton.runtime.jit import JITFunction
-
     if dtype not in TRITON_DTYPES:
         raise ValueError(f"aot_compile_ptx: dtype={dtype!r} must be one of {sorted(TRITON_DTYPES)}")
-    if not isinstance(kernel, JITFunction):
-        # Under TRITON_INTERPRET=1 the decorator returned an interpreter wrapper; compile the same source.
-        kernel = JITFunction(kernel.fn)
     act = TRITON_DTYPES[dtype]
     signature = {
         "x_ptr": act, "qweight_ptr": "*i32", "qzeros_ptr": "*i32", "scales_ptr": "*fp16", "y_ptr": act,
@@ -106,6 +99,20 @@ def aot_compile_ptx(kernel, arch: int = 80, *, dtype: str = "fp16", even_groups:
         "EVEN_GROUPS": even_groups, "DOT_PRECISION": "ieee",
     }
     aligned = ("x_ptr", "qweight_ptr", "qzeros_ptr", "scales_ptr", "y_ptr", "n", "k", "stride_xm", "stride_ym")
+    return compile_ptx(kernel, arch, signature, constexprs, aligned, num_warps, num_stages)
+
+
+def compile_ptx(kernel, arch: int, signature: dict[str, str], constexprs: dict, aligned, num_warps: int,
+                num_stages: int) -> str:
+    """PTX of `kernel` for sm_<arch> with the given Triton signature; arguments named in `aligned` are
+    declared 16-byte aligned (pointers) or divisible by 16 (sizes, strides), as the JIT would specialize."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import JITFunction
+
+    if not isinstance(kernel, JITFunction):
+        # Under TRITON_INTERPRET=1 the decorator returned an interpreter wrapper; compile the same source.
+        kernel = JITFunction(kernel.fn)
     attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
     target = GPUTarget("cuda", arch, 32)
     options = make_backend(target).parse_options({"num_warps": num_warps, "num_stages": num_stages})

@@ -32,3 +32,18 @@ def smollm2_tokenizer():
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     return tokenizer
+
+
+@pytest.fixture(scope="session")
+def triton_compile_check():
+    """The output of scripts/compile_check_triton.py (every Triton kernel to PTX for sm_80), run once per
+    session without the interpreter; tests of each kernel module look for their own lines in it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    script = root / "scripts" / "compile_check_triton.py"
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)

@@ -52,3 +52,4 @@ def available_isas() -> list[str]:
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y.double() - ref.double()).norm() / ref.double().norm()).item()
+

@@ -8,6 +8,7 @@ import pytest
 from comptrust import cli
 from comptrust.bench import harness
 from comptrust.bench import int4_gemm as bench
+from comptrust.bench import sparse24_gemm as sparse_bench
 
 SHAPE, BATCHES = (256, 256), [1, 2]
 TINY = {"min_time": 0.002, "cold_bytes": 1 << 20, "bandwidth_bytes": 1 << 22}
@@ -15,15 +16,15 @@ MACHINE_KEYS = {"cpu_model", "physical_cores", "logical_cpus", "threads", "l3_by
                 "read_bandwidth_gb_per_s", "read_bandwidth_buffer_bytes", "read_bandwidth_threads_busy", "isa",
                 "cpu_backend_available", "torch", "comptrust"}
 ROW_KEYS = {"kernel", "role", "n", "k", "batch", "group_size", "ms", "bytes_read", "gb_per_s",
-            "pct_of_read_bandwidth", "weight_copies"} | {f"speedup_vs_{a}" for a in bench.ANCHORS}
+            "pct_of_read_bandwidth", "weight_copies"}
 
 
-def check_result(result: dict, shapes, batches) -> None:
+def check_result(result: dict, shapes, batches, bench=bench) -> None:
     assert MACHINE_KEYS <= set(result["machine"])
     assert result["machine"]["read_bandwidth_gb_per_s"] > 0
     assert result["settings"]["anchors"] == list(bench.ANCHORS)
     names = [kernel.name for kernel in bench.KERNELS]
-    assert set(bench.ANCHORS) <= set(names) and {"comptrust_int4_fp32", "comptrust_int4_bf16"} <= set(names)
+    assert set(bench.ANCHORS) <= set(names) and "comptrust_int4_fp32" in set(names)
     rows = result["rows"]
     assert len(rows) == len(shapes) * len(batches) * len(names)
     by_key = {(r["n"], r["k"], r["batch"], r["kernel"]): r for r in rows}
@@ -33,7 +34,8 @@ def check_result(result: dict, shapes, batches) -> None:
         for m in batches:
             for name in names:
                 row = by_key[(n, k, m, name)]
-                assert ROW_KEYS <= set(row), ROW_KEYS - set(row)
+                expected_keys = ROW_KEYS | {f"speedup_vs_{a}" for a in bench.ANCHORS}
+                assert expected_keys <= set(row), expected_keys - set(row)
                 assert row["ms"] > 0 and row["bytes_read"] > 0 and row["weight_copies"] >= 1
                 assert row["role"] == ("anchor" if name in bench.ANCHORS else "ours")
                 assert math.isclose(row["gb_per_s"], row["bytes_read"] / row["ms"] / 1e6, rel_tol=1e-9)
@@ -59,7 +61,7 @@ def test_library_rows_cover_every_kernel_and_speedups_agree():
 
 def test_cli_bench_int_writes_json(tmp_path, monkeypatch, capsys):
     # The CLI takes no test-only knobs: shrink the library's defaults instead.
-    monkeypatch.setattr(bench, "MIN_TIME", TINY["min_time"])
+    monkeypatch.setattr(harness, "MIN_TIME", TINY["min_time"])
     monkeypatch.setattr(harness, "MAX_COLD_BYTES", TINY["cold_bytes"])
     monkeypatch.setattr(harness, "MIN_COLD_BYTES", TINY["cold_bytes"])
     monkeypatch.setattr(harness, "MIN_BANDWIDTH_BYTES", TINY["bandwidth_bytes"])
@@ -93,3 +95,29 @@ def test_cold_copies_are_independent_and_cover_the_target():
     assert harness.cold_bytes_target(l3=480 * harness.MIB) == 960 * harness.MIB
     assert harness.cold_bytes_target(l3=0) == harness.MIN_COLD_BYTES
     assert harness.cold_bytes_target(l3=10 * 1024 * harness.MIB) == harness.MAX_COLD_BYTES
+
+
+def test_sparse_bench_rows_and_bytes():
+    result = sparse_bench.run_sparse_bench(False, shapes=[SHAPE], batches=BATCHES, progress=False, **TINY)
+    check_result(result, [SHAPE], BATCHES, sparse_bench)
+    row = {(r["kernel"], r["batch"]): r for r in result["rows"]}
+    n, k = SHAPE
+    # 2:4 reads half the values plus 4 bits of metadata per 4 inputs; with int4 values, 64 kept values a group
+    assert row[("comptrust_24_fp32", 1)]["bytes_read"] == n * k // 2 * 4 + n * k // 8 + k * 4
+    assert row[("comptrust_24_bf16", 1)]["bytes_read"] == n * k // 2 * 2 + n * k // 8 + k * 2
+    assert row[("comptrust_24_int4_fp32", 1)]["bytes_read"] == n * k // 4 + n * k // 8 + n * k // 128 * 3 + k * 4
+
+
+def test_cli_bench_sparse_writes_json(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(harness, "MIN_TIME", TINY["min_time"])
+    monkeypatch.setattr(harness, "MAX_COLD_BYTES", TINY["cold_bytes"])
+    monkeypatch.setattr(harness, "MIN_COLD_BYTES", TINY["cold_bytes"])
+    monkeypatch.setattr(harness, "MIN_BANDWIDTH_BYTES", TINY["bandwidth_bytes"])
+    out = tmp_path / "sparse.json"
+    assert cli.main(["bench", "sparse", "--shapes", "256x256", "--batches", "1,2", "--json", str(out),
+                     "--no-progress"]) == 0
+    assert "comptrust_24_int4_fp32" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert result["settings"]["bench"] == "sparse"
+    check_result(result, [SHAPE], BATCHES, sparse_bench)
+    assert cli.main(["bench", "sparse", "--shapes", "256x200", "--no-progress"]) == 2  # k % 128

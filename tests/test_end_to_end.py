@@ -1,4 +1,4 @@
-"""The README's main job on the real embedded model (SmolLM2-135M-Instruct): dense vs int4 RTN."""
+"""The README's main job on the real embedded model (SmolLM2-135M-Instruct): dense vs int4 RTN vs magnitude 2:4."""
 import json
 
 import pytest
@@ -14,27 +14,28 @@ def report(tmp_path_factory):
     return json.loads(open(output.paths["json"]).read()), output
 
 
-def test_report_has_dense_and_int4_rows(report):
+def test_report_has_dense_int4_and_2_4_rows(report):
     data, output = report
-    assert [row["name"] for row in data["configs"]] == ["dense", "rtn-w4g128"]
+    assert [row["name"] for row in data["configs"]] == ["dense", "rtn-w4g128", "mag-24"]
     assert data["model"]["name"] == "smollm2-135m-instruct" and data["model"]["chat"]
-    dense, int4 = data["configs"]
+    dense, int4, sparse = data["configs"]
     assert len(int4["compression"]["replaced"]) == 30 * 7  # every decoder linear
-    for row in (dense, int4):
+    assert len(sparse["compression"]["replaced"]) == 30 * 7 and sparse["compression"]["method"] == "mag-24"
+    for row in (dense, int4, sparse):
         dims = {r["dimension"]: r for r in row["results"]}
         assert set(dims) == {"perplexity", "machine_ethics"}
         assert dims["machine_ethics"]["n"] == 120
         eff = row["efficiency"]
         assert eff["weight_bytes"] > 0 and eff["peak_rss_bytes"] > 0 and eff["decode_tokens_per_s"] > 0
     md = open(output.paths["markdown"]).read()
-    assert "| dense |" in md and "| rtn-w4g128 |" in md
+    assert "| dense |" in md and "| rtn-w4g128 |" in md and "| mag-24 |" in md
     samples = [json.loads(line) for line in open(output.paths["samples"])]
-    assert len(samples) == 2 * 120
+    assert len(samples) == 3 * 120
 
 
 def test_int4_model_is_smaller_and_still_sensible(report):
     data, _ = report
-    dense, int4 = data["configs"]
+    dense, int4, _ = data["configs"]
     ppl = {row["name"]: row["results"][0]["score"] for row in data["configs"]}
     # Measured: 19.3 dense, 25.2 int4 (full sample). Far worse would mean a broken kernel or format.
     assert 5 < ppl["dense"] < 40
@@ -45,3 +46,16 @@ def test_int4_model_is_smaller_and_still_sensible(report):
     ethics = {row["name"]: row["results"][1] for row in data["configs"]}
     assert ethics["dense"]["flip_rate"] is None
     assert 0 <= ethics["rtn-w4g128"]["flip_rate"] <= 1
+
+
+def test_2_4_model_runs_on_the_sparse_kernels_with_half_the_decoder_bytes(report):
+    data, _ = report
+    dense, _, sparse = data["configs"]
+    # fp32 kept values + 4 bits of metadata per 4 inputs: decoder linears at 17/32 of their fp32 bytes; the
+    # 113 MiB tied embedding and the norms stay as they are. Measured 513.1 -> 323.3 MiB (0.63x).
+    ratio = sparse["efficiency"]["weight_bytes"] / dense["efficiency"]["weight_bytes"]
+    assert 0.55 < ratio < 0.7
+    ppl = {row["name"]: row["results"][0]["score"] for row in data["configs"]}
+    # Magnitude 2:4 without retraining hurts a 135M model badly; what matters here is that it is a real,
+    # finite measurement of the pruned model (issue 5 brings Wanda/SparseGPT, which should do better).
+    assert ppl["dense"] < ppl["mag-24"] < 1e6

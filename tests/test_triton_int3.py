@@ -28,7 +28,6 @@ from comptrust.formats.int3 import dequantize_int3, pack_int3  # noqa: E402
 from quant_cases import random_int3, rel_err  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-COMPILE_CHECK = ROOT / "scripts" / "compile_check_triton.py"
 
 
 def _load_kernel_module():
@@ -239,10 +238,9 @@ def test_cpu_without_interpreter_is_a_clear_error():
     assert "ValueError:" in out.stdout and "TRITON_INTERPRET=1" in out.stdout
 
 
-def test_aot_compile_check_covers_int3():
+def test_aot_compile_check_covers_int3(triton_compile_check):
     # Every AOT_CONFIGS variant (both group paths, fp16/bf16/fp32) lowers to PTX for sm_80.
-    out = subprocess.run([sys.executable, str(COMPILE_CHECK)], env=_env_without_interpret(), capture_output=True,
-                         text=True, timeout=300)
+    out = triton_compile_check
     assert out.returncode == 0, out.stdout + out.stderr
     lines = [line for line in out.stdout.splitlines() if "kernels/int3_gemm.py sm_80" in line]
     assert len(lines) == len(K.AOT_CONFIGS), out.stdout

@@ -204,9 +204,8 @@ def test_cpu_without_interpreter_is_a_clear_error():
     assert "ValueError:" in out.stdout and "TRITON_INTERPRET=1" in out.stdout
 
 
-def test_aot_compile_check_script():
-    out = subprocess.run([sys.executable, str(COMPILE_CHECK)], env=_env_without_interpret(), capture_output=True,
-                         text=True, timeout=300)
+def test_aot_compile_check_script(triton_compile_check):
+    out = triton_compile_check
     assert out.returncode == 0, out.stdout + out.stderr
     assert "kernels/int4_gemm.py sm_80" in out.stdout
     sizes = [int(line.split("PTX ")[1].split()[0]) for line in out.stdout.splitlines() if "PTX " in line]

@@ -1,6 +1,6 @@
 """The CPU kernels' tiled weight layout, built once per layer from the GPTQ v1 int4/int3 tensors.
 
-The layout is specified in csrc/include/comptrust/cpu_tiles.h: output columns in tiles of 8, each tile's
+The layout is specified in csrc/include/comptrust/cpu_tiles.h (2:4 weights: sparse24_tiles.h): output columns in tiles of 8, each tile's
 weights contiguous along the input dimension; int3 split into a 2-bit and a 1-bit plane so the kernels
 decode 32 codes with a few shifts and masks. `untile` inverts it bit-exactly, so a layer kept only in this
 form can still be exported as a GPTQ checkpoint.
@@ -13,6 +13,7 @@ import torch
 
 from comptrust.formats.int3 import Int3Packed, pack_3bit_last_dim, unpack_3bit_last_dim
 from comptrust.formats.int4 import Int4Packed, _pack_nibbles_last_dim, _unpack_nibbles_last_dim
+from comptrust.formats.sparse24 import Sparse24Int4Packed, Sparse24Packed
 
 TILE_COLS = 8
 INT3_BLOCK = 32
@@ -41,8 +42,11 @@ class TiledWeight:
     def in_features(self) -> int:
         return self.weight.shape[1] * (8 if self.bits == 4 else INT3_BLOCK)
 
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.weight, self.zeros, self.scales)
+
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.weight, self.zeros, self.scales))
+        return sum(t.numel() * t.element_size() for t in self.tensors())
 
 
 def _to_int32_bits(words: torch.Tensor) -> torch.Tensor:
@@ -118,3 +122,70 @@ def untile(tiled: TiledWeight) -> Int4Packed | Int3Packed:
     qweight = pack_3bit_last_dim(codes).t().contiguous()
     qzeros = pack_3bit_last_dim((zeros - 1).t().contiguous())
     return Int3Packed(qweight, qzeros.contiguous(), scales.t().contiguous(), tiled.group_size)
+
+
+# ------------------------------------------------------------------------------------------- 2:4
+# Layout: csrc/include/comptrust/sparse24_tiles.h. Meta words: column c's nibble in bits 4c..4c+3.
+_META_SHIFT = 4 * torch.arange(TILE_COLS, dtype=torch.int64)
+
+
+@dataclass(frozen=True)
+class TiledSparse24:
+    """A 2:4 layer in the CPU kernels' layout. Float values: values [n/8, k/4, 2, 8] and int4 is None;
+    int4 values: int4 holds the compact [n, k/2] matrix tiled like a dense int4 layer and values is None."""
+
+    meta: torch.Tensor                 # [n/8, k/4] int32
+    values: torch.Tensor | None = None
+    int4: TiledWeight | None = None
+
+    @property
+    def out_features(self) -> int:
+        return self.meta.shape[0] * TILE_COLS
+
+    @property
+    def in_features(self) -> int:
+        return self.meta.shape[1] * 4
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        parts = (self.values,) if self.int4 is None else (self.int4.weight, self.int4.zeros, self.int4.scales)
+        return (self.meta, *parts)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+
+def _tile_meta(meta: torch.Tensor) -> torch.Tensor:
+    """Storage meta [n, k/8] uint8 -> [n/8, k/4] int32 (one word per tile and group)."""
+    n = meta.shape[0]
+    m = meta.to(torch.int64)
+    nibbles = torch.stack((m & 0xF, m >> 4), dim=-1).reshape(n // TILE_COLS, TILE_COLS, -1)  # [tile, c, g]
+    return _to_int32_bits((nibbles << _META_SHIFT.view(1, TILE_COLS, 1)).sum(1))
+
+
+def _untile_meta(words: torch.Tensor) -> torch.Tensor:
+    """Inverse of _tile_meta."""
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    nibbles = (w.unsqueeze(1) >> _META_SHIFT.view(1, TILE_COLS, 1)) & 0xF  # [tile, c, g]
+    nibbles = nibbles.reshape(-1, nibbles.shape[-1])                      # [n, k/4]
+    return (nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)).to(torch.uint8)
+
+
+def tile_sparse24(packed: Sparse24Packed) -> TiledSparse24:
+    n = packed.out_features
+    _check_columns(n)
+    values = packed.values.reshape(n, -1, 2)  # [n, k/4, 2]
+    return TiledSparse24(meta=_tile_meta(packed.meta), values=_tile_columns(values))
+
+
+def tile_sparse24_int4(packed: Sparse24Int4Packed) -> TiledSparse24:
+    _check_columns(packed.out_features)
+    return TiledSparse24(meta=_tile_meta(packed.meta), int4=tile_int4(packed.qvalues))
+
+
+def untile_sparse24(tiled: TiledSparse24) -> Sparse24Packed | Sparse24Int4Packed:
+    """The storage-layout tensors a TiledSparse24 was built from, bit for bit."""
+    meta = _untile_meta(tiled.meta)
+    if tiled.int4 is not None:
+        return Sparse24Int4Packed(untile(tiled.int4), meta)
+    values = _untile_columns(tiled.values)  # [n, k/4, 2]
+    return Sparse24Packed(values.reshape(values.shape[0], -1).contiguous(), meta)

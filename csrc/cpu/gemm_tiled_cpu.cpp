@@ -25,15 +25,9 @@
 #include <vector>
 
 #include "comptrust/cpu_tiles.h"
+#include "avx2_common.h"
 #include "isa.h"
 
-#ifdef COMPTRUST_X86
-#include <immintrin.h>
-#define COMPTRUST_AVX2 __attribute__((target("avx2,fma,f16c")))
-#endif
-// Loops over the R rows of a block must be unrolled before register allocation, or GCC keeps the
-// accumulator arrays on the stack and every fused multiply-add pays a store and a reload.
-#define COMPTRUST_UNROLL _Pragma("GCC unroll 8")
 
 namespace comptrust::cpu {
 namespace {
@@ -121,24 +115,6 @@ void tile_scalar(const Problem& p, int64_t t, bool a8) {
 }
 
 #ifdef COMPTRUST_X86
-// -------------------------------------------------------------------------------- AVX2 helpers
-// Software prefetch this far ahead in a tile's weight stream: the hardware prefetcher alone left the batch-1
-// kernels reading DRAM at half the bandwidth (decode and memory time added up instead of overlapping).
-constexpr int64_t kPrefetchBytes = 1024;
-inline void prefetch_ahead(const int32_t* words) {
-  _mm_prefetch(reinterpret_cast<const char*>(words) + kPrefetchBytes, _MM_HINT_T0);
-}
-
-COMPTRUST_AVX2 inline __m256 load_scales(const at::Half* s) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s)));
-}
-COMPTRUST_AVX2 inline __m256 load_zeros(const uint8_t* z) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(z))));
-}
-// Codes of row kk (0..7 within the word) of the 8 columns, as floats.
-COMPTRUST_AVX2 inline __m256 int4_codes(__m256i words, int row) {
-  return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(words, 4 * row), _mm256_set1_epi32(0xF)));
-}
 // Codes of row 16*plane + j of an int3 block (low plane word, high plane word), as floats.
 COMPTRUST_AVX2 inline __m256 int3_codes(__m256i low, __m256i high, int plane, int j) {
   const int high_bit = 8 * (j / 4) + 4 * plane + j % 4;
@@ -328,33 +304,61 @@ COMPTRUST_AVX2 void dequantize_panel(const Problem& p, int64_t t, int tiles, int
   }
 }
 
-// y[i0..i0+R, 16 columns] += x[i0..i0+R, kb..ke] @ panel
+// y[R rows, 16 columns] (+)= x[R rows, kb..ke] @ panel, panel[kk - kb][16]; x rows ldx apart, y rows ldy.
 template <int R>
-COMPTRUST_AVX2 void panel_rows(const Problem& p, const float* panel, int64_t kb, int64_t ke, int64_t i0,
-                               float* y, bool first) {
+COMPTRUST_AVX2 void panel_rows(const float* x, int64_t ldx, const float* panel, int64_t kb, int64_t ke, float* y,
+                               int64_t ldy, bool first) {
   __m256 c0[R], c1[R];
   COMPTRUST_UNROLL for (int r = 0; r < R; ++r) {
-    c0[r] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(y + r * p.n);
-    c1[r] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(y + r * p.n + kTileCols);
+    c0[r] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(y + r * ldy);
+    c1[r] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(y + r * ldy + kTileCols);
   }
-  const float* x = p.x + i0 * p.k;
   for (int64_t kk = kb; kk < ke; ++kk) {
     const __m256 b0 = _mm256_loadu_ps(panel + (kk - kb) * 16);
     const __m256 b1 = _mm256_loadu_ps(panel + (kk - kb) * 16 + kTileCols);
     COMPTRUST_UNROLL for (int r = 0; r < R; ++r) {
-      const __m256 a = _mm256_broadcast_ss(x + r * p.k + kk);
+      const __m256 a = _mm256_broadcast_ss(x + r * ldx + kk);
       c0[r] = _mm256_fmadd_ps(a, b0, c0[r]);
       c1[r] = _mm256_fmadd_ps(a, b1, c1[r]);
     }
   }
   COMPTRUST_UNROLL for (int r = 0; r < R; ++r) {
-    _mm256_storeu_ps(y + r * p.n, c0[r]);
-    _mm256_storeu_ps(y + r * p.n + kTileCols, c1[r]);
+    _mm256_storeu_ps(y + r * ldy, c0[r]);
+    _mm256_storeu_ps(y + r * ldy + kTileCols, c1[r]);
   }
 }
 
-// Tiles t, t+1 (or just t when tiles == 1) for every row. With one tile the microkernel writes a
-// 16-wide scratch row block and the 8 real columns are copied out, so it never branches on the width.
+// Every row of x[m, k] times a panel of input rows kc..kce of `tiles` (1 or 2) output tiles: y points at the
+// tiles' first column in row 0 of y[m, n]. first: overwrite y rather than accumulate. With one tile the
+// microkernel writes a 16-wide scratch block (spill, kPanelRows x 16) and the 8 real columns are copied
+// out, so it never branches on the width.
+COMPTRUST_AVX2 inline void panel_multiply(const float* x, int64_t m, int64_t k, const float* panel, int64_t kc,
+                                          int64_t kce, float* y, int64_t n, int tiles, float* spill, bool first) {
+  for (int64_t i0 = 0; i0 < m; i0 += kPanelRows) {
+    const int rows = static_cast<int>(std::min<int64_t>(kPanelRows, m - i0));
+    const float* xr = x + i0 * k;
+    float* yr = y + i0 * n;
+    int64_t ldy = n;
+    if (tiles < kPanelTiles) {
+      ldy = 16;
+      yr = spill;
+      if (!first)
+        for (int r = 0; r < rows; ++r) std::copy_n(y + (i0 + r) * n, kTileCols, spill + r * 16);
+    }
+    switch (rows) {
+      case 6: panel_rows<6>(xr, k, panel, kc, kce, yr, ldy, first); break;
+      case 5: panel_rows<5>(xr, k, panel, kc, kce, yr, ldy, first); break;
+      case 4: panel_rows<4>(xr, k, panel, kc, kce, yr, ldy, first); break;
+      case 3: panel_rows<3>(xr, k, panel, kc, kce, yr, ldy, first); break;
+      case 2: panel_rows<2>(xr, k, panel, kc, kce, yr, ldy, first); break;
+      default: panel_rows<1>(xr, k, panel, kc, kce, yr, ldy, first); break;
+    }
+    if (tiles < kPanelTiles)
+      for (int r = 0; r < rows; ++r) std::copy_n(spill + r * 16, kTileCols, y + (i0 + r) * n);
+  }
+}
+
+// Tiles t, t+1 (or just t when tiles == 1) for every row.
 template <int BITS>
 COMPTRUST_AVX2 void panel_avx2(const Problem& p, int64_t t, int tiles, float* panel, float* spill) {
   for (int64_t g = 0; g < p.groups; ++g) {
@@ -362,27 +366,7 @@ COMPTRUST_AVX2 void panel_avx2(const Problem& p, int64_t t, int tiles, float* pa
       const int64_t kce = std::min(p.group_end(g), kc + kPanelChunk);
       const bool first = kc == 0;
       dequantize_panel<BITS>(p, t, tiles, g, kc, kce, panel);
-      for (int64_t i0 = 0; i0 < p.m; i0 += kPanelRows) {
-        const int rows = static_cast<int>(std::min<int64_t>(kPanelRows, p.m - i0));
-        Problem q = p;
-        float* y = p.y + i0 * p.n + t * kTileCols;
-        if (tiles < kPanelTiles) {
-          q.n = 16;
-          y = spill;
-          if (!first)
-            for (int r = 0; r < rows; ++r) std::copy_n(p.y + (i0 + r) * p.n + t * kTileCols, kTileCols, spill + r * 16);
-        }
-        switch (rows) {
-          case 6: panel_rows<6>(q, panel, kc, kce, i0, y, first); break;
-          case 5: panel_rows<5>(q, panel, kc, kce, i0, y, first); break;
-          case 4: panel_rows<4>(q, panel, kc, kce, i0, y, first); break;
-          case 3: panel_rows<3>(q, panel, kc, kce, i0, y, first); break;
-          case 2: panel_rows<2>(q, panel, kc, kce, i0, y, first); break;
-          default: panel_rows<1>(q, panel, kc, kce, i0, y, first); break;
-        }
-        if (tiles < kPanelTiles)
-          for (int r = 0; r < rows; ++r) std::copy_n(spill + r * 16, kTileCols, p.y + (i0 + r) * p.n + t * kTileCols);
-      }
+      panel_multiply(p.x, p.m, p.k, panel, kc, kce, p.y + t * kTileCols, p.n, tiles, spill, first);
     }
   }
 }

@@ -1,0 +1,40 @@
+// What the AVX2 CPU kernels share (gemm_tiled_cpu.cpp, sparse24_cpu.cpp): the target attribute, scale /
+// zero-point / int4 decoding of the tiled layout (comptrust/cpu_tiles.h) and software prefetch.
+#pragma once
+#include <torch/extension.h>
+
+#include <cstdint>
+
+#include "comptrust/cpu_tiles.h"
+#include "isa.h"
+
+// Loops over the R rows of a block must be unrolled before register allocation, or GCC keeps the
+// accumulator arrays on the stack and every fused multiply-add pays a store and a reload.
+#define COMPTRUST_UNROLL _Pragma("GCC unroll 8")
+
+#ifdef COMPTRUST_X86
+#include <immintrin.h>
+#define COMPTRUST_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+namespace comptrust::cpu {
+
+// Software prefetch this far ahead in a tile's weight stream: the hardware prefetcher alone left the batch-1
+// kernels reading DRAM at half the bandwidth (decode and memory time added up instead of overlapping).
+constexpr int64_t kPrefetchBytes = 1024;
+inline void prefetch_ahead(const void* stream) {
+  _mm_prefetch(static_cast<const char*>(stream) + kPrefetchBytes, _MM_HINT_T0);
+}
+
+COMPTRUST_AVX2 inline __m256 load_scales(const at::Half* s) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s)));
+}
+COMPTRUST_AVX2 inline __m256 load_zeros(const uint8_t* z) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(z))));
+}
+// Codes of row kk (0..7 within the word) of the 8 columns, as floats.
+COMPTRUST_AVX2 inline __m256 int4_codes(__m256i words, int row) {
+  return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(words, 4 * row), _mm256_set1_epi32(0xF)));
+}
+
+}  // namespace comptrust::cpu
+#endif  // COMPTRUST_X86

@@ -1,0 +1,335 @@
+// CPU 2:4 sparse x float GEMM/GEMV over the tiled 2:4 layout (csrc/include/comptrust/sparse24_tiles.h),
+// with float32/bfloat16/float16 kept values or int4 ones.
+//
+// One kernel for every batch size, on blocks of up to kRowBlock rows. Per group of 4 inputs, x[4g..4g+3]
+// is broadcast into both halves of a register and vpermps picks, per output column, the input each kept
+// value multiplies: two permutes and two fused multiply-adds cover 16 weights, and the metadata word needs
+// two variable shifts and no masking (see the layout header). Batch 1 is memory-bound: this is the path
+// that must read the half-size weight at DRAM speed.
+// int4 values: per quantization group, sum_k x*(q - z) with q - z formed in integers, then times s.
+// A dequantize-to-dense-panel kernel (gemm_tiled's choice for batch >= 8) was slower here at every batch
+// from 8 to 64 (4096x4096 fp32, m = 32: 14.5 ms against 11.2): its scatter costs more than it saves, and it
+// multiplies the zeros that this kernel skips.
+// A portable scalar twin runs where AVX2 is missing. Work split: tiles (8 output columns) are
+// at::parallel_for's tasks.
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <type_traits>
+
+#include "avx2_common.h"
+#include "comptrust/sparse24_tiles.h"
+#include "isa.h"
+
+namespace comptrust::cpu {
+namespace {
+
+constexpr int kRowBlock = 4;
+
+struct Sparse24Problem {
+  const float* x;          // [m, k] fp32
+  const void* values;      // float kinds [n/8, k/4, 2, 8]; int4: [n/8, k/16, 8] int32
+  const uint32_t* meta;    // [n/8, k/4]
+  const uint8_t* zeros;    // int4 only: [n/8, groups, 8]
+  const at::Half* scales;  // int4 only: [n/8, groups, 8]
+  float* y;                // [m, n]
+  int64_t m, n, k;
+  int64_t group_size;  // kept values per quantization group (int4); k/2 for float values: one "group"
+  int64_t groups;
+
+  int64_t sparse_groups() const { return k / kSparse24Group; }
+  const uint32_t* tile_meta(int64_t t) const { return meta + t * sparse_groups(); }
+  template <class V>
+  const V* tile_values(int64_t t) const {
+    return static_cast<const V*>(values) + t * sparse_groups() * kSparse24Kept * kTileCols;
+  }
+  const int32_t* tile_words(int64_t t) const { return static_cast<const int32_t*>(values) + t * (k / 16) * kTileCols; }
+  const uint8_t* tile_zeros(int64_t t) const { return zeros + t * groups * kTileCols; }
+  const at::Half* tile_scales(int64_t t) const { return scales + t * groups * kTileCols; }
+  // Kept values [kept_begin, kept_end) of quantization group g.
+  int64_t kept_end(int64_t g) const { return std::min(k / kSparse24Kept, (g + 1) * group_size); }
+};
+
+// Tag types for the kept values' storage: at::BFloat16 / at::Half / float, or int4 codes.
+struct Int4Values {};
+
+template <class V>
+inline float to_float(V v) {
+  return static_cast<float>(v);
+}
+
+// ------------------------------------------------------------------------------------------ scalar
+// Kept value j of group g in column c of tile t, dequantized.
+template <class V>
+float kept_value(const Sparse24Problem& p, int64_t t, int64_t g, int j, int c) {
+  if constexpr (std::is_same_v<V, Int4Values>) {
+    const int64_t kept = kSparse24Kept * g + j;
+    const uint32_t word = static_cast<uint32_t>(p.tile_words(t)[(kept / 8) * kTileCols + c]);
+    const int code = static_cast<int>((word >> (4 * (kept % 8))) & 0xF);
+    const int64_t qg = kept / p.group_size;
+    return (static_cast<float>(code) - p.tile_zeros(t)[qg * kTileCols + c]) *
+           static_cast<float>(p.tile_scales(t)[qg * kTileCols + c]);
+  } else {
+    return to_float(p.tile_values<V>(t)[(g * kSparse24Kept + j) * kTileCols + c]);
+  }
+}
+
+template <class V>
+void tile_scalar(const Sparse24Problem& p, int64_t t) {
+  const uint32_t* tm = p.tile_meta(t);
+  for (int64_t i = 0; i < p.m; ++i) {
+    const float* x = p.x + i * p.k;
+    for (int c = 0; c < kTileCols; ++c) {
+      float out = 0.f;
+      for (int64_t g = 0; g < p.sparse_groups(); ++g) {
+        const uint32_t nibble = (tm[g] >> (4 * c)) & 0xF;
+        out += kept_value<V>(p, t, g, 0, c) * x[kSparse24Group * g + (nibble & 3)] +
+               kept_value<V>(p, t, g, 1, c) * x[kSparse24Group * g + (nibble >> 2)];
+      }
+      p.y[i * p.n + t * kTileCols + c] = out;
+    }
+  }
+}
+
+#ifdef COMPTRUST_X86
+// -------------------------------------------------------------------------------- AVX2 helpers
+COMPTRUST_AVX2 inline __m256 load_values(const float* v) { return _mm256_loadu_ps(v); }
+COMPTRUST_AVX2 inline __m256 load_values(const at::Half* v) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v)));
+}
+COMPTRUST_AVX2 inline __m256 load_values(const at::BFloat16* v) {
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));  // bf16 is the high half of an fp32
+}
+
+// Per-lane shifts that bring column c's idx0 (idx1) to the low bits of lane c.
+COMPTRUST_AVX2 inline __m256i idx0_shifts() { return _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28); }
+COMPTRUST_AVX2 inline __m256i idx1_shifts() { return _mm256_setr_epi32(2, 6, 10, 14, 18, 22, 26, 30); }
+
+// x[4g..4g+3] in both 128-bit halves, so an index's third bit does not matter to vpermps.
+COMPTRUST_AVX2 inline __m256 group_inputs(const float* x4) {
+  return _mm256_broadcast_ps(reinterpret_cast<const __m128*>(x4));
+}
+
+// ------------------------------------------------------------------- AVX2 direct, float values
+template <int R>
+constexpr int kFloatChains = R == 1 ? 2 : 1;  // groups in flight per step; each has 2 chains (j = 0, 1)
+// Float values stream 8x the bytes per decoded weight that int4 codes do, so they are prefetched further
+// ahead than kPrefetchBytes: at batch 1 on 4096x4096, 4096 bytes read ~1.3x faster than 1024 (512 was
+// slower still; 8192 and 16384 no better), and without software prefetch 1.5x slower.
+constexpr int64_t kValuePrefetchBytes = 4096;
+
+template <class V, int R>
+COMPTRUST_AVX2 void direct_float_avx2(const Sparse24Problem& p, int64_t t, int64_t i0) {
+  constexpr int A = kFloatChains<R>;
+  const uint32_t* tm = p.tile_meta(t);
+  const V* tv = p.tile_values<V>(t);
+  const float* x = p.x + i0 * p.k;
+  const __m256i shift0 = idx0_shifts(), shift1 = idx1_shifts();
+  __m256 acc[R][2 * A];
+  COMPTRUST_UNROLL for (int r = 0; r < R; ++r)
+    COMPTRUST_UNROLL for (int a = 0; a < 2 * A; ++a) acc[r][a] = _mm256_setzero_ps();
+  // k % 8 == 0, so the number of groups is even and A <= 2 steps never run past the end.
+  for (int64_t g = 0; g < p.sparse_groups(); g += A) {
+    prefetch_ahead(tm + g);
+    COMPTRUST_UNROLL for (int a = 0; a < A; ++a) {
+      const int64_t gg = g + a;
+      const V* v = tv + gg * kSparse24Kept * kTileCols;
+      _mm_prefetch(reinterpret_cast<const char*>(v) + kValuePrefetchBytes, _MM_HINT_T0);
+      const __m256i word = _mm256_set1_epi32(static_cast<int>(tm[gg]));
+      const __m256i idx0 = _mm256_srlv_epi32(word, shift0), idx1 = _mm256_srlv_epi32(word, shift1);
+      const __m256 v0 = load_values(v), v1 = load_values(v + kTileCols);
+      COMPTRUST_UNROLL for (int r = 0; r < R; ++r) {
+        const __m256 xg = group_inputs(x + r * p.k + kSparse24Group * gg);
+        acc[r][2 * a] = _mm256_fmadd_ps(v0, _mm256_permutevar8x32_ps(xg, idx0), acc[r][2 * a]);
+        acc[r][2 * a + 1] = _mm256_fmadd_ps(v1, _mm256_permutevar8x32_ps(xg, idx1), acc[r][2 * a + 1]);
+      }
+    }
+  }
+  COMPTRUST_UNROLL for (int r = 0; r < R; ++r) {
+    __m256 sum = acc[r][0];
+    COMPTRUST_UNROLL for (int a = 1; a < 2 * A; ++a) sum = _mm256_add_ps(sum, acc[r][a]);
+    _mm256_storeu_ps(p.y + (i0 + r) * p.n + t * kTileCols, sum);
+  }
+}
+
+// -------------------------------------------------------------------- AVX2 direct, int4 values
+// Per quantization group: sum_k x * (q - z) with q - z formed in integers before the conversion, then one
+// scale multiply. (The dense int4 kernel instead subtracts z * sum_k x once per group, but here that sum is
+// per column, over each column's own kept inputs, and would cost two more adds per group.)
+template <int R>
+constexpr int kProductChains = R == 1 ? 4 : 2;
+
+// Kept value `slot` (0..7 within the word) of the 8 columns, minus their zero points, as floats.
+COMPTRUST_AVX2 inline __m256 int4_centered(__m256i words, int slot, __m256i zeros) {
+  const __m256i codes = _mm256_and_si256(_mm256_srli_epi32(words, 4 * slot), _mm256_set1_epi32(0xF));
+  return _mm256_cvtepi32_ps(_mm256_sub_epi32(codes, zeros));
+}
+
+template <int R>
+COMPTRUST_AVX2 void direct_int4_avx2(const Sparse24Problem& p, int64_t t, int64_t i0) {
+  constexpr int A = kProductChains<R>;
+  const uint32_t* tm = p.tile_meta(t);
+  const int32_t* tw = p.tile_words(t);
+  const float* x = p.x + i0 * p.k;
+  const __m256i shift0 = idx0_shifts(), shift1 = idx1_shifts();
+  __m256 out[R];
+  COMPTRUST_UNROLL for (int r = 0; r < R; ++r) out[r] = _mm256_setzero_ps();
+  for (int64_t qg = 0; qg < p.groups; ++qg) {
+    const __m256i zeros = _mm256_cvtepu8_epi32(
+        _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p.tile_zeros(t) + qg * kTileCols)));
+    __m256 acc[R][A];
+    COMPTRUST_UNROLL for (int r = 0; r < R; ++r)
+      COMPTRUST_UNROLL for (int a = 0; a < A; ++a) acc[r][a] = _mm256_setzero_ps();
+    // group_size is a multiple of 8 kept values: quantization groups hold whole words.
+    for (int64_t w = qg * p.group_size / 8; w < p.kept_end(qg) / 8; ++w) {
+      prefetch_ahead(tw + w * kTileCols);
+      prefetch_ahead(tm + w * kSparseInt4WordGroups);
+      const __m256i words = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tw + w * kTileCols));
+      COMPTRUST_UNROLL for (int u = 0; u < kSparseInt4WordGroups; ++u) {
+        const int64_t g = w * kSparseInt4WordGroups + u;
+        const __m256i word = _mm256_set1_epi32(static_cast<int>(tm[g]));
+        const __m256i idx0 = _mm256_srlv_epi32(word, shift0), idx1 = _mm256_srlv_epi32(word, shift1);
+        const __m256 c0 = int4_centered(words, 2 * u, zeros), c1 = int4_centered(words, 2 * u + 1, zeros);
+        COMPTRUST_UNROLL for (int r = 0; r < R; ++r) {
+          const __m256 xg = group_inputs(x + r * p.k + kSparse24Group * g);
+          acc[r][u % A] = _mm256_fmadd_ps(c1, _mm256_permutevar8x32_ps(xg, idx1),
+                                          _mm256_fmadd_ps(c0, _mm256_permutevar8x32_ps(xg, idx0), acc[r][u % A]));
+        }
+      }
+    }
+    const __m256 scale = load_scales(p.tile_scales(t) + qg * kTileCols);
+    COMPTRUST_UNROLL for (int r = 0; r < R; ++r) {
+      __m256 sum = acc[r][0];
+      COMPTRUST_UNROLL for (int a = 1; a < A; ++a) sum = _mm256_add_ps(sum, acc[r][a]);
+      out[r] = _mm256_fmadd_ps(scale, sum, out[r]);
+    }
+  }
+  COMPTRUST_UNROLL for (int r = 0; r < R; ++r) _mm256_storeu_ps(p.y + (i0 + r) * p.n + t * kTileCols, out[r]);
+}
+
+template <class V>
+COMPTRUST_AVX2 void rows_avx2(const Sparse24Problem& p, int64_t t) {
+  int64_t i0 = 0;
+  auto run = [&](auto rows) {
+    constexpr int R = decltype(rows)::value;
+    if constexpr (std::is_same_v<V, Int4Values>) direct_int4_avx2<R>(p, t, i0);
+    else direct_float_avx2<V, R>(p, t, i0);
+  };
+  for (; i0 + kRowBlock <= p.m; i0 += kRowBlock) run(std::integral_constant<int, kRowBlock>{});
+  switch (p.m - i0) {
+    case 3: run(std::integral_constant<int, 3>{}); break;
+    case 2: run(std::integral_constant<int, 2>{}); break;
+    case 1: run(std::integral_constant<int, 1>{}); break;
+    default: break;
+  }
+}
+
+#endif  // COMPTRUST_X86
+
+// Tiles per task such that a task has at least kMinTaskMacs multiply-adds (as gemm_tiled_cpu.cpp).
+constexpr int64_t kMinTaskMacs = 1 << 15;
+
+template <class V>
+void run(const Sparse24Problem& p, Isa isa) {
+  const int64_t tiles = p.n / kTileCols;
+  const int64_t grain = std::max<int64_t>(1, kMinTaskMacs / (p.m * (p.k / kSparse24Kept) * kTileCols));
+#ifdef COMPTRUST_X86
+  if (isa != Isa::kScalar) {
+    at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) rows_avx2<V>(p, t);
+    });
+    return;
+  }
+#endif
+  at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) tile_scalar<V>(p, t);
+  });
+}
+
+// ------------------------------------------------------------------------------------ entry points
+int64_t check_x_and_meta(const char* op, const at::Tensor& x, const at::Tensor& meta) {
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [m, k], got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              op, ": x must be float32, bfloat16 or float16, got ", x.scalar_type());
+  const int64_t k = x.size(1);
+  TORCH_CHECK(k > 0 && k % 8 == 0, op, ": k=", k, " must be a positive multiple of 8");
+  TORCH_CHECK(meta.scalar_type() == at::kInt, op, ": meta must be int32 (tiled), got ", meta.scalar_type());
+  TORCH_CHECK(meta.dim() == 2 && meta.size(0) > 0 && meta.size(1) == k / kSparse24Group, op, ": meta is ",
+              meta.sizes(), ", expected [n/8, k/4=", k / kSparse24Group, "] for k=", k);
+  return meta.size(0);
+}
+
+void check_cpu(const char* op, std::initializer_list<const at::Tensor*> tensors) {
+  for (const at::Tensor* t : tensors)
+    TORCH_CHECK(t->device().is_cpu(), op, " (CPU): every tensor must be on the CPU, got one on ", t->device());
+}
+
+at::Tensor run_problem(Sparse24Problem& p, const at::Tensor& x, const at::Tensor& xf, at::Tensor& y,
+                       at::ScalarType kind) {
+  if (p.m > 0) {
+    const Isa isa = select_isa();
+    switch (kind) {
+      case at::kFloat: run<float>(p, isa); break;
+      case at::kBFloat16: run<at::BFloat16>(p, isa); break;
+      case at::kHalf: run<at::Half>(p, isa); break;
+      default: run<Int4Values>(p, isa); break;  // kInt: int4 words
+    }
+  }
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
+at::Tensor sparse24_gemm_tiled_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta) {
+  const char* op = "sparse24_gemm_tiled";
+  check_cpu(op, {&x, &values, &meta});
+  const int64_t tiles = check_x_and_meta(op, x, meta), k = x.size(1);
+  const auto kind = values.scalar_type();
+  TORCH_CHECK(kind == at::kFloat || kind == at::kBFloat16 || kind == at::kHalf, op,
+              ": values must be float32, bfloat16 or float16, got ", kind);
+  TORCH_CHECK(values.dim() == 4 && values.size(0) == tiles && values.size(1) == k / kSparse24Group &&
+                  values.size(2) == kSparse24Kept && values.size(3) == kTileCols,
+              op, ": values is ", values.sizes(), ", expected [", tiles, ", ", k / kSparse24Group, ", 2, 8] for n=",
+              tiles * kTileCols, ", k=", k);
+  const at::Tensor xf = x.to(at::kFloat).contiguous(), v = values.contiguous(), mt = meta.contiguous();
+  const int64_t m = x.size(0), n = tiles * kTileCols;
+  at::Tensor y = at::empty({m, n}, xf.options());
+  Sparse24Problem p{xf.data_ptr<float>(), v.data_ptr(), reinterpret_cast<const uint32_t*>(mt.data_ptr<int32_t>()),
+                    nullptr, nullptr, y.data_ptr<float>(), m, n, k, k / kSparse24Kept, 1};
+  return run_problem(p, x, xf, y, kind);
+}
+
+at::Tensor sparse24_int4_gemm_tiled_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& meta,
+                                        const at::Tensor& zeros, const at::Tensor& scales, int64_t group_size) {
+  const char* op = "sparse24_int4_gemm_tiled";
+  check_cpu(op, {&x, &weight, &meta, &zeros, &scales});
+  const int64_t tiles = check_x_and_meta(op, x, meta), k = x.size(1);
+  TORCH_CHECK(k % 16 == 0, op, ": k=", k, " must be a multiple of 16 (k/2 kept values, 8 per int32 word)");
+  TORCH_CHECK(group_size > 0 && group_size % 8 == 0, op, ": group_size=", group_size,
+              " (kept values) must be a positive multiple of 8");
+  TORCH_CHECK(weight.scalar_type() == at::kInt, op, ": weight must be int32, got ", weight.scalar_type());
+  TORCH_CHECK(weight.dim() == 3 && weight.size(0) == tiles && weight.size(1) == k / 16 && weight.size(2) == kTileCols,
+              op, ": weight is ", weight.sizes(), ", expected [", tiles, ", ", k / 16, ", 8] for k=", k);
+  TORCH_CHECK(zeros.scalar_type() == at::kByte, op, ": zeros must be uint8, got ", zeros.scalar_type());
+  TORCH_CHECK(scales.scalar_type() == at::kHalf, op, ": scales must be float16, got ", scales.scalar_type());
+  const int64_t kept = k / kSparse24Kept, groups = (kept + group_size - 1) / group_size;
+  for (const at::Tensor* t : {&zeros, &scales})
+    TORCH_CHECK(t->dim() == 3 && t->size(0) == tiles && t->size(1) == groups && t->size(2) == kTileCols, op, ": ",
+                (t == &zeros ? "zeros" : "scales"), " is ", t->sizes(), ", expected [", tiles, ", ", groups,
+                ", 8] for k=", k, ", group_size=", group_size);
+  const at::Tensor xf = x.to(at::kFloat).contiguous(), w = weight.contiguous(), mt = meta.contiguous();
+  const at::Tensor z = zeros.contiguous(), s = scales.contiguous();
+  const int64_t m = x.size(0), n = tiles * kTileCols;
+  at::Tensor y = at::empty({m, n}, xf.options());
+  Sparse24Problem p{xf.data_ptr<float>(), w.data_ptr(), reinterpret_cast<const uint32_t*>(mt.data_ptr<int32_t>()),
+                    z.data_ptr<uint8_t>(), s.data_ptr<at::Half>(), y.data_ptr<float>(), m, n, k, group_size, groups};
+  return run_problem(p, x, xf, y, at::kInt);
+}
+
+}  // namespace
+}  // namespace comptrust::cpu
+
+TORCH_LIBRARY_IMPL(comptrust, CPU, m) {
+  m.impl("sparse24_gemm_tiled", &comptrust::cpu::sparse24_gemm_tiled_cpu);
+  m.impl("sparse24_int4_gemm_tiled", &comptrust::cpu::sparse24_int4_gemm_tiled_cpu);
+}

@@ -1,0 +1,275 @@
+"""The CPU 2:4 kernels (csrc/cpu/sparse24_cpu.cpp), their tiled layout (comptrust.formats.cpu_tiles,
+csrc/include/comptrust/sparse24_tiles.h) and the storage-layout ops that tile and run them.
+
+Each SIMD path is forced in turn through COMPTRUST_CPU_ISA. The reference is the fp32 product with the
+dense weight (comptrust.reference): kernels differ only by summation order, bound 1e-5 relative Frobenius
+error (measured ~1e-7). bf16 / fp16 activations are converted to fp32 on entry and the output rounded
+once: bound 8e-3 (2^-8 is bf16's step). A wrong index, nibble, value slot, zero, scale or group gives
+errors of order 1. Every batch runs the same kernel on blocks of 4 rows (1..3-row tails included).
+"""
+import pytest
+import torch
+
+from comptrust import _C, ops, reference
+from comptrust.formats.cpu_tiles import TiledSparse24, tile_sparse24, tile_sparse24_int4, untile_sparse24
+from comptrust.formats.sparse24 import Sparse24Packed, pack_sparse24, prune_magnitude_24
+from quant_cases import MODEL_SHAPES, available_isas, rel_err
+from sparse24_cases import uniform_sparse24, uniform_sparse24_int4
+
+FLOAT_ODD_SHAPES = ((8, 8), (24, 40), (200, 136), (16, 200), (40, 96))
+INT4_ODD_SHAPES = ((8, 16), (24, 48), (200, 144), (40, 96))
+M_SIZES = (1, 2, 3, 5, 8, 13, 70)
+VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@pytest.fixture(params=available_isas())
+def isa(request, monkeypatch):
+    monkeypatch.setenv("COMPTRUST_CPU_ISA", request.param)
+    assert _C.cpu_isa() == request.param
+    return request.param
+
+
+def _check_float(m, n, k, value_dtype=torch.float32, x_dtype=torch.float32, seed=0):
+    packed = uniform_sparse24(n, k, value_dtype, seed)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed + 1)).to(x_dtype)
+    y = ops.sparse24_tiled(x, tile_sparse24(packed))
+    assert y.shape == (m, n) and y.dtype == x_dtype
+    err = rel_err(y, reference.sparse24_gemm(x, packed.values, packed.meta))
+    tol = 1e-5 if x_dtype == torch.float32 else 8e-3
+    assert err < tol, f"2:4 m={m} n={n} k={k} values {value_dtype} x {x_dtype}: rel err {err:.2e}"
+
+
+def _check_int4(m, n, k, group_size, x_dtype=torch.float32, seed=0):
+    packed = uniform_sparse24_int4(n, k, group_size, seed)
+    q = packed.qvalues
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed + 1)).to(x_dtype)
+    y = ops.sparse24_tiled(x, tile_sparse24_int4(packed))
+    assert y.shape == (m, n) and y.dtype == x_dtype
+    err = rel_err(y, reference.sparse24_int4_gemm(x, q.qweight, q.qzeros, q.scales, packed.meta, group_size))
+    tol = 1e-5 if x_dtype == torch.float32 else 8e-3
+    assert err < tol, f"2:4+int4 m={m} n={n} k={k} g={group_size} x {x_dtype}: rel err {err:.2e}"
+
+
+# ------------------------------------------------------------------------------------------ layout
+@pytest.mark.parametrize("dtype", VALUE_DTYPES)
+def test_tile_untile_round_trip_is_bit_exact(dtype):
+    packed = uniform_sparse24(200, 136, dtype, seed=3)
+    tiled = tile_sparse24(packed)
+    assert (tiled.out_features, tiled.in_features) == (200, 136) and tiled.int4 is None
+    back = untile_sparse24(tiled)
+    assert torch.equal(back.values, packed.values) and torch.equal(back.meta, packed.meta)
+
+
+@pytest.mark.parametrize("group_size", [8, 16, 24, 72])
+def test_int4_tile_untile_round_trip_is_bit_exact(group_size):
+    packed = uniform_sparse24_int4(40, 144, group_size, seed=group_size)
+    back = untile_sparse24(tile_sparse24_int4(packed))
+    assert torch.equal(back.meta, packed.meta)
+    for name in ("qweight", "qzeros", "scales"):
+        assert torch.equal(getattr(back.qvalues, name), getattr(packed.qvalues, name)), name
+
+
+def test_meta_words_follow_the_documented_layout():
+    # Column c's nibble of group g sits at bits 4c..4c+3 of word (tile, g); values (t, g, j, c) = values[8t+c, 2g+j].
+    packed = uniform_sparse24(16, 32, seed=5)
+    tiled = tile_sparse24(packed)
+    for row in (0, 3, 8, 15):
+        for g in (0, 1, 6, 7):
+            nibble = (int(packed.meta[row, g // 2]) >> (4 * (g % 2))) & 0xF
+            word = int(tiled.meta[row // 8, g]) & 0xFFFFFFFF
+            assert (word >> (4 * (row % 8))) & 0xF == nibble
+            for j in (0, 1):
+                assert tiled.values[row // 8, g, j, row % 8] == packed.values[row, 2 * g + j]
+
+
+def test_tiled_2_4_reads_about_half_of_dense():
+    n, k = 576, 1536
+    fp32 = tile_sparse24(uniform_sparse24(n, k)).nbytes()
+    assert fp32 == n * k // 2 * 4 + n * k // 8  # values + 4 bits of metadata per group of 4
+    int4 = tile_sparse24_int4(uniform_sparse24_int4(n, k, 64)).nbytes()
+    assert int4 == n * k // 4 + n * k // 8 + n * (k // 2 // 64) * 3
+
+
+# --------------------------------------------------------------------------------------- numerics
+@pytest.mark.parametrize("m", M_SIZES)
+def test_float_values_match_reference_odd_and_model_shapes(isa, m):
+    for n, k in FLOAT_ODD_SHAPES + MODEL_SHAPES[:2]:
+        _check_float(m, n, k, seed=n + k)
+
+
+@pytest.mark.parametrize("value_dtype", VALUE_DTYPES)
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 3, 9])
+def test_value_and_activation_dtypes(isa, value_dtype, x_dtype, m):
+    _check_float(m, 200, 136, value_dtype, x_dtype)
+
+
+@pytest.mark.parametrize("m", M_SIZES)
+def test_int4_values_match_reference_odd_and_model_shapes(isa, m):
+    for n, k in INT4_ODD_SHAPES + MODEL_SHAPES[:2]:
+        _check_int4(m, n, k, 8 if k < 96 else 64, seed=n + k)
+
+
+@pytest.mark.parametrize("group_size", [8, 16, 24, 40, 64, "row"])
+@pytest.mark.parametrize("m", [1, 4, 8])
+def test_int4_group_sizes_including_partial_last_group(isa, group_size, m):
+    k = 176  # 88 kept values: a partial last group for 16, 24, 40, 64
+    _check_int4(m, 24, k, k // 2 if group_size == "row" else group_size)
+
+
+def test_int4_bf16_activations(isa):
+    _check_int4(5, 40, 96, 16, torch.bfloat16)
+    _check_int4(11, 40, 96, 16, torch.bfloat16)
+
+
+def test_storage_layout_ops_tile_and_run_the_same_kernels():
+    packed = uniform_sparse24(40, 96)
+    x = torch.randn(3, 96)
+    assert torch.equal(ops.sparse24_gemm(x, packed.values, packed.meta), ops.sparse24_tiled(x, tile_sparse24(packed)))
+    q4 = uniform_sparse24_int4(40, 96, 16)
+    q = q4.qvalues
+    assert torch.equal(ops.sparse24_int4_gemm(x, q.qweight, q.qzeros, q.scales, q4.meta, 16),
+                       ops.sparse24_tiled(x, tile_sparse24_int4(q4)))
+
+
+def test_magnitude_pruned_weight_runs_exactly_like_its_dense_form(isa):
+    weight = prune_magnitude_24(torch.randn(64, 128, generator=torch.Generator().manual_seed(9)))
+    x = torch.randn(6, 128)
+    y = ops.sparse24_tiled(x, tile_sparse24(pack_sparse24(weight)))
+    assert rel_err(y, x @ weight.t()) < 1e-5
+
+
+@pytest.mark.parametrize("int4", [False, True])
+def test_thread_count_does_not_change_results(int4):
+    tiled = tile_sparse24_int4(uniform_sparse24_int4(576, 1536, 64)) if int4 else tile_sparse24(uniform_sparse24(576, 1536))
+    threads = torch.get_num_threads()
+    for m in (1, 13):
+        x = torch.randn(m, 1536)
+        try:
+            torch.set_num_threads(1)
+            one = ops.sparse24_tiled(x, tiled)
+            torch.set_num_threads(max(2, threads))
+            many = ops.sparse24_tiled(x, tiled)
+        finally:
+            torch.set_num_threads(threads)
+        assert torch.equal(one, many)  # tiles are independent: no reduction order depends on threads
+
+
+def test_all_zero_weight_zero_input_and_empty_batch(isa):
+    zero = pack_sparse24(torch.zeros(16, 32))  # every group keeps positions (0, 1) holding +0.0
+    tiled = tile_sparse24(zero)
+    assert torch.equal(ops.sparse24_tiled(torch.randn(9, 32), tiled), torch.zeros(9, 16))
+    packed = uniform_sparse24(16, 32)
+    assert torch.equal(ops.sparse24_tiled(torch.zeros(2, 32), tile_sparse24(packed)), torch.zeros(2, 16))
+    assert ops.sparse24_tiled(torch.zeros(0, 32), tile_sparse24(packed)).shape == (0, 16)
+    q4 = tile_sparse24_int4(uniform_sparse24_int4(16, 32, 8))
+    assert ops.sparse24_tiled(torch.zeros(0, 32), q4).shape == (0, 16)
+
+
+def test_randomized_sweep_1000_cases():
+    """1,000 seeded random cases over float/int4 values x value dtype x activation dtype x shape, group, batch."""
+    gen = torch.Generator().manual_seed(2024)
+    worst = {}
+
+    def draw(low, high):
+        return int(torch.randint(low, high, (1,), generator=gen))
+
+    for case in range(1000):
+        int4 = case % 2 == 1
+        n = 8 * draw(1, 9)
+        k = (16 if int4 else 8) * draw(1, 320 // (16 if int4 else 8) + 1)
+        m = draw(1, 12)
+        x_dtype = (torch.float32, torch.bfloat16)[draw(0, 4) == 0]
+        x = torch.randn(m, k, generator=gen).to(x_dtype)
+        if int4:
+            group = 8 * draw(1, 10) if draw(0, 4) else k // 2
+            packed = uniform_sparse24_int4(n, k, group, seed=case)
+            q = packed.qvalues
+            y = ops.sparse24_tiled(x, tile_sparse24_int4(packed))
+            ref = reference.sparse24_int4_gemm(x, q.qweight, q.qzeros, q.scales, packed.meta, group)
+            key = ("int4", x_dtype)
+        else:
+            value_dtype = VALUE_DTYPES[draw(0, 3)]
+            packed = uniform_sparse24(n, k, value_dtype, seed=case)
+            y = ops.sparse24_tiled(x, tile_sparse24(packed))
+            ref = reference.sparse24_gemm(x, packed.values, packed.meta)
+            key = (str(value_dtype), x_dtype)
+        err = rel_err(y, ref)
+        worst[key] = max(worst.get(key, 0.0), err)
+        assert err < (1e-5 if x_dtype == torch.float32 else 8e-3), f"case {case}: {key} m={m} n={n} k={k}: {err:.2e}"
+    assert len(worst) == 8  # every combination was drawn
+
+
+# ------------------------------------------------------------------------------------- bad input
+def _float_tiled(n=16, k=32) -> TiledSparse24:
+    return tile_sparse24(uniform_sparse24(n, k))
+
+
+def _int4_tiled(n=16, k=64, group=16) -> TiledSparse24:
+    return tile_sparse24_int4(uniform_sparse24_int4(n, k, group))
+
+
+FLOAT_BAD = [
+    ("x 1-D", lambda t: (torch.zeros(32), t.values, t.meta), "2-D"),
+    ("int x", lambda t: (torch.zeros(2, 32, dtype=torch.int32), t.values, t.meta), "float32"),
+    ("k mismatch", lambda t: (torch.zeros(2, 40), t.values, t.meta), r"meta is .*expected \[n/8, k/4=10\]"),
+    ("k not multiple of 8", lambda t: (torch.zeros(2, 36), t.values, t.meta), "multiple of 8"),
+    ("int values", lambda t: (torch.zeros(2, 32), t.values.int(), t.meta), "values must be"),
+    ("values shape", lambda t: (torch.zeros(2, 32), t.values[:, :4], t.meta), "values is"),
+    ("uint8 meta", lambda t: (torch.zeros(2, 32), t.values, t.meta.to(torch.uint8)), "meta must be int32"),
+]
+
+
+@pytest.mark.parametrize("case", FLOAT_BAD, ids=[c[0] for c in FLOAT_BAD])
+def test_float_tiled_op_rejects_bad_inputs(case):
+    _, args, message = case
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.comptrust.sparse24_gemm_tiled(*args(_float_tiled()))
+
+
+INT4_BAD = [
+    ("k not multiple of 16", lambda t: (torch.zeros(2, 40), t.int4.weight, t.meta[:, :10], t.int4.zeros,
+                                        t.int4.scales, 16), "multiple of 16"),
+    ("bad group", lambda t: (torch.zeros(2, 64), t.int4.weight, t.meta, t.int4.zeros, t.int4.scales, 12),
+     "group_size=12"),
+    ("group mismatch", lambda t: (torch.zeros(2, 64), t.int4.weight, t.meta, t.int4.zeros, t.int4.scales, 32),
+     "zeros is"),
+    ("fp32 scales", lambda t: (torch.zeros(2, 64), t.int4.weight, t.meta, t.int4.zeros, t.int4.scales.float(), 16),
+     "float16"),
+    ("weight shape", lambda t: (torch.zeros(2, 64), t.int4.weight[:, :2], t.meta, t.int4.zeros, t.int4.scales, 16),
+     "weight is"),
+]
+
+
+@pytest.mark.parametrize("case", INT4_BAD, ids=[c[0] for c in INT4_BAD])
+def test_int4_tiled_op_rejects_bad_inputs(case):
+    _, args, message = case
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.comptrust.sparse24_int4_gemm_tiled(*args(_int4_tiled()))
+
+
+def test_storage_ops_reject_bad_inputs_with_clear_messages():
+    packed = uniform_sparse24(16, 32)
+    with pytest.raises(ValueError, match=r"values is \(16, 16\), expected \[n, k/2=20\]"):
+        ops.sparse24_gemm(torch.zeros(2, 40), packed.values, packed.meta)
+    with pytest.raises(ValueError, match=r"meta is \(16, 2\), expected \[n=16, k/8=4\]"):
+        ops.sparse24_gemm(torch.zeros(2, 32), packed.values, packed.meta[:, :2])
+    with pytest.raises(ValueError, match="meta must be uint8"):
+        ops.sparse24_gemm(torch.zeros(2, 32), packed.values, packed.meta.int())
+    q4 = uniform_sparse24_int4(16, 64, 16)
+    q = q4.qvalues
+    with pytest.raises(ValueError, match="compact"):
+        ops.sparse24_int4_gemm(torch.zeros(2, 64), q.qweight, q.qzeros, q.scales, q4.meta, 12)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        ops.sparse24_int4_gemm(torch.zeros(2, 40), q.qweight, q.qzeros, q.scales, q4.meta, 16)
+
+
+def test_corrupt_meta_is_rejected_when_unpacking():
+    packed = uniform_sparse24(8, 16)
+    meta = packed.meta.clone()
+    meta[3, 1] = 0x0F  # group 2 of row 3: idx0 = 3, idx1 = 3
+    with pytest.raises(ValueError, match="row 3, group 2"):
+        reference.sparse24_gemm(torch.zeros(1, 16), packed.values, meta)
+    # The kernels never read out of bounds whatever the nibbles say: they only pick among 4 positions.
+    tiled = tile_sparse24(Sparse24Packed(packed.values, meta))
+    assert torch.isfinite(ops.sparse24_tiled(torch.randn(2, 16), tiled)).all()
