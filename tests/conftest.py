@@ -40,10 +40,9 @@ def triton_compile_check():
     session without the interpreter; tests of each kernel module look for their own lines in it."""
     import subprocess
     import sys
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent
-    script = root / "scripts" / "compile_check_triton.py"
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-    return subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    from triton_cases import ROOT, env_without_interpret
+
+    script = ROOT / "scripts" / "compile_check_triton.py"
+    return subprocess.run([sys.executable, str(script)], env=env_without_interpret(), capture_output=True,
+                          text=True, timeout=600)

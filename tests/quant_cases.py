@@ -38,7 +38,7 @@ def available_isas() -> list[str]:
     from comptrust import _C
 
     found = []
-    for isa in ("avx2", "scalar"):
+    for isa in ("avx512", "avx2", "scalar"):
         os.environ["COMPTRUST_CPU_ISA"] = isa
         try:
             _C.cpu_isa()

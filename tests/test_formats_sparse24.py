@@ -290,3 +290,51 @@ def test_int4_packed_bytes(n, k, gs):
     groups = -(-(k // 2) // gs)
     # qweight: k/2 codes x 4 bits; qzeros: 4 bits per (group, row); scales fp16; meta 4 bits per group of 4.
     assert p.nbytes == n * (k // 2) // 2 + groups * n // 2 + groups * n * 2 + n * k // 8
+
+
+# ------------------------------------------------------------------------------- torch interop
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_torch_semi_structured_round_trip_and_same_values(dtype):
+    from torch.sparse import _semi_structured_conversions as torch_conv
+
+    from comptrust.formats.sparse24 import from_torch_semi_structured, to_torch_semi_structured
+
+    g = torch.Generator().manual_seed(11)
+    dense = prune_magnitude_24(torch.randn(64, 128, generator=g)).to(dtype)
+    dense[3, :8] = 0  # groups with fewer than 2 nonzeros
+    ours = pack_sparse24(dense)
+    values, meta = to_torch_semi_structured(ours)
+    assert meta.dtype == torch.int16 and meta.shape == (64, 8)
+    assert torch.equal(torch_conv.sparse_semi_structured_to_dense_cutlass(values, meta), dense)
+    full = prune_magnitude_24(torch.randn(64, 128, generator=g)).to(dtype)
+    # where every group has exactly 2 nonzeros, torch keeps the same values in the same order as ours
+    assert torch.equal(to_torch_semi_structured(pack_sparse24(full))[0], pack_sparse24(full).values)
+    back = from_torch_semi_structured(values, meta)
+    assert torch.equal(back.values, ours.values) and torch.equal(back.meta, ours.meta)
+
+
+def test_torch_semi_structured_rejects_what_it_cannot_hold():
+    from comptrust.formats.sparse24 import from_torch_semi_structured, to_torch_semi_structured
+
+    with pytest.raises(ValueError, match="float32 format is 1:2"):
+        to_torch_semi_structured(pack_sparse24(prune_magnitude_24(torch.randn(64, 64))))
+    with pytest.raises(ValueError, match="out_features % 32"):
+        to_torch_semi_structured(pack_sparse24(prune_magnitude_24(torch.randn(40, 64)).half()))
+    with pytest.raises(ValueError, match="int16 meta"):
+        from_torch_semi_structured(torch.zeros(32, 32, dtype=torch.half), torch.zeros(32, 4, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"meta is \(32, 2\)"):
+        from_torch_semi_structured(torch.zeros(32, 32, dtype=torch.half), torch.zeros(32, 2, dtype=torch.int16))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch's semi-structured tensors need a GPU")
+def test_torch_semi_structured_tensor_multiplies_like_ours():
+    from torch.sparse import SparseSemiStructuredTensorCUTLASS
+
+    from comptrust.formats.sparse24 import to_torch_semi_structured
+
+    dense = prune_magnitude_24(torch.randn(128, 128)).half()
+    values, meta = to_torch_semi_structured(pack_sparse24(dense))
+    tensor = SparseSemiStructuredTensorCUTLASS(dense.shape, packed=values.cuda(), meta=meta.cuda(), packed_t=None,
+                                               meta_t=None, compressed_swizzled_bitmask=None)
+    x = torch.randn(128, 64, dtype=torch.half, device="cuda")
+    assert torch.allclose(torch.mm(tensor, x).float().cpu(), dense.float() @ x.float().cpu(), rtol=1e-2, atol=1e-2)

@@ -14,7 +14,6 @@ import importlib.util
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -26,8 +25,8 @@ pytest.importorskip("triton")
 from comptrust import reference  # noqa: E402
 from comptrust.formats.int3 import dequantize_int3, pack_int3  # noqa: E402
 from quant_cases import random_int3, rel_err  # noqa: E402
+from triton_cases import ROOT, env_without_interpret  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _load_kernel_module():
@@ -213,12 +212,6 @@ def test_rejects_bad_block(packed):
 
 
 # -------------------------------------------------------------------------------- without the interpreter
-def _env_without_interpret() -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    return env
-
 
 def test_cpu_without_interpreter_is_a_clear_error():
     code = (
@@ -232,7 +225,7 @@ def test_cpu_without_interpreter_is_a_clear_error():
         "except ValueError as e:\n"
         "    print('ValueError:', e)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], env=_env_without_interpret(), capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", code], env=env_without_interpret(), capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert "ValueError:" in out.stdout and "TRITON_INTERPRET=1" in out.stdout

@@ -13,7 +13,6 @@ import importlib.util
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,8 +24,8 @@ pytest.importorskip("triton")
 from comptrust import reference  # noqa: E402
 from comptrust.formats import pack_int4  # noqa: E402
 from quant_cases import random_int4, rel_err  # noqa: E402
+from triton_cases import ROOT, env_without_interpret  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 COMPILE_CHECK = ROOT / "scripts" / "compile_check_triton.py"
 
 
@@ -179,12 +178,6 @@ def test_rejects_bad_block(packed):
         K.int4_gemm(torch.randn(2, 40), packed.qweight, packed.qzeros, packed.scales, 8, block_m=8)
 
 
-def _env_without_interpret() -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    return env
-
 
 def test_cpu_without_interpreter_is_a_clear_error():
     code = (
@@ -198,7 +191,7 @@ def test_cpu_without_interpreter_is_a_clear_error():
         "except ValueError as e:\n"
         "    print('ValueError:', e)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], env=_env_without_interpret(), capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", code], env=env_without_interpret(), capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert "ValueError:" in out.stdout and "TRITON_INTERPRET=1" in out.stdout
@@ -234,7 +227,7 @@ def test_aot_compile_check_script_reports_compile_errors(tmp_path):
         "import triton\n@triton.jit\ndef unchecked_kernel(p):\n    pass\n"
     )
     out = subprocess.run([sys.executable, str(tmp_path / "scripts" / COMPILE_CHECK.name)],
-                         env=_env_without_interpret(), capture_output=True, text=True, timeout=300)
+                         env=env_without_interpret(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 1, out.stdout + out.stderr
     assert "kernels/broken.py sm_80" in out.stderr and "compile error" in out.stderr
     assert "kernels/unchecked.py: defines Triton kernels but no aot_compile_ptx" in out.stderr

@@ -23,7 +23,6 @@ import importlib.util
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -36,8 +35,8 @@ from comptrust import reference  # noqa: E402
 from comptrust.formats import pack_int4  # noqa: E402
 from comptrust.formats.sparse24 import Sparse24Int4Packed  # noqa: E402
 from sparse24_cases import errors, int4_args, random_sparse24, random_sparse24_int4  # noqa: E402
+from triton_cases import ROOT, env_without_interpret  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 KERNEL_PATH = ROOT / "kernels" / "sparse24_gemm.py"
 
 
@@ -243,12 +242,6 @@ def test_rejects_bad_block(fp_packed, int4_packed):
 
 
 # ------------------------------------------------------------------------------- without the interpreter
-def _env_without_interpret() -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    return env
-
 
 def test_cpu_without_interpreter_is_a_clear_error():
     code = (
@@ -267,7 +260,7 @@ def test_cpu_without_interpreter_is_a_clear_error():
         "    except ValueError as e:\n"
         "        print('ValueError:', e)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], env=_env_without_interpret(), capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", code], env=env_without_interpret(), capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr
     lines = [line for line in out.stdout.splitlines() if line.startswith("ValueError:")]

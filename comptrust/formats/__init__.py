@@ -31,9 +31,11 @@ from comptrust.formats.sparse24 import (
     check_sparse24_int4_shapes,
     check_sparse24_weight,
     dequantize_sparse24_int4,
+    from_torch_semi_structured,
     pack_sparse24,
     pack_sparse24_int4,
     prune_magnitude_24,
+    to_torch_semi_structured,
     unpack_sparse24,
 )
 
@@ -46,4 +48,5 @@ __all__ = [
     "dequantize_awq", "from_awq_tensors", "to_awq_tensors",
     "Sparse24Packed", "Sparse24Int4Packed", "check_sparse24_weight", "check_sparse24_int4_shapes",
     "pack_sparse24", "unpack_sparse24", "prune_magnitude_24", "pack_sparse24_int4", "dequantize_sparse24_int4",
+    "to_torch_semi_structured", "from_torch_semi_structured",
 ]

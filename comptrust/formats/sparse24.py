@@ -23,9 +23,10 @@ Signed zeros: kept entries are copied bit for bit, so a -0.0 that lies at a kept
 round trip; every position that is not kept unpacks as +0.0. Unpacking is therefore bit-exact for any 2:4
 matrix whose -0.0 entries sit at kept positions (always true when it has no -0.0), and == equal always.
 
-Note for the CUDA slice: this is the storage/checkpoint layout, chosen so a CPU kernel decodes a group
-with two shifts and masks. Sparse tensor cores (mma.sp / cuSPARSELt / CUTLASS) want their own interleaved
-int16 metadata order; that reordering is a kernel-side transform of this meta, not a different format.
+This is the storage/checkpoint layout, chosen so a kernel decodes a group with two shifts and masks.
+Sparse tensor cores (mma.sp / cuSPARSELt / CUTLASS) want the same nibbles in an interleaved int16 order:
+to_torch_semi_structured / from_torch_semi_structured convert to and from the (packed, meta) pair torch's
+SparseSemiStructuredTensorCUTLASS holds (fp16/bf16), so a GPU can run our weights on torch's sparse mm.
 
 2:4 + int4: the compact values [n, k/2] are quantized exactly like a dense [n, k/2] weight by RTN
 (comptrust.compress.rtn: asymmetric per-group grid containing 0, zero points 1..16 stored as zero-1,
@@ -257,3 +258,51 @@ def dequantize_sparse24_int4(packed: Sparse24Int4Packed, dtype: torch.dtype = to
     """The dense [n, k] weight the packed tensors stand for (the reference the kernels are tested against)."""
     idx = _decode_meta(packed.meta, "dequantize_sparse24_int4")
     return _scatter(dequantize_int4(packed.qvalues, dtype), idx)
+
+
+# ------------------------------------------------------------------------------- torch interop
+# torch.sparse.SparseSemiStructuredTensorCUTLASS (what to_sparse_semi_structured builds on a GPU) stores a
+# 2:4 fp16/bf16 matrix as the same compact values [n, k/2] (byte-identical for matrices with 2 nonzeros per
+# group) plus int16 metadata with the same nibbles (idx0 | idx1 << 2), reordered for CUTLASS's mma.sp.
+# The conversions go through the dense form with torch's own converters, so they stay right whatever order
+# torch's metadata uses. torch's fp32 semi-structured format is 1:2 over pairs, not 2:4: not convertible.
+_TORCH_SEMI_STRUCTURED_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _torch_conversions():
+    from torch.sparse import _semi_structured_conversions  # private, but what torch itself calls
+
+    return _semi_structured_conversions
+
+
+def _check_torch_semi_structured(n: int, k: int, dtype: torch.dtype, what: str) -> None:
+    if dtype not in _TORCH_SEMI_STRUCTURED_DTYPES:
+        raise ValueError(f"{what}: torch's 2:4 layout holds float16/bfloat16 values, got {dtype} (its float32 "
+                         f"format is 1:2 over pairs)")
+    if n % 32 or k % 16:
+        raise ValueError(f"{what}: torch's 2:4 layout needs out_features % 32 == 0 and in_features % 16 == 0, "
+                         f"got [{n}, {k}]")
+
+
+def to_torch_semi_structured(packed: Sparse24Packed) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed, meta) as torch.sparse.SparseSemiStructuredTensorCUTLASS holds this weight; on a GPU,
+    SparseSemiStructuredTensorCUTLASS(shape, packed=..., meta=..., packed_t=None, meta_t=None,
+    compressed_swizzled_bitmask=None) is then the tensor to_sparse_semi_structured would have built."""
+    n, k = packed.out_features, packed.in_features
+    _check_torch_semi_structured(n, k, packed.values.dtype, "to_torch_semi_structured")
+    return _torch_conversions().sparse_semi_structured_from_dense_cutlass(unpack_sparse24(packed))
+
+
+def from_torch_semi_structured(values: torch.Tensor, meta: torch.Tensor, name: str = "weight") -> Sparse24Packed:
+    """Our 2:4 layout of a weight held as torch's CUTLASS (packed, meta) pair (e.g. a
+    SparseSemiStructuredTensorCUTLASS's .packed and .meta)."""
+    if values.dim() != 2 or meta.dim() != 2 or meta.dtype != torch.int16:
+        raise ValueError(f"from_torch_semi_structured: expected 2-D values and int16 meta, got values "
+                         f"{tuple(values.shape)} {values.dtype}, meta {tuple(meta.shape)} {meta.dtype}")
+    n, k = values.shape[0], values.shape[1] * KEPT
+    _check_torch_semi_structured(n, k, values.dtype, "from_torch_semi_structured")
+    if tuple(meta.shape) != (n, k // 16):
+        raise ValueError(f"from_torch_semi_structured: meta is {tuple(meta.shape)}, expected [{n}, {k // 16}] "
+                         f"for values {tuple(values.shape)}")
+    dense = _torch_conversions().sparse_semi_structured_to_dense_cutlass(values, meta)
+    return pack_sparse24(dense, name)

@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "comptrust/cpu_tiles.h"
 #include "isa.h"
@@ -17,6 +18,21 @@
 #define COMPTRUST_AVX2 __attribute__((target("avx2,fma,f16c")))
 
 namespace comptrust::cpu {
+
+// The register kernels take a compile-time number of rows R (their accumulators live in registers):
+// run(std::integral_constant<int, R>{}, first_row) on blocks of kRowBlock rows, then once on the 1..3 left.
+constexpr int kRowBlock = 4;
+template <class Run>
+inline void for_each_row_block(int64_t m, Run&& run) {
+  int64_t i0 = 0;
+  for (; i0 + kRowBlock <= m; i0 += kRowBlock) run(std::integral_constant<int, kRowBlock>{}, i0);
+  switch (m - i0) {
+    case 3: run(std::integral_constant<int, 3>{}, i0); break;
+    case 2: run(std::integral_constant<int, 2>{}, i0); break;
+    case 1: run(std::integral_constant<int, 1>{}, i0); break;
+    default: break;
+  }
+}
 
 // Software prefetch this far ahead in a tile's weight stream: the hardware prefetcher alone left the batch-1
 // kernels reading DRAM at half the bandwidth (decode and memory time added up instead of overlapping).

@@ -32,7 +32,6 @@
 namespace comptrust::cpu {
 namespace {
 
-constexpr int kRowBlock = 4;
 constexpr int64_t kPanelMinRows = 8;
 constexpr int kPanelRows = 6;
 constexpr int kPanelTiles = 2;
@@ -373,19 +372,11 @@ COMPTRUST_AVX2 void panel_avx2(const Problem& p, int64_t t, int tiles, float* pa
 
 template <int BITS, bool A8>
 COMPTRUST_AVX2 void rows_avx2(const Problem& p, int64_t t) {
-  int64_t i0 = 0;
-  auto run = [&](auto rows) {
+  for_each_row_block(p.m, [&](auto rows, int64_t i0) {
     constexpr int R = decltype(rows)::value;
     if constexpr (A8) a8_avx2<BITS, R>(p, t, i0);
     else direct_avx2<BITS, R>(p, t, i0);
-  };
-  for (; i0 + kRowBlock <= p.m; i0 += kRowBlock) run(std::integral_constant<int, kRowBlock>{});
-  switch (p.m - i0) {
-    case 3: run(std::integral_constant<int, 3>{}); break;
-    case 2: run(std::integral_constant<int, 2>{}); break;
-    case 1: run(std::integral_constant<int, 1>{}); break;
-    default: break;
-  }
+  });
 }
 #endif  // COMPTRUST_X86
 

@@ -9,12 +9,13 @@
 
 namespace comptrust::cpu {
 
-// AVX2 (+FMA, F16C) is the widest path: AVX-512 machines run it too. At batch 1 the kernels stream
-// weights at DRAM speed with AVX2 already, and one x86 path keeps every kernel testable on any x86 box.
-enum class Isa { kScalar, kAvx2 };
+// AVX2 (+FMA, F16C) is the path every kernel has. AVX-512 (F) adds a path where it pays: the 2:4 kernels,
+// whose gather of inputs costs one permute per register of kept values, so 16 lanes halve the work (the
+// int4/int3 kernels run their AVX2 path on AVX-512 machines).
+enum class Isa { kScalar, kAvx2, kAvx512 };
 
-// The widest path this CPU supports, or the one forced by COMPTRUST_CPU_ISA=avx2|scalar (the tests
-// use it to exercise every path); forcing a path the CPU lacks is an error.
+// The widest path this CPU supports, or the one forced by COMPTRUST_CPU_ISA=avx512|avx2|scalar (the
+// tests use it to exercise every path); forcing a path the CPU lacks is an error.
 Isa select_isa();
 const char* isa_name(Isa isa);
 std::string selected_isa_name();

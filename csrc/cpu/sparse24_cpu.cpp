@@ -10,7 +10,8 @@
 // A dequantize-to-dense-panel kernel (gemm_tiled's choice for batch >= 8) was slower here at every batch
 // from 8 to 64 (4096x4096 fp32, m = 32: 14.5 ms against 11.2): its scatter costs more than it saves, and it
 // multiplies the zeros that this kernel skips.
-// A portable scalar twin runs where AVX2 is missing. Work split: tiles (8 output columns) are
+// An AVX-512 version (both kept-value slots in one register) runs where the CPU has it; a portable scalar
+// twin where AVX2 is missing. Work split: tiles (8 output columns) are
 // at::parallel_for's tasks.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
@@ -24,8 +25,6 @@
 
 namespace comptrust::cpu {
 namespace {
-
-constexpr int kRowBlock = 4;
 
 struct Sparse24Problem {
   const float* x;          // [m, k] fp32
@@ -211,19 +210,119 @@ COMPTRUST_AVX2 void direct_int4_avx2(const Sparse24Problem& p, int64_t t, int64_
 
 template <class V>
 COMPTRUST_AVX2 void rows_avx2(const Sparse24Problem& p, int64_t t) {
-  int64_t i0 = 0;
-  auto run = [&](auto rows) {
+  for_each_row_block(p.m, [&](auto rows, int64_t i0) {
     constexpr int R = decltype(rows)::value;
     if constexpr (std::is_same_v<V, Int4Values>) direct_int4_avx2<R>(p, t, i0);
     else direct_float_avx2<V, R>(p, t, i0);
-  };
-  for (; i0 + kRowBlock <= p.m; i0 += kRowBlock) run(std::integral_constant<int, kRowBlock>{});
-  switch (p.m - i0) {
-    case 3: run(std::integral_constant<int, 3>{}); break;
-    case 2: run(std::integral_constant<int, 2>{}); break;
-    case 1: run(std::integral_constant<int, 1>{}); break;
-    default: break;
+  });
+}
+
+// --------------------------------------------------------------------------------------- AVX-512
+// One zmm holds both kept-value slots of a group for the tile's 8 columns: lanes 0..7 slot 0, lanes 8..15
+// slot 1, which is exactly how a group's 16 values lie in the tile. One variable shift of the broadcast
+// metadata word yields both slots' indices, and with x[4g..4g+3] in all four 128-bit lanes one vpermps
+// (which reads 4 index bits) gathers both slots' inputs: per group one permute and one multiply-add where
+// the AVX2 kernel needs two of each. The two halves are added at the end.
+#define COMPTRUST_AVX512 __attribute__((target("avx512f,avx2,fma,f16c")))
+
+COMPTRUST_AVX512 inline __m512 load_values16(const float* v) { return _mm512_loadu_ps(v); }
+COMPTRUST_AVX512 inline __m512 load_values16(const at::Half* v) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v)));
+}
+COMPTRUST_AVX512 inline __m512 load_values16(const at::BFloat16* v) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+// Lane c < 8: column c's idx0 (bits 4c); lane 8 + c: its idx1 (bits 4c + 2).
+COMPTRUST_AVX512 inline __m512i slot_shifts() {
+  return _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 2, 6, 10, 14, 18, 22, 26, 30);
+}
+COMPTRUST_AVX512 inline __m512 group_inputs16(const float* x4) { return _mm512_broadcast_f32x4(_mm_loadu_ps(x4)); }
+// Column c's total: lane c plus lane 8 + c.
+COMPTRUST_AVX512 inline __m256 fold_slots(__m512 v) {
+  return _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+}
+
+template <class V, int R>
+COMPTRUST_AVX512 void direct_float_avx512(const Sparse24Problem& p, int64_t t, int64_t i0) {
+  constexpr int A = kFloatChains<R>;  // groups in flight per step, one chain each
+  const uint32_t* tm = p.tile_meta(t);
+  const V* tv = p.tile_values<V>(t);
+  const float* x = p.x + i0 * p.k;
+  const __m512i shifts = slot_shifts();
+  __m512 acc[R][A];
+  COMPTRUST_UNROLL for (int r = 0; r < R; ++r)
+    COMPTRUST_UNROLL for (int a = 0; a < A; ++a) acc[r][a] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < p.sparse_groups(); g += A) {  // an even number of groups (k % 8 == 0)
+    prefetch_ahead(tm + g);
+    COMPTRUST_UNROLL for (int a = 0; a < A; ++a) {
+      const int64_t gg = g + a;
+      const V* v = tv + gg * kSparse24Kept * kTileCols;
+      _mm_prefetch(reinterpret_cast<const char*>(v) + kValuePrefetchBytes, _MM_HINT_T0);
+      const __m512i idx = _mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(tm[gg])), shifts);
+      const __m512 values = load_values16(v);
+      COMPTRUST_UNROLL for (int r = 0; r < R; ++r)
+        acc[r][a] = _mm512_fmadd_ps(values, _mm512_permutexvar_ps(idx, group_inputs16(x + r * p.k + kSparse24Group * gg)),
+                                    acc[r][a]);
+    }
   }
+  COMPTRUST_UNROLL for (int r = 0; r < R; ++r) {
+    __m512 sum = acc[r][0];
+    COMPTRUST_UNROLL for (int a = 1; a < A; ++a) sum = _mm512_add_ps(sum, acc[r][a]);
+    _mm256_storeu_ps(p.y + (i0 + r) * p.n + t * kTileCols, fold_slots(sum));
+  }
+}
+
+template <int R>
+COMPTRUST_AVX512 void direct_int4_avx512(const Sparse24Problem& p, int64_t t, int64_t i0) {
+  constexpr int A = kProductChains<R>;
+  const uint32_t* tm = p.tile_meta(t);
+  const int32_t* tw = p.tile_words(t);
+  const float* x = p.x + i0 * p.k;
+  const __m512i shifts = slot_shifts(), nibble = _mm512_set1_epi32(0xF);
+  // Group u of a word holds kept values 2u (slot 0, lanes 0..7) and 2u + 1 (slot 1, lanes 8..15).
+  __m512i code_shifts[kSparseInt4WordGroups];
+  COMPTRUST_UNROLL for (int u = 0; u < kSparseInt4WordGroups; ++u)
+    code_shifts[u] = _mm512_inserti64x4(_mm512_set1_epi32(8 * u), _mm256_set1_epi32(8 * u + 4), 1);
+  __m256 out[R];
+  COMPTRUST_UNROLL for (int r = 0; r < R; ++r) out[r] = _mm256_setzero_ps();
+  for (int64_t qg = 0; qg < p.groups; ++qg) {
+    const __m512i zeros = _mm512_broadcast_i64x4(_mm256_cvtepu8_epi32(
+        _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p.tile_zeros(t) + qg * kTileCols))));
+    __m512 acc[R][A];
+    COMPTRUST_UNROLL for (int r = 0; r < R; ++r)
+      COMPTRUST_UNROLL for (int a = 0; a < A; ++a) acc[r][a] = _mm512_setzero_ps();
+    for (int64_t w = qg * p.group_size / 8; w < p.kept_end(qg) / 8; ++w) {
+      prefetch_ahead(tw + w * kTileCols);
+      prefetch_ahead(tm + w * kSparseInt4WordGroups);
+      const __m512i words = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(tw + w * kTileCols)));
+      COMPTRUST_UNROLL for (int u = 0; u < kSparseInt4WordGroups; ++u) {
+        const int64_t g = w * kSparseInt4WordGroups + u;
+        const __m512i codes = _mm512_and_si512(_mm512_srlv_epi32(words, code_shifts[u]), nibble);
+        const __m512 centered = _mm512_cvtepi32_ps(_mm512_sub_epi32(codes, zeros));
+        const __m512i idx = _mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(tm[g])), shifts);
+        COMPTRUST_UNROLL for (int r = 0; r < R; ++r)
+          acc[r][u % A] = _mm512_fmadd_ps(
+              centered, _mm512_permutexvar_ps(idx, group_inputs16(x + r * p.k + kSparse24Group * g)), acc[r][u % A]);
+      }
+    }
+    const __m256 scale = load_scales(p.tile_scales(t) + qg * kTileCols);
+    COMPTRUST_UNROLL for (int r = 0; r < R; ++r) {
+      __m512 sum = acc[r][0];
+      COMPTRUST_UNROLL for (int a = 1; a < A; ++a) sum = _mm512_add_ps(sum, acc[r][a]);
+      out[r] = _mm256_fmadd_ps(scale, fold_slots(sum), out[r]);
+    }
+  }
+  COMPTRUST_UNROLL for (int r = 0; r < R; ++r) _mm256_storeu_ps(p.y + (i0 + r) * p.n + t * kTileCols, out[r]);
+}
+
+template <class V>
+COMPTRUST_AVX512 void rows_avx512(const Sparse24Problem& p, int64_t t) {
+  for_each_row_block(p.m, [&](auto rows, int64_t i0) {
+    constexpr int R = decltype(rows)::value;
+    if constexpr (std::is_same_v<V, Int4Values>) direct_int4_avx512<R>(p, t, i0);
+    else direct_float_avx512<V, R>(p, t, i0);
+  });
 }
 
 #endif  // COMPTRUST_X86
@@ -236,7 +335,13 @@ void run(const Sparse24Problem& p, Isa isa) {
   const int64_t tiles = p.n / kTileCols;
   const int64_t grain = std::max<int64_t>(1, kMinTaskMacs / (p.m * (p.k / kSparse24Kept) * kTileCols));
 #ifdef COMPTRUST_X86
-  if (isa != Isa::kScalar) {
+  if (isa == Isa::kAvx512) {
+    at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) rows_avx512<V>(p, t);
+    });
+    return;
+  }
+  if (isa == Isa::kAvx2) {
     at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) rows_avx2<V>(p, t);
     });
