@@ -11,7 +11,7 @@
 //   * a8 (int8 activations, any batch): x is quantized per row and per block of 32 inputs, the codes are
 //     unpacked into u8 lanes and multiplied with vpmaddubsw/vpmaddwd (16 u8 x s8 products per
 //     instruction pair), the integer block sums scaled once per block.
-// Each kernel has an AVX2 path and a portable scalar one (isa.h picks; AVX-512 machines run AVX2).
+// Each kernel has an AVX2 path and a portable scalar one; int4 direct also an AVX-512 one (isa.h picks).
 // Work split: tiles (8 output columns) are the tasks of at::parallel_for, so each thread streams a
 // contiguous stretch of the weight.
 #include <ATen/Parallel.h>
@@ -25,7 +25,7 @@
 #include <vector>
 
 #include "comptrust/cpu_tiles.h"
-#include "avx2_common.h"
+#include "simd_common.h"
 #include "isa.h"
 
 
@@ -378,6 +378,54 @@ COMPTRUST_AVX2 void rows_avx2(const Problem& p, int64_t t) {
     else direct_avx2<BITS, R>(p, t, i0);
   });
 }
+
+// ------------------------------------------------------------- AVX-512 direct (float x, int4)
+// A word row holds 8 inputs of the tile's 8 columns; one zmm takes two of them (input 2q in lanes 0..7,
+// 2q + 1 in lanes 8..15) with one variable shift, and one vpermps places x[2q], x[2q+1] to match: 16 codes
+// per shift, mask, convert, permute and multiply-add, where AVX2 needs two of each but the permute.
+template <int R>
+COMPTRUST_AVX512 void direct_int4_avx512(const Problem& p, int64_t t, int64_t i0) {
+  constexpr int A = R == 1 ? 4 : 2;
+  const int32_t* tw = p.tile_w(t);
+  const float* x = p.x + i0 * p.k;
+  const __m512i nibble = _mm512_set1_epi32(0xF);
+  __m512i code_shifts[4], x_lanes[4];
+  COMPTRUST_UNROLL for (int q = 0; q < 4; ++q) {
+    code_shifts[q] = _mm512_inserti64x4(_mm512_set1_epi32(8 * q), _mm256_set1_epi32(8 * q + 4), 1);
+    x_lanes[q] = _mm512_inserti64x4(_mm512_set1_epi32(2 * q), _mm256_set1_epi32(2 * q + 1), 1);
+  }
+  __m256 out[R];
+  COMPTRUST_UNROLL for (int r = 0; r < R; ++r) out[r] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < p.groups; ++g) {
+    __m512 acc[R][A];
+    COMPTRUST_UNROLL for (int r = 0; r < R; ++r)
+      COMPTRUST_UNROLL for (int a = 0; a < A; ++a) acc[r][a] = _mm512_setzero_ps();
+    for (int64_t row = g * p.group_size / 8; row < p.group_end(g) / 8; ++row) {
+      prefetch_ahead(tw + row * kTileCols);
+      const __m512i words = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(tw + row * kTileCols)));
+      __m512 xs[R];  // x[8 row .. 8 row + 7] in the low half; vpermps below only picks lanes 0..7
+      COMPTRUST_UNROLL for (int r = 0; r < R; ++r) xs[r] = _mm512_castps256_ps512(_mm256_loadu_ps(x + r * p.k + row * 8));
+      COMPTRUST_UNROLL for (int q = 0; q < 4; ++q) {
+        const __m512 codes = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(words, code_shifts[q]), nibble));
+        COMPTRUST_UNROLL for (int r = 0; r < R; ++r)
+          acc[r][q % A] = _mm512_fmadd_ps(codes, _mm512_permutexvar_ps(x_lanes[q], xs[r]), acc[r][q % A]);
+      }
+    }
+    const __m256 zero = load_zeros(p.tile_zeros(t) + g * kTileCols);
+    const __m256 scale = load_scales(p.tile_scales(t) + g * kTileCols);
+    COMPTRUST_UNROLL for (int r = 0; r < R; ++r) {
+      __m512 sum = acc[r][0];
+      COMPTRUST_UNROLL for (int a = 1; a < A; ++a) sum = _mm512_add_ps(sum, acc[r][a]);
+      const __m256 xsum = _mm256_set1_ps(p.x_group_sum[(i0 + r) * p.groups + g]);
+      out[r] = _mm256_fmadd_ps(scale, _mm256_fnmadd_ps(zero, xsum, fold_halves(sum)), out[r]);
+    }
+  }
+  COMPTRUST_UNROLL for (int r = 0; r < R; ++r) _mm256_storeu_ps(p.y + (i0 + r) * p.n + t * kTileCols, out[r]);
+}
+
+COMPTRUST_AVX512 void int4_rows_avx512(const Problem& p, int64_t t) {
+  for_each_row_block(p.m, [&](auto rows, int64_t i0) { direct_int4_avx512<decltype(rows)::value>(p, t, i0); });
+}
 #endif  // COMPTRUST_X86
 
 // Tiles per task such that a task has at least kMinTaskMacs multiply-adds: below that, waking a second
@@ -399,6 +447,12 @@ void run(const Problem& p, bool a8, Isa isa) {
           if (p.bits == 4) panel_avx2<4>(p, t, count, panel.data(), spill.data());
           else panel_avx2<3>(p, t, count, panel.data(), spill.data());
         }
+      });
+      return;
+    }
+    if (isa == Isa::kAvx512 && p.bits == 4 && !a8) {
+      at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
+        for (int64_t t = begin; t < end; ++t) int4_rows_avx512(p, t);
       });
       return;
     }

@@ -9,9 +9,10 @@
 
 namespace comptrust::cpu {
 
-// AVX2 (+FMA, F16C) is the path every kernel has. AVX-512 (F) adds a path where it pays: the 2:4 kernels,
-// whose gather of inputs costs one permute per register of kept values, so 16 lanes halve the work (the
-// int4/int3 kernels run their AVX2 path on AVX-512 machines).
+// AVX2 (+FMA, F16C) is the path every kernel has. AVX-512 (F) adds paths where they paid on an AVX-512
+// Xeon: the 2:4 kernels (one permute gathers the inputs of both kept-value slots) and the int4 kernel with
+// float activations at batch < 8 (two input rows per register); int3, int8 activations and the panel
+// kernel run their AVX2 path on AVX-512 machines.
 enum class Isa { kScalar, kAvx2, kAvx512 };
 
 // The widest path this CPU supports, or the one forced by COMPTRUST_CPU_ISA=avx512|avx2|scalar (the

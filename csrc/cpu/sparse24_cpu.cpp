@@ -19,7 +19,7 @@
 #include <algorithm>
 #include <type_traits>
 
-#include "avx2_common.h"
+#include "simd_common.h"
 #include "comptrust/sparse24_tiles.h"
 #include "isa.h"
 
@@ -223,8 +223,6 @@ COMPTRUST_AVX2 void rows_avx2(const Sparse24Problem& p, int64_t t) {
 // metadata word yields both slots' indices, and with x[4g..4g+3] in all four 128-bit lanes one vpermps
 // (which reads 4 index bits) gathers both slots' inputs: per group one permute and one multiply-add where
 // the AVX2 kernel needs two of each. The two halves are added at the end.
-#define COMPTRUST_AVX512 __attribute__((target("avx512f,avx2,fma,f16c")))
-
 COMPTRUST_AVX512 inline __m512 load_values16(const float* v) { return _mm512_loadu_ps(v); }
 COMPTRUST_AVX512 inline __m512 load_values16(const at::Half* v) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v)));
@@ -238,10 +236,6 @@ COMPTRUST_AVX512 inline __m512i slot_shifts() {
   return _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 2, 6, 10, 14, 18, 22, 26, 30);
 }
 COMPTRUST_AVX512 inline __m512 group_inputs16(const float* x4) { return _mm512_broadcast_f32x4(_mm_loadu_ps(x4)); }
-// Column c's total: lane c plus lane 8 + c.
-COMPTRUST_AVX512 inline __m256 fold_slots(__m512 v) {
-  return _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
-}
 
 template <class V, int R>
 COMPTRUST_AVX512 void direct_float_avx512(const Sparse24Problem& p, int64_t t, int64_t i0) {
@@ -269,7 +263,7 @@ COMPTRUST_AVX512 void direct_float_avx512(const Sparse24Problem& p, int64_t t, i
   COMPTRUST_UNROLL for (int r = 0; r < R; ++r) {
     __m512 sum = acc[r][0];
     COMPTRUST_UNROLL for (int a = 1; a < A; ++a) sum = _mm512_add_ps(sum, acc[r][a]);
-    _mm256_storeu_ps(p.y + (i0 + r) * p.n + t * kTileCols, fold_slots(sum));
+    _mm256_storeu_ps(p.y + (i0 + r) * p.n + t * kTileCols, fold_halves(sum));
   }
 }
 
@@ -310,7 +304,7 @@ COMPTRUST_AVX512 void direct_int4_avx512(const Sparse24Problem& p, int64_t t, in
     COMPTRUST_UNROLL for (int r = 0; r < R; ++r) {
       __m512 sum = acc[r][0];
       COMPTRUST_UNROLL for (int a = 1; a < A; ++a) sum = _mm512_add_ps(sum, acc[r][a]);
-      out[r] = _mm256_fmadd_ps(scale, fold_slots(sum), out[r]);
+      out[r] = _mm256_fmadd_ps(scale, fold_halves(sum), out[r]);
     }
   }
   COMPTRUST_UNROLL for (int r = 0; r < R; ++r) _mm256_storeu_ps(p.y + (i0 + r) * p.n + t * kTileCols, out[r]);

@@ -1,5 +1,6 @@
-// What the AVX2 CPU kernels share (gemm_tiled_cpu.cpp, sparse24_cpu.cpp): the target attribute, scale /
-// zero-point / int4 decoding of the tiled layout (comptrust/cpu_tiles.h) and software prefetch.
+// What the SIMD CPU kernels share (gemm_tiled_cpu.cpp, sparse24_cpu.cpp): the AVX2 / AVX-512 target
+// attributes, scale / zero-point / int4 decoding of the tiled layout (comptrust/cpu_tiles.h), software
+// prefetch, the row-block loop, and the AVX-512 "two slots per register" fold.
 #pragma once
 #include <torch/extension.h>
 
@@ -16,6 +17,7 @@
 #ifdef COMPTRUST_X86
 #include <immintrin.h>
 #define COMPTRUST_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define COMPTRUST_AVX512 __attribute__((target("avx512f,avx2,fma,f16c")))
 
 namespace comptrust::cpu {
 
@@ -50,6 +52,12 @@ COMPTRUST_AVX2 inline __m256 load_zeros(const uint8_t* z) {
 // Codes of row kk (0..7 within the word) of the 8 columns, as floats.
 COMPTRUST_AVX2 inline __m256 int4_codes(__m256i words, int row) {
   return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(words, 4 * row), _mm256_set1_epi32(0xF)));
+}
+
+// The AVX-512 kernels keep one 8-column tile per zmm twice over: lanes 0..7 and 8..15 hold two different
+// inputs' (or kept values') contributions to the same 8 columns. Column c's total: lane c plus lane 8 + c.
+COMPTRUST_AVX512 inline __m256 fold_halves(__m512 v) {
+  return _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
 }
 
 }  // namespace comptrust::cpu
