@@ -59,12 +59,16 @@ def test_library_rows_cover_every_kernel_and_speedups_agree():
     assert row[("comptrust_int3_a8", 1)]["bytes_read"] == n * k * 3 // 8 + n * k // 128 * (2 + 1) + k * 4
 
 
-def test_cli_bench_int_writes_json(tmp_path, monkeypatch, capsys):
-    # The CLI takes no test-only knobs: shrink the library's defaults instead.
+@pytest.fixture
+def tiny_defaults(monkeypatch):
+    """The CLI takes no test-only knobs: shrink the library's defaults instead."""
     monkeypatch.setattr(harness, "MIN_TIME", TINY["min_time"])
     monkeypatch.setattr(harness, "MAX_COLD_BYTES", TINY["cold_bytes"])
     monkeypatch.setattr(harness, "MIN_COLD_BYTES", TINY["cold_bytes"])
     monkeypatch.setattr(harness, "MIN_BANDWIDTH_BYTES", TINY["bandwidth_bytes"])
+
+
+def test_cli_bench_int_writes_json(tmp_path, tiny_defaults, capsys):
     out = tmp_path / "bench.json"
     assert cli.main(["bench", "int", "--shapes", "256x256", "--batches", "1,2", "--json", str(out),
                      "--no-progress"]) == 0
@@ -108,11 +112,7 @@ def test_sparse_bench_rows_and_bytes():
     assert row[("comptrust_24_int4_fp32", 1)]["bytes_read"] == n * k // 4 + n * k // 8 + n * k // 128 * 3 + k * 4
 
 
-def test_cli_bench_sparse_writes_json(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(harness, "MIN_TIME", TINY["min_time"])
-    monkeypatch.setattr(harness, "MAX_COLD_BYTES", TINY["cold_bytes"])
-    monkeypatch.setattr(harness, "MIN_COLD_BYTES", TINY["cold_bytes"])
-    monkeypatch.setattr(harness, "MIN_BANDWIDTH_BYTES", TINY["bandwidth_bytes"])
+def test_cli_bench_sparse_writes_json(tmp_path, tiny_defaults, capsys):
     out = tmp_path / "sparse.json"
     assert cli.main(["bench", "sparse", "--shapes", "256x256", "--batches", "1,2", "--json", str(out),
                      "--no-progress"]) == 0
