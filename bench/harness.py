@@ -226,13 +226,18 @@ def _bench_shape(kernels: Sequence[Kernel], anchors: Sequence[str], layer, n: in
 
 def run_kernel_bench(bench: str, kernels: Sequence[Kernel], anchors: Sequence[str], make_layer: Callable,
                      shapes: Sequence[tuple[int, int]], batches: Sequence[int], quick: bool, progress: bool,
-                     min_time: float, cold_bytes: int | None, bandwidth_bytes: int | None,
+                     min_time: float | None, cold_bytes: int | None, bandwidth_bytes: int | None,
                      row_fields: dict | None = None) -> dict:
     """Time every kernel on make_layer(n, k) for each shape and batch, between two read-bandwidth tests;
-    {"machine", "settings", "rows"} with % of bandwidth and speedups over `anchors` filled in."""
+    {"machine", "settings", "rows"} with % of bandwidth and speedups over `anchors` filled in. None for
+    min_time / cold_bytes / bandwidth_bytes means MIN_TIME / twice the L3 / the larger of that and
+    MIN_BANDWIDTH_BYTES. Shapes are the caller's to check (each format has its own divisibility rules)."""
     from comptrust import ops
 
+    if any(m < 1 for m in batches):
+        raise ValueError(f"bench {bench}: batches must be positive, got {list(batches)}")
     start = time.perf_counter()
+    min_time = MIN_TIME if min_time is None else min_time
     row_fields = row_fields or {}
     cold_bytes = cold_bytes_target() if cold_bytes is None else cold_bytes
     if bandwidth_bytes is None:

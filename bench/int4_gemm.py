@@ -102,10 +102,8 @@ def run_int_bench(quick: bool, shapes: Sequence[tuple[int, int]] | None = None,
     for n, k in shapes:
         if n % 32 or k % GROUP:
             raise ValueError(f"bench int: shape {n}x{k} needs n % 32 == 0 (int3's packing) and k % {GROUP} == 0")
-    if any(m < 1 for m in batches):
-        raise ValueError(f"bench int: batches must be positive, got {batches}")
     return harness.run_kernel_bench("int", KERNELS, ANCHORS, _layer, shapes, batches, quick, progress,
-                                    harness.MIN_TIME if min_time is None else min_time, cold_bytes, bandwidth_bytes,
+                                    min_time, cold_bytes, bandwidth_bytes,
                                     row_fields={"group_size": GROUP})
 
 

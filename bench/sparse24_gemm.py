@@ -84,10 +84,8 @@ def run_sparse_bench(quick: bool, shapes: Sequence[tuple[int, int]] | None = Non
     for n, k in shapes:
         if n % 8 or k % INT4_GROUP:
             raise ValueError(f"bench sparse: shape {n}x{k} needs n % 8 == 0 and k % {INT4_GROUP} == 0")
-    if any(m < 1 for m in batches):
-        raise ValueError(f"bench sparse: batches must be positive, got {batches}")
     return harness.run_kernel_bench("sparse", KERNELS, ANCHORS, _layer, shapes, batches, quick, progress,
-                                    harness.MIN_TIME if min_time is None else min_time, cold_bytes, bandwidth_bytes,
+                                    min_time, cold_bytes, bandwidth_bytes,
                                     row_fields={"group_size": INT4_GROUP, "sparse_int4_group_size": SPARSE_INT4_GROUP})
 
 
