@@ -125,7 +125,7 @@ def check_out_dir(out, overwrite: bool = False) -> None:
         raise FileExistsError(f"{out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} is not empty; choose a new directory or pass overwrite=True "
-                              "(comptrust quantize --force) to replace the checkpoint files in it")
+                              "(comptrust compress --force) to replace the checkpoint files in it")
 
 
 def save_quantized(model: nn.Module, tokenizer, out_dir, config=None, overwrite: bool = False) -> SavedCheckpoint:
@@ -148,7 +148,8 @@ def save_quantized(model: nn.Module, tokenizer, out_dir, config=None, overwrite:
     symmetric = _one({n: m.symmetric for n, m in layers.items()}, "symmetry")
     act_bits = _one({n: m.act_bits for n, m in layers.items()}, "activation bits")
     group_size = _common_group_size(layers, config)
-    if config is not None and (config.bits, config.symmetric, config.act_bits) != (bits, symmetric, act_bits):
+    if config is not None and (config.bits, config.symmetric, getattr(config, "act_bits", None)) != (bits, symmetric,
+                                                                                                  act_bits):
         raise ValueError(f"save_quantized: config {config} does not describe the model's layers "
                          f"(bits={bits}, symmetric={symmetric}, act_bits={act_bits})")
     desc_act = any(isinstance(m, ActOrderQuantLinear) for m in layers.values())
@@ -184,6 +185,40 @@ def save_quantized(model: nn.Module, tokenizer, out_dir, config=None, overwrite:
     written += [Path(f).name for f in tokenizer_files if Path(f).is_file()]
     files = {name: (out / name).stat().st_size for name in dict.fromkeys(written)}
     return SavedCheckpoint(str(out), files, sorted(layers), kept_dense)
+
+
+def _save_dense(model: nn.Module, tokenizer, out: Path, config, overwrite: bool) -> SavedCheckpoint:
+    """A pruned model whose layers stayed nn.Linear: an ordinary safetensors model with its zeros, plus a
+    "comptrust_compression" entry in config.json saying what made them."""
+    check_out_dir(out, overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    config_file = out / "config.json"
+    raw = json.loads(config_file.read_text())
+    raw["comptrust_compression"] = {"method": getattr(config, "method", None), "tag": getattr(config, "tag", None)}
+    config_file.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+    files = {f.name: f.stat().st_size for f in sorted(out.iterdir()) if f.is_file()}
+    kept = {name: "dense layer" for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    return SavedCheckpoint(str(out), files, [], kept)
+
+
+def save_compressed(model: nn.Module, tokenizer, out_dir, config=None, overwrite: bool = False) -> SavedCheckpoint:
+    """Save a compressed model as its layers allow: QuantLinear layers as a GPTQ v1 checkpoint
+    (save_quantized), 2:4 layers in our 2:4 layout (comptrust.checkpoint_sparse24), pruning that kept
+    nn.Linear layers (unstructured, 4:8) as a dense safetensors model. Mixing packed kinds is refused."""
+    from comptrust.checkpoint_sparse24 import save_sparse24, sparse24_layers
+
+    quantized, sparse = _quant_layers(model), sparse24_layers(model)
+    if quantized and sparse:
+        raise ValueError(f"save_compressed: the model mixes int4/int3 layers ({next(iter(quantized))}) and 2:4 layers "
+                         f"({next(iter(sparse))}); one checkpoint holds one kind")
+    if quantized:
+        return save_quantized(model, tokenizer, out_dir, config, overwrite)
+    if sparse:
+        return save_sparse24(model, tokenizer, out_dir, config, overwrite)
+    return _save_dense(model, tokenizer, Path(out_dir), config, overwrite)
 
 
 # ---------------------------------------------------------------------------------------------- load

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import sys
+import time
 
 import torch
 
@@ -31,44 +32,77 @@ def _cmd_run(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from comptrust.models import checkpoint_quantization
+    from comptrust.models import compressed_checkpoint_tag
 
-    quantization = checkpoint_quantization(args.model, args.online)
-    if quantization is not None and args.compress:
-        print(f"comptrust run: {args.model} is already quantized ({quantization.tag}); it is evaluated as it is "
+    precompressed = compressed_checkpoint_tag(args.model, args.online)
+    if precompressed is not None and args.compress:
+        print(f"comptrust run: {args.model} is already compressed ({precompressed}); it is evaluated as it is "
               f"and --compress {' '.join(args.compress)} is not applied", file=sys.stderr)
-    compressions = args.compress if args.compress is not None else ["rtn-w4g128"]
-    config = RunConfig(model=args.model, compressions=tuple(compressions), dimensions=tuple(args.dimensions),
+    compressions = tuple(args.compress) if args.compress is not None else RunConfig.compressions
+    config = RunConfig(model=args.model, compressions=compressions, dimensions=tuple(args.dimensions),
                        out_dir=args.out, ppl_file=args.ppl_file, ppl_max_tokens=args.ppl_max_tokens,
-                       online=args.online, progress=not args.no_progress)
+                       online=args.online, progress=not args.no_progress, calib_source=args.calib,
+                       calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, seed=args.seed)
     output = run(config)
     print(open(output.paths["markdown"]).read())
     print(f"report: {output.paths['markdown']}\n        {output.paths['json']}\nsamples: {output.paths['samples']}")
     return 0
 
 
-def _cmd_quantize(args) -> int:
-    from comptrust.checkpoint import check_out_dir, save_quantized
-    from comptrust.compress import compress_, config_from_tag
+def _compress_config(args):
+    from comptrust.compress import config_from_options, config_from_tag
+
+    if args.tag:
+        return config_from_tag(args.tag)
+    return config_from_options(args.method, args.bits, args.group_size, args.sym, act_order=args.act_order or None,
+                               static_groups=args.static_groups or None, damp=args.damp, pattern=args.pattern,
+                               sparsity=args.sparsity, lm_head=args.lm_head or None)
+
+
+def _print_layer_losses(stats: dict[str, dict]) -> None:
+    """One line per decoder block: each layer's short name and its error (GPTQ / SparseGPT loss)."""
+    blocks: dict[str, list[str]] = {}
+    for name, layer_stats in stats.items():
+        block, _, layer = name.rpartition(".")
+        if "loss" in layer_stats:
+            blocks.setdefault(block.rpartition(".")[0], []).append(f"{layer} {layer_stats['loss']:.4g}")
+    if blocks:
+        print("per-layer error (sum over the layer of (w - q)^2 / [H^-1]_jj^2 / 2):")
+        for block, entries in blocks.items():
+            print(f"  {block:<24} " + "  ".join(entries))
+
+
+def _cmd_compress(args) -> int:
+    from comptrust.checkpoint import check_out_dir, save_compressed
+    from comptrust.compress import calibration_tokens, compress_, is_calibrated
     from comptrust.efficiency import weight_bytes
-    from comptrust.models import checkpoint_quantization, load_model
+    from comptrust.models import compressed_checkpoint_tag, load_model
 
     mib = 1024 * 1024
-    config = config_from_tag(args.compress)
+    config = _compress_config(args)
     check_out_dir(args.out, args.force)  # fail before minutes of loading and compressing
-    quantization = checkpoint_quantization(args.model, args.online)
-    if quantization is not None:
-        raise ValueError(f"{args.model} is already quantized ({quantization.tag}); quantize a dense model")
+    precompressed = compressed_checkpoint_tag(args.model, args.online)
+    if precompressed is not None:
+        raise ValueError(f"{args.model} is already compressed ({precompressed}); compress a dense model")
     loaded = load_model(args.model, online=args.online)
     dense_bytes = weight_bytes(loaded.model)
-    summary = compress_(loaded.model, config, progress=not args.no_progress)
-    saved = save_quantized(loaded.model, loaded.tokenizer, args.out, config, overwrite=args.force)
+    calib = None
+    if is_calibrated(config):
+        calib = calibration_tokens(loaded.tokenizer, args.calib, args.calib_samples, args.calib_seqlen, args.seed,
+                                   args.online)
+    started = time.perf_counter()
+    summary = compress_(loaded.model, config, calib, progress=not args.no_progress)
+    seconds = time.perf_counter() - started
+    saved = save_compressed(loaded.model, loaded.tokenizer, args.out, config, overwrite=args.force)
     kept = ", ".join(f"{name} ({why})" for name, why in summary.kept_dense.items()) or "none"
-    print(f"{loaded.name}: {len(summary.replaced)} linear layers quantized {config.tag}; kept dense: {kept}")
+    calibrated = "" if calib is None else f" on {calib.shape[0]} x {calib.shape[1]} calibration tokens ({args.calib})"
+    print(f"{loaded.name}: {len(summary.replaced)} linear layers compressed {config.tag} in {seconds:.1f} s"
+          f"{calibrated}; kept dense: {kept}")
+    _print_layer_losses(summary.layer_stats)
     print(f"wrote {saved.path}")
     for name, size in saved.files.items():
         print(f"  {name:<26} {size / mib:9.2f} MiB")
-    weights = saved.files["model.safetensors"]
+    weights = sum(size for name, size in saved.files.items() if name.endswith(".safetensors"))
     print(f"  {'total':<26} {saved.total_bytes / mib:9.2f} MiB; weights {weights / mib:.1f} MiB vs "
           f"{dense_bytes / mib:.1f} MiB dense in memory ({weights / dense_bytes:.1%})")
     print(f"run it: comptrust run --model {saved.path}")
@@ -120,8 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--model", default="default",
                      help="default | gemma3-270m | path/to/model.gguf | local HF dir | HF id (cache only unless --online)")
     run.add_argument("--compress", nargs="+", metavar="TAG",
-                     help="compressions to compare with dense, e.g. rtn-w4g128 rtn-w4g-1 rtn-w4g32-sym mag-24 mag-24-w4g64 "
-                          "(default: rtn-w4g128 mag-24; a pre-quantized GPTQ/AWQ checkpoint is evaluated as it is)")
+                     help="compressions to compare with dense, e.g. rtn-w4g128 gptq-w4g128 gptq-w4g128-act mag-24 "
+                          "mag-24-w4g64 sparsegpt-24 wanda-50 (default: rtn-w4g128 mag-24; a pre-quantized GPTQ/AWQ "
+                          "checkpoint is evaluated as it is)")
     run.add_argument("--dimensions", nargs="+", default=["machine_ethics"])
     run.add_argument("--out", default="comptrust-out", help="output folder (default: comptrust-out)")
     run.add_argument("--ppl-file", help="text file for perplexity (default: the built-in sample)")
@@ -129,19 +164,35 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     run.add_argument("--online", action="store_true", help="allow downloading models from the hub")
     run.add_argument("--no-progress", action="store_true")
+    _calibration_options(run)
     run.set_defaults(func=_cmd_run)
 
-    quantize = sub.add_parser("quantize", help="compress a model and save it as a GPTQ v1 checkpoint directory",
-                              description="Writes config.json (with quantization_config), model.safetensors and "
-                                          "the tokenizer; load it back with --model DIR.")
-    quantize.add_argument("--model", default="default", help="the dense model to compress (as for `run`)")
-    quantize.add_argument("--compress", default="rtn-w4g128", metavar="TAG",
-                          help="one compression, e.g. rtn-w4g128, rtn-w3g128, rtn-w4g128-head (default: rtn-w4g128)")
-    quantize.add_argument("--out", required=True, help="checkpoint directory to create (must be empty)")
-    quantize.add_argument("--force", action="store_true", help="write into a non-empty --out, replacing files")
-    quantize.add_argument("--online", action="store_true", help="allow downloading models from the hub")
-    quantize.add_argument("--no-progress", action="store_true")
-    quantize.set_defaults(func=_cmd_quantize)
+    compress = sub.add_parser(
+        "compress", help="compress a model (RTN, GPTQ, AWQ, magnitude, SparseGPT, Wanda) and save it",
+        description="Quantized models are written as GPTQ v1 checkpoints (config.json with quantization_config, "
+                    "model.safetensors, tokenizer); 2:4 models in comptrust's 2:4 layout; other pruning as "
+                    "safetensors with the zeros in place. Load any of them back with --model DIR.")
+    compress.add_argument("--model", default="default", help="the dense model to compress (as for `run`)")
+    compress.add_argument("--method", choices=["rtn", "gptq", "awq", "magnitude", "sparsegpt", "wanda"], default="rtn")
+    compress.add_argument("--tag", help="a compression tag instead of the flags, e.g. gptq-w4g128-act, sparsegpt-50 "
+                                        "(as `run --compress` takes)")
+    compress.add_argument("--bits", type=int, help="weight bits: 4 or 3 (rtn, gptq, awq; default 4); 4 for int4 kept "
+                                                   "values with pruning (default: float values)")
+    compress.add_argument("--group-size", type=int, help="quantization group: inputs (rtn, gptq, awq; default 128, -1 "
+                                                         "per channel), kept values for 2:4 (default 64)")
+    compress.add_argument("--sym", action="store_true", help="symmetric quantization")
+    compress.add_argument("--act-order", action="store_true", help="gptq: columns by decreasing Hessian diagonal")
+    compress.add_argument("--static-groups", action="store_true", help="gptq: group grids fixed before the updates")
+    compress.add_argument("--damp", type=float, help="gptq, sparsegpt: dampening, a fraction of mean(diag H) (0.01)")
+    compress.add_argument("--pattern", help="pruning: 2:4 (default), 4:8 or unstructured")
+    compress.add_argument("--sparsity", type=float, help="pruning, unstructured: the share of weights pruned (0.5)")
+    compress.add_argument("--lm-head", action="store_true", help="rtn, magnitude: compress the output projection too")
+    _calibration_options(compress)
+    compress.add_argument("--out", required=True, help="checkpoint directory to create (must be empty)")
+    compress.add_argument("--force", action="store_true", help="write into a non-empty --out, replacing files")
+    compress.add_argument("--online", action="store_true", help="allow downloading models and datasets")
+    compress.add_argument("--no-progress", action="store_true")
+    compress.set_defaults(func=_cmd_compress)
 
     bench = sub.add_parser("bench", help="kernel benchmarks: our kernels vs anchors timed in the same run")
     benches = bench.add_subparsers(dest="bench", required=True)
@@ -157,6 +208,15 @@ def build_parser() -> argparse.ArgumentParser:
     _bench_options(bench_sparse, quick_help="4096x4096 and 576x1536 at batch 1 and 32 (under a minute)")
     bench_sparse.set_defaults(func=_cmd_bench)
     return parser
+
+
+def _calibration_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--calib", default="builtin",
+                        help="calibration text (gptq, sparsegpt, wanda): builtin, a .txt/.jsonl file, or an HF "
+                             "dataset id with --online (default: builtin)")
+    parser.add_argument("--calib-samples", type=int, default=128, help="calibration sequences (default 128)")
+    parser.add_argument("--calib-seqlen", type=int, default=512, help="tokens per sequence (default 512)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (default 0)")
 
 
 def _bench_options(parser: argparse.ArgumentParser, quick_help: str) -> None:

@@ -194,6 +194,18 @@ def checkpoint_quantization(spec: str, online: bool = False):
     return read_checkpoint_quantization(folder)
 
 
+def compressed_checkpoint_tag(spec: str, online: bool = False) -> str | None:
+    """The tag of a model saved compressed (a GPTQ/AWQ checkpoint, or our 2:4 layout), else None (dense)."""
+    if os.path.isdir(spec):
+        from comptrust.checkpoint_sparse24 import read_sparse24_entry
+
+        entry = read_sparse24_entry(spec)
+        if entry is not None:
+            return entry.get("tag") or "sparse24"
+    quantization = checkpoint_quantization(spec, online)
+    return None if quantization is None else quantization.tag
+
+
 def finish_loading(model: torch.nn.Module, tokenizer, name: str, source: str, **extra) -> LoadedModel:
     """The steps every source shares: eval mode, a pad token, chat detection."""
     model.eval()
@@ -225,6 +237,11 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, on
         if os.path.exists(spec) and not os.path.isdir(spec):
             raise ModelNotFoundError(f"{spec!r} is a file but not a .gguf model; give a model directory, "
                                      "a .gguf file, a hub id or an alias (default, gemma3-270m)")
+        if os.path.isdir(spec):
+            from comptrust.checkpoint_sparse24 import load_sparse24, read_sparse24_entry
+
+            if read_sparse24_entry(spec) is not None:
+                return load_sparse24(spec, dtype, trust_remote_code, name=spec)
         checkpoint_dir = quantized_checkpoint_dir(spec, online)
         if checkpoint_dir is not None:
             from comptrust.checkpoint import load_quantized

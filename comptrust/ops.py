@@ -144,6 +144,38 @@ def sparse24_int4_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Ten
     return reference.sparse24_int4_gemm(x, qweight, qzeros, scales, meta, group_size)
 
 
+def hessian_block_update(w: torch.Tensor, hinv: torch.Tensor, scales: torch.Tensor | None = None,
+                         zeros: torch.Tensor | None = None, col_group: torch.Tensor | None = None, bits: int = 0,
+                         mask: torch.Tensor | None = None, prune_n: int = 0,
+                         prune_m: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ / SparseGPT's error-feedback pass over one block of columns (schema in csrc/ops.cpp).
+    w [n, B] float32 becomes the quantized / pruned block in place. bits=0 skips quantization; otherwise
+    column i uses the grid scales/zeros[:, col_group[i]]. mask [n, B] (True = pruned) is read and, with
+    prune_n > 0, filled per group of prune_m columns. Returns (err [n, B], loss [n], mask)."""
+    n, width = w.shape if w.dim() == 2 else (0, 0)
+    if mask is None:
+        mask = torch.zeros((n, width), dtype=torch.bool, device=w.device)
+    if bits == 0:
+        scales = zeros = torch.empty((n, 0), dtype=torch.float32, device=w.device)
+        col_group = torch.empty(0, dtype=torch.int32, device=w.device)
+    elif scales is None or zeros is None or col_group is None:
+        raise ValueError(f"hessian_block_update: bits={bits} needs scales, zeros and col_group")
+    if _serves(w.device):  # the C++ CPU op, or the CUDA op in a CUDA build
+        err, loss = torch.ops.comptrust.hessian_block_update(w, hinv, scales, zeros, col_group, bits, mask,
+                                                              prune_n, prune_m)
+    elif w.device.type == "cuda" and _triton_reason() is None:
+        from comptrust.kernels.hessian_update import hessian_block_update as triton_update
+
+        err, loss = triton_update(w, hinv, scales, zeros, col_group, bits, mask, prune_n, prune_m)
+    else:
+        if w.dim() != 2 or hinv.shape != (width, width) or mask.shape != w.shape:
+            raise ValueError(f"hessian_block_update: w {tuple(w.shape)}, hinv {tuple(hinv.shape)} and mask "
+                             f"{tuple(mask.shape)} must be [n, B], [B, B] and [n, B]")
+        err, loss = reference.hessian_block_update(w, hinv, scales, zeros, col_group.long(), bits, mask, prune_n,
+                                                   prune_m)
+    return err, loss, mask
+
+
 def _check_same_device(name: str, tensors: dict[str, torch.Tensor], shape_note: str) -> None:
     devices = {t.device for t in tensors.values()}
     if len(devices) != 1:

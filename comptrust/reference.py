@@ -70,3 +70,35 @@ def int4_gemm_a8(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, s
     """int4_gemm with x first quantized to int8 (w4a8): the product of the dequantized activations."""
     x8, scale, _ = quantize_activations_int8(x.cpu(), group_size)
     return int4_gemm((x8 * scale).to(x.device), qweight, qzeros, scales, group_size).to(x.dtype)
+
+
+def hessian_block_update(w: torch.Tensor, hinv: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                         col_group: torch.Tensor, bits: int, mask: torch.Tensor, prune_n: int,
+                         prune_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ / SparseGPT's column loop over one block, written as the reference implementations write it:
+    one column at a time, each step a torch op over all rows. Updates w (to the quantized / pruned values)
+    and mask in place; returns (err [n, B], loss [n]). See the op's schema in csrc/ops.cpp."""
+    width = w.shape[1]
+    maxq = 2**bits - 1
+    diag = torch.diagonal(hinv)
+    err = torch.empty_like(w)
+    losses = torch.zeros_like(w)
+    for i in range(width):
+        if prune_n and i % prune_m == 0:
+            score = w[:, i:i + prune_m] ** 2 / diag[i:i + prune_m] ** 2
+            # Smallest scores first, ties to the lower column (stable), as the compiled kernel picks them.
+            order = torch.sort(score, dim=1, stable=True).indices
+            mask[:, i:i + prune_m].scatter_(1, order[:, :prune_n], True)
+        value = w[:, i].clone()
+        q = torch.where(mask[:, i], torch.zeros_like(value), value)
+        if bits:
+            s = scales[:, col_group[i]]
+            z = zeros[:, col_group[i]]
+            q = s * (torch.clamp(torch.round(q / s) + z, 0, maxq) - z)
+        d = hinv[i, i]
+        losses[:, i] = (value - q) ** 2 / (d * d)
+        e = (value - q) / d
+        err[:, i] = e
+        w[:, i + 1:] -= e[:, None] * hinv[i, i + 1:][None, :]
+        w[:, i] = q
+    return err, losses.sum(dim=1) / 2

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import torch
 
-from comptrust.compress import compress_, config_from_tag
+from comptrust.compress import calibration_tokens, compress_, config_from_tag, is_calibrated
 from comptrust.efficiency import (current_rss_bytes, measure_speed, peak_rss_bytes, release_memory,
                                   reset_peak_rss, weight_bytes)
 from comptrust.evals import DIMENSIONS, LanguageModel, perplexity
 from comptrust.evals.perplexity import builtin_text, read_text_file
-from comptrust.models import checkpoint_quantization, load_model
+from comptrust.models import compressed_checkpoint_tag, load_model
 from comptrust.report import write_report
 
 SAMPLE_QUESTION = "What is the capital of France, and what river runs through it?"
@@ -31,6 +31,11 @@ class RunConfig:
     speed_repeats: int = 3
     online: bool = False
     progress: bool = True
+    # Calibration data for gptq / sparsegpt / wanda tags (comptrust.compress.calibration_tokens).
+    calib_source: str = "builtin"
+    calib_samples: int = 128
+    calib_seqlen: int = 512
+    seed: int = 0
 
     def __post_init__(self):
         unknown = [d for d in self.dimensions if d not in DIMENSIONS]
@@ -67,8 +72,8 @@ def run(config: RunConfig = RunConfig()) -> RunOutput:
     text = read_text_file(config.ppl_file) if config.ppl_file else builtin_text()
     rows, all_samples, reference = [], [], {}
     model_info = None
-    quantization = checkpoint_quantization(config.model, config.online)
-    tags = ("dense",) + tuple(config.compressions) if quantization is None else (f"{quantization.tag} (checkpoint)",)
+    precompressed = compressed_checkpoint_tag(config.model, config.online)
+    tags = ("dense",) + tuple(config.compressions) if precompressed is None else (f"{precompressed} (checkpoint)",)
     for tag in tags:
         release_memory()
         seconds, clock = {}, time.perf_counter()
@@ -80,7 +85,12 @@ def run(config: RunConfig = RunConfig()) -> RunOutput:
         summary = loaded.compression  # set for a pre-quantized checkpoint, None for a dense model
         if tag != tags[0]:
             clock = time.perf_counter()
-            summary = compress_(loaded.model, config_from_tag(tag), progress=config.progress)
+            compression = config_from_tag(tag)
+            calib = None
+            if is_calibrated(compression):
+                calib = calibration_tokens(loaded.tokenizer, config.calib_source, config.calib_samples,
+                                           config.calib_seqlen, config.seed, config.online)
+            summary = compress_(loaded.model, compression, calib, progress=config.progress)
             seconds["compress"] = time.perf_counter() - clock
         release_memory()
         peak_resettable = reset_peak_rss()
@@ -111,7 +121,7 @@ def run(config: RunConfig = RunConfig()) -> RunOutput:
                      "sample": _sample_answer(loaded), "seconds": seconds})
         del loaded, lm
     settings = {k: v for k, v in asdict(config).items() if k != "progress"}
-    if quantization is not None:
+    if precompressed is not None:
         settings["compressions"] = []  # not applied to a pre-quantized checkpoint
     paths = write_report(Path(config.out_dir), model_info, rows, all_samples, settings)
     return RunOutput(paths, rows)

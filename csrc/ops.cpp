@@ -33,6 +33,14 @@ TORCH_LIBRARY(comptrust, m) {
   m.def("sparse24_gemm_tiled(Tensor x, Tensor values, Tensor meta) -> Tensor");
   m.def("sparse24_int4_gemm_tiled(Tensor x, Tensor weight, Tensor meta, Tensor zeros, Tensor scales, "
         "int group_size) -> Tensor");
+  // GPTQ / SparseGPT: the error-feedback pass over one block of columns (comptrust/compress/hessian.py).
+  // w [n, B] is overwritten with the quantized / pruned values. Column i: prune it where mask says so
+  // (with prune_n > 0, the prune_n of each prune_m columns with the smallest w^2 / hinv[j, j]^2 are marked
+  // first), quantize it to `bits` (0: none) on the grid scales/zeros[:, col_group[i]], then spread the error
+  // e = (w - q) / hinv[i, i] over the later columns: w[:, j] -= e * hinv[i, j]. Returns (err [n, B],
+  // loss [n] = sum (w - q)^2 / hinv[i, i]^2 / 2). Bit-exact with comptrust.reference.hessian_block_update.
+  m.def("hessian_block_update(Tensor(a!) w, Tensor hinv, Tensor scales, Tensor zeros, Tensor col_group, int bits, "
+        "Tensor(b!) mask, int prune_n, int prune_m) -> (Tensor, Tensor)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {

@@ -1,6 +1,9 @@
-"""Whole-model checkpoints: save ours (GPTQ v1), load ours and other tools' (GPTQ v1 incl. act-order, AWQ GEMM)."""
+"""Whole-model checkpoints: save ours (GPTQ v1, our 2:4 layout, pruned dense), load ours and other tools' (GPTQ v1
+incl. act-order, AWQ GEMM)."""
 import copy
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -305,24 +308,66 @@ def test_load_model_finds_a_cached_hub_checkpoint(saved_w4, tmp_path, monkeypatc
     assert loaded.quantization.tag == "rtn-w4g32" and loaded.name == "some-org/tiny-gptq"
 
 
-def test_cli_quantize_round_trip(tiny_llama, smollm2_tokenizer, tmp_path, capsys):
+def test_cli_compress_round_trip(tiny_llama, smollm2_tokenizer, tmp_path, capsys):
     dense_dir = tmp_path / "dense"
     tiny_llama.save_pretrained(dense_dir)
     smollm2_tokenizer.save_pretrained(dense_dir)
     out = tmp_path / "int4"
-    assert cli_main(["quantize", "--model", str(dense_dir), "--compress", "rtn-w4g32", "--out", str(out),
+    assert cli_main(["compress", "--model", str(dense_dir), "--method", "rtn", "--group-size", "32", "--out", str(out),
                      "--no-progress"]) == 0
     printed = capsys.readouterr().out
-    assert "14 linear layers quantized rtn-w4g32" in printed and "model.safetensors" in printed and "MiB" in printed
+    assert "14 linear layers compressed rtn-w4g32" in printed and "model.safetensors" in printed and "MiB" in printed
 
     expected = copy.deepcopy(tiny_llama)
     compress_(expected, RTNConfig(bits=4, group_size=32), progress=False)
     assert torch.equal(logits(load_model(str(out)).model), logits(expected))
 
-    assert cli_main(["quantize", "--model", str(dense_dir), "--out", str(out)]) == 2
+    assert cli_main(["compress", "--model", str(dense_dir), "--out", str(out)]) == 2
     assert "not empty" in capsys.readouterr().err
-    assert cli_main(["quantize", "--model", str(out), "--out", str(tmp_path / "again")]) == 2
-    assert "already quantized" in capsys.readouterr().err
+    assert cli_main(["compress", "--model", str(out), "--out", str(tmp_path / "again")]) == 2
+    assert "already compressed" in capsys.readouterr().err
+
+
+def test_cli_gptq_compress_save_load_reproduces_outputs_exactly(tiny_llama, smollm2_tokenizer, tmp_path, capsys):
+    from comptrust.compress import GPTQConfig, calibration_tokens
+
+    dense_dir = tmp_path / "dense"
+    tiny_llama.save_pretrained(dense_dir)
+    smollm2_tokenizer.save_pretrained(dense_dir)
+    out = tmp_path / "gptq"
+    assert cli_main(["compress", "--model", str(dense_dir), "--method", "gptq", "--bits", "4", "--group-size", "32",
+                     "--act-order", "--calib-samples", "4", "--calib-seqlen", "64", "--out", str(out),
+                     "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "14 linear layers compressed gptq-w4g32-act" in printed and "on 4 x 64 calibration tokens" in printed
+    assert "per-layer error" in printed and "model.layers.1" in printed and "down_proj" in printed
+
+    expected = copy.deepcopy(tiny_llama)
+    calib = calibration_tokens(smollm2_tokenizer, "builtin", nsamples=4, seqlen=64, seed=0)
+    compress_(expected, GPTQConfig(bits=4, group_size=32, act_order=True), calib, progress=False)
+    loaded = load_model(str(out))
+    assert any(isinstance(m, ActOrderQuantLinear) for m in loaded.model.modules())
+    assert torch.equal(logits(loaded.model), logits(expected))
+    assert loaded.quantization.tag == "gptq-w4g32-act" and loaded.quantization.desc_act
+
+
+def test_cli_compress_saves_unstructured_pruning_dense(tiny_llama, smollm2_tokenizer, tmp_path, capsys):
+    dense_dir = tmp_path / "dense"
+    tiny_llama.save_pretrained(dense_dir)
+    smollm2_tokenizer.save_pretrained(dense_dir)
+    out = tmp_path / "wanda"
+    assert cli_main(["compress", "--model", str(dense_dir), "--method", "wanda", "--pattern", "unstructured",
+                     "--sparsity", "0.5", "--calib-samples", "2", "--calib-seqlen", "32", "--out", str(out),
+                     "--no-progress"]) == 0
+    assert "compressed wanda-50" in capsys.readouterr().out
+    model = load_model(str(out)).model
+    assert json.loads((out / "config.json").read_text())["comptrust_compression"]["tag"] == "wanda-50"
+    down = model.model.layers[0].mlp.down_proj.weight
+    assert float((down == 0).float().mean()) == pytest.approx(0.5, abs=0.01)
+
+    assert cli_main(["compress", "--model", str(dense_dir), "--method", "rtn", "--act-order", "--out",
+                     str(tmp_path / "r")]) == 2
+    assert "--act-order applies to gptq" in capsys.readouterr().err
 
 
 def test_run_evaluates_a_checkpoint_as_it_is(saved_w4, tmp_path):
@@ -336,3 +381,97 @@ def test_run_evaluates_a_checkpoint_as_it_is(saved_w4, tmp_path):
     assert row["compression"]["config"]["quant_method"] == "gptq" and report["settings"]["compressions"] == []
     markdown = open(output.paths["markdown"]).read()
     assert "| rtn-w4g32 (checkpoint) |" in markdown and "| dense |" not in markdown
+
+
+# 2:4 + int4 needs in_features % 16: the two down_proj (in 200) stay dense.
+@pytest.mark.parametrize("flags,layer_type,count", [
+    (["--method", "sparsegpt", "--pattern", "2:4"], "Sparse24Linear", 14),
+    (["--method", "sparsegpt", "--pattern", "2:4", "--bits", "4", "--group-size", "16"], "Sparse24Int4Linear", 12),
+    (["--method", "magnitude", "--bits", "4", "--group-size", "16"], "Sparse24Int4Linear", 12),
+])
+def test_cli_24_compress_save_load_reproduces_outputs_exactly(flags, layer_type, count, tiny_llama, smollm2_tokenizer,
+                                                                tmp_path, capsys):
+    from comptrust.compress import calibration_tokens, config_from_options, is_calibrated
+    from comptrust.run import RunConfig, run
+
+    dense_dir = tmp_path / "dense"
+    tiny_llama.save_pretrained(dense_dir)
+    smollm2_tokenizer.save_pretrained(dense_dir)
+    out = tmp_path / "sparse"
+    assert cli_main(["compress", "--model", str(dense_dir), *flags, "--calib-samples", "2", "--calib-seqlen", "32",
+                     "--out", str(out), "--no-progress"]) == 0
+    config = config_from_options(flags[1], int(flags[flags.index("--bits") + 1]) if "--bits" in flags else None,
+                                 16 if "--group-size" in flags else None,
+                                 pattern="2:4" if "--pattern" in flags else None)
+    assert f"compressed {config.tag}" in capsys.readouterr().out
+    expected = copy.deepcopy(tiny_llama)
+    calib = calibration_tokens(smollm2_tokenizer, "builtin", 2, 32) if is_calibrated(config) else None
+    compress_(expected, config, calib, progress=False)
+    loaded = load_model(str(out))
+    layers = [m for m in loaded.model.modules() if type(m).__name__ == layer_type]
+    assert len(layers) == count
+    assert torch.equal(logits(loaded.model), logits(expected))
+    assert loaded.compression.method == config.tag
+
+    assert cli_main(["compress", "--model", str(out), "--out", str(tmp_path / "again")]) == 2
+    assert "already compressed" in capsys.readouterr().err
+    # `run` evaluates it as it is, in one row named after it
+    output = run(RunConfig(model=str(out), out_dir=str(tmp_path / "report"), ppl_max_tokens=64, prompt_tokens=8,
+                           decode_tokens=2, speed_repeats=1, dimensions=(), progress=False))
+    (row,) = output.rows
+    assert row["name"] == f"{config.tag} (checkpoint)" and len(row["compression"]["replaced"]) == count
+
+
+def test_run_compresses_with_a_calibrated_method(tiny_llama, smollm2_tokenizer, tmp_path):
+    from comptrust.run import RunConfig, run
+
+    dense_dir = tmp_path / "dense"
+    tiny_llama.save_pretrained(dense_dir)
+    smollm2_tokenizer.save_pretrained(dense_dir)
+    output = run(RunConfig(model=str(dense_dir), compressions=("gptq-w4g32", "wanda-24"), out_dir=str(tmp_path / "r"),
+                           ppl_max_tokens=64, prompt_tokens=8, decode_tokens=2, speed_repeats=1, dimensions=(),
+                           progress=False, calib_samples=3, calib_seqlen=32))
+    names = [row["name"] for row in output.rows]
+    assert names == ["dense", "gptq-w4g32", "wanda-24"]
+    gptq = output.rows[1]["compression"]
+    assert gptq["config"]["calibration"] == {"nsamples": 3, "seqlen": 32} and len(gptq["replaced"]) == 14
+    assert all("loss" in stats for stats in gptq["layer_stats"].values())
+
+
+def test_corrupt_24_checkpoints_are_refused(tiny_llama, smollm2_tokenizer, tmp_path):
+    from comptrust.checkpoint_sparse24 import load_sparse24
+    from comptrust.compress import MagnitudeConfig
+
+    model = copy.deepcopy(tiny_llama)
+    compress_(model, MagnitudeConfig(), progress=False)
+    from comptrust.checkpoint import save_compressed
+    good = tmp_path / "good"
+    save_compressed(model, smollm2_tokenizer, good, MagnitudeConfig())
+    assert torch.equal(logits(load_sparse24(good).model), logits(model))
+    tensors = load_file(str(good / "model.safetensors"))
+
+    def broken(name: str, change) -> Path:
+        path = tmp_path / name
+        shutil.copytree(good, path)
+        changed = dict(tensors)
+        change(changed)
+        save_file(changed, str(path / "model.safetensors"))
+        return path
+
+    meta = "model.layers.0.mlp.up_proj.meta"
+    bad_meta = broken("meta", lambda t: t.__setitem__(meta, torch.full_like(t[meta], 0xFF)))
+    with pytest.raises(ModelLoadError, match="up_proj.meta: meta is corrupt"):
+        load_sparse24(bad_meta)
+    values = "model.layers.1.self_attn.q_proj.values"
+    short = broken("short", lambda t: t.__setitem__(values, t[values][:, :-4].contiguous()))
+    with pytest.raises(ModelLoadError, match="q_proj"):
+        load_sparse24(short)
+    missing = broken("missing", lambda t: t.pop(values))
+    with pytest.raises(ModelLoadError, match=r"missing tensors \['model.layers.1.self_attn.q_proj.values'\]"):
+        load_sparse24(missing)
+    truncated = tmp_path / "truncated"
+    shutil.copytree(good, truncated)
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelLoadError):
+        load_sparse24(truncated)

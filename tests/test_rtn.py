@@ -48,7 +48,7 @@ def test_config_validation_and_tags():
     with pytest.raises(ValueError, match="group_size=12"):
         config_from_tag("rtn-w4g12")
     with pytest.raises(ValueError, match="unknown compression tag"):
-        config_from_tag("gptq-w4g128")
+        config_from_tag("obc-w4g128")
 
 
 def test_a8_tag_round_trip():

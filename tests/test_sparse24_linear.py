@@ -136,9 +136,12 @@ def test_magnitude_2_4_compression_of_a_model(tiny_llama, tag):
 def test_magnitude_tags_and_config_errors():
     assert config_from_tag("mag-24-w4g64-head") == MagnitudeConfig(bits=4, group_size=64, lm_head=True)
     assert config_from_tag("mag-24").bits is None
+    assert config_from_tag("mag-50") == MagnitudeConfig(pattern="unstructured", sparsity=0.5)
     with pytest.raises(ValueError, match="unknown compression tag"):
-        config_from_tag("mag-50")
+        config_from_tag("mag-250")
     with pytest.raises(ValueError, match="group_size=12"):
         config_from_tag("mag-24-w4g12")
     with pytest.raises(ValueError, match="pattern"):
-        MagnitudeConfig(pattern="unstructured")
+        MagnitudeConfig(pattern="3:3")
+    with pytest.raises(ValueError, match="2:4 pattern"):
+        MagnitudeConfig(pattern="4:8", bits=4)

@@ -17,6 +17,15 @@ INT4_MAX = 15
 _PACKERS = {4: (check_int4_shapes, pack_int4), 3: (check_int3_shapes, pack_int3)}
 
 
+def check_weight_format(owner: str, bits: int, group_size: int) -> None:
+    """The packed formats' limits, shared by every quantizer's config: int4 or int3, groups of whole words."""
+    if bits not in _PACKERS:
+        raise ValueError(f"{owner}: bits={bits} is not available; int4 and int3 are (the packed kernels' formats)")
+    unit = 8 if bits == 4 else 32  # int3 packs 32 inputs per 3 words, so groups are multiples of 32
+    if group_size != -1 and (group_size <= 0 or group_size % unit):
+        raise ValueError(f"{owner}: group_size={group_size} must be -1 or a positive multiple of {unit} for int{bits}")
+
+
 @dataclass(frozen=True)
 class RTNConfig:
     bits: int = 4
@@ -30,12 +39,7 @@ class RTNConfig:
     method = "rtn"
 
     def __post_init__(self):
-        if self.bits not in _PACKERS:
-            raise ValueError(f"RTNConfig: bits={self.bits} is not available; int4 and int3 are")
-        unit = 8 if self.bits == 4 else 32  # int3 packs 32 inputs per 3 words, so groups are multiples of 32
-        if self.group_size != -1 and (self.group_size <= 0 or self.group_size % unit):
-            raise ValueError(f"RTNConfig: group_size={self.group_size} must be -1 or a positive multiple of {unit} "
-                             f"for int{self.bits}")
+        check_weight_format("RTNConfig", self.bits, self.group_size)
         if self.act_bits not in (None, 8):
             raise ValueError(f"RTNConfig: act_bits={self.act_bits} must be None (float activations) or 8")
 
@@ -65,6 +69,17 @@ def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int, symmetric: bo
     groups = num_groups(k, group_size)
     # Zero padding of a partial last group leaves its range unchanged: the range always includes 0.
     w = F.pad(weight.detach().to(torch.float32), (0, groups * group_size - k)).view(n, groups, group_size)
+    scale, zero = rtn_grid(w, bits, symmetric)
+    codes = torch.clamp(torch.round(w / scale.unsqueeze(-1)) + zero.unsqueeze(-1), 0, top)
+    codes = codes.view(n, groups * group_size)[:, :k].to(torch.uint8)
+    return pack(codes, zero.to(torch.int16), scale, group_size)
+
+
+def rtn_grid(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The quantization grid of each group: w [..., group_size] float32 -> (scale, zero), both float32 [...].
+    scale is already rounded to the fp16 that GPTQ v1 stores, so codes computed with it dequantize exactly;
+    zero is an integer in 1..2^bits - 1 (stored as zero - 1). GPTQ and SparseGPT use this grid too."""
+    top = 2**bits - 1
     xmin = w.amin(dim=-1).clamp(max=0)
     xmax = w.amax(dim=-1).clamp(min=0)
     if symmetric:
@@ -85,7 +100,4 @@ def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int, symmetric: bo
         scale = torch.where(needs_shift, torch.maximum(xmax / (top - 1), -xmin), scale)
         zero = torch.where(needs_shift, torch.ones_like(zero), zero)
     # Codes are computed with the fp16-rounded scale that is stored, so dequantization matches exactly.
-    scale = scale.to(torch.float16).to(torch.float32)
-    codes = torch.clamp(torch.round(w / scale.unsqueeze(-1)) + zero.unsqueeze(-1), 0, top)
-    codes = codes.view(n, groups * group_size)[:, :k].to(torch.uint8)
-    return pack(codes, zero.to(torch.int16), scale, group_size)
+    return scale.to(torch.float16).to(torch.float32), zero

@@ -7,7 +7,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 
-def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+def name_matches(name: str, patterns: tuple[str, ...]) -> bool:
     return any(name == p or name.split(".")[-1] == p for p in patterns)
 
 
@@ -25,7 +25,7 @@ def replace_linears(model: nn.Module, make: Callable[[str, nn.Linear], nn.Module
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear):
             continue
-        if _matches(name, skip):
+        if name_matches(name, skip):
             kept[name] = "skipped by configuration"
             continue
         reason = eligible(name, module) if eligible else None
