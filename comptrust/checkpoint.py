@@ -445,15 +445,7 @@ def load_quantized(path, dtype: torch.dtype = torch.float32, trust_remote_code: 
         except ValueError as exc:
             raise ModelLoadError(f"{path}: {exc}") from None
         setattr(parent, child, layer)
-    _tie(model, present, set(quantized))
-    _check_complete(model, path)
-
-    generation_file = path / "generation_config.json"
-    if generation_file.is_file():
-        from transformers import GenerationConfig
-
-        model.generation_config = GenerationConfig.from_pretrained(str(path))
-    tokenizer = _load_tokenizer(path, trust_remote_code)
+    tokenizer = finish_checkpoint(model, path, present, set(quantized), trust_remote_code)
     kept = {n: "not quantized in the checkpoint" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     # The report's row for this model: the layers listed once (in `quantized`), not again in the config.
     config = {key: value for key, value in quant.raw.items() if key != OUR_KEY}
@@ -463,6 +455,19 @@ def load_quantized(path, dtype: torch.dtype = torch.float32, trust_remote_code: 
                                  quantized, kept)
     return finish_loading(model, tokenizer, name or path.name, str(path.resolve()), quantization=quant,
                           compression=summary)
+
+
+def finish_checkpoint(model: nn.Module, path: Path, present: set[str], packed: set[str], trust_remote_code: bool):
+    """What every checkpoint load ends with once its packed layers are in: ties, the completeness check,
+    the generation config; returns the tokenizer."""
+    _tie(model, present, packed)
+    _check_complete(model, path)
+    generation_file = path / "generation_config.json"
+    if generation_file.is_file():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(str(path))
+    return _load_tokenizer(path, trust_remote_code)
 
 
 def _load_tokenizer(path: Path, trust_remote_code: bool):

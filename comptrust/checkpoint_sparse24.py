@@ -21,9 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from comptrust.checkpoint import (WEIGHTS_NAME, SavedCheckpoint, _build_skeleton, _check_complete, _dense_tensors,
-                                  _load_dense, _load_tokenizer, _module_of, _read_config, _tie, _tied_pairs, _Weights,
-                                  check_out_dir)
+from comptrust.checkpoint import (WEIGHTS_NAME, SavedCheckpoint, _build_skeleton, _dense_tensors, _load_dense,
+                                  _module_of, _read_config, _tied_pairs, _Weights, check_out_dir, finish_checkpoint)
 from comptrust.compress import CompressionSummary
 from comptrust.formats.int4 import Int4Packed
 from comptrust.formats.sparse24 import Sparse24Int4Packed, Sparse24Packed, _decode_meta
@@ -141,14 +140,7 @@ def load_sparse24(path, dtype: torch.dtype = torch.float32, trust_remote_code: b
         parent_name, _, child = layer_name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, _layer(layer_name, getattr(parent, child), layer_entry, weights, path))
-    _tie(model, present, set(listed))
-    _check_complete(model, path)
-    generation_file = path / "generation_config.json"
-    if generation_file.is_file():
-        from transformers import GenerationConfig
-
-        model.generation_config = GenerationConfig.from_pretrained(str(path))
-    tokenizer = _load_tokenizer(path, trust_remote_code)
+    tokenizer = finish_checkpoint(model, path, present, set(listed), trust_remote_code)
     kept = {n: "dense in the checkpoint" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     tag = entry.get("tag") or "sparse24"
     summary = CompressionSummary(tag, {"checkpoint": str(path.resolve()), KEY: {k: v for k, v in entry.items()
