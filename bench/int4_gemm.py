@@ -1,10 +1,11 @@
-"""int4/int3 GEMM/GEMV benchmark: comptrust's CPU kernels against anchors timed in the same run.
+"""int4/int3/int8 GEMM/GEMV benchmark: comptrust's CPU kernels against anchors timed in the same run.
 
     comptrust bench int [--quick] [--json FILE]          (or python -m comptrust.bench.int4_gemm ...)
     from comptrust.bench.int4_gemm import run_int_bench; result = run_int_bench(quick=True)
 
 Ours: the tiled CPU kernels as QuantLinear runs them (weights tiled once, comptrust.formats.cpu_tiles), int4
-and int3, with float activations (fp32; bf16 is converted on entry) and with int8 activations (a8).
+and int3, with float activations (fp32; bf16 is converted on entry) and with int8 activations (a8); int8
+weights with fp32 activations.
 Anchors on the same shapes: F.linear fp32 and bf16 on the dense weight, and torch's own int4 CPU op
 (_weight_int4pack_mm_for_cpu, bf16 activations). Each row has the median time, the effective GB/s of the
 bytes the kernel must read (weights + activations), its share of the machine's measured read bandwidth,
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from comptrust import ops
 from comptrust.bench import harness
 from comptrust.bench.harness import Kernel
-from comptrust.formats import Int3Packed, Int4Packed, dequantize_int4, pack_int3, pack_int4
+from comptrust.formats import Int3Packed, Int4Packed, Int8Packed, dequantize_int4, pack_int3, pack_int4, pack_int8
 from comptrust.formats.cpu_tiles import tile
 
 # (n, k) = (out, in): SmolLM2-135M's layers (q/o, k/v, gate/up, down), then Llama-7B's
@@ -39,6 +40,7 @@ class _Layer:
     codes: torch.Tensor
     packed: Int4Packed
     packed_int3: Int3Packed  # the same codes' low 3 bits, when the shape allows int3 (n % 32 == 0)
+    packed_int8: Int8Packed  # the same codes times 17 (0..255): the bytes are what is timed
 
     def dense(self, dtype: torch.dtype) -> torch.Tensor:
         return dequantize_int4(self.packed, dtype)
@@ -54,7 +56,7 @@ class _Layer:
 
 def _tiled(bits: int) -> Callable[[_Layer], tuple[torch.Tensor, ...]]:
     def weights(layer: _Layer) -> tuple[torch.Tensor, ...]:
-        tiled = tile(layer.packed if bits == 4 else layer.packed_int3)
+        tiled = tile({4: layer.packed, 3: layer.packed_int3, 8: layer.packed_int8}[bits])
         return tiled.weight, tiled.zeros, tiled.scales
     return weights
 
@@ -71,6 +73,7 @@ KERNELS = [
     Kernel("comptrust_int4_a8", torch.float32, _tiled(4), _gemm_tiled(4, 8)),
     Kernel("comptrust_int3_fp32", torch.float32, _tiled(3), _gemm_tiled(3, 0)),
     Kernel("comptrust_int3_a8", torch.float32, _tiled(3), _gemm_tiled(3, 8)),
+    Kernel("comptrust_int8_fp32", torch.float32, _tiled(8), _gemm_tiled(8, 0)),
     Kernel("torch_fp32", torch.float32, lambda layer: (layer.dense(torch.float32),), F.linear),
     Kernel("torch_bf16", torch.bfloat16, lambda layer: (layer.dense(torch.bfloat16),), F.linear),
     Kernel("torch_int4pack", torch.bfloat16, _Layer.int4pack,
@@ -84,7 +87,8 @@ def _layer(n: int, k: int) -> _Layer:
     zeros, scales = torch.randint(1, 17, (n, k // GROUP), generator=g), torch.rand(n, k // GROUP, generator=g) * 0.01
     packed = pack_int4(codes, zeros, scales, GROUP)
     packed_int3 = pack_int3(codes % 8, (zeros - 1) % 8 + 1, scales, GROUP)
-    return _Layer(codes, packed, packed_int3)
+    packed_int8 = pack_int8(codes * 17, zeros * 16, scales, GROUP)
+    return _Layer(codes, packed, packed_int3, packed_int8)
 
 
 def run_int_bench(quick: bool, shapes: Sequence[tuple[int, int]] | None = None,

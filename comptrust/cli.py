@@ -42,7 +42,8 @@ def _cmd_run(args) -> int:
     config = RunConfig(model=args.model, compressions=compressions, dimensions=tuple(args.dimensions),
                        out_dir=args.out, ppl_file=args.ppl_file, ppl_max_tokens=args.ppl_max_tokens,
                        online=args.online, progress=not args.no_progress, calib_source=args.calib,
-                       calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, seed=args.seed)
+                       calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, seed=args.seed,
+                       cache=args.cache)
     output = run(config)
     print(open(output.paths["markdown"]).read())
     print(f"report: {output.paths['markdown']}\n        {output.paths['json']}\nsamples: {output.paths['samples']}")
@@ -164,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     run.add_argument("--online", action="store_true", help="allow downloading models from the hub")
     run.add_argument("--no-progress", action="store_true")
+    run.add_argument("--cache", metavar="FILE", help="SQLite file of model outputs: an interrupted run resumes, and a "
+                                                     "re-run with the same models and settings reuses them")
     _calibration_options(run)
     run.set_defaults(func=_cmd_run)
 
@@ -176,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--method", choices=["rtn", "gptq", "awq", "magnitude", "sparsegpt", "wanda"], default="rtn")
     compress.add_argument("--tag", help="a compression tag instead of the flags, e.g. gptq-w4g128-act, sparsegpt-50 "
                                         "(as `run --compress` takes)")
-    compress.add_argument("--bits", type=int, help="weight bits: 4 or 3 (rtn, gptq, awq; default 4); 4 for int4 kept "
+    compress.add_argument("--bits", type=int, help="weight bits: 4, 3 or 8 (rtn, gptq, awq; default 4); 4 for int4 kept "
                                                    "values with pruning (default: float values)")
     compress.add_argument("--group-size", type=int, help="quantization group: inputs (rtn, gptq, awq; default 128, -1 "
                                                          "per channel), kept values for 2:4 (default 64)")

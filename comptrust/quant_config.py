@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from comptrust.models import ModelLoadError
 
 OUR_KEY = "comptrust"      # our own entries live under quantization_config["comptrust"]
-_GPTQ_BITS = (3, 4)
+_GPTQ_BITS = (3, 4, 8)
 _AWQ_BITS = (4,)
 
 
@@ -83,6 +83,9 @@ def _parse_gptq(raw: dict, where: str) -> CheckpointQuantization:
     group_size = _group_size(raw, where)
     symmetric, desc_act = bool(raw.get("sym", True)), bool(raw.get("desc_act", False))
     act_bits = _our_act_bits(raw, where)
+    if bits == 8 and act_bits == 8:
+        raise ModelLoadError(f"{where}: int8 weights run with float activations only; "
+                             f"quantization_config.{OUR_KEY}.act_bits must be null")
     ours = raw.get(OUR_KEY) or {}
     tag = ours.get("tag") or (f"gptq-w{bits}g{group_size}" + ("-sym" if symmetric else "")
                               + ("-act-order" if desc_act else ""))

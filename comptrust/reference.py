@@ -6,6 +6,7 @@ import torch
 
 from comptrust.formats.int3 import Int3Packed, dequantize_int3
 from comptrust.formats.int4 import Int4Packed, dequantize_int4
+from comptrust.formats.int8 import Int8Packed, dequantize_int8
 from comptrust.formats.sparse24 import Sparse24Int4Packed, Sparse24Packed, dequantize_sparse24_int4, unpack_sparse24
 
 
@@ -20,6 +21,13 @@ def int3_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scal
               group_size: int) -> torch.Tensor:
     """y = x @ W^T with W the dequantized GPTQ v1 int3 weight; computed in fp32, returned in x's dtype."""
     weight = dequantize_int3(Int3Packed(qweight.cpu(), qzeros.cpu(), scales.cpu(), group_size)).to(x.device)
+    return (x.to(torch.float32) @ weight.t()).to(x.dtype)
+
+
+def int8_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+              group_size: int) -> torch.Tensor:
+    """y = x @ W^T with W the dequantized GPTQ v1 int8 weight; computed in fp32, returned in x's dtype."""
+    weight = dequantize_int8(Int8Packed(qweight.cpu(), qzeros.cpu(), scales.cpu(), group_size)).to(x.device)
     return (x.to(torch.float32) @ weight.t()).to(x.dtype)
 
 

@@ -11,6 +11,7 @@ from comptrust.compress import calibration_tokens, compress_, config_from_tag, i
 from comptrust.efficiency import (current_rss_bytes, measure_speed, peak_rss_bytes, release_memory,
                                   reset_peak_rss, weight_bytes)
 from comptrust.evals import DIMENSIONS, LanguageModel, perplexity
+from comptrust.evals.cache import OutputCache
 from comptrust.evals.perplexity import builtin_text, read_text_file
 from comptrust.models import compressed_checkpoint_tag, load_model
 from comptrust.report import write_report
@@ -36,6 +37,7 @@ class RunConfig:
     calib_samples: int = 128
     calib_seqlen: int = 512
     seed: int = 0
+    cache: str | None = None  # SQLite file of model outputs (comptrust.evals.cache): re-runs reuse them
 
     def __post_init__(self):
         unknown = [d for d in self.dimensions if d not in DIMENSIONS]
@@ -72,6 +74,7 @@ def run(config: RunConfig = RunConfig()) -> RunOutput:
     text = read_text_file(config.ppl_file) if config.ppl_file else builtin_text()
     rows, all_samples, reference = [], [], {}
     model_info = None
+    cache = OutputCache(config.cache) if config.cache else None
     precompressed = compressed_checkpoint_tag(config.model, config.online)
     tags = ("dense",) + tuple(config.compressions) if precompressed is None else (f"{precompressed} (checkpoint)",)
     for tag in tags:
@@ -100,7 +103,8 @@ def run(config: RunConfig = RunConfig()) -> RunOutput:
         results = [perplexity(loaded.model, loaded.tokenizer, text, text_name, max_tokens=config.ppl_max_tokens,
                               progress=config.progress)]
         seconds["perplexity"] = time.perf_counter() - clock
-        lm = LanguageModel(loaded.model, loaded.tokenizer, loaded.chat)
+        lm = LanguageModel(loaded.model, loaded.tokenizer, loaded.chat, cache=cache,
+                           fingerprint=_outputs_fingerprint(loaded, tag, config))
         for dimension in config.dimensions:
             clock = time.perf_counter()
             result, samples = DIMENSIONS[dimension](lm, reference.get(dimension), config.progress)
@@ -124,4 +128,15 @@ def run(config: RunConfig = RunConfig()) -> RunOutput:
     if precompressed is not None:
         settings["compressions"] = []  # not applied to a pre-quantized checkpoint
     paths = write_report(Path(config.out_dir), model_info, rows, all_samples, settings)
+    if cache is not None:
+        cache.close()
     return RunOutput(paths, rows)
+
+
+def _outputs_fingerprint(loaded, tag: str, config: RunConfig) -> str:
+    """What decides a configuration's answers: the source weights, the compression and, for calibrated
+    methods, the calibration data."""
+    parts = [loaded.fingerprint, tag]
+    if tag != "dense" and not tag.endswith("(checkpoint)") and is_calibrated(config_from_tag(tag)):
+        parts += [config.calib_source, str(config.calib_samples), str(config.calib_seqlen), str(config.seed)]
+    return "|".join(parts)

@@ -1,15 +1,28 @@
-"""The model interface the evaluators use: batched log-likelihood of continuations, and prompt building
-(chat template for chat models, plain text otherwise)."""
+"""The model interface the evaluators use: batched generation and batched log-likelihood of continuations,
+prompt building (chat template for chat models, plain text otherwise), and an optional output cache
+(evals/cache.py) so an interrupted evaluation resumes where it stopped."""
 from __future__ import annotations
+
+import hashlib
+import inspect
 
 import torch
 from tqdm.auto import tqdm
+from transformers import DynamicCache
+
+from comptrust.evals.cache import OutputCache, request_key
 
 
 class LanguageModel:
-    def __init__(self, model, tokenizer, chat: bool, batch_size: int = 16, max_length: int = 2048):
+    def __init__(self, model, tokenizer, chat: bool, batch_size: int = 16, max_length: int = 2048,
+                 cache: OutputCache | None = None, fingerprint: str | None = None):
+        """cache: reuse and store outputs there, keyed by `fingerprint`, which must then identify the weights
+        *and* their compression (a compressed model answers differently from its dense source)."""
+        if cache is not None and not fingerprint:
+            raise ValueError("LanguageModel: a cache needs the model's fingerprint (weights + compression)")
         self.model, self.tokenizer, self.chat = model, tokenizer, chat
         self.batch_size, self.max_length = batch_size, max_length
+        self.cache, self.fingerprint = cache, fingerprint
 
     def prompt(self, user: str, system: str | None = None) -> str:
         """The text the model sees before its answer: the chat template with the assistant turn opened,
@@ -23,6 +36,100 @@ class LanguageModel:
         # Chat templates already spell out their special tokens; base models get the tokenizer's BOS.
         special = is_context and not self.chat
         return self.tokenizer(text, add_special_tokens=special)["input_ids"]
+
+    def _left_padded(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """[batch, width] input ids and attention mask, each sequence right-aligned."""
+        width = max(len(ids) for ids in sequences)
+        pad = self.tokenizer.pad_token_id or 0
+        input_ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(sequences), width), dtype=torch.long)
+        for row, ids in enumerate(sequences):
+            input_ids[row, width - len(ids):] = torch.tensor(ids)
+            attention[row, width - len(ids):] = 1
+        return input_ids, attention
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[str], max_new_tokens: int = 64, *, temperature: float = 0.0, top_p: float = 1.0,
+                 n: int = 1, seed: int = 0, stop: tuple[str, ...] = (), batch_size: int | None = None,
+                 desc: str = "generating", progress: bool = True) -> list[list[str]]:
+        """n completions of each prompt (already built with prompt()), in batches with left padding and a KV
+        cache. temperature 0 is greedy (n must be 1); otherwise sampling with top_p, seeded per batch so the
+        same prompts and settings give the same answers. Each completion ends at end-of-sequence or is cut at
+        the first `stop` string; a finished row leaves the batch (see _decode)."""
+        if n < 1 or max_new_tokens < 1:
+            raise ValueError(f"generate: n={n} and max_new_tokens={max_new_tokens} must be at least 1")
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise ValueError(f"generate: temperature={temperature} must be >= 0 and top_p={top_p} in (0, 1]")
+        if temperature == 0 and n > 1:
+            raise ValueError("generate: greedy decoding (temperature 0) gives one answer; n > 1 needs temperature > 0")
+        params = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "n": n,
+                  "seed": seed, "stop": list(stop), "chat": self.chat}
+        results: list[list[str] | None] = [None] * len(prompts)
+        keys = [request_key(self.fingerprint, "generate", p, params) for p in prompts] if self.cache is not None else []
+        if self.cache is not None:
+            found = self.cache.get_many(keys)
+            results = [found.get(key) for key in keys]
+
+        todo = [i for i, r in enumerate(results) if r is None]
+        encoded = {i: self._encode(prompts[i], True)[-(self.max_length - max_new_tokens):] for i in todo}
+        order = sorted(todo, key=lambda i: -len(encoded[i]))  # similar lengths share a batch: less padding
+        size = batch_size or self.batch_size
+        batches = [order[i:i + size] for i in range(0, len(order), size)]
+        for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+            # The seed follows the batch's prompts, not its position in the run: a resumed run draws the same.
+            digest = hashlib.sha256("\0".join(prompts[i] for i in batch).encode()).digest()
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + int.from_bytes(digest[:6], "little"))
+            texts = self._decode([encoded[i] for i in batch for _ in range(n)], max_new_tokens, temperature, top_p,
+                                 stop, generator)
+            for row, i in enumerate(batch):
+                results[i] = [_cut_at_stop(text, stop) for text in texts[row * n:(row + 1) * n]]
+            if self.cache is not None:
+                self.cache.put_many("generate", {keys[i]: results[i] for i in batch})
+        return results
+
+    def _eos_ids(self) -> set[int]:
+        eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        eos = self.tokenizer.eos_token_id if eos is None else eos
+        return set(eos) if isinstance(eos, (list, tuple)) else {eos} if eos is not None else set()
+
+    def _decode(self, sequences: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
+                stop: tuple[str, ...], generator: torch.Generator) -> list[str]:
+        """The continuation of each token sequence, decoded together with one KV cache.
+
+        Our own loop rather than model.generate: a row that reaches end-of-sequence (or a stop string) leaves
+        the batch and the cache, so short answers stop costing compute (with generate, a batch runs as long
+        as its longest answer at full width; on the embedded model's probes half the rows were finished)."""
+        input_ids, attention = self._left_padded(sequences)
+        cache = DynamicCache(config=self.model.config)
+        cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        rows = torch.arange(len(sequences))  # which sequence each row of the shrinking batch is
+        produced: list[list[int]] = [[] for _ in sequences]
+        eos = self._eos_ids()
+        ids = input_ids
+        for step in range(max_new_tokens):
+            logits = self.model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=True,
+                                logits_to_keep=1, **{cache_arg: cache}).logits[:, -1].float()
+            tokens = _pick_tokens(logits, temperature, top_p, generator).tolist()
+            done = []
+            for row, token in zip(rows.tolist(), tokens):
+                ended = token in eos
+                if not ended:
+                    produced[row].append(token)
+                    ended = bool(stop) and any(s in self.tokenizer.decode(produced[row], skip_special_tokens=True)
+                                               for s in stop if s)
+                done.append(ended)
+            keep = ~torch.tensor(done)
+            if step == max_new_tokens - 1 or not keep.any():
+                break
+            ids = torch.tensor(tokens).unsqueeze(1)
+            attention = torch.cat([attention, torch.ones(len(tokens), 1, dtype=attention.dtype)], dim=1)
+            positions = positions[:, -1:] + 1
+            if not keep.all():
+                index = keep.nonzero().squeeze(1)
+                cache.batch_select_indices(index)
+                ids, attention, positions, rows = ids[index], attention[index], positions[index], rows[index]
+        return self.tokenizer.batch_decode(produced, skip_special_tokens=True)
 
     @torch.inference_mode()
     def loglikelihood(self, requests: list[tuple[str, str]], desc: str = "scoring",
@@ -40,20 +147,19 @@ class LanguageModel:
             encoded.append((ids, len(cont)))
 
         results: list[tuple[float, int] | None] = [None] * len(encoded)
-        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))  # similar lengths share a batch
+        keys = []
+        if self.cache is not None:
+            keys = [request_key(self.fingerprint, "loglikelihood", list(r), {"chat": self.chat}) for r in requests]
+            found = self.cache.get_many(keys)
+            results = [tuple(found[key]) if key in found else None for key in keys]
+        todo = [i for i, r in enumerate(results) if r is None]
+        order = sorted(todo, key=lambda i: -len(encoded[i][0]))  # similar lengths share a batch
         batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        pad = self.tokenizer.pad_token_id or 0
         for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
             # Left padding puts every continuation at the end, so only the last `keep` positions need
             # logits: [batch, keep, vocab] instead of [batch, width, vocab] (the vocabulary dominates memory).
-            width = max(len(encoded[i][0]) for i in batch)
             keep = max(encoded[i][1] for i in batch) + 1
-            input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            attention = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, i in enumerate(batch):
-                ids = encoded[i][0]
-                input_ids[row, width - len(ids):] = torch.tensor(ids)
-                attention[row, width - len(ids):] = 1
+            input_ids, attention = self._left_padded([encoded[i][0] for i in batch])
             positions = (attention.cumsum(-1) - 1).clamp(min=0)  # each sequence starts at position 0
             logits = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
                                 logits_to_keep=keep).logits
@@ -65,4 +171,24 @@ class LanguageModel:
                 # last n_cont, predicted from kept positions keep-1-n_cont .. keep-2
                 rows = torch.arange(keep - 1 - n_cont, keep - 1)
                 results[i] = (logprobs[row, rows, targets].sum().item(), n_cont)
+            if self.cache is not None:
+                self.cache.put_many("loglikelihood", {keys[i]: list(results[i]) for i in batch})
         return results
+
+
+def _pick_tokens(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
+    """Greedy (temperature 0) or nucleus sampling from [rows, vocab] logits; one token per row."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, -1)
+    if top_p < 1:
+        sorted_probs, order = probs.sort(-1, descending=True)
+        # Drop a token when the more likely ones already cover top_p (the most likely one always stays).
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def _cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
+    cuts = [text.find(s) for s in stop if s and s in text]
+    return text[:min(cuts)] if cuts else text

@@ -1,9 +1,9 @@
-"""Shared test inputs for the int4/int3 formats and kernels."""
+"""Shared test inputs for the int4/int3/int8 formats and kernels."""
 from __future__ import annotations
 
 import torch
 
-from comptrust.formats import pack_int3, pack_int4
+from comptrust.formats import pack_int3, pack_int4, pack_int8
 
 # (n, k): tiny, odd multiples of 8, and SmolLM2-135M's real layer shapes (q/o, k/v, MLP up/gate, down)
 ODD_SHAPES = ((24, 40), (200, 136), (8, 200), (40, 96))
@@ -29,6 +29,16 @@ def random_int3(n: int, k: int, group_size: int, seed: int = 0):
     zeros = torch.randint(1, 9, (n, groups), generator=g)
     scales = torch.rand(n, groups, generator=g) * 0.02 + 1e-3
     return pack_int3(codes, zeros, scales, group_size), codes, zeros, scales
+
+
+def random_int8(n: int, k: int, group_size: int, seed: int = 0):
+    """Random packed int8 weights covering every code and every storable zero point (1..256)."""
+    g = torch.Generator().manual_seed(seed)
+    groups = -(-k // group_size)
+    codes = torch.randint(0, 256, (n, k), generator=g)
+    zeros = torch.randint(1, 257, (n, groups), generator=g)
+    scales = torch.rand(n, groups, generator=g) * 0.002 + 1e-4
+    return pack_int8(codes, zeros, scales, group_size), codes, zeros, scales
 
 
 def available_isas() -> list[str]:

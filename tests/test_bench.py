@@ -51,12 +51,13 @@ def test_library_rows_cover_every_kernel_and_speedups_agree():
     result = bench.run_int_bench(False, shapes=[SHAPE], batches=BATCHES, progress=False, **TINY)
     check_result(result, [SHAPE], BATCHES)
     json.dumps(result)  # plain data only
-    # ours reads packed int4/int3 codes + fp16 scales + uint8 zero points; fp32 reads 8x the int4 bytes
+    # ours reads packed int4/int3/int8 codes + fp16 scales + uint8 zero points; fp32 reads 8x the int4 bytes
     row = {(r["kernel"], r["batch"]): r for r in result["rows"]}
     n, k = SHAPE
     assert row[("torch_fp32", 1)]["bytes_read"] == n * k * 4 + k * 4
     assert row[("comptrust_int4_fp32", 1)]["bytes_read"] == n * k // 2 + n * k // 128 * (2 + 1) + k * 4
     assert row[("comptrust_int3_a8", 1)]["bytes_read"] == n * k * 3 // 8 + n * k // 128 * (2 + 1) + k * 4
+    assert row[("comptrust_int8_fp32", 1)]["bytes_read"] == n * k + n * k // 128 * (2 + 1) + k * 4
 
 
 @pytest.fixture

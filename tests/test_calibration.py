@@ -115,6 +115,7 @@ def test_input_groups_follow_the_llama_block():
 @pytest.mark.parametrize("config,layer_type", [
     (GPTQConfig(bits=4, group_size=32), QuantLinear),
     (GPTQConfig(bits=3, group_size=32, act_order=True), ActOrderQuantLinear),
+    (GPTQConfig(bits=8, group_size=32, act_order=True), ActOrderQuantLinear),
     (GPTQConfig(bits=4, group_size=32, act_order=True, static_groups=True, true_sequential=False), QuantLinear),
     (AWQConfig(bits=4, group_size=32), QuantLinear),
     (SparseGPTConfig(pattern="2:4"), Sparse24Linear),

@@ -18,9 +18,9 @@ from comptrust.compress import RTNConfig
 from comptrust.formats import dequantize_awq, to_gptq_tensors
 from comptrust.models import ModelLoadError, ModelNotFoundError, checkpoint_quantization, load_model
 from comptrust.nn import ActOrderQuantLinear, QuantLinear
-from quant_cases import random_int3, random_int4, rel_err
+from quant_cases import random_int3, random_int4, random_int8, rel_err
 
-RANDOM_LAYER = {3: random_int3, 4: random_int4}
+RANDOM_LAYER = {3: random_int3, 4: random_int4, 8: random_int8}
 IDS = torch.randint(0, 500, (2, 11), generator=torch.Generator().manual_seed(0))
 
 
@@ -55,6 +55,7 @@ def saved_w4(compressed_w4, smollm2_tokenizer, tmp_path_factory):
 @pytest.mark.parametrize("config", [
     RTNConfig(bits=4, group_size=32),
     RTNConfig(bits=3, group_size=32),                      # MLP (200 wide) stays dense: int3 needs 32 | n, k
+    RTNConfig(bits=8, group_size=32, symmetric=True),
     RTNConfig(bits=4, group_size=-1, symmetric=True, act_bits=8, lm_head=True),  # lm_head packed: tie broken
 ], ids=lambda c: c.tag)
 def test_save_load_round_trip_is_bit_exact(tiny_llama, smollm2_tokenizer, tmp_path, config):
@@ -147,7 +148,7 @@ def act_order_g_idx(k, g, seed):
     return g_idx
 
 
-@pytest.mark.parametrize("bits", [4, 3])
+@pytest.mark.parametrize("bits", [4, 3, 8])
 def test_act_order_gptq_checkpoint_matches_dequantized_reference(bits, smollm2_tokenizer, tmp_path):
     torch.manual_seed(1)
     reference = LlamaForCausalLM(small_config(bias=True)).eval()
@@ -251,7 +252,7 @@ def test_malformed_tensors_are_named(saved_w4, tmp_path, change, message):
     ({"quant_method": "exl2"}, r"quant_method 'exl2' is not supported"),
     ({"format": "gptq_v2", "checkpoint_format": "gptq_v2"}, r"format 'gptq_v2' is not supported.*v1"),
     ({"format": None, "checkpoint_format": "marlin"}, r"format 'marlin' is not supported"),
-    ({"bits": 8}, r"bits=8 are not supported"),
+    ({"bits": 2}, r"bits=2 are not supported"),
     ({"bits": "4"}, r"bits must be an integer"),
     ({"quant_method": "awq", "format": None, "version": "gemv"}, r"AWQ format 'gemv' is not supported"),
     ({"quant_method": "awq", "format": "gemm", "bits": 3}, r"AWQ checkpoints with bits=3"),
@@ -381,6 +382,26 @@ def test_run_evaluates_a_checkpoint_as_it_is(saved_w4, tmp_path):
     assert row["compression"]["config"]["quant_method"] == "gptq" and report["settings"]["compressions"] == []
     markdown = open(output.paths["markdown"]).read()
     assert "| rtn-w4g32 (checkpoint) |" in markdown and "| dense |" not in markdown
+
+
+def test_run_with_a_cache_reuses_the_model_outputs(saved_w4, tmp_path):
+    from comptrust.evals.cache import OutputCache
+    from comptrust.run import RunConfig, run
+
+    def scores(report_dir):
+        config = RunConfig(model=str(saved_w4), out_dir=str(tmp_path / report_dir), ppl_max_tokens=128,
+                           prompt_tokens=16, decode_tokens=2, speed_repeats=1, progress=False,
+                           cache=str(tmp_path / "outputs.sqlite"))
+        report = json.loads(open(run(config).paths["json"]).read())
+        return [r for r in report["configs"][0]["results"] if r["dimension"] == "machine_ethics"]
+
+    first = scores("first")
+    cache = OutputCache(tmp_path / "outputs.sqlite")
+    stored = len(cache)
+    assert stored == 2 * first[0]["n"]  # one log-likelihood per answer choice and item
+    cache.close()
+    assert scores("second") == first
+    assert len(OutputCache(tmp_path / "outputs.sqlite")) == stored  # nothing was computed again
 
 
 # 2:4 + int4 needs in_features % 16: the two down_proj (in 200) stay dense.

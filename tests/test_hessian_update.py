@@ -86,7 +86,7 @@ def test_block_update_rejects_bad_input(bad, match):
 GPTQ_CASES = [  # n, k, bits, group size, symmetric, act-order, static groups
     (24, 256, 4, 128, False, False, False), (40, 384, 3, 32, True, True, False), (8, 256, 4, 64, False, True, True),
     (16, 200, 4, -1, False, False, False), (16, 256, 4, 128, False, False, True), (32, 576, 4, 128, False, False, False),
-    (3, 160, 3, 32, False, True, False),
+    (3, 160, 3, 32, False, True, False), (24, 256, 8, 128, False, True, False), (16, 128, 8, 32, True, False, False),
 ]
 
 

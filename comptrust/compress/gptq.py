@@ -1,4 +1,4 @@
-"""GPTQ (Frantar et al., 2022): int4 / int3 weights chosen column by column against each layer's Hessian,
+"""GPTQ (Frantar et al., 2022): int4 / int3 / int8 weights chosen column by column against each layer's Hessian,
 each column's rounding error compensated on the columns not yet quantized (comptrust/compress/hessian.py).
 The result is a GPTQ v1 layer (QuantLinear; ActOrderQuantLinear with act-order) on our packed kernels.
 """
@@ -10,10 +10,8 @@ import torch
 import torch.nn as nn
 
 from comptrust.compress.hessian import HessianAccumulator, QuantGrid, codes_of, error_feedback
-from comptrust.compress.rtn import check_weight_format
+from comptrust.compress.rtn import check_weight_format, pack_codes
 from comptrust.formats.act_order import apply_act_order, undo_act_order
-from comptrust.formats.int3 import pack_int3
-from comptrust.formats.int4 import pack_int4
 from comptrust.nn.act_order_linear import ActOrderQuantLinear
 from comptrust.nn.quant_linear import QuantLinear
 
@@ -74,6 +72,5 @@ def _canonical_act_order(codes: torch.Tensor, perm: torch.Tensor, group_size: in
 
 def pack_result(result, bits: int, group_size: int, codes: torch.Tensor | None = None):
     """The GPTQ v1 packed tensors of a quantized error_feedback result (its codes, or `codes` in their place)."""
-    pack = pack_int4 if bits == 4 else pack_int3
     codes = codes_of(result, group_size) if codes is None else codes
-    return pack(codes, result.zeros.to(torch.int16), result.scales, group_size)
+    return pack_codes(bits, codes, result.zeros.to(torch.int16), result.scales, group_size)

@@ -1,7 +1,8 @@
-"""Round-to-nearest (RTN) weight-only quantization into the GPTQ v1 int4 / int3 layouts.
+"""Round-to-nearest (RTN) weight-only quantization into the GPTQ v1 int4 / int3 / int8 layouts.
 
 The grid follows GPTQ's quantizer (so our RTN and later GPTQ share one definition): asymmetric ranges
-always include 0 (xmin <= 0 <= xmax); symmetric uses zero point 2^(bits-1) (8 for int4, 4 for int3).
+always include 0 (xmin <= 0 <= xmax); symmetric uses zero point 2^(bits-1) (8 for int4, 4 for int3,
+128 for int8).
 """
 from __future__ import annotations
 
@@ -12,16 +13,20 @@ import torch.nn.functional as F
 
 from comptrust.formats.int3 import Int3Packed, check_int3_shapes, pack_int3
 from comptrust.formats.int4 import Int4Packed, check_int4_shapes, num_groups, pack_int4
+from comptrust.formats.int8 import Int8Packed, check_int8_shapes, pack_int8
 
 INT4_MAX = 15
-_PACKERS = {4: (check_int4_shapes, pack_int4), 3: (check_int3_shapes, pack_int3)}
+_PACKERS = {4: (check_int4_shapes, pack_int4), 3: (check_int3_shapes, pack_int3), 8: (check_int8_shapes, pack_int8)}
+# Inputs per packed unit: groups hold whole words (int3 packs 32 inputs in 3 words).
+_GROUP_UNIT = {4: 8, 3: 32, 8: 4}
 
 
 def check_weight_format(owner: str, bits: int, group_size: int) -> None:
-    """The packed formats' limits, shared by every quantizer's config: int4 or int3, groups of whole words."""
+    """The packed formats' limits, shared by every quantizer's config: int4, int3 or int8, groups of whole words."""
     if bits not in _PACKERS:
-        raise ValueError(f"{owner}: bits={bits} is not available; int4 and int3 are (the packed kernels' formats)")
-    unit = 8 if bits == 4 else 32  # int3 packs 32 inputs per 3 words, so groups are multiples of 32
+        raise ValueError(f"{owner}: bits={bits} is not available; int4, int3 and int8 are (the packed kernels' "
+                         "formats)")
+    unit = _GROUP_UNIT[bits]
     if group_size != -1 and (group_size <= 0 or group_size % unit):
         raise ValueError(f"{owner}: group_size={group_size} must be -1 or a positive multiple of {unit} for int{bits}")
 
@@ -42,6 +47,8 @@ class RTNConfig:
         check_weight_format("RTNConfig", self.bits, self.group_size)
         if self.act_bits not in (None, 8):
             raise ValueError(f"RTNConfig: act_bits={self.act_bits} must be None (float activations) or 8")
+        if self.bits == 8 and self.act_bits == 8:
+            raise ValueError("RTNConfig: int8 weights run with float activations only (act_bits=None)")
 
     @property
     def tag(self) -> str:
@@ -58,10 +65,11 @@ def quantize_int4_rtn(weight: torch.Tensor, group_size: int, symmetric: bool = F
     return quantize_rtn(weight, 4, group_size, symmetric)
 
 
-def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool = False) -> Int4Packed | Int3Packed:
-    """Quantize a [out, in] weight to int4 or int3 with per-group scales and zero points, packed."""
+def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int,
+                 symmetric: bool = False) -> Int4Packed | Int3Packed | Int8Packed:
+    """Quantize a [out, in] weight to int4, int3 or int8 with per-group scales and zero points, packed."""
     if bits not in _PACKERS:
-        raise ValueError(f"quantize_rtn: bits={bits} must be 4 or 3")
+        raise ValueError(f"quantize_rtn: bits={bits} must be 4, 3 or 8")
     check_shapes, pack = _PACKERS[bits]
     top = 2**bits - 1
     n, k = weight.shape
@@ -71,8 +79,16 @@ def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int, symmetric: bo
     w = F.pad(weight.detach().to(torch.float32), (0, groups * group_size - k)).view(n, groups, group_size)
     scale, zero = rtn_grid(w, bits, symmetric)
     codes = torch.clamp(torch.round(w / scale.unsqueeze(-1)) + zero.unsqueeze(-1), 0, top)
-    codes = codes.view(n, groups * group_size)[:, :k].to(torch.uint8)
+    codes = codes.view(n, groups * group_size)[:, :k].to(torch.uint8)  # 0..255 fits for int8 too
     return pack(codes, zero.to(torch.int16), scale, group_size)
+
+
+def pack_codes(bits: int, codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
+               group_size: int) -> Int4Packed | Int3Packed | Int8Packed:
+    """The GPTQ v1 packed form of codes [n, k], zeros and scales [n, groups] at `bits` (4, 3 or 8)."""
+    if bits not in _PACKERS:
+        raise ValueError(f"pack_codes: bits={bits} must be 4, 3 or 8")
+    return _PACKERS[bits][1](codes, zeros, scales, group_size)
 
 
 def rtn_grid(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Packed weight formats. int4 and int3 follow the GPTQ v1 checkpoint layout (see int4.py, int3.py);
+"""Packed weight formats. int4, int3 and int8 follow the GPTQ v1 checkpoint layout (int4.py, int3.py, int8.py);
 gptq.py / awq.py import checkpoint tensors into them, act_order.py handles GPTQ's g_idx; sparse24.py is the
 2:4 semi-structured layout (values + 4-bit-per-group metadata), alone or with int4 kept values."""
 from comptrust.formats.int4 import (
@@ -14,6 +14,13 @@ from comptrust.formats.int3 import (
     pack_int3,
     unpack_int3,
     dequantize_int3,
+)
+from comptrust.formats.int8 import (
+    Int8Packed,
+    check_int8_shapes,
+    pack_int8,
+    unpack_int8,
+    dequantize_int8,
 )
 from comptrust.formats.act_order import (
     act_order_permutation,
@@ -42,6 +49,7 @@ from comptrust.formats.sparse24 import (
 __all__ = [
     "Int4Packed", "pack_int4", "unpack_int4", "dequantize_int4", "num_groups",
     "Int3Packed", "check_int3_shapes", "pack_int3", "unpack_int3", "dequantize_int3",
+    "Int8Packed", "check_int8_shapes", "pack_int8", "unpack_int8", "dequantize_int8",
     "act_order_permutation", "apply_act_order", "check_act_order_groups", "g_idx_is_trivial",
     "trivial_g_idx", "undo_act_order",
     "from_gptq_tensors", "read_bias", "to_gptq_tensors",

@@ -1,4 +1,4 @@
-"""The CPU kernels' tiled weight layout, built once per layer from the GPTQ v1 int4/int3 tensors.
+"""The CPU kernels' tiled weight layout, built once per layer from the GPTQ v1 int4/int3/int8 tensors.
 
 The layout is specified in csrc/include/comptrust/cpu_tiles.h (2:4 weights: sparse24_tiles.h): output columns in tiles of 8, each tile's
 weights contiguous along the input dimension; int3 split into a 2-bit and a 1-bit plane so the kernels
@@ -13,6 +13,7 @@ import torch
 
 from comptrust.formats.int3 import Int3Packed, pack_3bit_last_dim, unpack_3bit_last_dim
 from comptrust.formats.int4 import Int4Packed, _pack_nibbles_last_dim, _unpack_nibbles_last_dim
+from comptrust.formats.int8 import Int8Packed, pack_bytes_last_dim, unpack_bytes_last_dim
 from comptrust.formats.sparse24 import Sparse24Int4Packed, Sparse24Packed
 
 TILE_COLS = 8
@@ -28,8 +29,8 @@ _INT3_LOW_SHIFT = 2 * torch.arange(16)
 class TiledWeight:
     """One layer's weight in the CPU kernels' layout (see the module docstring)."""
 
-    weight: torch.Tensor  # bits 4: [n/8, k/8, 8] int32; bits 3: [n/8, k/32, 3, 8] int32
-    zeros: torch.Tensor   # [n/8, groups, 8] uint8
+    weight: torch.Tensor  # bits 4: [n/8, k/8, 8] int32; bits 3: [n/8, k/32, 3, 8] int32; bits 8: [n/8, k/4, 8]
+    zeros: torch.Tensor   # [n/8, groups, 8] uint8: the zero point (bits 3, 4) or zero-1 (bits 8: zero 256 fits)
     scales: torch.Tensor  # [n/8, groups, 8] float16
     bits: int
     group_size: int
@@ -40,7 +41,7 @@ class TiledWeight:
 
     @property
     def in_features(self) -> int:
-        return self.weight.shape[1] * (8 if self.bits == 4 else INT3_BLOCK)
+        return self.weight.shape[1] * {4: 8, 3: INT3_BLOCK, 8: 4}[self.bits]
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return (self.weight, self.zeros, self.scales)
@@ -103,13 +104,30 @@ def tile_int3(packed: Int3Packed) -> TiledWeight:
     )
 
 
-def tile(packed: Int4Packed | Int3Packed) -> TiledWeight:
+def tile_int8(packed: Int8Packed) -> TiledWeight:
+    _check_columns(packed.out_features)
+    return TiledWeight(
+        weight=_tile_columns(packed.qweight.t()),
+        zeros=_tile_columns(unpack_bytes_last_dim(packed.qzeros).t()),  # zero-1, as stored
+        scales=_tile_columns(packed.scales.t()),
+        bits=8,
+        group_size=packed.group_size,
+    )
+
+
+def tile(packed: Int4Packed | Int3Packed | Int8Packed) -> TiledWeight:
+    if isinstance(packed, Int8Packed):
+        return tile_int8(packed)
     return tile_int4(packed) if isinstance(packed, Int4Packed) else tile_int3(packed)
 
 
-def untile(tiled: TiledWeight) -> Int4Packed | Int3Packed:
+def untile(tiled: TiledWeight) -> Int4Packed | Int3Packed | Int8Packed:
     """The GPTQ v1 tensors a TiledWeight was built from, bit for bit."""
     scales = _untile_columns(tiled.scales)  # [n, groups]
+    if tiled.bits == 8:
+        qweight = _untile_columns(tiled.weight).t().contiguous()
+        qzeros = pack_bytes_last_dim(_untile_columns(tiled.zeros).t().contiguous())
+        return Int8Packed(qweight, qzeros, scales.t().contiguous(), tiled.group_size)
     zeros = _untile_columns(tiled.zeros).to(torch.int16)
     if tiled.bits == 4:
         qweight = _untile_columns(tiled.weight).t().contiguous()

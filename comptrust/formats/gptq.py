@@ -1,7 +1,7 @@
-"""GPTQ v1 checkpoint tensors of one linear layer <-> our packed int4 / int3 formats.
+"""GPTQ v1 checkpoint tensors of one linear layer <-> our packed int4 / int3 / int8 formats.
 
 A GPTQ v1 checkpoint stores, per layer `name`: name.qweight, name.qzeros, name.scales, name.g_idx and
-optionally name.bias, in exactly the layouts of int4.py / int3.py, so import is validation plus, for
+optionally name.bias, in exactly the layouts of int4.py / int3.py / int8.py, so import is validation plus, for
 act-order checkpoints, one permutation of the input rows (act_order.py). Every tensor is checked for
 presence, dtype and shape before use, so a malformed checkpoint fails with the tensor it is about.
 """
@@ -20,13 +20,15 @@ from comptrust.formats.act_order import (
 )
 from comptrust.formats.int3 import Int3Packed, check_int3_shapes, pack_int3, unpack_int3
 from comptrust.formats.int4 import Int4Packed, check_int4_shapes, num_groups, pack_int4, unpack_int4
+from comptrust.formats.int8 import Int8Packed, check_int8_shapes, pack_int8, unpack_int8
 
-Packed = Union[Int4Packed, Int3Packed]
+Packed = Union[Int4Packed, Int3Packed, Int8Packed]
 
 # bits -> (packed class, shape check, pack, unpack)
 _FORMATS = {
     4: (Int4Packed, check_int4_shapes, pack_int4, unpack_int4),
     3: (Int3Packed, check_int3_shapes, pack_int3, unpack_int3),
+    8: (Int8Packed, check_int8_shapes, pack_int8, unpack_int8),
 }
 _BIAS_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -73,7 +75,7 @@ def read_bias(tensors: Mapping[str, torch.Tensor], out_features: int, name: str)
 
 def _format(bits: int, name: str):
     if bits not in _FORMATS:
-        raise ValueError(f"{name}: bits={bits} is not supported (GPTQ import handles 3 and 4)")
+        raise ValueError(f"{name}: bits={bits} is not supported (GPTQ import handles 3, 4 and 8)")
     return _FORMATS[bits]
 
 

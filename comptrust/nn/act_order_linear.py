@@ -2,7 +2,7 @@
 
 An act-order layer's groups are scattered over the input rows (see formats/act_order.py). Import sorts
 the rows once so every group is contiguous again; the stored weight is then W[:, perm], an ordinary
-grouped int4/int3 weight that the packed kernels run unchanged, and the layer gathers its input:
+grouped int4/int3/int8 weight that the packed kernels run unchanged, and the layer gathers its input:
     y = x @ W^T = x[..., perm] @ W[:, perm]^T
 The gather touches k activations per token, which is negligible next to the k*n weight read it saves
 (the alternative, a kernel that looks up each row's group through g_idx, reads scales out of order).
@@ -14,6 +14,7 @@ import torch
 from comptrust.formats.gptq import to_gptq_tensors
 from comptrust.formats.int3 import Int3Packed
 from comptrust.formats.int4 import Int4Packed
+from comptrust.formats.int8 import Int8Packed
 from comptrust.nn.quant_linear import QuantLinear
 
 
@@ -25,7 +26,7 @@ class ActOrderQuantLinear(QuantLinear):
         self.register_buffer("perm", torch.arange(self.in_features, dtype=torch.int64))
 
     @classmethod
-    def from_act_order(cls, packed: Int4Packed | Int3Packed, perm: torch.Tensor, bias: torch.Tensor | None = None,
+    def from_act_order(cls, packed: Int4Packed | Int3Packed | Int8Packed, perm: torch.Tensor, bias: torch.Tensor | None = None,
                        symmetric: bool = False, act_bits: int | None = None) -> "ActOrderQuantLinear":
         """The layer from_gptq_tensors' (packed, perm, bias) describe: run on x[..., perm]."""
         k = packed.in_features

@@ -1,5 +1,6 @@
-"""QuantLinear: an nn.Linear replacement holding int4 or int3 weights and running on comptrust's packed
-kernels, never on a dequantized dense copy.
+"""QuantLinear: an nn.Linear replacement holding int4, int3 or int8 weights and running on comptrust's packed
+kernels, never on a dequantized dense copy. (int8 has a CPU kernel only; on other devices it runs the
+pure-torch reference, which dequantizes.)
 
 Its buffers (qweight, qzeros, scales) are the GPTQ v1 checkpoint tensors, so state_dict() is a GPTQ
 checkpoint; on CPU it runs on, and keeps only, the tiled form (comptrust.nn.tiled_linear).
@@ -13,16 +14,24 @@ from comptrust import ops, reference
 from comptrust.formats.cpu_tiles import TiledWeight, tile, untile
 from comptrust.formats.int3 import INT3_PER_BLOCK, WORDS_PER_BLOCK, Int3Packed, check_int3_shapes
 from comptrust.formats.int4 import INT4_PER_WORD, Int4Packed, check_int4_shapes, num_groups
+from comptrust.formats.int8 import INT8_PER_WORD, Int8Packed, check_int8_shapes
 from comptrust.nn.tiled_linear import TiledLinear
 
 # Resolved once: looking the op up through torch.ops on every call costs microseconds a decode step repeats.
 _GEMM_TILED = torch.ops.comptrust.gemm_tiled.default if ops.cpu_kernels_available() else None
 
 
+_PACKED = {4: Int4Packed, 3: Int3Packed, 8: Int8Packed}
+_CHECK_SHAPES = {4: check_int4_shapes, 3: check_int3_shapes, 8: check_int8_shapes}
+# Inputs and outputs must be multiples of this for the layout (and the CPU tiles' 8 columns).
+_UNIT = {4: INT4_PER_WORD, 3: INT3_PER_BLOCK, 8: 8}
+
+
 def _gptq_shapes(bits: int, k: int, n: int, group_size: int) -> dict[str, tuple[int, int]]:
     groups = num_groups(k, group_size)
-    if bits == 4:
-        return {"qweight": (k // INT4_PER_WORD, n), "qzeros": (groups, n // INT4_PER_WORD), "scales": (groups, n)}
+    if bits in (4, 8):
+        per_word = INT4_PER_WORD if bits == 4 else INT8_PER_WORD
+        return {"qweight": (k // per_word, n), "qzeros": (groups, n // per_word), "scales": (groups, n)}
     return {"qweight": (k // INT3_PER_BLOCK * WORDS_PER_BLOCK, n),
             "qzeros": (groups, n // INT3_PER_BLOCK * WORDS_PER_BLOCK), "scales": (groups, n)}
 
@@ -32,11 +41,13 @@ class QuantLinear(TiledLinear):
 
     def __init__(self, in_features: int, out_features: int, group_size: int, bias: bool = False,
                  symmetric: bool = False, act_bits: int | None = None, bits: int = 4):
-        if bits not in (3, 4):
-            raise ValueError(f"QuantLinear: bits={bits} must be 4 or 3")
-        (check_int4_shapes if bits == 4 else check_int3_shapes)(in_features, out_features, group_size)
+        if bits not in _PACKED:
+            raise ValueError(f"QuantLinear: bits={bits} must be 4, 3 or 8")
+        _CHECK_SHAPES[bits](in_features, out_features, group_size)
         if act_bits not in (None, 8):
             raise ValueError(f"QuantLinear: act_bits={act_bits} must be None (float activations) or 8")
+        if bits == 8 and act_bits == 8:
+            raise ValueError("QuantLinear: int8 weights run with float activations only (act_bits=None)")
         super().__init__(in_features, out_features, bias)
         self.group_size, self.bits, self.symmetric, self.act_bits = group_size, bits, symmetric, act_bits
         for name, shape in _gptq_shapes(bits, in_features, out_features, group_size).items():
@@ -44,17 +55,17 @@ class QuantLinear(TiledLinear):
 
     @staticmethod
     def why_ineligible(name: str, linear: nn.Linear, bits: int = 4) -> str | None:
-        """None if this nn.Linear can be stored as int4/int3, else the reason it stays dense."""
-        unit = INT4_PER_WORD if bits == 4 else INT3_PER_BLOCK
+        """None if this nn.Linear can be stored as int4/int3/int8, else the reason it stays dense."""
+        unit = _UNIT[bits]
         if linear.in_features % unit or linear.out_features % unit:
             return (f"int{bits} needs in/out features divisible by {unit}, got in={linear.in_features}, "
                     f"out={linear.out_features}")
         return None
 
     @classmethod
-    def from_packed(cls, packed: Int4Packed | Int3Packed, bias: torch.Tensor | None = None, symmetric: bool = False,
-                    act_bits: int | None = None) -> "QuantLinear":
-        bits = 4 if isinstance(packed, Int4Packed) else 3
+    def from_packed(cls, packed: Int4Packed | Int3Packed | Int8Packed, bias: torch.Tensor | None = None,
+                    symmetric: bool = False, act_bits: int | None = None) -> "QuantLinear":
+        bits = next(b for b, kind in _PACKED.items() if isinstance(packed, kind))
         layer = cls(packed.in_features, packed.out_features, packed.group_size, bias is not None, symmetric,
                     act_bits, bits)
         layer._set_buffers_from(packed, bias)
@@ -70,14 +81,13 @@ class QuantLinear(TiledLinear):
         return cls.from_packed(packed, linear.bias, symmetric, act_bits)
 
     # ------------------------------------------------------------------------- TiledLinear hooks
-    def _packed_from_buffers(self) -> Int4Packed | Int3Packed:
-        kind = Int4Packed if self.bits == 4 else Int3Packed
-        return kind(self.qweight, self.qzeros, self.scales, self.group_size)
+    def _packed_from_buffers(self) -> Int4Packed | Int3Packed | Int8Packed:
+        return _PACKED[self.bits](self.qweight, self.qzeros, self.scales, self.group_size)
 
-    def _tile(self, packed: Int4Packed | Int3Packed) -> TiledWeight:
+    def _tile(self, packed: Int4Packed | Int3Packed | Int8Packed) -> TiledWeight:
         return tile(packed)
 
-    def _untile(self, tiled: TiledWeight) -> Int4Packed | Int3Packed:
+    def _untile(self, tiled: TiledWeight) -> Int4Packed | Int3Packed | Int8Packed:
         return untile(tiled)
 
     def _run_tiled(self, x2d: torch.Tensor, tiled: TiledWeight) -> torch.Tensor:
@@ -85,6 +95,8 @@ class QuantLinear(TiledLinear):
                            self.act_bits or 0)
 
     def _run_packed(self, x2d: torch.Tensor) -> torch.Tensor:
+        if self.bits == 8:
+            return reference.int8_gemm(x2d, self.qweight, self.qzeros, self.scales, self.group_size)
         if self.bits == 4:
             gemm = ops.int4_gemm_a8 if self.act_bits == 8 else ops.int4_gemm
             return gemm(x2d, self.qweight, self.qzeros, self.scales, self.group_size)

@@ -1,4 +1,4 @@
-// CPU int4/int3 x float GEMM/GEMV over the tiled layout (csrc/include/comptrust/cpu_tiles.h).
+// CPU int4/int3/int8 x float GEMM/GEMV over the tiled layout (csrc/include/comptrust/cpu_tiles.h).
 //
 // Three kernels, picked by batch size and activation precision:
 //   * direct (batch < kPanelMinRows, float activations): codes are decoded in registers and feed up to
@@ -8,10 +8,12 @@
 //   * panel (batch >= kPanelMinRows, float activations): a group of two tiles is dequantized once into
 //     an L1-resident fp32 panel, then a 6x16 register-blocked microkernel runs every row over it (the
 //     decode cost is paid once per weight instead of once per row block).
-//   * a8 (int8 activations, any batch): x is quantized per row and per block of 32 inputs, the codes are
+//   * a8 (int8 activations, any batch; int4/int3 weights): x is quantized per row and per block of 32 inputs, the codes are
 //     unpacked into u8 lanes and multiplied with vpmaddubsw/vpmaddwd (16 u8 x s8 products per
 //     instruction pair), the integer block sums scaled once per block.
 // Each kernel has an AVX2 path and a portable scalar one; int4 direct also an AVX-512 one (isa.h picks).
+// int8 weights (w8, for accuracy rather than size) run direct and panel only: u8 codes up to 255 times s8
+// activations would saturate vpmaddubsw's int16 pairs, so there is no a8 path for them.
 // Work split: tiles (8 output columns) are the tasks of at::parallel_for, so each thread streams a
 // contiguous stretch of the weight.
 #include <ATen/Parallel.h>
@@ -37,8 +39,10 @@ constexpr int kPanelRows = 6;
 constexpr int kPanelTiles = 2;
 constexpr int64_t kPanelChunk = 256;  // input rows per panel: 256 x 16 fp32 = 16 KB, stays in L1
 
-// int4: k/8 words per column; int3: 3 words per 32 rows.
-inline int64_t words_per_column(int bits, int64_t k) { return bits == 4 ? k / 8 : k / kInt3BlockRows * 3; }
+// int4: k/8 words per column; int3: 3 words per 32 rows; int8: k/4.
+inline int64_t words_per_column(int bits, int64_t k) {
+  return bits == 4 ? k / 8 : bits == 8 ? k / 4 : k / kInt3BlockRows * 3;
+}
 
 struct Problem {
   int bits;
@@ -65,6 +69,10 @@ inline int code_at(const Problem& p, int64_t t, int64_t kk, int c) {
   if (p.bits == 4) {
     const uint32_t word = static_cast<uint32_t>(tw[(kk / 8) * kTileCols + c]);
     return static_cast<int>((word >> (4 * (kk % 8))) & 0xF);
+  }
+  if (p.bits == 8) {
+    const uint32_t word = static_cast<uint32_t>(tw[(kk / 4) * kTileCols + c]);
+    return static_cast<int>((word >> (8 * (kk % 4))) & 0xFF);
   }
   const int64_t block = kk / kInt3BlockRows, row = kk % kInt3BlockRows;
   const int plane = static_cast<int>(row / 16), j = static_cast<int>(row % 16);
@@ -102,10 +110,17 @@ void tile_scalar(const Problem& p, int64_t t, bool a8) {
               dot += p.x8[i * p.k + a8_lane_position(p.bits, kk)] * code_at(p, t, kk, c);
             acc += p.x_block_scale[(i * p.groups + g) * p.blocks_per_group + b] * static_cast<float>(dot);
           }
+        } else if (p.bits == 8) {  // zero subtracted per code (see direct_avx2)
+          const float zero = static_cast<float>(tz[g * kTileCols + c] + kInt8ZeroOffset);
+          for (int64_t kk = kb; kk < ke; ++kk)
+            acc += p.x[i * p.k + kk] * (static_cast<float>(code_at(p, t, kk, c)) - zero);
+          out += static_cast<float>(ts[g * kTileCols + c]) * acc;
+          continue;
         } else {
           for (int64_t kk = kb; kk < ke; ++kk) acc += p.x[i * p.k + kk] * static_cast<float>(code_at(p, t, kk, c));
         }
-        const float zero = tz[g * kTileCols + c], scale = static_cast<float>(ts[g * kTileCols + c]);
+        const float zero = tz[g * kTileCols + c];
+        const float scale = static_cast<float>(ts[g * kTileCols + c]);
         out += scale * (acc - zero * p.x_group_sum[i * p.groups + g]);
       }
       p.y[i * p.n + t * kTileCols + c] = out;
@@ -114,6 +129,17 @@ void tile_scalar(const Problem& p, int64_t t, bool a8) {
 }
 
 #ifdef COMPTRUST_X86
+// Codes of row b (0..3 within the word) of the 8 columns of an int8 word row, as floats.
+COMPTRUST_AVX2 inline __m256 int8_codes(__m256i words, int b) {
+  return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(words, 8 * b), _mm256_set1_epi32(0xFF)));
+}
+
+template <int BITS>
+COMPTRUST_AVX2 inline __m256 load_tile_zeros(const uint8_t* z) {
+  const __m256 zeros = load_zeros(z);
+  return BITS == 8 ? _mm256_add_ps(zeros, _mm256_set1_ps(kInt8ZeroOffset)) : zeros;
+}
+
 // Codes of row 16*plane + j of an int3 block (low plane word, high plane word), as floats.
 COMPTRUST_AVX2 inline __m256 int3_codes(__m256i low, __m256i high, int plane, int j) {
   const int high_bit = 8 * (j / 4) + 4 * plane + j % 4;
@@ -137,6 +163,7 @@ COMPTRUST_AVX2 void direct_avx2(const Problem& p, int64_t t, int64_t i0) {
   COMPTRUST_UNROLL for (int r = 0; r < R; ++r) out[r] = _mm256_setzero_ps();
   for (int64_t g = 0; g < p.groups; ++g) {
     const int64_t kb = g * p.group_size, ke = p.group_end(g);
+    const __m256 zero = load_tile_zeros<BITS>(p.tile_zeros(t) + g * kTileCols);
     __m256 acc[R][A];
     COMPTRUST_UNROLL for (int r = 0; r < R; ++r)
       COMPTRUST_UNROLL for (int a = 0; a < A; ++a) acc[r][a] = _mm256_setzero_ps();
@@ -148,6 +175,29 @@ COMPTRUST_AVX2 void direct_avx2(const Problem& p, int64_t t, int64_t i0) {
           const __m256 q = int4_codes(words, b);
           COMPTRUST_UNROLL for (int r = 0; r < R; ++r)
             acc[r][b % A] = _mm256_fmadd_ps(q, _mm256_broadcast_ss(x + r * p.k + row * 8 + b), acc[r][b % A]);
+        }
+      }
+    } else if constexpr (BITS == 8) {
+      // int8 subtracts the zero point from each code rather than using the group sum of x: with codes and
+      // zeros up to 256, s * (sum x*q - z * sum x) would cancel away ~8 bits of the precision int8 is for.
+      // Two word rows (8 inputs) per step where the group allows, so one row still fills up to 8 chains.
+      int64_t row = kb / 4;
+      for (; row + 2 <= ke / 4; row += 2) {
+        prefetch_ahead(tw + row * kTileCols);
+        const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tw + row * kTileCols));
+        const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tw + (row + 1) * kTileCols));
+        COMPTRUST_UNROLL for (int b = 0; b < 8; ++b) {
+          const __m256 q = _mm256_sub_ps(int8_codes(b < 4 ? w0 : w1, b % 4), zero);
+          COMPTRUST_UNROLL for (int r = 0; r < R; ++r)
+            acc[r][b % A] = _mm256_fmadd_ps(q, _mm256_broadcast_ss(x + r * p.k + row * 4 + b), acc[r][b % A]);
+        }
+      }
+      if (row < ke / 4) {  // a group of 4 (mod 8) inputs: its last word row alone
+        const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tw + row * kTileCols));
+        COMPTRUST_UNROLL for (int b = 0; b < 4; ++b) {
+          const __m256 q = _mm256_sub_ps(int8_codes(w0, b), zero);
+          COMPTRUST_UNROLL for (int r = 0; r < R; ++r)
+            acc[r][b % A] = _mm256_fmadd_ps(q, _mm256_broadcast_ss(x + r * p.k + row * 4 + b), acc[r][b % A]);
         }
       }
     } else {
@@ -167,13 +217,16 @@ COMPTRUST_AVX2 void direct_avx2(const Problem& p, int64_t t, int64_t i0) {
         }
       }
     }
-    const __m256 zero = load_zeros(p.tile_zeros(t) + g * kTileCols);
     const __m256 scale = load_scales(p.tile_scales(t) + g * kTileCols);
     COMPTRUST_UNROLL for (int r = 0; r < R; ++r) {
       __m256 sum = acc[r][0];
       COMPTRUST_UNROLL for (int a = 1; a < A; ++a) sum = _mm256_add_ps(sum, acc[r][a]);
-      const __m256 xsum = _mm256_set1_ps(p.x_group_sum[(i0 + r) * p.groups + g]);
-      out[r] = _mm256_fmadd_ps(scale, _mm256_fnmadd_ps(zero, xsum, sum), out[r]);
+      if constexpr (BITS == 8) {
+        out[r] = _mm256_fmadd_ps(scale, sum, out[r]);  // the zero point is already subtracted
+      } else {
+        const __m256 xsum = _mm256_set1_ps(p.x_group_sum[(i0 + r) * p.groups + g]);
+        out[r] = _mm256_fmadd_ps(scale, _mm256_fnmadd_ps(zero, xsum, sum), out[r]);
+      }
     }
   }
   COMPTRUST_UNROLL for (int r = 0; r < R; ++r) _mm256_storeu_ps(p.y + (i0 + r) * p.n + t * kTileCols, out[r]);
@@ -280,8 +333,15 @@ COMPTRUST_AVX2 void dequantize_panel(const Problem& p, int64_t t, int tiles, int
     }
     const int32_t* tw = p.tile_w(t + u);
     const __m256 scale = load_scales(p.tile_scales(t + u) + g * kTileCols);
-    const __m256 zero = load_zeros(p.tile_zeros(t + u) + g * kTileCols);
-    if constexpr (BITS == 4) {
+    const __m256 zero = load_tile_zeros<BITS>(p.tile_zeros(t + u) + g * kTileCols);
+    if constexpr (BITS == 8) {
+      for (int64_t row = kc / 4; row < kce / 4; ++row) {
+        const __m256i words = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tw + row * kTileCols));
+        for (int b = 0; b < 4; ++b)
+          _mm256_storeu_ps(col + (row * 4 + b - kc) * 16,
+                           _mm256_mul_ps(_mm256_sub_ps(int8_codes(words, b), zero), scale));
+      }
+    } else if constexpr (BITS == 4) {
       for (int64_t row = kc / 8; row < kce / 8; ++row) {
         const __m256i words = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tw + row * kTileCols));
         for (int b = 0; b < 8; ++b)
@@ -372,6 +432,7 @@ COMPTRUST_AVX2 void panel_avx2(const Problem& p, int64_t t, int tiles, float* pa
 
 template <int BITS, bool A8>
 COMPTRUST_AVX2 void rows_avx2(const Problem& p, int64_t t) {
+  static_assert(!(A8 && BITS == 8), "no a8 path for int8 weights");
   for_each_row_block(p.m, [&](auto rows, int64_t i0) {
     constexpr int R = decltype(rows)::value;
     if constexpr (A8) a8_avx2<BITS, R>(p, t, i0);
@@ -445,6 +506,7 @@ void run(const Problem& p, bool a8, Isa isa) {
           const int64_t t = pair * kPanelTiles;
           const int count = static_cast<int>(std::min<int64_t>(kPanelTiles, tiles - t));
           if (p.bits == 4) panel_avx2<4>(p, t, count, panel.data(), spill.data());
+          else if (p.bits == 8) panel_avx2<8>(p, t, count, panel.data(), spill.data());
           else panel_avx2<3>(p, t, count, panel.data(), spill.data());
         }
       });
@@ -459,6 +521,7 @@ void run(const Problem& p, bool a8, Isa isa) {
     at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         if (p.bits == 4) a8 ? rows_avx2<4, true>(p, t) : rows_avx2<4, false>(p, t);
+        else if (p.bits == 8) rows_avx2<8, false>(p, t);  // check_args refuses a8 for int8 weights
         else a8 ? rows_avx2<3, true>(p, t) : rows_avx2<3, false>(p, t);
       }
     });
@@ -505,8 +568,10 @@ void quantize_rows(const Problem& p, const float* x, int8_t* x8, float* block_sc
 
 void check_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& zeros, const at::Tensor& scales,
                 int64_t bits, int64_t group_size, int64_t act_bits) {
-  TORCH_CHECK(bits == 3 || bits == 4, "gemm_tiled: bits=", bits, " must be 3 or 4");
+  TORCH_CHECK(bits == 3 || bits == 4 || bits == 8, "gemm_tiled: bits=", bits, " must be 3, 4 or 8");
   TORCH_CHECK(act_bits == 0 || act_bits == 8, "gemm_tiled: act_bits=", act_bits, " must be 0 (float) or 8");
+  TORCH_CHECK(!(bits == 8 && act_bits == 8), "gemm_tiled: int8 weights run with float activations only "
+              "(act_bits=0); u8 x s8 products of 8-bit codes would overflow the a8 kernel's int16 sums");
   TORCH_CHECK(x.dim() == 2, "gemm_tiled: x must be 2-D [m, k], got ", x.sizes());
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
               "gemm_tiled: x must be float32, bfloat16 or float16, got ", x.scalar_type());
@@ -516,16 +581,18 @@ void check_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor&
   TORCH_CHECK(zeros.scalar_type() == at::kByte, "gemm_tiled: zeros must be uint8, got ", zeros.scalar_type());
   TORCH_CHECK(scales.scalar_type() == at::kHalf, "gemm_tiled: scales must be float16, got ", scales.scalar_type());
   const int64_t k = x.size(1);
-  const int64_t unit = bits == 4 ? 8 : kInt3BlockRows;
+  const int64_t unit = bits == 4 ? 8 : bits == 8 ? 4 : kInt3BlockRows;
   TORCH_CHECK(k > 0 && k % unit == 0, "gemm_tiled: k=", k, " must be a positive multiple of ", unit, " for int",
               bits);
   TORCH_CHECK(group_size > 0 && group_size % unit == 0, "gemm_tiled: group_size=", group_size,
               " must be a positive multiple of ", unit, " for int", bits, " (k=", k, ")");
   const int64_t tiles = weight.dim() > 0 ? weight.size(0) : 0;
   const int64_t groups = (k + group_size - 1) / group_size;
-  if (bits == 4) {
-    TORCH_CHECK(weight.dim() == 3 && weight.size(1) == k / 8 && weight.size(2) == kTileCols,
-                "gemm_tiled: int4 weight is ", weight.sizes(), ", expected [n/8, ", k / 8, ", 8] for k=", k);
+  if (bits == 4 || bits == 8) {
+    const int64_t per_word = bits == 4 ? 8 : 4;
+    TORCH_CHECK(weight.dim() == 3 && weight.size(1) == k / per_word && weight.size(2) == kTileCols,
+                "gemm_tiled: int", bits, " weight is ", weight.sizes(), ", expected [n/8, ", k / per_word,
+                ", 8] for k=", k);
   } else {
     TORCH_CHECK(weight.dim() == 4 && weight.size(1) == k / kInt3BlockRows && weight.size(2) == kInt3BlockPlanes &&
                     weight.size(3) == kTileCols,

@@ -11,7 +11,9 @@
 //         plane 2:        bit 2 of row 32b + 16p + 4q + i at bit 8q + 4p + i.
 //         So shifting planes p and 2 right by 2i and 4p+i puts rows 16p + 4q + i (q = 0..3) in bytes q of
 //         the word, low bits in bits 0-1 and the high bit at bit 0 of the high plane's byte.
-// zeros:  [n/8, groups, 8] uint8, the zero point itself (not zero-1).
+// weight, bits 8: [n/8, k/4, 8] int32. Word (t, r, c) is GPTQ qweight[r, 8t + c]: row 4r+i in bits 8i..8i+7.
+// zeros:  [n/8, groups, 8] uint8: bits 3 and 4, the zero point itself; bits 8, zero-1 as GPTQ stores it
+//         (v1 allows zero point 256, which no byte holds), so the kernels add kInt8ZeroOffset.
 // scales: [n/8, groups, 8] fp16.
 // W[j, kk] = (code - zero[g, j]) * scale[g, j] with g = kk / group_size, as in the GPTQ layout.
 #pragma once
@@ -22,6 +24,7 @@ namespace comptrust {
 constexpr int kTileCols = 8;
 constexpr int kInt3BlockRows = 32;   // input rows per int3 block ...
 constexpr int kInt3BlockPlanes = 3;  // ... stored as this many words per column
+constexpr int kInt8ZeroOffset = 1;   // int8 tiles store zero-1
 constexpr int kActBlock = 32;        // int8 activations: one scale per this many inputs (within a group)
 
 }  // namespace comptrust
