@@ -54,7 +54,7 @@ setup(
     packages=["comptrust", "comptrust.nn", "comptrust.compress", "comptrust.formats",
               "comptrust.kernels", "comptrust.evals", "comptrust.bench"],
     package_dir={"comptrust.kernels": "kernels", "comptrust.evals": "evals", "comptrust.bench": "bench"},
-    package_data={"comptrust.evals": ["data/*.jsonl", "data/*.txt"], "comptrust.compress": ["data/*.txt"]},
+    package_data={"comptrust.evals": ["data/*.jsonl", "data/*.json", "data/*.txt"], "comptrust.compress": ["data/*.txt"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
 )

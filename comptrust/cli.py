@@ -158,7 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="compressions to compare with dense, e.g. rtn-w4g128 gptq-w4g128 gptq-w4g128-act mag-24 "
                           "mag-24-w4g64 sparsegpt-24 wanda-50 (default: rtn-w4g128 mag-24; a pre-quantized GPTQ/AWQ "
                           "checkpoint is evaluated as it is)")
-    run.add_argument("--dimensions", nargs="+", default=["machine_ethics"])
+    run.add_argument("--dimensions", nargs="+", default=["machine_ethics"],
+                     help="trust dimensions, e.g. machine_ethics adversarial_robustness (default: machine_ethics; "
+                          "an unknown name lists the known ones)")
     run.add_argument("--out", default="comptrust-out", help="output folder (default: comptrust-out)")
     run.add_argument("--ppl-file", help="text file for perplexity (default: the built-in sample)")
     run.add_argument("--ppl-max-tokens", type=int)

@@ -45,3 +45,24 @@ def accuracy_with_interval(correct: int, n: int) -> tuple[float, float, tuple[fl
     p = correct / n
     interval = binomtest(correct, n).proportion_ci(confidence_level=0.95, method="wilson")
     return 100 * p, 100 * math.sqrt(p * (1 - p) / n), (100 * float(interval.low), 100 * float(interval.high))
+
+
+def choice_distribution(loglikelihoods: list[float]) -> list[float]:
+    """The model's distribution over answer choices: softmax of their log-likelihoods."""
+    top = max(loglikelihoods)
+    weights = [math.exp(value - top) for value in loglikelihoods]
+    return [w / sum(weights) for w in weights]
+
+
+def compare_to_reference(samples: list[dict], reference: list[dict]) -> tuple[float, float]:
+    """(share of items whose answer changed, mean KL(reference || samples) of the choice distributions)."""
+    by_id = {s["id"]: s for s in reference}
+    missing = [s["id"] for s in samples if s["id"] not in by_id]
+    if missing:
+        raise ValueError(f"reference samples lack items {missing[:5]}")
+    flips, kl_total = 0, 0.0
+    for sample in samples:
+        ref = by_id[sample["id"]]
+        flips += sample["prediction"] != ref["prediction"]
+        kl_total += sum(p * math.log(p / q) for p, q in zip(ref["choice_prob"], sample["choice_prob"]) if p > 0)
+    return flips / len(samples), kl_total / len(samples)

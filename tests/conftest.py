@@ -11,6 +11,25 @@ import pytest  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM
 
 
+def _cpu_isas() -> list[str]:
+    from quant_cases import available_isas
+
+    try:
+        return available_isas()
+    except ImportError:  # no compiled extension: the tests that take `isa` are skipped (no parameters)
+        return []
+
+
+@pytest.fixture(params=_cpu_isas())
+def isa(request, monkeypatch):
+    """Each CPU SIMD path this machine runs (avx512, avx2, scalar), forced in turn via COMPTRUST_CPU_ISA."""
+    from comptrust import _C
+
+    monkeypatch.setenv("COMPTRUST_CPU_ISA", request.param)
+    assert _C.cpu_isa() == request.param
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def tiny_llama():
     """A randomly initialised Llama small enough for unit tests; layer sizes are multiples of 8 but not

@@ -11,34 +11,26 @@ MODEL_SHAPES = ((576, 576), (192, 576), (1536, 576), (576, 1536))
 M_SIZES = (1, 3, 7, 13, 118)
 
 
-def random_int4(n: int, k: int, group_size: int, seed: int = 0):
-    """Random packed weights covering every code and every storable zero point (1..16)."""
+def _random_grouped(pack, bits: int, n: int, k: int, group_size: int, seed: int, scale: float):
+    """Random packed weights covering every code (0..2^bits-1) and every storable zero point (1..2^bits)."""
     g = torch.Generator().manual_seed(seed)
     groups = -(-k // group_size)
-    codes = torch.randint(0, 16, (n, k), generator=g)
-    zeros = torch.randint(1, 17, (n, groups), generator=g)
-    scales = torch.rand(n, groups, generator=g) * 0.02 + 1e-3
-    return pack_int4(codes, zeros, scales, group_size), codes, zeros, scales
+    codes = torch.randint(0, 2**bits, (n, k), generator=g)
+    zeros = torch.randint(1, 2**bits + 1, (n, groups), generator=g)
+    scales = torch.rand(n, groups, generator=g) * scale + scale / 20
+    return pack(codes, zeros, scales, group_size), codes, zeros, scales
+
+
+def random_int4(n: int, k: int, group_size: int, seed: int = 0):
+    return _random_grouped(pack_int4, 4, n, k, group_size, seed, 0.02)
 
 
 def random_int3(n: int, k: int, group_size: int, seed: int = 0):
-    """Random packed int3 weights covering every code and every storable zero point (1..8)."""
-    g = torch.Generator().manual_seed(seed)
-    groups = -(-k // group_size)
-    codes = torch.randint(0, 8, (n, k), generator=g)
-    zeros = torch.randint(1, 9, (n, groups), generator=g)
-    scales = torch.rand(n, groups, generator=g) * 0.02 + 1e-3
-    return pack_int3(codes, zeros, scales, group_size), codes, zeros, scales
+    return _random_grouped(pack_int3, 3, n, k, group_size, seed, 0.02)
 
 
 def random_int8(n: int, k: int, group_size: int, seed: int = 0):
-    """Random packed int8 weights covering every code and every storable zero point (1..256)."""
-    g = torch.Generator().manual_seed(seed)
-    groups = -(-k // group_size)
-    codes = torch.randint(0, 256, (n, k), generator=g)
-    zeros = torch.randint(1, 257, (n, groups), generator=g)
-    scales = torch.rand(n, groups, generator=g) * 0.002 + 1e-4
-    return pack_int8(codes, zeros, scales, group_size), codes, zeros, scales
+    return _random_grouped(pack_int8, 8, n, k, group_size, seed, 0.002)
 
 
 def available_isas() -> list[str]:

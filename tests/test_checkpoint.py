@@ -385,20 +385,24 @@ def test_run_evaluates_a_checkpoint_as_it_is(saved_w4, tmp_path):
 
 
 def test_run_with_a_cache_reuses_the_model_outputs(saved_w4, tmp_path):
+    from comptrust.evals.adv_robustness import LABEL_WORDS, load_builtin_probes
     from comptrust.evals.cache import OutputCache
     from comptrust.run import RunConfig, run
 
     def scores(report_dir):
         config = RunConfig(model=str(saved_w4), out_dir=str(tmp_path / report_dir), ppl_max_tokens=128,
                            prompt_tokens=16, decode_tokens=2, speed_repeats=1, progress=False,
+                           dimensions=("machine_ethics", "adversarial_robustness"),
                            cache=str(tmp_path / "outputs.sqlite"))
         report = json.loads(open(run(config).paths["json"]).read())
-        return [r for r in report["configs"][0]["results"] if r["dimension"] == "machine_ethics"]
+        return [r for r in report["configs"][0]["results"] if r["dimension"] != "perplexity"]
 
     first = scores("first")
+    assert [r["dimension"] for r in first] == ["machine_ethics", "adversarial_robustness"]
     cache = OutputCache(tmp_path / "outputs.sqlite")
     stored = len(cache)
-    assert stored == 2 * first[0]["n"]  # one log-likelihood per answer choice and item
+    # one log-likelihood per answer choice and item
+    assert stored == 2 * first[0]["n"] + sum(len(LABEL_WORDS[item.task]) for item in load_builtin_probes())
     cache.close()
     assert scores("second") == first
     assert len(OutputCache(tmp_path / "outputs.sqlite")) == stored  # nothing was computed again

@@ -9,20 +9,13 @@ dequantized-panel kernel; both are covered.
 import pytest
 import torch
 
-from comptrust import _C, ops, reference
+from comptrust import ops, reference
 from comptrust.formats.cpu_tiles import TiledWeight, tile, tile_int3, tile_int4, untile
-from quant_cases import available_isas, MODEL_SHAPES, random_int3, random_int4, rel_err
+from quant_cases import MODEL_SHAPES, random_int3, random_int4, rel_err
 
 INT3_ODD_SHAPES = ((32, 32), (96, 160), (160, 224), (64, 96))
 INT4_ODD_SHAPES = ((24, 40), (200, 136), (8, 200), (40, 96))
 M_SIZES = (1, 2, 3, 5, 8, 13, 70)
-
-
-@pytest.fixture(params=available_isas())
-def isa(request, monkeypatch):
-    monkeypatch.setenv("COMPTRUST_CPU_ISA", request.param)
-    assert _C.cpu_isa() == request.param
-    return request.param
 
 
 def _random(bits, n, k, group_size, seed=0):

@@ -10,16 +10,9 @@ import pytest
 import torch
 
 from comptrust import _C, ops, reference
-from quant_cases import available_isas, M_SIZES, MODEL_SHAPES, ODD_SHAPES, random_int4, rel_err
+from quant_cases import M_SIZES, MODEL_SHAPES, ODD_SHAPES, random_int4, rel_err
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}
-
-
-@pytest.fixture(params=available_isas())
-def isa(request, monkeypatch):
-    monkeypatch.setenv("COMPTRUST_CPU_ISA", request.param)
-    assert _C.cpu_isa() == request.param
-    return request.param
 
 
 def _check(m, n, k, group_size, dtype=torch.float32, seed=0):

@@ -10,23 +10,16 @@ errors of order 1. Every batch runs the same kernel on blocks of 4 rows (1..3-ro
 import pytest
 import torch
 
-from comptrust import _C, ops, reference
+from comptrust import ops, reference
 from comptrust.formats.cpu_tiles import TiledSparse24, tile_sparse24, tile_sparse24_int4, untile_sparse24
 from comptrust.formats.sparse24 import Sparse24Packed, pack_sparse24, prune_magnitude_24
-from quant_cases import MODEL_SHAPES, available_isas, rel_err
+from quant_cases import MODEL_SHAPES, rel_err
 from sparse24_cases import uniform_sparse24, uniform_sparse24_int4
 
 FLOAT_ODD_SHAPES = ((8, 8), (24, 40), (200, 136), (16, 200), (40, 96))
 INT4_ODD_SHAPES = ((8, 16), (24, 48), (200, 144), (40, 96))
 M_SIZES = (1, 2, 3, 5, 8, 13, 70)
 VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-@pytest.fixture(params=available_isas())
-def isa(request, monkeypatch):
-    monkeypatch.setenv("COMPTRUST_CPU_ISA", request.param)
-    assert _C.cpu_isa() == request.param
-    return request.param
 
 
 def _check_float(m, n, k, value_dtype=torch.float32, x_dtype=torch.float32, seed=0):

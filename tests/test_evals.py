@@ -4,10 +4,9 @@ import pytest
 import torch
 
 from comptrust.evals import LanguageModel, perplexity
-from comptrust.evals.machine_ethics import (compare_to_reference, evaluate_machine_ethics, load_builtin_probes,
-                                            parse_probes)
+from comptrust.evals.machine_ethics import evaluate_machine_ethics, load_builtin_probes, parse_probes
 from comptrust.evals.perplexity import builtin_text
-from comptrust.evals.schema import MetricResult, accuracy_with_interval
+from comptrust.evals.schema import MetricResult, accuracy_with_interval, compare_to_reference
 
 
 def test_wilson_interval_worked_example():

@@ -8,24 +8,17 @@ import pytest
 import torch
 import torch.nn as nn
 
-from comptrust import _C, ops, reference
+from comptrust import ops, reference
 from comptrust.compress import RTNConfig, compress_, config_from_tag
 from comptrust.compress.rtn import quantize_rtn
 from comptrust.formats import from_gptq_tensors, to_gptq_tensors
 from comptrust.formats.cpu_tiles import tile, untile
 from comptrust.formats.int8 import Int8Packed, dequantize_int8, pack_int8, unpack_int8
 from comptrust.nn import QuantLinear
-from quant_cases import MODEL_SHAPES, available_isas, random_int8, rel_err
+from quant_cases import MODEL_SHAPES, random_int8, rel_err
 
 ODD_SHAPES = ((8, 4), (24, 36), (200, 132), (40, 100), (16, 1028))
 M_SIZES = (1, 2, 3, 5, 8, 13, 70)
-
-
-@pytest.fixture(params=available_isas())
-def isa(request, monkeypatch):
-    monkeypatch.setenv("COMPTRUST_CPU_ISA", request.param)
-    assert _C.cpu_isa() == request.param
-    return request.param
 
 
 def _check(m, n, k, group_size, dtype=torch.float32, seed=0, tol=1e-5):

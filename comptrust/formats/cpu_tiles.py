@@ -12,8 +12,9 @@ from dataclasses import dataclass
 import torch
 
 from comptrust.formats.int3 import Int3Packed, pack_3bit_last_dim, unpack_3bit_last_dim
-from comptrust.formats.int4 import Int4Packed, _pack_nibbles_last_dim, _unpack_nibbles_last_dim
-from comptrust.formats.int8 import Int8Packed, pack_bytes_last_dim, unpack_bytes_last_dim
+from comptrust.formats.int4 import (Int4Packed, _pack_nibbles_last_dim, _unpack_nibbles_last_dim, pack_fields_last_dim,
+                                    unpack_fields_last_dim)
+from comptrust.formats.int8 import Int8Packed
 from comptrust.formats.sparse24 import Sparse24Int4Packed, Sparse24Packed
 
 TILE_COLS = 8
@@ -108,7 +109,7 @@ def tile_int8(packed: Int8Packed) -> TiledWeight:
     _check_columns(packed.out_features)
     return TiledWeight(
         weight=_tile_columns(packed.qweight.t()),
-        zeros=_tile_columns(unpack_bytes_last_dim(packed.qzeros).t()),  # zero-1, as stored
+        zeros=_tile_columns(unpack_fields_last_dim(packed.qzeros, 8).t()),  # zero-1, as stored
         scales=_tile_columns(packed.scales.t()),
         bits=8,
         group_size=packed.group_size,
@@ -126,7 +127,7 @@ def untile(tiled: TiledWeight) -> Int4Packed | Int3Packed | Int8Packed:
     scales = _untile_columns(tiled.scales)  # [n, groups]
     if tiled.bits == 8:
         qweight = _untile_columns(tiled.weight).t().contiguous()
-        qzeros = pack_bytes_last_dim(_untile_columns(tiled.zeros).t().contiguous())
+        qzeros = pack_fields_last_dim(_untile_columns(tiled.zeros).t().contiguous(), 8)
         return Int8Packed(qweight, qzeros, scales.t().contiguous(), tiled.group_size)
     zeros = _untile_columns(tiled.zeros).to(torch.int16)
     if tiled.bits == 4:

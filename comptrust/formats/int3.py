@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from comptrust.formats.int4 import dequantize_codes, num_groups
+
 INT3_PER_BLOCK = 32   # values per block ...
 WORDS_PER_BLOCK = 3   # ... held in this many int32 words (32 * 3 bits = 96 bits, none wasted)
 _MASK32 = 0xFFFFFFFF
@@ -26,10 +28,6 @@ _MASK32 = 0xFFFFFFFF
 # 21..31 fill bits 63..95. Bit 63 is the one that crosses: it is value 21's bit 0 and word1's bit 31.
 _LOW_SHIFTS = 3 * torch.arange(21, dtype=torch.int64)
 _HIGH_SHIFTS = 3 * torch.arange(11, dtype=torch.int64)
-
-
-def num_groups(in_features: int, group_size: int) -> int:
-    return -(-in_features // group_size)
 
 
 def check_int3_shapes(in_features: int, out_features: int, group_size: int) -> None:
@@ -124,8 +122,4 @@ def unpack_int3(packed: Int3Packed) -> tuple[torch.Tensor, torch.Tensor, torch.T
 
 def dequantize_int3(packed: Int3Packed, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The dense [n, k] weight the packed tensors stand for (the reference every kernel is tested against)."""
-    codes, zeros, scales = unpack_int3(packed)
-    group_of_input = torch.arange(packed.in_features) // packed.group_size
-    z = zeros.to(torch.float32)[:, group_of_input]
-    s = scales.to(torch.float32)[:, group_of_input]
-    return ((codes.to(torch.float32) - z) * s).to(dtype)
+    return dequantize_codes(*unpack_int3(packed), packed.group_size, dtype)
