@@ -62,6 +62,9 @@ class LanguageModel:
             raise ValueError(f"generate: temperature={temperature} must be >= 0 and top_p={top_p} in (0, 1]")
         if temperature == 0 and n > 1:
             raise ValueError("generate: greedy decoding (temperature 0) gives one answer; n > 1 needs temperature > 0")
+        if max_new_tokens >= self.max_length:
+            raise ValueError(f"generate: max_new_tokens={max_new_tokens} leaves no room for the prompt in "
+                             f"max_length={self.max_length}")
         params = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "n": n,
                   "seed": seed, "stop": list(stop), "chat": self.chat}
         results: list[list[str] | None] = [None] * len(prompts)
@@ -71,7 +74,11 @@ class LanguageModel:
             results = [found.get(key) for key in keys]
 
         todo = [i for i, r in enumerate(results) if r is None]
+        # A prompt longer than max_length - max_new_tokens keeps its end, where the question is.
         encoded = {i: self._encode(prompts[i], True)[-(self.max_length - max_new_tokens):] for i in todo}
+        empty = [i for i in todo if not encoded[i]]
+        if empty:
+            raise ValueError(f"generate: prompt {empty[0]} ({prompts[empty[0]]!r}) encodes to no tokens")
         order = sorted(todo, key=lambda i: -len(encoded[i]))  # similar lengths share a batch: less padding
         size = batch_size or self.batch_size
         batches = [order[i:i + size] for i in range(0, len(order), size)]

@@ -253,6 +253,7 @@ def test_malformed_tensors_are_named(saved_w4, tmp_path, change, message):
     ({"format": "gptq_v2", "checkpoint_format": "gptq_v2"}, r"format 'gptq_v2' is not supported.*v1"),
     ({"format": None, "checkpoint_format": "marlin"}, r"format 'marlin' is not supported"),
     ({"bits": 2}, r"bits=2 are not supported"),
+    ({"bits": 8, "comptrust": {"act_bits": 8}}, r"int8 weights run with float activations only"),
     ({"bits": "4"}, r"bits must be an integer"),
     ({"quant_method": "awq", "format": None, "version": "gemv"}, r"AWQ format 'gemv' is not supported"),
     ({"quant_method": "awq", "format": "gemm", "bits": 3}, r"AWQ checkpoints with bits=3"),

@@ -149,9 +149,12 @@ def test_sampling_is_seeded_and_gives_n_answers(tiny_llama, smollm2_tokenizer):
 def test_generation_arguments_are_checked(tiny_llama, smollm2_tokenizer):
     lm = LanguageModel(tiny_llama, smollm2_tokenizer, chat=True)
     for kwargs, message in (({"n": 2}, "greedy"), ({"n": 0}, "at least 1"), ({"temperature": -1}, "temperature"),
-                            ({"temperature": 1.0, "top_p": 0}, "top_p")):
+                            ({"temperature": 1.0, "top_p": 0}, "top_p"), ({"max_new_tokens": 2048}, "no room")):
         with pytest.raises(ValueError, match=message):
             lm.generate(["x"], **kwargs)
+    with pytest.raises(ValueError, match="prompt 1 .* encodes to no tokens"):
+        lm.generate(["x", ""], progress=False)
+    assert lm.generate([], progress=False) == []
     with pytest.raises(ValueError, match="fingerprint"):
         LanguageModel(tiny_llama, smollm2_tokenizer, chat=True, cache=object())
 
