@@ -11,7 +11,7 @@
 //   * a8 (int8 activations, any batch; int4/int3 weights): x is quantized per row and per block of 32 inputs, the codes are
 //     unpacked into u8 lanes and multiplied with vpmaddubsw/vpmaddwd (16 u8 x s8 products per
 //     instruction pair), the integer block sums scaled once per block.
-// Each kernel has an AVX2 path and a portable scalar one; int4 direct also an AVX-512 one (isa.h picks).
+// Each kernel has an AVX2 path and a portable scalar one; int4 and int8 direct also an AVX-512 one (isa.h picks).
 // int8 weights (w8, for accuracy rather than size) run direct and panel only: u8 codes up to 255 times s8
 // activations would saturate vpmaddubsw's int16 pairs, so there is no a8 path for them.
 // Work split: tiles (8 output columns) are the tasks of at::parallel_for, so each thread streams a
@@ -487,6 +487,66 @@ COMPTRUST_AVX512 void direct_int4_avx512(const Problem& p, int64_t t, int64_t i0
 COMPTRUST_AVX512 void int4_rows_avx512(const Problem& p, int64_t t) {
   for_each_row_block(p.m, [&](auto rows, int64_t i0) { direct_int4_avx512<decltype(rows)::value>(p, t, i0); });
 }
+
+// ------------------------------------------------------------- AVX-512 direct (float x, int8)
+// The int8 word row holds 4 inputs of the tile's 8 columns; as for int4, one zmm takes two of them (input
+// 4r + 2q in lanes 0..7, 4r + 2q + 1 in lanes 8..15), so a word row costs two shift/mask/convert/subtract/
+// multiply-add rounds where AVX2 needs four. Word rows go in pairs so one batch row still fills 4 chains.
+// The zero point is subtracted per code (see direct_avx2).
+template <int R>
+COMPTRUST_AVX512 void direct_int8_avx512(const Problem& p, int64_t t, int64_t i0) {
+  constexpr int A = R == 1 ? 4 : 2;
+  const int32_t* tw = p.tile_w(t);
+  const float* x = p.x + i0 * p.k;
+  const __m512i byte = _mm512_set1_epi32(0xFF);
+  // Step s of a pair of word rows: bytes 2(s%2), 2(s%2)+1 of word row s/2, against x[2s], x[2s+1] of the 8 inputs.
+  __m512i code_shifts[2], x_lanes[4];
+  COMPTRUST_UNROLL for (int q = 0; q < 2; ++q)
+    code_shifts[q] = _mm512_inserti64x4(_mm512_set1_epi32(16 * q), _mm256_set1_epi32(16 * q + 8), 1);
+  COMPTRUST_UNROLL for (int s = 0; s < 4; ++s)
+    x_lanes[s] = _mm512_inserti64x4(_mm512_set1_epi32(2 * s), _mm256_set1_epi32(2 * s + 1), 1);
+  __m256 out[R];
+  COMPTRUST_UNROLL for (int r = 0; r < R; ++r) out[r] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < p.groups; ++g) {
+    const __m256 zero8 = load_tile_zeros<8>(p.tile_zeros(t) + g * kTileCols);
+    const __m512 zero = _mm512_castpd_ps(  // zero8 in both halves (AVX-512F only: no vinsertf32x8)
+        _mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(zero8)), _mm256_castps_pd(zero8), 1));
+    __m512 acc[R][A];
+    COMPTRUST_UNROLL for (int r = 0; r < R; ++r)
+      COMPTRUST_UNROLL for (int a = 0; a < A; ++a) acc[r][a] = _mm512_setzero_ps();
+    const int64_t row_end = p.group_end(g) / 4;
+    for (int64_t row = g * p.group_size / 4; row < row_end; row += 2) {
+      const bool pair = row + 1 < row_end;  // a group of 4 (mod 8) inputs ends on a single word row
+      prefetch_ahead(tw + row * kTileCols);
+      const __m512i w[2] = {
+          _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(tw + row * kTileCols))),
+          pair ? _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(tw + (row + 1) * kTileCols)))
+               : _mm512_setzero_si512()};
+      __m512 xs[R];  // x[4 row .. 4 row + 7] in the low lanes (4 of them on a single row); vpermps picks 0..7
+      COMPTRUST_UNROLL for (int r = 0; r < R; ++r)
+        xs[r] = pair ? _mm512_castps256_ps512(_mm256_loadu_ps(x + r * p.k + row * 4))
+                     : _mm512_castps128_ps512(_mm_loadu_ps(x + r * p.k + row * 4));
+      COMPTRUST_UNROLL for (int s = 0; s < 4; ++s) {
+        if (s >= 2 && !pair) break;
+        const __m512i codes_i = _mm512_and_si512(_mm512_srlv_epi32(w[s / 2], code_shifts[s % 2]), byte);
+        const __m512 weights = _mm512_sub_ps(_mm512_cvtepi32_ps(codes_i), zero);
+        COMPTRUST_UNROLL for (int r = 0; r < R; ++r)
+          acc[r][s % A] = _mm512_fmadd_ps(weights, _mm512_permutexvar_ps(x_lanes[s], xs[r]), acc[r][s % A]);
+      }
+    }
+    const __m256 scale = load_scales(p.tile_scales(t) + g * kTileCols);
+    COMPTRUST_UNROLL for (int r = 0; r < R; ++r) {
+      __m512 sum = acc[r][0];
+      COMPTRUST_UNROLL for (int a = 1; a < A; ++a) sum = _mm512_add_ps(sum, acc[r][a]);
+      out[r] = _mm256_fmadd_ps(scale, fold_halves(sum), out[r]);
+    }
+  }
+  COMPTRUST_UNROLL for (int r = 0; r < R; ++r) _mm256_storeu_ps(p.y + (i0 + r) * p.n + t * kTileCols, out[r]);
+}
+
+COMPTRUST_AVX512 void int8_rows_avx512(const Problem& p, int64_t t) {
+  for_each_row_block(p.m, [&](auto rows, int64_t i0) { direct_int8_avx512<decltype(rows)::value>(p, t, i0); });
+}
 #endif  // COMPTRUST_X86
 
 // Tiles per task such that a task has at least kMinTaskMacs multiply-adds: below that, waking a second
@@ -512,9 +572,9 @@ void run(const Problem& p, bool a8, Isa isa) {
       });
       return;
     }
-    if (isa == Isa::kAvx512 && p.bits == 4 && !a8) {
+    if (isa == Isa::kAvx512 && (p.bits == 4 || p.bits == 8) && !a8) {
       at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
-        for (int64_t t = begin; t < end; ++t) int4_rows_avx512(p, t);
+        for (int64_t t = begin; t < end; ++t) p.bits == 4 ? int4_rows_avx512(p, t) : int8_rows_avx512(p, t);
       });
       return;
     }
