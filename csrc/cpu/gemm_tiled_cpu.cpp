@@ -452,8 +452,8 @@ COMPTRUST_AVX512 void direct_int4_avx512(const Problem& p, int64_t t, int64_t i0
   const __m512i nibble = _mm512_set1_epi32(0xF);
   __m512i code_shifts[4], x_lanes[4];
   COMPTRUST_UNROLL for (int q = 0; q < 4; ++q) {
-    code_shifts[q] = _mm512_inserti64x4(_mm512_set1_epi32(8 * q), _mm256_set1_epi32(8 * q + 4), 1);
-    x_lanes[q] = _mm512_inserti64x4(_mm512_set1_epi32(2 * q), _mm256_set1_epi32(2 * q + 1), 1);
+    code_shifts[q] = halves(8 * q, 8 * q + 4);
+    x_lanes[q] = halves(2 * q, 2 * q + 1);
   }
   __m256 out[R];
   COMPTRUST_UNROLL for (int r = 0; r < R; ++r) out[r] = _mm256_setzero_ps();
@@ -475,10 +475,8 @@ COMPTRUST_AVX512 void direct_int4_avx512(const Problem& p, int64_t t, int64_t i0
     const __m256 zero = load_zeros(p.tile_zeros(t) + g * kTileCols);
     const __m256 scale = load_scales(p.tile_scales(t) + g * kTileCols);
     COMPTRUST_UNROLL for (int r = 0; r < R; ++r) {
-      __m512 sum = acc[r][0];
-      COMPTRUST_UNROLL for (int a = 1; a < A; ++a) sum = _mm512_add_ps(sum, acc[r][a]);
       const __m256 xsum = _mm256_set1_ps(p.x_group_sum[(i0 + r) * p.groups + g]);
-      out[r] = _mm256_fmadd_ps(scale, _mm256_fnmadd_ps(zero, xsum, fold_halves(sum)), out[r]);
+      out[r] = _mm256_fmadd_ps(scale, _mm256_fnmadd_ps(zero, xsum, fold_chains(acc[r])), out[r]);
     }
   }
   COMPTRUST_UNROLL for (int r = 0; r < R; ++r) _mm256_storeu_ps(p.y + (i0 + r) * p.n + t * kTileCols, out[r]);
@@ -502,9 +500,9 @@ COMPTRUST_AVX512 void direct_int8_avx512(const Problem& p, int64_t t, int64_t i0
   // Step s of a pair of word rows: bytes 2(s%2), 2(s%2)+1 of word row s/2, against x[2s], x[2s+1] of the 8 inputs.
   __m512i code_shifts[2], x_lanes[4];
   COMPTRUST_UNROLL for (int q = 0; q < 2; ++q)
-    code_shifts[q] = _mm512_inserti64x4(_mm512_set1_epi32(16 * q), _mm256_set1_epi32(16 * q + 8), 1);
+    code_shifts[q] = halves(16 * q, 16 * q + 8);
   COMPTRUST_UNROLL for (int s = 0; s < 4; ++s)
-    x_lanes[s] = _mm512_inserti64x4(_mm512_set1_epi32(2 * s), _mm256_set1_epi32(2 * s + 1), 1);
+    x_lanes[s] = halves(2 * s, 2 * s + 1);
   __m256 out[R];
   COMPTRUST_UNROLL for (int r = 0; r < R; ++r) out[r] = _mm256_setzero_ps();
   for (int64_t g = 0; g < p.groups; ++g) {
@@ -536,9 +534,7 @@ COMPTRUST_AVX512 void direct_int8_avx512(const Problem& p, int64_t t, int64_t i0
     }
     const __m256 scale = load_scales(p.tile_scales(t) + g * kTileCols);
     COMPTRUST_UNROLL for (int r = 0; r < R; ++r) {
-      __m512 sum = acc[r][0];
-      COMPTRUST_UNROLL for (int a = 1; a < A; ++a) sum = _mm512_add_ps(sum, acc[r][a]);
-      out[r] = _mm256_fmadd_ps(scale, fold_halves(sum), out[r]);
+      out[r] = _mm256_fmadd_ps(scale, fold_chains(acc[r]), out[r]);
     }
   }
   COMPTRUST_UNROLL for (int r = 0; r < R; ++r) _mm256_storeu_ps(p.y + (i0 + r) * p.n + t * kTileCols, out[r]);

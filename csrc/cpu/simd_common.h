@@ -60,5 +60,18 @@ COMPTRUST_AVX512 inline __m256 fold_halves(__m512 v) {
   return _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
 }
 
+// The sum of A accumulator chains, folded to the tile's 8 columns.
+template <int A>
+COMPTRUST_AVX512 inline __m256 fold_chains(const __m512 (&chains)[A]) {
+  __m512 sum = chains[0];
+  for (int a = 1; a < A; ++a) sum = _mm512_add_ps(sum, chains[a]);
+  return fold_halves(sum);
+}
+
+// low in lanes 0..7, high in lanes 8..15: per-half shift counts and vpermps indices.
+COMPTRUST_AVX512 inline __m512i halves(int low, int high) {
+  return _mm512_inserti64x4(_mm512_set1_epi32(low), _mm256_set1_epi32(high), 1);
+}
+
 }  // namespace comptrust::cpu
 #endif  // COMPTRUST_X86

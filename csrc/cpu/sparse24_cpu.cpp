@@ -260,11 +260,8 @@ COMPTRUST_AVX512 void direct_float_avx512(const Sparse24Problem& p, int64_t t, i
                                     acc[r][a]);
     }
   }
-  COMPTRUST_UNROLL for (int r = 0; r < R; ++r) {
-    __m512 sum = acc[r][0];
-    COMPTRUST_UNROLL for (int a = 1; a < A; ++a) sum = _mm512_add_ps(sum, acc[r][a]);
-    _mm256_storeu_ps(p.y + (i0 + r) * p.n + t * kTileCols, fold_halves(sum));
-  }
+  COMPTRUST_UNROLL for (int r = 0; r < R; ++r)
+    _mm256_storeu_ps(p.y + (i0 + r) * p.n + t * kTileCols, fold_chains(acc[r]));
 }
 
 template <int R>
@@ -277,7 +274,7 @@ COMPTRUST_AVX512 void direct_int4_avx512(const Sparse24Problem& p, int64_t t, in
   // Group u of a word holds kept values 2u (slot 0, lanes 0..7) and 2u + 1 (slot 1, lanes 8..15).
   __m512i code_shifts[kSparseInt4WordGroups];
   COMPTRUST_UNROLL for (int u = 0; u < kSparseInt4WordGroups; ++u)
-    code_shifts[u] = _mm512_inserti64x4(_mm512_set1_epi32(8 * u), _mm256_set1_epi32(8 * u + 4), 1);
+    code_shifts[u] = halves(8 * u, 8 * u + 4);
   __m256 out[R];
   COMPTRUST_UNROLL for (int r = 0; r < R; ++r) out[r] = _mm256_setzero_ps();
   for (int64_t qg = 0; qg < p.groups; ++qg) {
@@ -302,9 +299,7 @@ COMPTRUST_AVX512 void direct_int4_avx512(const Sparse24Problem& p, int64_t t, in
     }
     const __m256 scale = load_scales(p.tile_scales(t) + qg * kTileCols);
     COMPTRUST_UNROLL for (int r = 0; r < R; ++r) {
-      __m512 sum = acc[r][0];
-      COMPTRUST_UNROLL for (int a = 1; a < A; ++a) sum = _mm512_add_ps(sum, acc[r][a]);
-      out[r] = _mm256_fmadd_ps(scale, fold_halves(sum), out[r]);
+      out[r] = _mm256_fmadd_ps(scale, fold_chains(acc[r]), out[r]);
     }
   }
   COMPTRUST_UNROLL for (int r = 0; r < R; ++r) _mm256_storeu_ps(p.y + (i0 + r) * p.n + t * kTileCols, out[r]);
