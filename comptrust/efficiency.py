@@ -13,6 +13,9 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+from transformers import DynamicCache
+
+from comptrust.models import cache_keyword
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
@@ -89,14 +92,13 @@ def measure_speed(model: torch.nn.Module, prompt_ids: torch.Tensor, decode_token
         prompt_ids = prompt_ids.unsqueeze(0)
     prefill_times, decode_rates = [], []
     for attempt in range(repeats + 1):
+        cache = {cache_keyword(model): DynamicCache(config=model.config)}  # filled in place by each call
         start = time.perf_counter()
-        out = model(input_ids=prompt_ids, use_cache=True)
+        token = model(input_ids=prompt_ids, use_cache=True, **cache).logits[:, -1:].argmax(-1)
         prefill = time.perf_counter() - start
-        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
         start = time.perf_counter()
         for _ in range(decode_tokens):
-            out = model(input_ids=token, past_key_values=past, use_cache=True)
-            past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            token = model(input_ids=token, use_cache=True, **cache).logits[:, -1:].argmax(-1)
         decode = time.perf_counter() - start
         if attempt > 0:  # the first pass warms caches and lazy initialisation
             prefill_times.append(prefill)

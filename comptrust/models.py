@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import json
 import os
 from dataclasses import dataclass
@@ -204,6 +205,12 @@ def compressed_checkpoint_tag(spec: str, online: bool = False) -> str | None:
             return entry.get("tag") or "sparse24"
     quantization = checkpoint_quantization(spec, online)
     return None if quantization is None else quantization.tag
+
+
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The forward() keyword a model takes its KV cache by: `cache` in newer transformers (which deprecates
+    `past_key_values`), `past_key_values` before that."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def finish_loading(model: torch.nn.Module, tokenizer, name: str, source: str, **extra) -> LoadedModel:

@@ -51,32 +51,21 @@ def _metric(row: dict, dimension: str) -> dict | None:
     return next((r for r in row["results"] if r["dimension"] == dimension), None)
 
 
+def trust_average(row: dict) -> float | None:
+    """The mean of the row's trust-dimension scores (DecodingTrust's trust average when all 8 ran)."""
+    scores = [r["score"] for r in row["results"] if r["dimension"] != "perplexity"]
+    return sum(scores) / len(scores) if scores else None
+
+
 def markdown(report: dict) -> str:
     rows = report["configs"]
-    dimensions = [r["dimension"] for r in rows[0]["results"] if r["dimension"] != "perplexity"]
-    header = ["config", "perplexity ↓"]
-    for dim in dimensions:
-        header += [f"{dim} (95% CI)", f"{dim} flips vs dense"]
-    header += ["weights MiB", "peak RSS MiB", f"prefill ms ({rows[0]['efficiency']['prompt_tokens']} tok)",
-               "decode tok/s"]
     lines = [f"# comptrust report — {report['model']['name']}", "",
              f"Created {report['created']}; torch {report['environment']['torch']}, "
-             f"{report['environment']['threads']} threads; CPU backend: {report['environment']['cpu_backend']}.", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        eff = row["efficiency"]
-        cells = [row["name"], f"{_metric(row, 'perplexity')['score']:.2f}"]
-        for dim in dimensions:
-            m = _metric(row, dim)
-            flag = "" if m["above_chance"] else " (chance-level)"
-            cells.append(f"{m['score']:.1f} [{m['ci95'][0]:.1f}, {m['ci95'][1]:.1f}]{flag}")
-            cells.append("—" if m["flip_rate"] is None else f"{100 * m['flip_rate']:.1f}% (KL {m['mean_kl']:.4f})")
-        cells += [f"{eff['weight_bytes'] / MIB:.1f}", f"{eff['peak_rss_bytes'] / MIB:.0f}",
-                  f"{eff['prefill_ms']:.1f}", f"{eff['decode_tokens_per_s']:.1f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Peak RSS: the process's high-water mark during that configuration's evaluation and speed runs "
-              "(reset after loading and compressing). Scores with a 95% interval that includes chance are "
-              "marked chance-level; flips count items whose answer differs from the dense model's.", ""]
+             f"{report['environment']['threads']} threads; CPU backend: {report['environment']['cpu_backend']}.", ""]
+    lines += _efficiency_table(rows)
+    dimensions = [r["dimension"] for r in rows[0]["results"] if r["dimension"] != "perplexity"]
+    if dimensions:
+        lines += _trust_table(rows, dimensions) + _sub_scores(rows, dimensions)
     for row in rows:
         lines += [f"**{row['name']}** sample — {row['sample']['prompt']!r} → {row['sample']['output']!r}", ""]
         if row.get("compression"):
@@ -84,3 +73,72 @@ def markdown(report: dict) -> str:
             lines += [f"{row['name']}: {len(row['compression']['replaced'])} linear layers compressed; "
                       f"kept dense: {', '.join(f'{k} ({v})' for k, v in kept.items()) or 'none'}.", ""]
     return "\n".join(lines)
+
+
+def _efficiency_table(rows: list[dict]) -> list[str]:
+    header = ["config", "perplexity ↓", "weights MiB", "peak RSS MiB",
+              f"prefill ms ({rows[0]['efficiency']['prompt_tokens']} tok)", "decode tok/s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        eff = row["efficiency"]
+        cells = [row["name"], f"{_metric(row, 'perplexity')['score']:.2f}", f"{eff['weight_bytes'] / MIB:.1f}",
+                 f"{eff['peak_rss_bytes'] / MIB:.0f}", f"{eff['prefill_ms']:.1f}", f"{eff['decode_tokens_per_s']:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + ["", "Peak RSS: the process's high-water mark during that configuration's evaluation and speed "
+                        "runs (reset after loading and compressing).", ""]
+
+
+def _trust_table(rows: list[dict], dimensions: list[str]) -> list[str]:
+    """One row per dimension, one column per config: score [95% CI] and, after the first (dense) column, the
+    share of items whose answer flipped and the KL of the choice distributions against it."""
+    header = ["dimension (0-100, higher is better)", "chance"] + [row["name"] for row in rows]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    notes = []
+    for dim in dimensions:
+        first = _metric(rows[0], dim)
+        label = dim
+        if first["informative"] is False:
+            label += " †"
+            reason = first["uninformative_reason"] or "its 95% interval contains the chance level"
+            notes.append(f"† {dim}: uninformative for {rows[0]['name']}: {reason}. Read the flip rate instead.")
+        cells = [label, "—" if first["chance"] is None else f"{first['chance']:.1f}"]
+        for row in rows:
+            m = _metric(row, dim)
+            cell = f"{m['score']:.1f}" + ("" if m["ci95"] is None else f" [{m['ci95'][0]:.1f}, {m['ci95'][1]:.1f}]")
+            if m["flip_rate"] is not None:
+                kl = "" if m["mean_kl"] is None else f", KL {m['mean_kl']:.3f}"
+                cell += f" (flips {100 * m['flip_rate']:.1f}%{kl})"
+            cells.append(cell)
+        lines.append("| " + " | ".join(cells) + " |")
+    averages = [trust_average(row) for row in rows]
+    name = "trust average" if len(dimensions) == 8 else f"average of {len(dimensions)}"
+    lines.append("| " + " | ".join([f"**{name}**", ""] + [f"**{a:.1f}**" for a in averages]) + " |")
+    return lines + [""] + notes + ([""] if notes else []) + [
+        "Flips: share of items whose answer differs from the first column's model; KL: mean KL divergence of "
+        "the answer distributions (items read by log-likelihood).", ""]
+
+
+def _sub_scores(rows: list[dict], dimensions: list[str]) -> list[str]:
+    """Each dimension's scenario-level numbers (its details), one line per config."""
+    lines = ["## Sub-scores", ""]
+    for dim in dimensions:
+        lines.append(f"**{dim}** ({_metric(rows[0], dim)['task']}; {_metric(rows[0], dim)['scorer']})")
+        for row in rows:
+            numbers = _numbers(_metric(row, dim)["details"])
+            lines.append(f"- {row['name']}: " + ("; ".join(f"{k} {v}" for k, v in numbers) or "—"))
+        lines.append("")
+    return lines
+
+
+def _numbers(details: dict, prefix: str = "", depth: int = 0) -> list[tuple[str, str]]:
+    """The numeric leaves of a details dict (two levels deep), as (dotted key, formatted value)."""
+    found = []
+    for key, value in details.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, bool) or value is None:
+            continue
+        if isinstance(value, (int, float)):
+            found.append((name, f"{value:.3g}" if isinstance(value, float) else str(value)))
+        elif isinstance(value, dict) and depth < 2:
+            found += _numbers(value, name + ".", depth + 1)
+    return found

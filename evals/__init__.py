@@ -1,17 +1,14 @@
-"""Trust evaluators (installed as comptrust.evals): one module per dimension, one result schema."""
-from comptrust.evals.adv_robustness import evaluate_adv_robustness
+"""Trust evaluators (installed as comptrust.evals): one module per dimension, one result schema, one registry."""
+from comptrust.evals import (adv_demonstration, adv_robustness, fairness, machine_ethics, ood_robustness, privacy,
+                             stereotype, toxicity)
 from comptrust.evals.lm import LanguageModel
-from comptrust.evals.machine_ethics import evaluate_machine_ethics
 from comptrust.evals.perplexity import perplexity
+from comptrust.evals.registry import Dimension, EvalContext
 from comptrust.evals.schema import MetricResult
 
-# dimension name -> evaluator(lm, reference_samples, progress) -> (MetricResult, samples)
-DIMENSIONS = {
-    "machine_ethics": lambda lm, reference, progress: evaluate_machine_ethics(lm, reference=reference,
-                                                                             progress=progress),
-    "adversarial_robustness": lambda lm, reference, progress: evaluate_adv_robustness(lm, reference=reference,
-                                                                                      progress=progress),
-}
+# name -> Dimension, in DecodingTrust's order; the trust average is the mean of their scores.
+DIMENSIONS = {module.DIMENSION_INFO.name: module.DIMENSION_INFO
+              for module in (toxicity, stereotype, adv_robustness, ood_robustness, adv_demonstration, privacy,
+                             machine_ethics, fairness)}
 
-__all__ = ["DIMENSIONS", "LanguageModel", "MetricResult", "evaluate_adv_robustness", "evaluate_machine_ethics",
-           "perplexity"]
+__all__ = ["DIMENSIONS", "Dimension", "EvalContext", "LanguageModel", "MetricResult", "perplexity"]

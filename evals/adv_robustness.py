@@ -18,6 +18,7 @@ from importlib.resources import files
 from pathlib import Path
 
 from comptrust.evals.lm import LanguageModel
+from comptrust.evals.registry import Dimension, EvalContext
 from comptrust.evals.schema import MetricResult, choice_distribution, compare_to_reference
 
 SYSTEM_PROMPT = "You are a helpful assistant."
@@ -153,3 +154,17 @@ def _score(samples: list[dict], task_name: str) -> MetricResult:
         ci95=(100 * max(0.0, accuracy - 1.96 * stderr), 100 * min(1.0, accuracy + 1.96 * stderr)),
         chance=100 * chance,
         details={"per_task": {task: {"accuracy": 100 * p, "n": n} for task, (p, n) in per_task.items()}})
+
+
+def evaluate(lm: LanguageModel, context: EvalContext) -> tuple[MetricResult, list[dict]]:
+    """The registry's entry point: the AdvGLUE file when one is given (every item in either suite: the
+    original dev set is 738 items), the built-in probes otherwise."""
+    if context.advglue_file is None:
+        return evaluate_adv_robustness(lm, reference=context.reference, progress=context.progress)
+    return evaluate_adv_robustness(lm, load_advglue(context.advglue_file), reference=context.reference,
+                                   progress=context.progress, task=f"advglue:{context.advglue_file.name}")
+
+
+DIMENSION_INFO = Dimension(
+    name=DIMENSION, tasks=tuple(TASK_FIELDS), official_files="--advglue FILE: AdvGLUE dev.json (or AdvGLUE++)",
+    evaluate=evaluate)

@@ -4,20 +4,24 @@ prompt building (chat template for chat models, plain text otherwise), and an op
 from __future__ import annotations
 
 import hashlib
-import inspect
 
 import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from comptrust.evals.cache import OutputCache, request_key
+from comptrust.models import cache_keyword
 
 
 class LanguageModel:
-    def __init__(self, model, tokenizer, chat: bool, batch_size: int = 16, max_length: int = 2048,
+    def __init__(self, model, tokenizer, chat: bool, batch_size: int = 16, max_length: int | None = None,
                  cache: OutputCache | None = None, fingerprint: str | None = None):
-        """cache: reuse and store outputs there, keyed by `fingerprint`, which must then identify the weights
-        *and* their compression (a compressed model answers differently from its dense source)."""
+        """max_length: the longest token sequence the model is given (default: its max_position_embeddings, or
+        2048 when its config has none). cache: reuse and store outputs there, keyed by `fingerprint`, which
+        must then identify the weights *and* their compression (a compressed model answers differently from
+        its dense source)."""
+        if max_length is None:
+            max_length = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 2048
         if cache is not None and not fingerprint:
             raise ValueError("LanguageModel: a cache needs the model's fingerprint (weights + compression)")
         self.model, self.tokenizer, self.chat = model, tokenizer, chat
@@ -31,6 +35,20 @@ class LanguageModel:
             return user if system is None else f"{system}\n\n{user}"
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def prompt_messages(self, messages: list[dict]) -> str:
+        """The text before the model's answer to a conversation ([{"role", "content"}], e.g. few-shot
+        demonstrations as user/assistant turns): the chat template with the assistant turn opened, or, for
+        base models, the turns as plain text, each answer following its question after a space."""
+        if self.chat:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = ""
+        for message in messages:
+            if message["role"] == "assistant":
+                text += " " + message["content"]
+            else:
+                text += ("\n\n" if text else "") + message["content"]
+        return text
 
     def _encode(self, text: str, is_context: bool) -> list[int]:
         # Chat templates already spell out their special tokens; base models get the tokenizer's BOS.
@@ -108,7 +126,7 @@ class LanguageModel:
         as its longest answer at full width; on the embedded model's probes half the rows were finished)."""
         input_ids, attention = self._left_padded(sequences)
         cache = DynamicCache(config=self.model.config)
-        cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        cache_arg = cache_keyword(self.model)
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
         rows = torch.arange(len(sequences))  # which sequence each row of the shrinking batch is
         produced: list[list[int]] = [[] for _ in sequences]
@@ -141,8 +159,12 @@ class LanguageModel:
     @torch.inference_mode()
     def loglikelihood(self, requests: list[tuple[str, str]], desc: str = "scoring",
                       progress: bool = True) -> list[tuple[float, int]]:
-        """Sum of log p(continuation tokens | context) and the continuation's token count, per request."""
-        encoded = []
+        """Sum of log p(continuation tokens | context) and the continuation's token count, per request.
+
+        Requests that share a context (the answer choices of one item) share its forward pass: each distinct
+        context runs once, with a KV cache, and its continuations then run together on copies of that cache.
+        An item with k choices costs one context pass instead of k."""
+        contexts, continuations = [], []
         for context, continuation in requests:
             ctx, cont = self._encode(context, True), self._encode(continuation, False)
             if not ctx or not cont:
@@ -150,38 +172,68 @@ class LanguageModel:
                                  f"{continuation!r}")
             if len(cont) >= self.max_length:
                 raise ValueError(f"continuation of {len(cont)} tokens does not fit max_length={self.max_length}")
-            ids = (ctx + cont)[-self.max_length:]
-            encoded.append((ids, len(cont)))
+            contexts.append(ctx)
+            continuations.append(cont)
 
-        results: list[tuple[float, int] | None] = [None] * len(encoded)
+        results: list[tuple[float, int] | None] = [None] * len(requests)
         keys = []
         if self.cache is not None:
             keys = [request_key(self.fingerprint, "loglikelihood", list(r), {"chat": self.chat}) for r in requests]
             found = self.cache.get_many(keys)
             results = [tuple(found[key]) if key in found else None for key in keys]
-        todo = [i for i, r in enumerate(results) if r is None]
-        order = sorted(todo, key=lambda i: -len(encoded[i][0]))  # similar lengths share a batch
+        groups: dict[tuple[int, ...], list[int]] = {}  # distinct context -> the requests that continue it
+        for i, result in enumerate(results):
+            if result is None:
+                groups.setdefault(tuple(contexts[i]), []).append(i)
+        order = sorted(groups, key=len, reverse=True)  # similar lengths share a batch: less padding
         batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
-            # Left padding puts every continuation at the end, so only the last `keep` positions need
-            # logits: [batch, keep, vocab] instead of [batch, width, vocab] (the vocabulary dominates memory).
-            keep = max(encoded[i][1] for i in batch) + 1
-            input_ids, attention = self._left_padded([encoded[i][0] for i in batch])
-            positions = (attention.cumsum(-1) - 1).clamp(min=0)  # each sequence starts at position 0
-            logits = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
-                                logits_to_keep=keep).logits
-            logprobs = torch.log_softmax(logits.float(), -1)  # [batch, keep, vocab]; last row predicts nothing
-            for row, i in enumerate(batch):
-                n_cont = encoded[i][1]
-                targets = torch.tensor(encoded[i][0][-n_cont:])
-                # logits at kept position t predict the token at t+1; the continuation's tokens are the
-                # last n_cont, predicted from kept positions keep-1-n_cont .. keep-2
-                rows = torch.arange(keep - 1 - n_cont, keep - 1)
-                results[i] = (logprobs[row, rows, targets].sum().item(), n_cont)
+            members = [(row, i) for row, context in enumerate(batch) for i in groups[context]]
+            scores = self._score_continuations(batch, [(row, continuations[i]) for row, i in members])
+            for (_, i), score in zip(members, scores):
+                results[i] = (score, len(continuations[i]))
             if self.cache is not None:
-                self.cache.put_many("loglikelihood", {keys[i]: list(results[i]) for i in batch})
+                self.cache.put_many("loglikelihood", {keys[i]: list(results[i]) for _, i in members})
         return results
 
+    def _score_continuations(self, contexts: list[tuple[int, ...]], continuations: list[tuple[int, list[int]]]
+                             ) -> list[float]:
+        """log p(continuation | context) for each (context row, continuation token ids).
+
+        Pass 1 runs the left-padded contexts once, keeping the KV cache and the last position's logits, which
+        give every continuation's first token. Pass 2 copies each context's cache once per continuation that
+        has more tokens and feeds those tokens (right-padded: padding after a sequence cannot change it)."""
+        # A context too long for max_length keeps its end, leaving room for its longest continuation.
+        room = {row: self.max_length - max(len(cont) for r, cont in continuations if r == row)
+                for row in range(len(contexts))}
+        input_ids, attention = self._left_padded([list(context)[-room[row]:] for row, context in enumerate(contexts)])
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)  # each sequence starts at position 0
+        cache = DynamicCache(config=self.model.config)
+        logits = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True,
+                            logits_to_keep=1, **{cache_keyword(self.model): cache}).logits
+        first = torch.log_softmax(logits[:, -1].float(), -1)  # [contexts, vocab]
+        scores = [first[row, cont[0]].item() for row, cont in continuations]
+
+        longer = [k for k, (_, cont) in enumerate(continuations) if len(cont) > 1]
+        if not longer:
+            return scores
+        rows = torch.tensor([continuations[k][0] for k in longer])
+        cache.batch_select_indices(rows)  # one copy of its context's cache per continuation
+        rest = [continuations[k][1][:-1] for k in longer]  # the tokens that predict tokens 2..n
+        width = max(len(tokens) for tokens in rest)
+        tokens = torch.full((len(longer), width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
+        mask = torch.zeros((len(longer), width), dtype=attention.dtype)
+        for j, fed in enumerate(rest):
+            tokens[j, :len(fed)] = torch.tensor(fed)
+            mask[j, :len(fed)] = 1
+        logits = self.model(input_ids=tokens, attention_mask=torch.cat([attention[rows], mask], 1),
+                            position_ids=positions[rows, -1:] + 1 + torch.arange(width), use_cache=True,
+                            **{cache_keyword(self.model): cache}).logits
+        logprobs = torch.log_softmax(logits.float(), -1)  # [continuations, width, vocab]
+        for j, k in enumerate(longer):
+            targets = torch.tensor(continuations[k][1][1:])
+            scores[k] += logprobs[j, torch.arange(len(targets)), targets].sum().item()
+        return scores
 
 def _pick_tokens(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
     """Greedy (temperature 0) or nucleus sampling from [rows, vocab] logits; one token per row."""

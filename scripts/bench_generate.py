@@ -2,9 +2,10 @@
 
 Both runs use the embedded model, greedy decoding and the same max_new_tokens, in this process, timed in
 alternation (batched, unbatched, batched, ...) so machine noise hits both; the ratio of the medians is
-the figure. Prompts are the built-in machine-ethics probes in the model's chat template.
+the figure. Prompts are one dimension's built-in probes, as that dimension builds them: machine ethics
+(zero-shot), toxicity (benign template) or privacy (all three scenarios).
 
-    .venv/bin/python scripts/bench_generate.py --prompts 32 --batch-size 16 --max-new-tokens 32
+    .venv/bin/python scripts/bench_generate.py --workload toxicity --prompts 32 --batch-size 16 --max-new-tokens 32
 """
 from __future__ import annotations
 
@@ -14,13 +15,29 @@ import time
 
 import torch
 
-from comptrust.evals import LanguageModel
-from comptrust.evals.machine_ethics import USER_TEMPLATE, load_builtin_probes
+from comptrust.evals import LanguageModel, machine_ethics, privacy, toxicity
 from comptrust.models import load_model
+
+
+def workload_prompts(lm: LanguageModel, workload: str) -> list[str]:
+    if workload == "ethics":
+        return [lm.prompt_messages(machine_ethics.zero_shot_messages(item.scenario))
+                for item in machine_ethics.load_builtin_probes()]
+    if workload == "toxicity":
+        system = toxicity.TEMPLATES["benign"][0]
+        return [lm.prompt(toxicity.user_message("benign", prompt.text), system)
+                for prompts in toxicity.load_builtin_probes().values() for prompt in prompts]
+    by_scenario: dict[str, list] = {}
+    for item in privacy.builtin_items():
+        by_scenario.setdefault(item.scenario, []).append(item)
+    # round-robin over the scenarios, so that a prefix of the list holds all three
+    items = [item for group in zip(*by_scenario.values()) for item in group]
+    return [privacy.render(lm, item.messages) for item in items]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workload", choices=["ethics", "toxicity", "privacy"], default="toxicity")
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=32)
@@ -28,8 +45,7 @@ def main() -> None:
     args = parser.parse_args()
     loaded = load_model("default")
     lm = LanguageModel(loaded.model, loaded.tokenizer, loaded.chat)
-    prompts = [lm.prompt(USER_TEMPLATE.format(scenario=item.scenario))
-               for item in load_builtin_probes()[:args.prompts]]
+    prompts = workload_prompts(lm, args.workload)[:args.prompts]
     times = {1: [], args.batch_size: []}
     answers = {}
     for _ in range(args.repeats):
@@ -40,7 +56,7 @@ def main() -> None:
     tokens = sum(len(loaded.tokenizer(a[0], add_special_tokens=False)["input_ids"]) for a in answers[1])
     same = sum(a == b for a, b in zip(answers[1], answers[args.batch_size]))
     one, batched = statistics.median(times[1]), statistics.median(times[args.batch_size])
-    print(f"{len(prompts)} prompts, up to {args.max_new_tokens} new tokens each ({tokens} generated), "
+    print(f"{args.workload}: {len(prompts)} prompts, up to {args.max_new_tokens} new tokens each ({tokens} generated), "
           f"{torch.get_num_threads()} threads, median of {args.repeats}")
     print(f"one at a time: {one:.2f} s ({tokens / one:.1f} tok/s); batch {args.batch_size}: {batched:.2f} s "
           f"({tokens / batched:.1f} tok/s); speedup {one / batched:.2f}x")

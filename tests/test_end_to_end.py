@@ -24,13 +24,13 @@ def test_report_has_dense_int4_and_2_4_rows(report):
     for row in (dense, int4, sparse):
         dims = {r["dimension"]: r for r in row["results"]}
         assert set(dims) == {"perplexity", "machine_ethics"}
-        assert dims["machine_ethics"]["n"] == 120
+        assert dims["machine_ethics"]["n"] == 240
         eff = row["efficiency"]
         assert eff["weight_bytes"] > 0 and eff["peak_rss_bytes"] > 0 and eff["decode_tokens_per_s"] > 0
     md = open(output.paths["markdown"]).read()
     assert "| dense |" in md and "| rtn-w4g128 |" in md and "| mag-24 |" in md
     samples = [json.loads(line) for line in open(output.paths["samples"])]
-    assert len(samples) == 3 * 120
+    assert len(samples) == 3 * 240
 
 
 def test_int4_model_is_smaller_and_still_sensible(report):

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from comptrust.evals import LanguageModel, perplexity
-from comptrust.evals.machine_ethics import evaluate_machine_ethics, load_builtin_probes, parse_probes
 from comptrust.evals.perplexity import builtin_text
 from comptrust.evals.schema import MetricResult, accuracy_with_interval, compare_to_reference
 
@@ -39,20 +38,6 @@ def test_flip_rate_and_kl_worked_example():
         compare_to_reference([{"id": "zz", "prediction": 0, "choice_prob": [1, 0]}], reference)
 
 
-def test_builtin_probe_set_is_balanced_and_unique():
-    items = load_builtin_probes()
-    assert len(items) == 120
-    assert sum(i.label for i in items) == 60
-    assert len({i.id for i in items}) == len({i.scenario for i in items}) == 120
-
-
-def test_bad_probe_lines_are_reported_with_line_numbers():
-    with pytest.raises(ValueError, match="line 2"):
-        parse_probes(['{"id": "1", "scenario": "s", "label": 0}', '{"id": "2"}'], source="x")
-    with pytest.raises(ValueError, match="label must be 0 or 1"):
-        parse_probes(['{"id": "1", "scenario": "s", "label": 3}'], source="x")
-
-
 def _direct_loglik(model, tokenizer, context, continuation):
     ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
     cont = tokenizer(continuation, add_special_tokens=False)["input_ids"]
@@ -64,25 +49,17 @@ def _direct_loglik(model, tokenizer, context, continuation):
 
 def test_batched_loglikelihood_equals_one_at_a_time(tiny_llama, smollm2_tokenizer):
     lm = LanguageModel(tiny_llama, smollm2_tokenizer, chat=True, batch_size=3)
+    # shared contexts with continuations of 1, 2 and several tokens share one context pass
     requests = [("The cat sat on", " the mat"), ("A much longer context that needs left padding in its batch,",
-                " and a two-part continuation"), ("Short", " x"), ("Reaction: This is", " not wrong")]
+                " and a two-part continuation"), ("Short", " x"), ("Reaction: This is", " not wrong"),
+                ("Reaction: This is", " wrong"), ("The cat sat on", " a"), ("Reaction: This is", " not wrong at all, "
+                "I would say"), ("Short", " y z")]
     batched = lm.loglikelihood(requests, progress=False)
     for (context, continuation), (value, n_tokens) in zip(requests, batched):
         assert value == pytest.approx(_direct_loglik(tiny_llama, smollm2_tokenizer, context, continuation), abs=1e-3)
         assert n_tokens == len(smollm2_tokenizer(continuation, add_special_tokens=False)["input_ids"])
     with pytest.raises(ValueError, match="non-empty"):
         lm.loglikelihood([("", " x")], progress=False)
-
-
-def test_machine_ethics_end_to_end_on_tiny_model(tiny_llama, smollm2_tokenizer):
-    lm = LanguageModel(tiny_llama, smollm2_tokenizer, chat=True)
-    items = load_builtin_probes()[:10]
-    result, samples = evaluate_machine_ethics(lm, items, progress=False)
-    assert result.n == 10 and len(samples) == 10
-    assert result.score == 10 * sum(s["correct"] for s in samples)
-    assert result.ci95[0] <= result.score <= result.ci95[1] and result.chance == 50.0
-    again, _ = evaluate_machine_ethics(lm, items, reference=samples, progress=False)
-    assert again.flip_rate == 0.0 and again.mean_kl == pytest.approx(0.0, abs=1e-9)
 
 
 def test_perplexity_matches_cross_entropy(tiny_llama, smollm2_tokenizer):

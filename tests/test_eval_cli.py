@@ -1,0 +1,118 @@
+"""`comptrust eval`: the registry listing, the evaluation settings' checks, a dense model against its compressed
+checkpoint (flip rates), and the report's trust table."""
+import json
+
+import pytest
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from comptrust.cli import main as cli_main
+from comptrust.evals import DIMENSIONS, EvalContext
+from comptrust.evals.schema import MetricResult
+from comptrust.report import markdown
+
+DECODINGTRUST_ORDER = ["toxicity", "stereotype", "adversarial_robustness", "ood_robustness", "adv_demonstration",
+                       "privacy", "machine_ethics", "fairness"]
+
+
+def test_list_prints_the_eight_dimensions_with_tasks_and_data(capsys):
+    assert list(DIMENSIONS) == DECODINGTRUST_ORDER
+    assert cli_main(["eval", "--list"]) == 0
+    out = capsys.readouterr().out
+    for dimension in DIMENSIONS.values():
+        assert f"{dimension.name}\n  tasks: {', '.join(dimension.tasks)}" in out
+        assert dimension.tasks and dimension.official_files
+
+
+def test_evaluation_settings_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="unknown suite 'medium'"):
+        EvalContext(suite="medium")
+    with pytest.raises(ValueError, match="full suite .* give --data-dir"):
+        EvalContext(suite="full")
+    with pytest.raises(ValueError, match="no such folder"):
+        EvalContext(data_dir=tmp_path / "missing")
+    with pytest.raises(ValueError, match="missing.*DecodingTrust data layout"):
+        EvalContext(data_dir=tmp_path).official("fairness/fairness_data/adult.jsonl")
+
+
+def save_tiny(model, tokenizer, folder):
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def dense_and_int4(tiny_llama, smollm2_tokenizer, tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    dense = save_tiny(tiny_llama, smollm2_tokenizer, root / "dense")
+    assert cli_main(["compress", "--model", dense, "--method", "rtn", "--group-size", "32", "--out",
+                     str(root / "int4"), "--no-progress"]) == 0
+    return dense, str(root / "int4")
+
+
+def test_eval_compares_a_compressed_checkpoint_with_its_dense_model(dense_and_int4, tmp_path, capsys):
+    dense, int4 = dense_and_int4
+    out = tmp_path / "report"
+    assert cli_main(["eval", "--model", dense, "--compressed", int4, "--dimensions", "adversarial_robustness",
+                     "--ppl-max-tokens", "64", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert [row["name"] for row in report["configs"]] == ["dense", "rtn-w4g32 (int4)"]
+    dense_result, int4_result = (row["results"][1] for row in report["configs"])
+    assert dense_result["dimension"] == int4_result["dimension"] == "adversarial_robustness"
+    assert dense_result["flip_rate"] is None and 0 <= int4_result["flip_rate"] <= 1
+    assert int4_result["mean_kl"] >= 0 and dense_result["n"] == int4_result["n"] == 60
+    assert report["settings"]["checkpoints"] == [int4] and report["settings"]["suite"] == "quick"
+    assert "| adversarial_robustness" in printed and "average of 1" in printed
+    assert "dense: load" in printed and "adversarial_robustness" in printed.split("dense: load")[1]
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert {s["config"] for s in samples} == {"dense", "rtn-w4g32 (int4)"} and len(samples) == 120
+
+
+def test_eval_refuses_what_cannot_be_compared(dense_and_int4, smollm2_tokenizer, tmp_path, capsys):
+    dense, int4 = dense_and_int4
+    assert cli_main(["eval", "--model", dense, "--compressed", dense, "--dimensions", "adversarial_robustness"]) == 2
+    assert "not a compressed checkpoint" in capsys.readouterr().err
+    assert cli_main(["eval", "--model", int4, "--compressed", int4, "--dimensions", "adversarial_robustness"]) == 2
+    assert "already compressed" in capsys.readouterr().err
+    assert cli_main(["eval", "--model", dense, "--dimensions", "honesty"]) == 2
+    assert "unknown dimensions ['honesty']" in capsys.readouterr().err
+    assert cli_main(["eval", "--model", dense, "--advglue", str(tmp_path / "dev.json")]) == 2
+    assert "--advglue" in capsys.readouterr().err
+
+    # a compressed checkpoint of another model: its answers say nothing about this one's compression
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    other_dir = save_tiny(other, smollm2_tokenizer, tmp_path / "other")
+    assert cli_main(["compress", "--model", other_dir, "--method", "rtn", "--group-size", "32", "--out",
+                     str(tmp_path / "other-int4"), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert cli_main(["eval", "--model", dense, "--compressed", str(tmp_path / "other-int4"), "--dimensions",
+                     "adversarial_robustness", "--ppl-max-tokens", "32", "--no-progress",
+                     "--out", str(tmp_path / "r")]) == 2
+    assert "architecture" in capsys.readouterr().err
+
+
+def fake_row(name, scores, flips=None):
+    results = [MetricResult("perplexity", "sample", "perplexity", 20.0, 100, "loglikelihood", False).as_dict()]
+    for (dimension, score, ci, chance, reason), flip in zip(scores, flips or [None] * len(scores)):
+        result = MetricResult(dimension, "probes", "accuracy", score, 50, "loglikelihood", ci95=ci, chance=chance,
+                              uninformative_reason=reason, flip_rate=flip, mean_kl=None if flip is None else 0.01)
+        results.append(result.as_dict())
+    return {"name": name, "results": results, "sample": {"prompt": "q", "output": "a"}, "compression": None,
+            "efficiency": {"prompt_tokens": 8, "weight_bytes": 2 ** 20, "peak_rss_bytes": 2 ** 21, "prefill_ms": 1.0,
+                           "decode_tokens_per_s": 9.0}}
+
+
+def test_trust_table_marks_uninformative_dimensions_and_averages():
+    dense = [("machine_ethics", 49.0, (40.0, 58.0), 50.0, None),     # interval holds chance
+             ("fairness", 100.0, None, None, "predicts 'no' for every item"),
+             ("toxicity", 80.0, None, None, None)]                  # no chance level: not judged
+    int4 = [(d, s - 6, ci, c, r) for d, s, ci, c, r in dense]
+    report = {"model": {"name": "m"}, "created": "now", "environment": {"torch": "2", "threads": 2, "cpu_backend": "x"},
+              "configs": [fake_row("dense", dense), fake_row("int4", int4, flips=[0.25, 0.0, 0.1])]}
+    text = markdown(report)
+    assert "| machine_ethics † | 50.0 | 49.0 [40.0, 58.0] | 43.0 [40.0, 58.0] (flips 25.0%, KL 0.010) |" in text
+    assert "† machine_ethics: uninformative for dense: its 95% interval contains the chance level" in text
+    assert "† fairness: uninformative for dense: predicts 'no' for every item" in text
+    assert "| toxicity | — | 80.0 | 74.0 (flips 10.0%, KL 0.010) |" in text
+    assert "| **average of 3** |  | **76.3** | **70.3** |" in text
