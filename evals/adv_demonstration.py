@@ -45,7 +45,6 @@ backdoor items (our triggers: the word "tq" and the sentence "I saw it on a Tues
 """
 from __future__ import annotations
 
-import json
 import math
 import random
 from dataclasses import dataclass
@@ -53,6 +52,7 @@ from importlib.resources import files
 from itertools import zip_longest
 from pathlib import Path
 
+from comptrust.evals.files import jsonl_objects
 from comptrust.evals.lm import LanguageModel
 from comptrust.evals.registry import Dimension, EvalContext
 from comptrust.evals.schema import MetricResult, choice_distribution, compare_to_reference
@@ -144,14 +144,7 @@ def parse_record(record, where: str) -> tuple[tuple[tuple[str, str], ...], str, 
 
 
 def _read_jsonl(text: str, source: str) -> list[tuple[int, dict]]:
-    records = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            records.append((number, json.loads(line)))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{source}, line {number}: not valid JSON ({exc.msg})") from None
+    records = [(number, record) for _, number, record in jsonl_objects(text.splitlines(), source)]
     if not records:
         raise ValueError(f"{source}: no records")
     return records

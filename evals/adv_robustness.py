@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
+from comptrust.evals.files import read_json
 from comptrust.evals.lm import LanguageModel
 from comptrust.evals.registry import Dimension, EvalContext
 from comptrust.evals.schema import MetricResult, choice_distribution, compare_to_reference
@@ -89,13 +90,7 @@ def parse_advglue(raw, source: str) -> list[AdvItem]:
 def load_advglue(path: str | Path) -> list[AdvItem]:
     """The official AdvGLUE dev.json (or an AdvGLUE++ file), validated."""
     path = Path(path)
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no such file (AdvGLUE's dev.json)") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}, line {exc.lineno}: not valid JSON ({exc.msg})") from None
-    return parse_advglue(raw, str(path))
+    return parse_advglue(read_json(path, "AdvGLUE's dev.json"), str(path))
 
 
 def load_builtin_probes() -> list[AdvItem]:

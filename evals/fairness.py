@@ -56,7 +56,6 @@ request, ~670 tokens, costs ~7 of the ~100-token requests the budget is counted 
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from dataclasses import dataclass, replace
 from importlib.resources import files
@@ -64,6 +63,7 @@ from pathlib import Path
 
 import numpy as np
 
+from comptrust.evals.files import jsonl_objects
 from comptrust.evals.lm import LanguageModel
 from comptrust.evals.registry import Dimension, EvalContext
 from comptrust.evals.schema import MetricResult, accuracy_with_interval, choice_distribution, compare_to_reference
@@ -160,16 +160,7 @@ def parse_adult_lines(lines, source: str) -> list[AdultRecord]:
     Optional "id" and "sex" (our probes); otherwise the id is the line number and the sex is read from the
     description (the official files keep it in sensitive_attr_*.npy, which load_adult_file checks)."""
     records = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{source}, line {number}"
-        try:
-            raw = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{where}: not valid JSON ({exc.msg})") from None
-        if not isinstance(raw, dict):
-            raise ValueError(f"{where}: expected an object, got {type(raw).__name__}")
+    for where, number, raw in jsonl_objects(lines, source):
         missing = [key for key in ("option", "input", "label", "examples") if key not in raw]
         if missing:
             raise ValueError(f"{where}: missing {missing} (has {sorted(raw)})")

@@ -52,6 +52,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Callable
 
+from comptrust.evals.files import read_json
 from comptrust.evals.lm import LanguageModel
 from comptrust.evals.registry import Dimension, EvalContext
 from comptrust.evals.schema import MetricResult, choice_distribution, compare_to_reference
@@ -226,25 +227,16 @@ def _few_shot_demo_sets(demos: dict[str, list[QAItem]]) -> list[str]:
     return [name for name in demos if not name.startswith(IN_DOMAIN_QA_DEMOS)]
 
 
-def _read_json(path: Path, what: str):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no such file ({what})") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}, line {exc.lineno}: not valid JSON ({exc.msg})") from None
-
-
 def load_style(path: str | Path) -> StyleData:
     """DecodingTrust's data/ood/style.json, validated."""
     path = Path(path)
-    return parse_style(_read_json(path, "DecodingTrust's ood/style.json"), str(path))
+    return parse_style(read_json(path, "DecodingTrust's ood/style.json"), str(path))
 
 
 def load_knowledge(path: str | Path) -> KnowledgeData:
     """DecodingTrust's data/ood/knowledge.json, validated."""
     path = Path(path)
-    return parse_knowledge(_read_json(path, "DecodingTrust's ood/knowledge.json"), str(path))
+    return parse_knowledge(read_json(path, "DecodingTrust's ood/knowledge.json"), str(path))
 
 
 def load_builtin_probes() -> tuple[StyleData, KnowledgeData]:

@@ -58,6 +58,7 @@ from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
+from comptrust.evals.files import read_json
 from comptrust.evals.lm import LanguageModel
 from comptrust.evals.registry import Dimension, EvalContext
 from comptrust.evals.schema import MetricResult, compare_to_reference
@@ -172,15 +173,6 @@ class PrivacyItem:
 
 # ---- loaders -----------------------------------------------------------------------------------------------
 
-def _read_json(path: Path, what: str):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no such file ({what})") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}, line {exc.lineno}: not valid JSON ({exc.msg})") from None
-
-
 def _parse_shots(raw, source: str, shots: int, email2name: dict[str, str]) -> dict[str, list[tuple[str, str]]]:
     if not isinstance(raw, dict) or not raw:
         raise ValueError(f"{source}: expected a non-empty JSON object of email -> [[email, name], ...]")
@@ -212,7 +204,7 @@ def parse_enron(email2name, one_shot, five_shot, source: str) -> EnronData:
 def load_enron(folder: str | Path) -> EnronData:
     """DecodingTrust's data/privacy/enron_data folder (email2name.json, one_shot.json, five_shot.json)."""
     folder = Path(folder)
-    raw = [_read_json(folder / f"{name}.json", f"DecodingTrust's enron_data/{name}.json")
+    raw = [read_json(folder / f"{name}.json", f"DecodingTrust's enron_data/{name}.json")
            for name in ("email2name", "one_shot", "five_shot")]
     return parse_enron(*raw, source=str(folder))
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import random
 from collections import defaultdict
@@ -41,6 +40,7 @@ from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
+from comptrust.evals.files import jsonl_objects
 from comptrust.evals.lm import LanguageModel
 from comptrust.evals.registry import Dimension, EvalContext
 from comptrust.evals.schema import MetricResult, choice_distribution, compare_to_reference
@@ -136,15 +136,8 @@ class StereotypeItem:
 def parse_bias_data(lines, source: str) -> list[StereotypeItem]:
     """Items of stereotype_bias_data.jsonl-layout lines; errors name the source and line."""
     items, seen = [], defaultdict(int)
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{source}, line {number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{where}: not valid JSON ({exc.msg})") from None
-        prompt = record.get("prompt") if isinstance(record, dict) else None
+    for where, _, record in jsonl_objects(lines, source):
+        prompt = record.get("prompt")
         if not isinstance(prompt, dict):
             raise ValueError(f"{where}: expected {{\"prompt\": {{...}}}}")
         fields = ("text", "stereotype_topic_tag", "demographic_group_tag", "sys_prompt_type_tag")

@@ -45,6 +45,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Protocol
 
+from comptrust.evals.files import jsonl_objects
 from comptrust.evals.lm import LanguageModel
 from comptrust.evals.registry import Dimension, EvalContext
 from comptrust.evals.schema import MetricResult, compare_to_reference
@@ -100,16 +101,7 @@ def parse_prompt_lines(lines, source: str, id_prefix: str) -> list[ToxicityPromp
     """RealToxicityPrompts-style JSONL records ({"prompt": {"text": ...}, ...}); errors name source and line.
     Ids are id_prefix/<line number> unless a record has its own "id" (our probes)."""
     prompts = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{source}, line {number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{where}: not valid JSON ({exc.msg})") from None
-        if not isinstance(record, dict):
-            raise ValueError(f"{where}: expected an object, got {type(record).__name__}")
+    for where, number, record in jsonl_objects(lines, source):
         if "prompt" not in record:
             raise ValueError(f"{where}: missing 'prompt' (has {sorted(record)})")
         prompt = record["prompt"]

@@ -121,7 +121,7 @@ def test_missing_layout_is_reported(tmp_path):
     ([dict(record("x", "yes"), option=["yes", "yes"])], r"line 1: 'option' must be a list of two or more distinct"),
     ([record("x", "yes", examples=[("demo", "perhaps")])], r"line 1: example 0 must be \[text, label\]"),
     ([record("", "yes")], r"line 1: 'input' must be a non-empty string"),
-    ([[1, 2]], r"line 1: expected a JSON object, got list"),
+    ([[1, 2]], r"line 1: expected an object, got list"),
 ])
 def test_malformed_files_name_the_file_and_line(tmp_path, lines, message):
     path = tmp_path / "42.jsonl"

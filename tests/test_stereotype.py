@@ -80,7 +80,7 @@ def test_builtin_probes_cross_groups_and_system_prompts():
 @pytest.mark.parametrize("lines,message", [
     (['{"prompt": {"text": "a", "stereotype_topic_tag": "t", "demographic_group_tag": "g", '
       '"sys_prompt_type_tag": "benign"}}', '{"prompt": '], "my.jsonl, line 2: not valid JSON"),
-    (['["a list"]'], r"my.jsonl, line 1: expected \{\"prompt\""),
+    (['["a list"]'], r"my.jsonl, line 1: expected an object, got list"),
     (['{"prompt": {"text": "a", "stereotype_topic_tag": "t", "sys_prompt_type_tag": "benign"}}'],
      r"line 1: missing \['demographic_group_tag'\]"),
     (['{"prompt": {"text": "a", "stereotype_topic_tag": "t", "demographic_group_tag": "g", '
