@@ -35,6 +35,11 @@ def cpu_kernels_available() -> bool:
     return _C is not None
 
 
+def cpu_amx_bf16() -> bool:
+    """True when gemm_tiled runs bf16 activations (8+ rows) on the AMX tile unit here."""
+    return _C is not None and _C.cpu_amx_bf16()
+
+
 def _cuda_reason() -> str | None:
     """None when the compiled CUDA ops can run here, else why not."""
     if _C is None:
@@ -58,7 +63,8 @@ def _triton_reason() -> str | None:
 
 def backends() -> dict[str, dict[str, object]]:
     """What can run here: {'cpu'|'cuda'|'triton'|'reference': {'available': bool, 'detail': str}}."""
-    cpu_detail = f"comptrust._C, SIMD path {_C.cpu_isa()}, {torch.get_num_threads()} threads" if _C else _BACKEND_ERRORS["cpu"]
+    cpu_detail = (f"comptrust._C, SIMD path {_C.cpu_isa()}{' + AMX-BF16' if _C.cpu_amx_bf16() else ''}, "
+                  f"{torch.get_num_threads()} threads") if _C else _BACKEND_ERRORS["cpu"]
     cuda_reason = _cuda_reason()
     triton_reason = _triton_reason()
     return {

@@ -47,6 +47,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "comptrust compiled ops (registered as torch.ops.comptrust.*)";
   module.def("cpu_isa", &comptrust::cpu::selected_isa_name,
              "The SIMD path the CPU kernels use on this machine (COMPTRUST_CPU_ISA overrides).");
+  module.def("cpu_amx_bf16", &comptrust::cpu::amx_bf16_usable,
+             "Whether bf16 activations run on the AMX tile unit here (COMPTRUST_CPU_AMX=0 turns it off).");
 #ifdef COMPTRUST_WITH_CUDA
   module.attr("cuda_built") = true;
 #else

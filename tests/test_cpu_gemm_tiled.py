@@ -3,15 +3,17 @@
 Each SIMD path is forced in turn through COMPTRUST_CPU_ISA. Against the pure-torch references (the
 dequantized weight; for act_bits=8 the same int8 activation rounding done in torch), float activations
 differ only by summation order: bound 1e-5 relative Frobenius error, measured <1e-6. A wrong code, plane
-bit, zero, scale or group gives errors of order 1. Batches 1..7 run the register kernels, 8 and up the
-dequantized-panel kernel; both are covered.
+bit, zero, scale or group gives errors of order 1. Float activations run the register kernels at batch
+1..7, the dequantized-panel kernel from 8 and, from 64 rows (256 with AVX-512), a dequantized scratch block
+through torch's GEMM (bf16 activations: a bf16 scratch from 64 rows, so the weights are rounded to bf16; on a
+CPU with AMX-BF16, bf16 activations from 8 rows run on the tile unit instead); all are covered.
 """
 import pytest
 import torch
 
 from comptrust import ops, reference
 from comptrust.formats.cpu_tiles import TiledWeight, tile, tile_int3, tile_int4, untile
-from quant_cases import MODEL_SHAPES, random_int3, random_int4, rel_err
+from quant_cases import MODEL_SHAPES, random_int3, random_int4, random_int8, rel_err
 
 INT3_ODD_SHAPES = ((32, 32), (96, 160), (160, 224), (64, 96))
 INT4_ODD_SHAPES = ((24, 40), (200, 136), (8, 200), (40, 96))
@@ -86,7 +88,7 @@ def test_matches_reference_odd_and_model_shapes(isa, bits, act_bits, m):
 @pytest.mark.parametrize("act_bits", [None, 8])
 @pytest.mark.parametrize("bits", [4, 3])
 @pytest.mark.parametrize("group_size", [32, 64, 96, 128, "channel", 2048])
-@pytest.mark.parametrize("m", [1, 9])
+@pytest.mark.parametrize("m", [1, 9, 67, 260])
 def test_group_sizes_including_partial_last_group(isa, bits, act_bits, group_size, m):
     k = 224  # 64/96/128 leave a partial last group; 2048 > k is one partial group
     _check(bits, act_bits, m, 64, k, k if group_size == "channel" else group_size)
@@ -95,8 +97,43 @@ def test_group_sizes_including_partial_last_group(isa, bits, act_bits, group_siz
 @pytest.mark.parametrize("bits", [4, 3])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_activations(isa, bits, dtype):
-    _check(bits, None, 3, 576, 576, 128, dtype, tol=8e-3)
-    _check(bits, None, 11, 576, 576, 128, dtype, tol=8e-3)
+    for m in (3, 11, 70, 260):
+        _check(bits, None, m, 576, 576, 128, dtype, tol=8e-3)
+
+
+AMX = pytest.mark.skipif(not ops.cpu_amx_bf16(), reason="this CPU (or OS) has no AMX-BF16 tile unit")
+AMX_REFERENCE = {4: reference.int4_gemm, 3: reference.int3_gemm, 8: reference.int8_gemm}
+AMX_RANDOM = {4: random_int4, 3: random_int3, 8: random_int8}
+
+
+@AMX
+@pytest.mark.parametrize("bits", [4, 3, 8])
+def test_amx_bf16_path_matches_reference(bits, monkeypatch):
+    """bf16 activations from 8 rows on the tile unit: 16-row blocks, a short last block (tmm6), passes of 64
+    rows, a last panel with one tile of two, partial groups. Same bound as any bf16 path (weights and output
+    rounded to bf16); with AMX turned off the same inputs take the fp32 paths."""
+    for m in (8, 16, 17, 64, 70, 200):
+        odd = ((32, 64, 32), (160, 224, 96)) if bits == 3 else ((24, 64, 32), (40, 224, 96))  # int3: n % 32 == 0
+        for n, k, group in odd + ((576, 1536, 128),):
+            packed = AMX_RANDOM[bits](n, k, group, seed=m + n)[0]
+            x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).bfloat16()
+            ref = AMX_REFERENCE[bits](x, packed.qweight, packed.qzeros, packed.scales, group)
+            y = ops.gemm_tiled(x, tile(packed))
+            assert y.dtype == torch.bfloat16 and rel_err(y, ref) < 8e-3, (m, n, k)
+            monkeypatch.setenv("COMPTRUST_CPU_AMX", "0")
+            off = ops.gemm_tiled(x, tile(packed))
+            monkeypatch.delenv("COMPTRUST_CPU_AMX")
+            assert rel_err(off, ref) < 8e-3 and rel_err(y, off) < 8e-3, (m, n, k)
+
+
+@AMX
+def test_bf16_shapes_the_tile_unit_does_not_take_stay_correct():
+    """k = 40 (not a tile step of 32) and 7 rows (below the tile path) take the fp32 paths on an AMX CPU."""
+    packed = random_int4(16, 40, 8)[0]
+    for m in (7, 20):
+        x = torch.randn(m, 40).bfloat16()
+        ref = reference.int4_gemm(x, packed.qweight, packed.qzeros, packed.scales, 8)
+        assert rel_err(ops.gemm_tiled(x, tile(packed)), ref) < 8e-3
 
 
 def test_int3_op_in_gptq_layout_runs_the_tiled_kernel():
@@ -110,18 +147,26 @@ def test_int3_op_in_gptq_layout_runs_the_tiled_kernel():
 @pytest.mark.parametrize("bits", [4, 3])
 @pytest.mark.parametrize("act_bits", [None, 8])
 def test_thread_count_does_not_change_results(bits, act_bits):
+    """Our kernels split work by tiles, which are independent, so the thread count changes no bit. The BLAS
+    path (float activations, 64+ rows, 256+ with AVX-512) is MKL's reduction, which like dense F.linear may
+    round differently with another thread count; it must still be repeatable at a fixed count."""
     tiled = tile(_random(bits, 576, 1536, 128))
     threads = torch.get_num_threads()
-    for m in (1, 13):
+    for m in (1, 13, 70, 300):
         x = torch.randn(m, 1536)
         try:
             torch.set_num_threads(1)
             one = ops.gemm_tiled(x, tiled, act_bits)
             torch.set_num_threads(max(2, threads))
             many = ops.gemm_tiled(x, tiled, act_bits)
+            again = ops.gemm_tiled(x, tiled, act_bits)
         finally:
             torch.set_num_threads(threads)
-        assert torch.equal(one, many)  # tiles are independent: no reduction order depends on threads
+        assert torch.equal(many, again), m
+        if m < 64 or act_bits:
+            assert torch.equal(one, many), m
+        else:
+            assert rel_err(one, many) < 1e-6, m
 
 
 def test_extreme_codes_zero_rows_and_empty_batch(isa):
@@ -154,7 +199,7 @@ def test_randomized_sweep_1000_cases():
         n = (8 if bits == 4 else 32) * draw(1, 9)
         k = unit * draw(1, 320 // unit + 1)
         group = unit * draw(1, 160 // unit + 1) if draw(0, 4) else k
-        m = draw(1, 12)
+        m = draw(1, 12) if draw(0, 8) else draw(64, 300)  # one case in 8 on the panel (AVX-512) or BLAS path
         dtype = (torch.float32, torch.bfloat16)[draw(0, 4) == 0]
         packed = _random(bits, n, k, group, seed=case)
         x = torch.randn(m, k, generator=gen).to(dtype)

@@ -5,7 +5,9 @@ Each SIMD path is forced in turn through COMPTRUST_CPU_ISA. The reference is the
 dense weight (comptrust.reference): kernels differ only by summation order, bound 1e-5 relative Frobenius
 error (measured ~1e-7). bf16 / fp16 activations are converted to fp32 on entry and the output rounded
 once: bound 8e-3 (2^-8 is bf16's step). A wrong index, nibble, value slot, zero, scale or group gives
-errors of order 1. Every batch runs the same kernel on blocks of 4 rows (1..3-row tails included).
+errors of order 1. Batches below 192 rows run the sparse kernel on blocks of 4 rows (1..3-row tails
+included); from 192 rows the weight is expanded to dense blocks for torch's GEMM (bf16 activations: bf16
+blocks); on a CPU with AMX-BF16, bf16 activations from 32 to 1023 rows run on the tile unit. All are covered.
 """
 import pytest
 import torch
@@ -18,7 +20,7 @@ from sparse24_cases import uniform_sparse24, uniform_sparse24_int4
 
 FLOAT_ODD_SHAPES = ((8, 8), (24, 40), (200, 136), (16, 200), (40, 96))
 INT4_ODD_SHAPES = ((8, 16), (24, 48), (200, 144), (40, 96))
-M_SIZES = (1, 2, 3, 5, 8, 13, 70)
+M_SIZES = (1, 2, 3, 5, 8, 13, 70, 200)
 VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -92,7 +94,7 @@ def test_float_values_match_reference_odd_and_model_shapes(isa, m):
 
 @pytest.mark.parametrize("value_dtype", VALUE_DTYPES)
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("m", [1, 3, 9])
+@pytest.mark.parametrize("m", [1, 3, 9, 193])
 def test_value_and_activation_dtypes(isa, value_dtype, x_dtype, m):
     _check_float(m, 200, 136, value_dtype, x_dtype)
 
@@ -104,7 +106,7 @@ def test_int4_values_match_reference_odd_and_model_shapes(isa, m):
 
 
 @pytest.mark.parametrize("group_size", [8, 16, 24, 40, 64, "row"])
-@pytest.mark.parametrize("m", [1, 4, 8])
+@pytest.mark.parametrize("m", [1, 4, 8, 200])
 def test_int4_group_sizes_including_partial_last_group(isa, group_size, m):
     k = 176  # 88 kept values: a partial last group for 16, 24, 40, 64
     _check_int4(m, 24, k, k // 2 if group_size == "row" else group_size)
@@ -113,6 +115,32 @@ def test_int4_group_sizes_including_partial_last_group(isa, group_size, m):
 def test_int4_bf16_activations(isa):
     _check_int4(5, 40, 96, 16, torch.bfloat16)
     _check_int4(11, 40, 96, 16, torch.bfloat16)
+    _check_int4(200, 40, 96, 16, torch.bfloat16)
+
+
+@pytest.mark.skipif(not ops.cpu_amx_bf16(), reason="this CPU (or OS) has no AMX-BF16 tile unit")
+def test_amx_bf16_path_matches_reference(monkeypatch):
+    """bf16 activations from 32 rows on the tile unit (16-row blocks, a short last block, passes of 64 rows, a
+    last panel with one tile of two), every value kind; with AMX turned off the fp32 kernels give the same."""
+    for m in (32, 33, 64, 70, 200):
+        for n, k in ((24, 64), (40, 224), (576, 576)):
+            for kind in ("float32", "bfloat16", "float16", "int4"):
+                if kind == "int4":
+                    packed = uniform_sparse24_int4(n, k, 16, seed=m)
+                    q = packed.qvalues
+                    tiled = tile_sparse24_int4(packed)
+                    ref = lambda x: reference.sparse24_int4_gemm(x, q.qweight, q.qzeros, q.scales, packed.meta, 16)
+                else:
+                    packed = uniform_sparse24(n, k, getattr(torch, kind), seed=m)
+                    tiled = tile_sparse24(packed)
+                    ref = lambda x: reference.sparse24_gemm(x, packed.values, packed.meta)
+                x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).bfloat16()
+                y = ops.sparse24_tiled(x, tiled)
+                assert y.dtype == torch.bfloat16 and rel_err(y, ref(x)) < 8e-3, (m, n, k, kind)
+                monkeypatch.setenv("COMPTRUST_CPU_AMX", "0")
+                off = ops.sparse24_tiled(x, tiled)
+                monkeypatch.delenv("COMPTRUST_CPU_AMX")
+                assert rel_err(y, off) < 8e-3, (m, n, k, kind)
 
 
 def test_storage_layout_ops_tile_and_run_the_same_kernels():
@@ -127,31 +155,38 @@ def test_storage_layout_ops_tile_and_run_the_same_kernels():
 
 def test_magnitude_pruned_weight_runs_exactly_like_its_dense_form(isa):
     weight = prune_magnitude_24(torch.randn(64, 128, generator=torch.Generator().manual_seed(9)))
-    x = torch.randn(6, 128)
-    y = ops.sparse24_tiled(x, tile_sparse24(pack_sparse24(weight)))
-    assert rel_err(y, x @ weight.t()) < 1e-5
+    for m in (6, 200):
+        x = torch.randn(m, 128)
+        y = ops.sparse24_tiled(x, tile_sparse24(pack_sparse24(weight)))
+        assert rel_err(y, x @ weight.t()) < 1e-5
 
 
 @pytest.mark.parametrize("int4", [False, True])
 def test_thread_count_does_not_change_results(int4):
     tiled = tile_sparse24_int4(uniform_sparse24_int4(576, 1536, 64)) if int4 else tile_sparse24(uniform_sparse24(576, 1536))
     threads = torch.get_num_threads()
-    for m in (1, 13):
+    for m in (1, 13, 200):
         x = torch.randn(m, 1536)
         try:
             torch.set_num_threads(1)
             one = ops.sparse24_tiled(x, tiled)
             torch.set_num_threads(max(2, threads))
             many = ops.sparse24_tiled(x, tiled)
+            again = ops.sparse24_tiled(x, tiled)
         finally:
             torch.set_num_threads(threads)
-        assert torch.equal(one, many)  # tiles are independent: no reduction order depends on threads
+        assert torch.equal(many, again), m
+        if m < 192:  # our kernel: tiles are independent, no reduction order depends on threads
+            assert torch.equal(one, many), m
+        else:  # torch's GEMM on expanded blocks: like dense F.linear, may round differently per thread count
+            assert rel_err(one, many) < 1e-6, m
 
 
 def test_all_zero_weight_zero_input_and_empty_batch(isa):
     zero = pack_sparse24(torch.zeros(16, 32))  # every group keeps positions (0, 1) holding +0.0
     tiled = tile_sparse24(zero)
-    assert torch.equal(ops.sparse24_tiled(torch.randn(9, 32), tiled), torch.zeros(9, 16))
+    for m in (9, 200):
+        assert torch.equal(ops.sparse24_tiled(torch.randn(m, 32), tiled), torch.zeros(m, 16))
     packed = uniform_sparse24(16, 32)
     assert torch.equal(ops.sparse24_tiled(torch.zeros(2, 32), tile_sparse24(packed)), torch.zeros(2, 16))
     assert ops.sparse24_tiled(torch.zeros(0, 32), tile_sparse24(packed)).shape == (0, 16)
@@ -171,7 +206,7 @@ def test_randomized_sweep_1000_cases():
         int4 = case % 2 == 1
         n = 8 * draw(1, 9)
         k = (16 if int4 else 8) * draw(1, 320 // (16 if int4 else 8) + 1)
-        m = draw(1, 12)
+        m = draw(1, 12) if draw(0, 8) else draw(192, 210)  # one case in 8 on the expanded path
         x_dtype = (torch.float32, torch.bfloat16)[draw(0, 4) == 0]
         x = torch.randn(m, k, generator=gen).to(x_dtype)
         if int4:

@@ -1,5 +1,6 @@
 """int8 weights: the GPTQ v1 bits=8 layout (comptrust.formats.int8), its CPU tiles and the tiled kernel's int8
-paths (direct for batch < 8, dequantized panel from 8), QuantLinear and RTN at 8 bits.
+paths (direct for batch < 8, dequantized panel from 8, dequantized blocks through torch's GEMM from 64),
+QuantLinear and RTN at 8 bits.
 
 Float activations differ from the dequantized reference only by summation order (bound 1e-5 relative); a
 wrong byte, zero offset, scale or group gives errors of order 1.
@@ -99,7 +100,7 @@ def test_kernel_matches_reference_odd_and_model_shapes(isa, m):
 
 
 @pytest.mark.parametrize("group_size", [4, 12, 32, 100, 128, "channel"])
-@pytest.mark.parametrize("m", [1, 5, 9])
+@pytest.mark.parametrize("m", [1, 5, 9, 64])
 def test_group_sizes_including_partial_last_group(isa, group_size, m):
     k = 300  # not a multiple of most group sizes: the last group is partial
     _check(m, 64, k, k if group_size == "channel" else group_size)
@@ -109,6 +110,7 @@ def test_group_sizes_including_partial_last_group(isa, group_size, m):
 def test_half_precision_activations(isa, dtype):
     _check(3, 576, 576, 128, dtype, tol=8e-3)
     _check(11, 576, 576, 128, dtype, tol=8e-3)
+    _check(70, 576, 576, 128, dtype, tol=8e-3)
 
 
 def test_extreme_codes_and_zero_256(isa):
@@ -117,7 +119,7 @@ def test_extreme_codes_and_zero_256(isa):
         packed = pack_int8(torch.full((n, k), code), torch.full((n, 2), zero), torch.full((n, 2), 2.0**-7), 32)
         x = torch.randn(3, k, generator=torch.Generator().manual_seed(code))
         expected = x @ torch.full((n, k), (code - zero) * 2.0**-7).t()  # a scale fp16 holds exactly
-        for xs in (x, x.repeat(4, 1)):  # the register path, then the panel path
+        for xs in (x, x.repeat(4, 1), x.repeat(22, 1)):  # the register, panel and BLAS paths
             y = ops.gemm_tiled(xs, tile(packed))
             if code == zero:  # codes on the zero point: exactly 0, with no cancellation error
                 assert torch.equal(y, torch.zeros_like(y))
@@ -135,7 +137,7 @@ def test_randomized_sweep_400_cases():
     for case in range(400):
         n, k = 8 * draw(1, 9), 4 * draw(1, 81)
         group = 4 * draw(1, 41) if draw(0, 4) else k
-        m = draw(1, 12)
+        m = draw(1, 12) if draw(0, 8) else draw(64, 80)  # one case in 8 on the BLAS path
         dtype = (torch.float32, torch.bfloat16)[draw(0, 4) == 0]
         packed = random_int8(n, k, group, seed=case)[0]
         x = torch.randn(m, k, generator=gen).to(dtype)

@@ -1,19 +1,24 @@
 // CPU int4/int3/int8 x float GEMM/GEMV over the tiled layout (csrc/include/comptrust/cpu_tiles.h).
 //
-// Three kernels, picked by batch size and activation precision:
+// Five paths, picked by batch size, activation precision and CPU:
 //   * direct (batch < kPanelMinRows, float activations): codes are decoded in registers and feed up to
 //     kRowBlock rows at once. Per group we accumulate sum_k x*q and apply zero and scale once:
 //       sum_k x*(q - z)*s = s * (sum_k x*q - z * sum_k x),   sum_k x precomputed per (row, group).
 //     Batch 1 is memory-bound, so this is the path that must run at DRAM speed.
-//   * panel (batch >= kPanelMinRows, float activations): a group of two tiles is dequantized once into
-//     an L1-resident fp32 panel, then a 6x16 register-blocked microkernel runs every row over it (the
-//     decode cost is paid once per weight instead of once per row block).
-//   * a8 (int8 activations, any batch; int4/int3 weights): x is quantized per row and per block of 32 inputs, the codes are
-//     unpacked into u8 lanes and multiplied with vpmaddubsw/vpmaddwd (16 u8 x s8 products per
-//     instruction pair), the integer block sums scaled once per block.
-// Each kernel has an AVX2 path and a portable scalar one; int4 and int8 direct also an AVX-512 one (isa.h picks).
-// int8 weights (w8, for accuracy rather than size) run direct and panel only: u8 codes up to 255 times s8
-// activations would saturate vpmaddubsw's int16 pairs, so there is no a8 path for them.
+//   * panel (kPanelMinRows <= batch < kBlasMinRows, float activations): two tiles (four with AVX-512) are
+//     dequantized once into an L1-resident fp32 panel, then a 6x16 (6x32) register-blocked microkernel runs
+//     every row over it (the decode cost is paid once per weight instead of once per row block).
+//   * dequantize + BLAS (batch >= kBlasMinRows, kBlasMinRowsAvx512 with AVX-512; float activations):
+//     blocks of tiles dequantized into a scratch and multiplied by torch's GEMM (dense_blocks.h).
+//   * AMX-BF16 (bf16 activations, kPanelMinRows <= batch < kAmxMaxRows, where the CPU has AMX): two tiles
+//     dequantized to a bf16 panel in the tile unit's pair layout, multiplied with tdpbf16ps.
+//   * a8 (int8 activations, any batch; int4/int3 weights): x is quantized per row and per block of 32
+//     inputs, the codes are unpacked into u8 lanes and multiplied with vpmaddubsw/vpmaddwd (16 u8 x s8
+//     products per instruction pair), the integer block sums scaled once per block.
+// Each kernel has an AVX2 path and a portable scalar one (the BLAS path a scalar dequantization); int4 and
+// int8 direct and the panel also an AVX-512 one (isa.h picks).
+// int8 weights (w8, for accuracy rather than size) have no a8 path: u8 codes up to 255 times s8
+// activations would saturate vpmaddubsw's int16 pairs.
 // Work split: tiles (8 output columns) are the tasks of at::parallel_for, so each thread streams a
 // contiguous stretch of the weight.
 #include <ATen/Parallel.h>
@@ -26,7 +31,9 @@
 #include <type_traits>
 #include <vector>
 
+#include "amx_bf16.h"
 #include "comptrust/cpu_tiles.h"
+#include "dense_blocks.h"
 #include "simd_common.h"
 #include "isa.h"
 
@@ -36,8 +43,6 @@ namespace {
 
 constexpr int64_t kPanelMinRows = 8;
 constexpr int kPanelRows = 6;
-constexpr int kPanelTiles = 2;
-constexpr int64_t kPanelChunk = 256;  // input rows per panel: 256 x 16 fp32 = 16 KB, stays in L1
 
 // int4: k/8 words per column; int3: 3 words per 32 rows; int8: k/4.
 inline int64_t words_per_column(int bits, int64_t k) {
@@ -125,6 +130,19 @@ void tile_scalar(const Problem& p, int64_t t, bool a8) {
       }
       p.y[i * p.n + t * kTileCols + c] = out;
     }
+  }
+}
+
+// out[kk - kc][0..7], rows ld elements apart: tile t's weights (q - z) * s of input rows kc..kce of group g.
+template <typename Out>
+void dequantize_tile_scalar(const Problem& p, int64_t t, int64_t g, int64_t kc, int64_t kce, Out* out, int64_t ld) {
+  const uint8_t* tz = p.tile_zeros(t);
+  const at::Half* ts = p.tile_scales(t);
+  for (int c = 0; c < kTileCols; ++c) {
+    const float zero = static_cast<float>(tz[g * kTileCols + c] + (p.bits == 8 ? kInt8ZeroOffset : 0));
+    const float scale = static_cast<float>(ts[g * kTileCols + c]);
+    for (int64_t kk = kc; kk < kce; ++kk)
+      out[(kk - kc) * ld + c] = static_cast<Out>((static_cast<float>(code_at(p, t, kk, c)) - zero) * scale);
   }
 }
 
@@ -320,53 +338,67 @@ COMPTRUST_AVX2 void a8_avx2(const Problem& p, int64_t t, int64_t i0) {
 }
 
 // ------------------------------------------------------------------------ AVX2 panel (float x)
-// panel[kk - kc][16]: dequantized weights (q - z) * s of input rows kc..kce (inside group g) of tiles t and
-// t+1, or of t alone with the other 8 columns zero. Same arithmetic as the reference dequantization.
-template <int BITS>
+// out[kk - kc][0..7], rows ld elements apart: dequantized weights (q - z) * s of input rows kc..kce (inside
+// group g) of tile t. Same arithmetic as the reference dequantization (and as dequantize_tile_scalar).
+template <int BITS, typename Out>
+COMPTRUST_AVX2 void dequantize_tile(const Problem& p, int64_t t, int64_t g, int64_t kc, int64_t kce, Out* out,
+                                    int64_t ld) {
+  const int32_t* tw = p.tile_w(t);
+  const __m256 scale = load_scales(p.tile_scales(t) + g * kTileCols);
+  const __m256 zero = load_tile_zeros<BITS>(p.tile_zeros(t) + g * kTileCols);
+  if constexpr (BITS == 8) {
+    for (int64_t row = kc / 4; row < kce / 4; ++row) {
+      const __m256i words = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tw + row * kTileCols));
+      for (int b = 0; b < 4; ++b)
+        store8(out + (row * 4 + b - kc) * ld, _mm256_mul_ps(_mm256_sub_ps(int8_codes(words, b), zero), scale));
+    }
+  } else if constexpr (BITS == 4) {
+    for (int64_t row = kc / 8; row < kce / 8; ++row) {
+      const __m256i words = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tw + row * kTileCols));
+      for (int b = 0; b < 8; ++b)
+        store8(out + (row * 8 + b - kc) * ld, _mm256_mul_ps(_mm256_sub_ps(int4_codes(words, b), zero), scale));
+    }
+  } else {
+    for (int64_t block = kc / kInt3BlockRows; block < kce / kInt3BlockRows; ++block) {
+      const int32_t* bw = tw + block * kInt3BlockPlanes * kTileCols;
+      const __m256i high = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bw + 2 * kTileCols));
+      for (int plane = 0; plane < 2; ++plane) {
+        const __m256i low = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bw + plane * kTileCols));
+        for (int j = 0; j < 16; ++j)
+          store8(out + (block * kInt3BlockRows + plane * 16 + j - kc) * ld,
+                           _mm256_mul_ps(_mm256_sub_ps(int3_codes(low, high, plane, j), zero), scale));
+      }
+    }
+  }
+}
+
+// A panel is TILES tiles wide: 2 (16 columns, two ymm per row) for the AVX2 microkernel, 4 (32 columns,
+// two zmm per row) for the AVX-512 one. Either way 6 rows x 2 vectors = 12 accumulators, and each step
+// loads 2 panel vectors and broadcasts 6 inputs for 12 fused multiply-adds. kPanelFloats keeps a panel at
+// 16 KB, inside L1 next to the streamed rows of x.
+constexpr int64_t kPanelFloats = 4096;
+template <int TILES>
+constexpr int64_t kPanelChunk = kPanelFloats / (TILES * kTileCols);  // input rows per panel: 256 or 128
+
+// panel[kk - kc][TILES * 8]: tiles t..t+tiles-1 dequantized, the columns of missing tiles zero.
+template <int BITS, int TILES>
 COMPTRUST_AVX2 void dequantize_panel(const Problem& p, int64_t t, int tiles, int64_t g, int64_t kc, int64_t kce,
                                      float* panel) {
-  for (int u = 0; u < kPanelTiles; ++u) {
+  constexpr int width = TILES * kTileCols;
+  for (int u = 0; u < TILES; ++u) {
     float* col = panel + u * kTileCols;
-    if (u >= tiles) {
-      for (int64_t kk = kc; kk < kce; ++kk) _mm256_storeu_ps(col + (kk - kc) * 16, _mm256_setzero_ps());
-      continue;
-    }
-    const int32_t* tw = p.tile_w(t + u);
-    const __m256 scale = load_scales(p.tile_scales(t + u) + g * kTileCols);
-    const __m256 zero = load_tile_zeros<BITS>(p.tile_zeros(t + u) + g * kTileCols);
-    if constexpr (BITS == 8) {
-      for (int64_t row = kc / 4; row < kce / 4; ++row) {
-        const __m256i words = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tw + row * kTileCols));
-        for (int b = 0; b < 4; ++b)
-          _mm256_storeu_ps(col + (row * 4 + b - kc) * 16,
-                           _mm256_mul_ps(_mm256_sub_ps(int8_codes(words, b), zero), scale));
-      }
-    } else if constexpr (BITS == 4) {
-      for (int64_t row = kc / 8; row < kce / 8; ++row) {
-        const __m256i words = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tw + row * kTileCols));
-        for (int b = 0; b < 8; ++b)
-          _mm256_storeu_ps(col + (row * 8 + b - kc) * 16,
-                           _mm256_mul_ps(_mm256_sub_ps(int4_codes(words, b), zero), scale));
-      }
+    if (u < tiles) {
+      dequantize_tile<BITS, float>(p, t + u, g, kc, kce, col, width);
     } else {
-      for (int64_t block = kc / kInt3BlockRows; block < kce / kInt3BlockRows; ++block) {
-        const int32_t* bw = tw + block * kInt3BlockPlanes * kTileCols;
-        const __m256i high = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bw + 2 * kTileCols));
-        for (int plane = 0; plane < 2; ++plane) {
-          const __m256i low = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bw + plane * kTileCols));
-          for (int j = 0; j < 16; ++j)
-            _mm256_storeu_ps(col + (block * kInt3BlockRows + plane * 16 + j - kc) * 16,
-                             _mm256_mul_ps(_mm256_sub_ps(int3_codes(low, high, plane, j), zero), scale));
-        }
-      }
+      for (int64_t kk = kc; kk < kce; ++kk) _mm256_storeu_ps(col + (kk - kc) * width, _mm256_setzero_ps());
     }
   }
 }
 
 // y[R rows, 16 columns] (+)= x[R rows, kb..ke] @ panel, panel[kk - kb][16]; x rows ldx apart, y rows ldy.
 template <int R>
-COMPTRUST_AVX2 void panel_rows(const float* x, int64_t ldx, const float* panel, int64_t kb, int64_t ke, float* y,
-                               int64_t ldy, bool first) {
+COMPTRUST_AVX2 void panel_rows_avx2(const float* x, int64_t ldx, const float* panel, int64_t kb, int64_t ke, float* y,
+                                    int64_t ldy, bool first) {
   __m256 c0[R], c1[R];
   COMPTRUST_UNROLL for (int r = 0; r < R; ++r) {
     c0[r] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(y + r * ldy);
@@ -387,47 +419,97 @@ COMPTRUST_AVX2 void panel_rows(const float* x, int64_t ldx, const float* panel, 
   }
 }
 
-// Every row of x[m, k] times a panel of input rows kc..kce of `tiles` (1 or 2) output tiles: y points at the
-// tiles' first column in row 0 of y[m, n]. first: overwrite y rather than accumulate. With one tile the
-// microkernel writes a 16-wide scratch block (spill, kPanelRows x 16) and the 8 real columns are copied
-// out, so it never branches on the width.
-COMPTRUST_AVX2 inline void panel_multiply(const float* x, int64_t m, int64_t k, const float* panel, int64_t kc,
-                                          int64_t kce, float* y, int64_t n, int tiles, float* spill, bool first) {
+// The same over a 32-column panel, panel[kk - kb][32].
+template <int R>
+COMPTRUST_AVX512 void panel_rows_avx512(const float* x, int64_t ldx, const float* panel, int64_t kb, int64_t ke,
+                                        float* y, int64_t ldy, bool first) {
+  __m512 c0[R], c1[R];
+  COMPTRUST_UNROLL for (int r = 0; r < R; ++r) {
+    c0[r] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(y + r * ldy);
+    c1[r] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(y + r * ldy + 16);
+  }
+  for (int64_t kk = kb; kk < ke; ++kk) {
+    const __m512 b0 = _mm512_loadu_ps(panel + (kk - kb) * 32);
+    const __m512 b1 = _mm512_loadu_ps(panel + (kk - kb) * 32 + 16);
+    COMPTRUST_UNROLL for (int r = 0; r < R; ++r) {
+      const __m512 a = _mm512_set1_ps(x[r * ldx + kk]);
+      c0[r] = _mm512_fmadd_ps(a, b0, c0[r]);
+      c1[r] = _mm512_fmadd_ps(a, b1, c1[r]);
+    }
+  }
+  COMPTRUST_UNROLL for (int r = 0; r < R; ++r) {
+    _mm512_storeu_ps(y + r * ldy, c0[r]);
+    _mm512_storeu_ps(y + r * ldy + 16, c1[r]);
+  }
+}
+
+template <int TILES, int R>
+inline void panel_rows(const float* x, int64_t ldx, const float* panel, int64_t kb, int64_t ke, float* y, int64_t ldy,
+                       bool first) {
+  if constexpr (TILES == 2) panel_rows_avx2<R>(x, ldx, panel, kb, ke, y, ldy, first);
+  else panel_rows_avx512<R>(x, ldx, panel, kb, ke, y, ldy, first);
+}
+
+// Every row of x[m, k] times a panel of input rows kc..kce of `tiles` (1..TILES) output tiles: y points at
+// the tiles' first column in row 0 of y[m, n]. first: overwrite y rather than accumulate. With fewer tiles
+// than the panel holds, the microkernel writes a full-width scratch block (spill, kPanelRows x width) and
+// the real columns are copied out, so it never branches on the width.
+template <int TILES>
+void panel_multiply(const float* x, int64_t m, int64_t k, const float* panel, int64_t kc, int64_t kce, float* y,
+                    int64_t n, int tiles, float* spill, bool first) {
+  constexpr int width = TILES * kTileCols;
   for (int64_t i0 = 0; i0 < m; i0 += kPanelRows) {
     const int rows = static_cast<int>(std::min<int64_t>(kPanelRows, m - i0));
     const float* xr = x + i0 * k;
     float* yr = y + i0 * n;
     int64_t ldy = n;
-    if (tiles < kPanelTiles) {
-      ldy = 16;
+    const bool partial = tiles < TILES;
+    if (partial) {
+      ldy = width;
       yr = spill;
       if (!first)
-        for (int r = 0; r < rows; ++r) std::copy_n(y + (i0 + r) * n, kTileCols, spill + r * 16);
+        for (int r = 0; r < rows; ++r) std::copy_n(y + (i0 + r) * n, tiles * kTileCols, spill + r * width);
     }
     switch (rows) {
-      case 6: panel_rows<6>(xr, k, panel, kc, kce, yr, ldy, first); break;
-      case 5: panel_rows<5>(xr, k, panel, kc, kce, yr, ldy, first); break;
-      case 4: panel_rows<4>(xr, k, panel, kc, kce, yr, ldy, first); break;
-      case 3: panel_rows<3>(xr, k, panel, kc, kce, yr, ldy, first); break;
-      case 2: panel_rows<2>(xr, k, panel, kc, kce, yr, ldy, first); break;
-      default: panel_rows<1>(xr, k, panel, kc, kce, yr, ldy, first); break;
+      case 6: panel_rows<TILES, 6>(xr, k, panel, kc, kce, yr, ldy, first); break;
+      case 5: panel_rows<TILES, 5>(xr, k, panel, kc, kce, yr, ldy, first); break;
+      case 4: panel_rows<TILES, 4>(xr, k, panel, kc, kce, yr, ldy, first); break;
+      case 3: panel_rows<TILES, 3>(xr, k, panel, kc, kce, yr, ldy, first); break;
+      case 2: panel_rows<TILES, 2>(xr, k, panel, kc, kce, yr, ldy, first); break;
+      default: panel_rows<TILES, 1>(xr, k, panel, kc, kce, yr, ldy, first); break;
     }
-    if (tiles < kPanelTiles)
-      for (int r = 0; r < rows; ++r) std::copy_n(spill + r * 16, kTileCols, y + (i0 + r) * n);
+    if (partial)
+      for (int r = 0; r < rows; ++r) std::copy_n(spill + r * width, tiles * kTileCols, y + (i0 + r) * n);
   }
 }
 
-// Tiles t, t+1 (or just t when tiles == 1) for every row.
-template <int BITS>
-COMPTRUST_AVX2 void panel_avx2(const Problem& p, int64_t t, int tiles, float* panel, float* spill) {
+// Tiles t..t+tiles-1 (tiles <= TILES) for every row.
+template <int BITS, int TILES>
+void panel_run(const Problem& p, int64_t t, int tiles, float* panel, float* spill) {
   for (int64_t g = 0; g < p.groups; ++g) {
-    for (int64_t kc = g * p.group_size; kc < p.group_end(g); kc += kPanelChunk) {
-      const int64_t kce = std::min(p.group_end(g), kc + kPanelChunk);
+    for (int64_t kc = g * p.group_size; kc < p.group_end(g); kc += kPanelChunk<TILES>) {
+      const int64_t kce = std::min(p.group_end(g), kc + kPanelChunk<TILES>);
       const bool first = kc == 0;
-      dequantize_panel<BITS>(p, t, tiles, g, kc, kce, panel);
-      panel_multiply(p.x, p.m, p.k, panel, kc, kce, p.y + t * kTileCols, p.n, tiles, spill, first);
+      dequantize_panel<BITS, TILES>(p, t, tiles, g, kc, kce, panel);
+      panel_multiply<TILES>(p.x, p.m, p.k, panel, kc, kce, p.y + t * kTileCols, p.n, tiles, spill, first);
     }
   }
+}
+
+// Every tile through panels of TILES tiles, the panels split among threads.
+template <int TILES>
+void panel_all(const Problem& p) {
+  const int64_t tiles = p.n / kTileCols, panels = (tiles + TILES - 1) / TILES;
+  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> panel(kPanelFloats), spill(kPanelRows * TILES * kTileCols);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t t = i * TILES;
+      const int count = static_cast<int>(std::min<int64_t>(TILES, tiles - t));
+      if (p.bits == 4) panel_run<4, TILES>(p, t, count, panel.data(), spill.data());
+      else if (p.bits == 8) panel_run<8, TILES>(p, t, count, panel.data(), spill.data());
+      else panel_run<3, TILES>(p, t, count, panel.data(), spill.data());
+    }
+  });
 }
 
 template <int BITS, bool A8>
@@ -543,6 +625,77 @@ COMPTRUST_AVX512 void direct_int8_avx512(const Problem& p, int64_t t, int64_t i0
 COMPTRUST_AVX512 void int8_rows_avx512(const Problem& p, int64_t t) {
   for_each_row_block(p.m, [&](auto rows, int64_t i0) { direct_int8_avx512<decltype(rows)::value>(p, t, i0); });
 }
+// ------------------------------------------------------------------------ AMX-BF16 (bf16 x)
+// Where the CPU has AMX, bf16 activations from kPanelMinRows to kAmxMaxRows rows run on the tile unit
+// (amx_bf16.h) over panels of two tiles dequantized to bf16. k % 32 == 0 only; other shapes take the fp32
+// paths. Against bf16 F.linear (oneDNN, also on AMX), side by side on SmolLM2 and 4096x4096 shapes, int4:
+// 0.5-1.1x its time at 8-16 rows, 0.7-0.9x at 32-64 (the fp32 paths: 1.4-2.9x); from 1024 rows (the
+// measured crossover) the bf16 BLAS path is faster.
+constexpr int64_t kAmxMaxRows = 1024;
+
+// (codes - zero) * scale over 16 columns, codes0 of the panel's first tile and codes1 of its second.
+COMPTRUST_AMX inline __m512 panel_weights(__m256 codes0, __m256 codes1, __m512 zero, __m512 scale) {
+  return _mm512_mul_ps(_mm512_sub_ps(join(codes0, codes1), zero), scale);
+}
+
+// panel[kk / 2][16][2] (bf16 bits): tiles t, t+1 dequantized (a missing second tile: zero codes and scales,
+// so zero weights). Inputs kk, kk+1 become one 64-byte B row: vcvtne2ps2bf16 rounds both 16-column rows to
+// bf16 (nearest even) and vpermw interleaves them into column pairs.
+template <int BITS>
+COMPTRUST_AMX void dequantize_pairs(const Problem& p, int64_t t, int tiles, uint16_t* panel) {
+  const bool second = tiles > 1;
+  const int32_t* w0 = p.tile_w(t);
+  const int32_t* w1 = second ? p.tile_w(t + 1) : w0;  // read but multiplied by zero scales
+  for (int64_t g = 0; g < p.groups; ++g) {
+    const int64_t kb = g * p.group_size, ke = p.group_end(g);
+    const __m512 zero = join(load_tile_zeros<BITS>(p.tile_zeros(t) + g * kTileCols),
+                             second ? load_tile_zeros<BITS>(p.tile_zeros(t + 1) + g * kTileCols) : _mm256_setzero_ps());
+    const __m512 scale = join(load_scales(p.tile_scales(t) + g * kTileCols),
+                              second ? load_scales(p.tile_scales(t + 1) + g * kTileCols) : _mm256_setzero_ps());
+    if constexpr (BITS == 3) {
+      for (int64_t block = kb / kInt3BlockRows; block < ke / kInt3BlockRows; ++block) {
+        const int32_t* b0 = w0 + block * kInt3BlockPlanes * kTileCols;
+        const int32_t* b1 = w1 + block * kInt3BlockPlanes * kTileCols;
+        const __m256i high0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b0 + 2 * kTileCols));
+        const __m256i high1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b1 + 2 * kTileCols));
+        for (int plane = 0; plane < 2; ++plane) {
+          const __m256i low0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b0 + plane * kTileCols));
+          const __m256i low1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b1 + plane * kTileCols));
+          for (int j = 0; j < 16; j += 2)
+            store_pair_row(panel + (block * kInt3BlockRows + plane * 16 + j) / 2 * kAmxCols * 2,
+                           panel_weights(int3_codes(low0, high0, plane, j), int3_codes(low1, high1, plane, j), zero, scale),
+                           panel_weights(int3_codes(low0, high0, plane, j + 1), int3_codes(low1, high1, plane, j + 1),
+                                         zero, scale));
+        }
+      }
+    } else {
+      constexpr int per_word = BITS == 4 ? 8 : 4;
+      for (int64_t row = kb / per_word; row < ke / per_word; ++row) {
+        const __m256i words0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w0 + row * kTileCols));
+        const __m256i words1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w1 + row * kTileCols));
+        for (int b = 0; b < per_word; b += 2) {
+          uint16_t* out = panel + (row * per_word + b) / 2 * kAmxCols * 2;
+          if constexpr (BITS == 4)
+            store_pair_row(out, panel_weights(int4_codes(words0, b), int4_codes(words1, b), zero, scale),
+                           panel_weights(int4_codes(words0, b + 1), int4_codes(words1, b + 1), zero, scale));
+          else
+            store_pair_row(out, panel_weights(int8_codes(words0, b), int8_codes(words1, b), zero, scale),
+                           panel_weights(int8_codes(words0, b + 1), int8_codes(words1, b + 1), zero, scale));
+        }
+      }
+    }
+  }
+}
+
+// y[m, n] (bf16) = x[m, k] (bf16) @ W^T on the tile unit.
+void run_amx(const Problem& p, const at::BFloat16* x, at::BFloat16* y) {
+  gemm_amx_bf16(x, y, p.m, p.n, p.k, [&](int64_t t, int tiles, uint16_t* panel) {
+    if (p.bits == 4) dequantize_pairs<4>(p, t, tiles, panel);
+    else if (p.bits == 8) dequantize_pairs<8>(p, t, tiles, panel);
+    else dequantize_pairs<3>(p, t, tiles, panel);
+  });
+}
+
 #endif  // COMPTRUST_X86
 
 // Tiles per task such that a task has at least kMinTaskMacs multiply-adds: below that, waking a second
@@ -555,17 +708,7 @@ void run(const Problem& p, bool a8, Isa isa) {
 #ifdef COMPTRUST_X86
   if (isa != Isa::kScalar) {
     if (!a8 && p.m >= kPanelMinRows) {
-      const int64_t pairs = (tiles + kPanelTiles - 1) / kPanelTiles;
-      at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
-        std::vector<float> panel(kPanelChunk * 16), spill(kPanelRows * 16);
-        for (int64_t pair = begin; pair < end; ++pair) {
-          const int64_t t = pair * kPanelTiles;
-          const int count = static_cast<int>(std::min<int64_t>(kPanelTiles, tiles - t));
-          if (p.bits == 4) panel_avx2<4>(p, t, count, panel.data(), spill.data());
-          else if (p.bits == 8) panel_avx2<8>(p, t, count, panel.data(), spill.data());
-          else panel_avx2<3>(p, t, count, panel.data(), spill.data());
-        }
-      });
+      isa == Isa::kAvx512 ? panel_all<4>(p) : panel_all<2>(p);
       return;
     }
     if (isa == Isa::kAvx512 && (p.bits == 4 || p.bits == 8) && !a8) {
@@ -586,6 +729,36 @@ void run(const Problem& p, bool a8, Isa isa) {
 #endif
   at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) tile_scalar(p, t, a8);
+  });
+}
+
+// ------------------------------------------------------------ dequantize + BLAS (float x, large batch)
+// From kBlasMinRows rows on, the weight is dequantized block by block and run through torch's GEMM
+// (dense_blocks.h). fp32 x: MKL's sgemm. Against fp32 F.linear, side by side on SmolLM2 and 4096x4096
+// shapes, the AVX2 panel kernel ran 1.5-1.8x at 64 rows and 1.9-2.6x at 128, the BLAS path 1.2-1.7x and
+// 1.0-1.3x at 3072; so from 64 rows with AVX2. The AVX-512 panel is twice as fast (0.9-1.3x at 64 rows,
+// 1.1-1.5x at 256 against the BLAS path's 1.6-1.8x and 1.2-1.3x), so there the switch waits for 256 rows,
+// where writing the dequantized scratch (4 bytes per weight) stops mattering. bf16 x: a bf16 scratch
+// through oneDNN, rounding the weights to bf16 as a bf16 dense model would; from 64 rows with any ISA
+// (against bf16 F.linear, AVX-512 panel / BLAS path: 2.1-2.6x / 2.6-4.4x at 32 rows, 2.8-3.5x / 2.3-2.9x at 64).
+constexpr int64_t kBlasMinRows = 64;
+constexpr int64_t kBlasMinRowsAvx512 = 256;
+
+template <typename Out>
+void run_dequantized(const Problem& p, const at::Tensor& x, at::Tensor& y, Isa isa) {
+  gemm_by_dense_blocks<Out>(x, y, [&](int64_t t, Out* out, int64_t ld) {
+    for (int64_t g = 0; g < p.groups; ++g) {
+      const int64_t kb = g * p.group_size, ke = p.group_end(g);
+#ifdef COMPTRUST_X86
+      if (isa != Isa::kScalar) {
+        if (p.bits == 4) dequantize_tile<4>(p, t, g, kb, ke, out + kb * ld, ld);
+        else if (p.bits == 8) dequantize_tile<8>(p, t, g, kb, ke, out + kb * ld, ld);
+        else dequantize_tile<3>(p, t, g, kb, ke, out + kb * ld, ld);
+        continue;
+      }
+#endif
+      dequantize_tile_scalar(p, t, g, kb, ke, out + kb * ld, ld);
+    }
   });
 }
 
@@ -668,14 +841,33 @@ at::Tensor gemm_tiled_cpu(const at::Tensor& x, const at::Tensor& weight, const a
   const int64_t m = x.size(0), k = x.size(1), n = weight.size(0) * kTileCols;
   const int64_t groups = (k + group_size - 1) / group_size;
   const int64_t blocks_per_group = (group_size + kActBlock - 1) / kActBlock;
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
   const at::Tensor w = weight.contiguous(), z = zeros.contiguous(), s = scales.contiguous();
+  const Isa isa = select_isa();
+  Problem p{static_cast<int>(bits), nullptr, nullptr, nullptr, nullptr, w.data_ptr<int32_t>(), z.data_ptr<uint8_t>(),
+            s.data_ptr<at::Half>(), nullptr, m, n, k, group_size, groups, blocks_per_group};
+#ifdef COMPTRUST_X86
+  if (act_bits == 0 && x.scalar_type() == at::kBFloat16 && m >= kPanelMinRows && m < kAmxMaxRows &&
+      k % kAmxStep == 0 && amx_bf16_usable()) {
+    const at::Tensor xb = x.contiguous();
+    at::Tensor y = at::empty({m, n}, x.options());
+    run_amx(p, xb.data_ptr<at::BFloat16>(), y.data_ptr<at::BFloat16>());
+    return y;
+  }
+#endif
+  if (act_bits == 0 && x.scalar_type() == at::kBFloat16 && m >= kBlasMinRows) {
+    at::Tensor y = at::empty({m, n}, x.options());
+    run_dequantized<at::BFloat16>(p, x.contiguous(), y, isa);
+    return y;
+  }
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
   at::Tensor y = at::empty({m, n}, xf.options());
   if (m == 0) return y.to(x.scalar_type());
-
-  Problem p{static_cast<int>(bits), xf.data_ptr<float>(), nullptr, nullptr, nullptr, w.data_ptr<int32_t>(),
-            z.data_ptr<uint8_t>(), s.data_ptr<at::Half>(), y.data_ptr<float>(), m, n, k, group_size, groups,
-            blocks_per_group};
+  if (act_bits == 0 && m >= (isa == Isa::kAvx512 ? kBlasMinRowsAvx512 : kBlasMinRows)) {
+    run_dequantized<float>(p, xf, y, isa);
+    return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+  }
+  p.x = xf.data_ptr<float>();
+  p.y = y.data_ptr<float>();
   at::Tensor group_sum;
   if (act_bits == 8) {
     // One allocation for the int8 codes, block scales and group sums (three would cost more than a
@@ -699,7 +891,7 @@ at::Tensor gemm_tiled_cpu(const at::Tensor& x, const at::Tensor& weight, const a
         sums[i * groups + g] = std::accumulate(p.x + i * k + g * group_size, p.x + i * k + p.group_end(g), 0.f);
     p.x_group_sum = sums;
   }
-  run(p, act_bits == 8, select_isa());
+  run(p, act_bits == 8, isa);
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 

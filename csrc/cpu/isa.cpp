@@ -5,6 +5,14 @@
 #include <cstdlib>
 #include <cstring>
 
+#ifdef COMPTRUST_X86
+#include <cpuid.h>
+#endif
+#if defined(COMPTRUST_X86) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 namespace comptrust::cpu {
 namespace {
 
@@ -50,5 +58,31 @@ Isa select_isa() {
 }
 
 std::string selected_isa_name() { return isa_name(select_isa()); }
+
+namespace {
+// CPUID leaf 7: EDX bit 24 AMX-TILE, bit 22 AMX-BF16; then the kernel's permission for the tile data
+// (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA): without it the first tile instruction faults.
+bool amx_bf16_granted() {
+#if defined(COMPTRUST_X86) && defined(__linux__)
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+  if (!(edx & (1u << 24)) || !(edx & (1u << 22))) return false;
+  // The panel conversion uses AVX512-BF16/BW/DQ (every AMX CPU so far has them; checked all the same).
+  if (!__builtin_cpu_supports("avx512bf16") || !__builtin_cpu_supports("avx512bw") ||
+      !__builtin_cpu_supports("avx512dq"))
+    return false;
+  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
+}
+}  // namespace
+
+bool amx_bf16_usable() {
+  static const bool granted = amx_bf16_granted();
+  if (const char* off = std::getenv("COMPTRUST_CPU_AMX"); off && std::strcmp(off, "0") == 0) return false;
+  return granted && select_isa() == Isa::kAvx512;
+}
 
 }  // namespace comptrust::cpu

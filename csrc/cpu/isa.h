@@ -10,14 +10,19 @@
 namespace comptrust::cpu {
 
 // AVX2 (+FMA, F16C) is the path every kernel has. AVX-512 (F) adds paths where they paid on an AVX-512
-// Xeon: the 2:4 kernels (one permute gathers the inputs of both kept-value slots) and the int4 kernel with
-// float activations at batch < 8 (two input rows per register); int3, int8 activations and the panel
-// kernel run their AVX2 path on AVX-512 machines.
+// Xeon: the 2:4 kernels (one permute gathers the inputs of both kept-value slots), the int4 and int8
+// kernels with float activations at batch < 8 (two input rows per register) and the panel microkernel
+// (6x32); int3 at batch < 8 and int8 activations run their AVX2 path on AVX-512 machines.
 enum class Isa { kScalar, kAvx2, kAvx512 };
 
 // The widest path this CPU supports, or the one forced by COMPTRUST_CPU_ISA=avx512|avx2|scalar (the
 // tests use it to exercise every path); forcing a path the CPU lacks is an error.
 Isa select_isa();
+
+// Whether the bf16 tile-matrix path (AMX-BF16) may run: select_isa() is kAvx512 (so forcing avx2/scalar
+// also turns it off), the CPU has AMX-TILE and AMX-BF16 and the kernel granted this process the tile
+// state (Linux asks each process to request it once; the first call does). COMPTRUST_CPU_AMX=0 turns it off.
+bool amx_bf16_usable();
 const char* isa_name(Isa isa);
 std::string selected_isa_name();
 

@@ -18,6 +18,7 @@
 #include <immintrin.h>
 #define COMPTRUST_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define COMPTRUST_AVX512 __attribute__((target("avx512f,avx2,fma,f16c")))
+#define COMPTRUST_AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512dq,avx512bf16,avx2,fma,f16c")))
 
 namespace comptrust::cpu {
 
@@ -49,6 +50,21 @@ COMPTRUST_AVX2 inline __m256 load_scales(const at::Half* s) {
 COMPTRUST_AVX2 inline __m256 load_zeros(const uint8_t* z) {
   return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(z))));
 }
+// Eight dequantized weights to out[0..7], as fp32 or rounded to bf16 (nearest, ties to even, as
+// c10::BFloat16 rounds; weights are finite, so no NaN case).
+COMPTRUST_AVX2 inline void store8(float* out, __m256 v) { _mm256_storeu_ps(out, v); }
+// Eight floats rounded to bf16, in the low 128 bits.
+COMPTRUST_AVX2 inline __m128i to_bf16x8(__m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+  // packus works per 128-bit lane: [r0..3, r0..3 | r4..7, r4..7] -> take quadwords 0 and 2.
+  return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(rounded, rounded), 0b1000));
+}
+COMPTRUST_AVX2 inline void store8(at::BFloat16* out, __m256 v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), to_bf16x8(v));
+}
+
 // Codes of row kk (0..7 within the word) of the 8 columns, as floats.
 COMPTRUST_AVX2 inline __m256 int4_codes(__m256i words, int row) {
   return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(words, 4 * row), _mm256_set1_epi32(0xF)));

@@ -1,7 +1,8 @@
 // CPU 2:4 sparse x float GEMM/GEMV over the tiled 2:4 layout (csrc/include/comptrust/sparse24_tiles.h),
 // with float32/bfloat16/float16 kept values or int4 ones.
 //
-// One kernel for every batch size, on blocks of up to kRowBlock rows. Per group of 4 inputs, x[4g..4g+3]
+// One kernel for batches below kDenseMinRows, on blocks of up to kRowBlock rows (larger batches expand the
+// weight block by block and run torch's GEMM, see run_expanded). Per group of 4 inputs, x[4g..4g+3]
 // is broadcast into both halves of a register and vpermps picks, per output column, the input each kept
 // value multiplies: two permutes and two fused multiply-adds cover 16 weights, and the metadata word needs
 // two variable shifts and no masking (see the layout header). Batch 1 is memory-bound: this is the path
@@ -19,8 +20,10 @@
 #include <algorithm>
 #include <type_traits>
 
-#include "simd_common.h"
+#include "amx_bf16.h"
 #include "comptrust/sparse24_tiles.h"
+#include "dense_blocks.h"
+#include "simd_common.h"
 #include "isa.h"
 
 namespace comptrust::cpu {
@@ -87,6 +90,20 @@ void tile_scalar(const Sparse24Problem& p, int64_t t) {
                kept_value<V>(p, t, g, 1, c) * x[kSparse24Group * g + (nibble >> 2)];
       }
       p.y[i * p.n + t * kTileCols + c] = out;
+    }
+  }
+}
+
+// Tile t as dense W^T rows: out[kk][0..7] for kk = 0..k-1, rows ld elements apart (zeros where pruned).
+template <class V, typename Out>
+void expand_tile_scalar(const Sparse24Problem& p, int64_t t, Out* out, int64_t ld) {
+  const uint32_t* tm = p.tile_meta(t);
+  for (int64_t g = 0; g < p.sparse_groups(); ++g) {
+    for (int64_t i = 0; i < kSparse24Group; ++i) std::fill_n(out + (kSparse24Group * g + i) * ld, kTileCols, Out(0.f));
+    for (int c = 0; c < kTileCols; ++c) {
+      const uint32_t nibble = (tm[g] >> (4 * c)) & 0xF;
+      out[(kSparse24Group * g + (nibble & 3)) * ld + c] = static_cast<Out>(kept_value<V>(p, t, g, 0, c));
+      out[(kSparse24Group * g + (nibble >> 2)) * ld + c] = static_cast<Out>(kept_value<V>(p, t, g, 1, c));
     }
   }
 }
@@ -217,6 +234,49 @@ COMPTRUST_AVX2 void rows_avx2(const Sparse24Problem& p, int64_t t) {
   });
 }
 
+// ------------------------------------------------------------------ AVX2 expansion to dense rows
+// Group g's four rows: row i holds, per column, the kept value whose index is i, or zero.
+template <typename Out>
+COMPTRUST_AVX2 inline void expand_group(uint32_t meta_word, __m256 v0, __m256 v1, Out* out, int64_t ld) {
+  const __m256i word = _mm256_set1_epi32(static_cast<int>(meta_word)), three = _mm256_set1_epi32(3);
+  const __m256i idx0 = _mm256_and_si256(_mm256_srlv_epi32(word, idx0_shifts()), three);
+  const __m256i idx1 = _mm256_and_si256(_mm256_srlv_epi32(word, idx1_shifts()), three);
+  COMPTRUST_UNROLL for (int i = 0; i < kSparse24Group; ++i) {
+    const __m256i row = _mm256_set1_epi32(i);
+    const __m256 at0 = _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(idx0, row)), v0);
+    const __m256 at1 = _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(idx1, row)), v1);
+    store8(out + i * ld, _mm256_or_ps(at0, at1));
+  }
+}
+
+// Tile t as dense W^T rows (as expand_tile_scalar); int4 values dequantized as kept_value does.
+template <class V, typename Out>
+COMPTRUST_AVX2 void expand_tile_avx2(const Sparse24Problem& p, int64_t t, Out* out, int64_t ld) {
+  const uint32_t* tm = p.tile_meta(t);
+  if constexpr (std::is_same_v<V, Int4Values>) {
+    const int32_t* tw = p.tile_words(t);
+    for (int64_t qg = 0; qg < p.groups; ++qg) {
+      const __m256 zeros = load_zeros(p.tile_zeros(t) + qg * kTileCols);
+      const __m256 scale = load_scales(p.tile_scales(t) + qg * kTileCols);
+      for (int64_t w = qg * p.group_size / 8; w < p.kept_end(qg) / 8; ++w) {
+        const __m256i words = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tw + w * kTileCols));
+        COMPTRUST_UNROLL for (int u = 0; u < kSparseInt4WordGroups; ++u) {
+          const int64_t g = w * kSparseInt4WordGroups + u;
+          const __m256 v0 = _mm256_mul_ps(_mm256_sub_ps(int4_codes(words, 2 * u), zeros), scale);
+          const __m256 v1 = _mm256_mul_ps(_mm256_sub_ps(int4_codes(words, 2 * u + 1), zeros), scale);
+          expand_group(tm[g], v0, v1, out + kSparse24Group * g * ld, ld);
+        }
+      }
+    }
+  } else {
+    const V* tv = p.tile_values<V>(t);
+    for (int64_t g = 0; g < p.sparse_groups(); ++g) {
+      const V* v = tv + g * kSparse24Kept * kTileCols;
+      expand_group(tm[g], load_values(v), load_values(v + kTileCols), out + kSparse24Group * g * ld, ld);
+    }
+  }
+}
+
 // --------------------------------------------------------------------------------------- AVX-512
 // One zmm holds both kept-value slots of a group for the tile's 8 columns: lanes 0..7 slot 0, lanes 8..15
 // slot 1, which is exactly how a group's 16 values lie in the tile. One variable shift of the broadcast
@@ -314,6 +374,39 @@ COMPTRUST_AVX512 void rows_avx512(const Sparse24Problem& p, int64_t t) {
   });
 }
 
+// ------------------------------------------------------------------------ AMX-BF16 (bf16 x)
+// bf16 activations from kAmxMinRows to kAmxMaxRows rows, where the CPU has AMX: two tiles expanded to dense
+// rows (zeros where pruned) and converted to the tile unit's bf16 pairs (amx_bf16.h). The pruned zeros are
+// multiplied, which the tile unit does faster than this file's kernels skip them. Against bf16 F.linear, side
+// by side on SmolLM2 and 4096x4096 shapes (bf16 values / int4 values, without AMX > with): 32 rows
+// 2.4-3.2x > 1.2-1.9x, 64 rows 2.7-5.2x > 0.9-1.8x, 256 rows 1.2-2.4x > 0.8-1.8x; at 8 rows the sparse
+// kernel is faster (0.7-1.3x against 1.1-2.1x), at 16 about even, at 1024 even with the expanded BLAS path.
+constexpr int64_t kAmxMinRows = 32;
+constexpr int64_t kAmxMaxRows = 1024;
+
+// panel[kk / 2][16][2] from rows[kk][16] (fp32).
+COMPTRUST_AMX void pairs_from_rows(const float* rows, int64_t k, uint16_t* panel) {
+  for (int64_t kk = 0; kk < k; kk += 2)
+    store_pair_row(panel + kk / 2 * kAmxCols * 2, _mm512_loadu_ps(rows + kk * kAmxCols),
+                   _mm512_loadu_ps(rows + (kk + 1) * kAmxCols));
+}
+
+template <class V>
+void run_amx(const Sparse24Problem& p, const at::BFloat16* x, at::BFloat16* y) {
+  gemm_amx_bf16(x, y, p.m, p.n, p.k, [&](int64_t t, int tiles, uint16_t* panel) {
+    thread_local std::vector<float> rows;  // [k][16] fp32, this worker's own
+    if (static_cast<int64_t>(rows.size()) < p.k * kAmxCols) rows.resize(p.k * kAmxCols);
+    for (int u = 0; u < 2; ++u) {
+      if (u < tiles) {
+        expand_tile_avx2<V>(p, t + u, rows.data() + u * kTileCols, kAmxCols);
+      } else {
+        for (int64_t kk = 0; kk < p.k; ++kk) std::fill_n(rows.data() + kk * kAmxCols + u * kTileCols, kTileCols, 0.f);
+      }
+    }
+    pairs_from_rows(rows.data(), p.k, panel);
+  });
+}
+
 #endif  // COMPTRUST_X86
 
 // Tiles per task such that a task has at least kMinTaskMacs multiply-adds (as gemm_tiled_cpu.cpp).
@@ -360,18 +453,61 @@ void check_cpu(const char* op, std::initializer_list<const at::Tensor*> tensors)
     TORCH_CHECK(t->device().is_cpu(), op, " (CPU): every tensor must be on the CPU, got one on ", t->device());
 }
 
-at::Tensor run_problem(Sparse24Problem& p, const at::Tensor& x, const at::Tensor& xf, at::Tensor& y,
-                       at::ScalarType kind) {
-  if (p.m > 0) {
-    const Isa isa = select_isa();
-    switch (kind) {
-      case at::kFloat: run<float>(p, isa); break;
-      case at::kBFloat16: run<at::BFloat16>(p, isa); break;
-      case at::kHalf: run<at::Half>(p, isa); break;
-      default: run<Int4Values>(p, isa); break;  // kInt: int4 words
-    }
+// From kDenseMinRows rows on, blocks of tiles are expanded to dense rows and run through torch's GEMM
+// (dense_blocks.h): multiplying the pruned zeros at BLAS speed beats skipping them in this file's kernels
+// there. Measured against dense fp32 F.linear, side by side on SmolLM2 and 4096x4096 shapes (direct /
+// expanded): 256 rows 1.3-1.6x / 1.1-1.25x, 3072 rows 2.0-2.9x / 0.9-1.25x; 128 rows about even (direct
+// ahead for fp32 values, behind for int4 ones); 64 rows 0.7-1.3x / 1.5-1.9x.
+constexpr int64_t kDenseMinRows = 192;
+
+template <class V, typename Out>
+void run_expanded(const Sparse24Problem& p, const at::Tensor& x, at::Tensor& y, Isa isa) {
+  gemm_by_dense_blocks<Out>(x, y, [&](int64_t t, Out* out, int64_t ld) {
+#ifdef COMPTRUST_X86
+    if (isa != Isa::kScalar) return expand_tile_avx2<V>(p, t, out, ld);
+#endif
+    expand_tile_scalar<V>(p, t, out, ld);
+  });
+}
+
+template <class V>
+at::Tensor run_kind(Sparse24Problem& p, const at::Tensor& x) {
+  const Isa isa = select_isa();
+#ifdef COMPTRUST_X86
+  if (x.scalar_type() == at::kBFloat16 && p.m >= kAmxMinRows && p.m < kAmxMaxRows && p.k % kAmxStep == 0 &&
+      amx_bf16_usable()) {
+    const at::Tensor xb = x.contiguous();
+    at::Tensor y = at::empty({p.m, p.n}, x.options());
+    run_amx<V>(p, xb.data_ptr<at::BFloat16>(), y.data_ptr<at::BFloat16>());
+    return y;
   }
+#endif
+  if (p.m >= kDenseMinRows) {
+    if (x.scalar_type() == at::kBFloat16) {
+      at::Tensor y = at::empty({p.m, p.n}, x.options());
+      run_expanded<V, at::BFloat16>(p, x.contiguous(), y, isa);
+      return y;
+    }
+    const at::Tensor xf = x.to(at::kFloat).contiguous();
+    at::Tensor y = at::empty({p.m, p.n}, xf.options());
+    run_expanded<V, float>(p, xf, y, isa);
+    return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+  }
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  at::Tensor y = at::empty({p.m, p.n}, xf.options());
+  p.x = xf.data_ptr<float>();
+  p.y = y.data_ptr<float>();
+  if (p.m > 0) run<V>(p, isa);
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
+at::Tensor run_problem(Sparse24Problem& p, const at::Tensor& x, at::ScalarType kind) {
+  switch (kind) {
+    case at::kFloat: return run_kind<float>(p, x);
+    case at::kBFloat16: return run_kind<at::BFloat16>(p, x);
+    case at::kHalf: return run_kind<at::Half>(p, x);
+    default: return run_kind<Int4Values>(p, x);  // kInt: int4 words
+  }
 }
 
 at::Tensor sparse24_gemm_tiled_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta) {
@@ -385,12 +521,10 @@ at::Tensor sparse24_gemm_tiled_cpu(const at::Tensor& x, const at::Tensor& values
                   values.size(2) == kSparse24Kept && values.size(3) == kTileCols,
               op, ": values is ", values.sizes(), ", expected [", tiles, ", ", k / kSparse24Group, ", 2, 8] for n=",
               tiles * kTileCols, ", k=", k);
-  const at::Tensor xf = x.to(at::kFloat).contiguous(), v = values.contiguous(), mt = meta.contiguous();
-  const int64_t m = x.size(0), n = tiles * kTileCols;
-  at::Tensor y = at::empty({m, n}, xf.options());
-  Sparse24Problem p{xf.data_ptr<float>(), v.data_ptr(), reinterpret_cast<const uint32_t*>(mt.data_ptr<int32_t>()),
-                    nullptr, nullptr, y.data_ptr<float>(), m, n, k, k / kSparse24Kept, 1};
-  return run_problem(p, x, xf, y, kind);
+  const at::Tensor v = values.contiguous(), mt = meta.contiguous();
+  Sparse24Problem p{nullptr, v.data_ptr(), reinterpret_cast<const uint32_t*>(mt.data_ptr<int32_t>()), nullptr, nullptr,
+                    nullptr, x.size(0), tiles * kTileCols, k, k / kSparse24Kept, 1};
+  return run_problem(p, x, kind);
 }
 
 at::Tensor sparse24_int4_gemm_tiled_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& meta,
@@ -411,13 +545,11 @@ at::Tensor sparse24_int4_gemm_tiled_cpu(const at::Tensor& x, const at::Tensor& w
     TORCH_CHECK(t->dim() == 3 && t->size(0) == tiles && t->size(1) == groups && t->size(2) == kTileCols, op, ": ",
                 (t == &zeros ? "zeros" : "scales"), " is ", t->sizes(), ", expected [", tiles, ", ", groups,
                 ", 8] for k=", k, ", group_size=", group_size);
-  const at::Tensor xf = x.to(at::kFloat).contiguous(), w = weight.contiguous(), mt = meta.contiguous();
-  const at::Tensor z = zeros.contiguous(), s = scales.contiguous();
-  const int64_t m = x.size(0), n = tiles * kTileCols;
-  at::Tensor y = at::empty({m, n}, xf.options());
-  Sparse24Problem p{xf.data_ptr<float>(), w.data_ptr(), reinterpret_cast<const uint32_t*>(mt.data_ptr<int32_t>()),
-                    z.data_ptr<uint8_t>(), s.data_ptr<at::Half>(), y.data_ptr<float>(), m, n, k, group_size, groups};
-  return run_problem(p, x, xf, y, at::kInt);
+  const at::Tensor w = weight.contiguous(), mt = meta.contiguous(), z = zeros.contiguous(), s = scales.contiguous();
+  Sparse24Problem p{nullptr, w.data_ptr(), reinterpret_cast<const uint32_t*>(mt.data_ptr<int32_t>()),
+                    z.data_ptr<uint8_t>(), s.data_ptr<at::Half>(), nullptr, x.size(0), tiles * kTileCols, k, group_size,
+                    groups};
+  return run_problem(p, x, at::kInt);
 }
 
 }  // namespace
