@@ -741,6 +741,7 @@ void run(const Problem& p, bool a8, Isa isa) {
 // where writing the dequantized scratch (4 bytes per weight) stops mattering. bf16 x: a bf16 scratch
 // through oneDNN, rounding the weights to bf16 as a bf16 dense model would; from 64 rows with any ISA
 // (against bf16 F.linear, AVX-512 panel / BLAS path: 2.1-2.6x / 2.6-4.4x at 32 rows, 2.8-3.5x / 2.3-2.9x at 64).
+// Where the CPU has AMX, bf16 x from 8 to 1023 rows takes the AMX-BF16 tile path instead (run_amx).
 constexpr int64_t kBlasMinRows = 64;
 constexpr int64_t kBlasMinRowsAvx512 = 256;
 

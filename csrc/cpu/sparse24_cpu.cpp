@@ -235,9 +235,8 @@ COMPTRUST_AVX2 void rows_avx2(const Sparse24Problem& p, int64_t t) {
 }
 
 // ------------------------------------------------------------------ AVX2 expansion to dense rows
-// Group g's four rows: row i holds, per column, the kept value whose index is i, or zero.
-template <typename Out>
-COMPTRUST_AVX2 inline void expand_group(uint32_t meta_word, __m256 v0, __m256 v1, Out* out, int64_t ld) {
+// A group's four dense rows for one tile: row i holds, per column, the kept value whose index is i, or zero.
+COMPTRUST_AVX2 inline void group_rows(uint32_t meta_word, __m256 v0, __m256 v1, __m256 (&rows)[kSparse24Group]) {
   const __m256i word = _mm256_set1_epi32(static_cast<int>(meta_word)), three = _mm256_set1_epi32(3);
   const __m256i idx0 = _mm256_and_si256(_mm256_srlv_epi32(word, idx0_shifts()), three);
   const __m256i idx1 = _mm256_and_si256(_mm256_srlv_epi32(word, idx1_shifts()), three);
@@ -245,7 +244,33 @@ COMPTRUST_AVX2 inline void expand_group(uint32_t meta_word, __m256 v0, __m256 v1
     const __m256i row = _mm256_set1_epi32(i);
     const __m256 at0 = _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(idx0, row)), v0);
     const __m256 at1 = _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(idx1, row)), v1);
-    store8(out + i * ld, _mm256_or_ps(at0, at1));
+    rows[i] = _mm256_or_ps(at0, at1);
+  }
+}
+
+template <typename Out>
+COMPTRUST_AVX2 inline void expand_group(uint32_t meta_word, __m256 v0, __m256 v1, Out* out, int64_t ld) {
+  __m256 rows[kSparse24Group];
+  group_rows(meta_word, v0, v1, rows);
+  COMPTRUST_UNROLL for (int i = 0; i < kSparse24Group; ++i) store8(out + i * ld, rows[i]);
+}
+
+// Kept values 0 and 1 of group g of tile t, dequantized (int4: as kept_value does).
+template <class V>
+COMPTRUST_AVX2 inline void group_values(const Sparse24Problem& p, int64_t t, int64_t g, __m256& v0, __m256& v1) {
+  if constexpr (std::is_same_v<V, Int4Values>) {
+    const int64_t qg = kSparse24Kept * g / p.group_size;
+    const __m256 zeros = load_zeros(p.tile_zeros(t) + qg * kTileCols);
+    const __m256 scale = load_scales(p.tile_scales(t) + qg * kTileCols);
+    const __m256i words = _mm256_loadu_si256(
+        reinterpret_cast<const __m256i*>(p.tile_words(t) + g / kSparseInt4WordGroups * kTileCols));
+    const int slot = static_cast<int>(kSparse24Kept * (g % kSparseInt4WordGroups));
+    v0 = _mm256_mul_ps(_mm256_sub_ps(int4_codes(words, slot), zeros), scale);
+    v1 = _mm256_mul_ps(_mm256_sub_ps(int4_codes(words, slot + 1), zeros), scale);
+  } else {
+    const V* v = p.tile_values<V>(t) + g * kSparse24Kept * kTileCols;
+    v0 = load_values(v);
+    v1 = load_values(v + kTileCols);
   }
 }
 
@@ -376,35 +401,39 @@ COMPTRUST_AVX512 void rows_avx512(const Sparse24Problem& p, int64_t t) {
 
 // ------------------------------------------------------------------------ AMX-BF16 (bf16 x)
 // bf16 activations from kAmxMinRows to kAmxMaxRows rows, where the CPU has AMX: two tiles expanded to dense
-// rows (zeros where pruned) and converted to the tile unit's bf16 pairs (amx_bf16.h). The pruned zeros are
-// multiplied, which the tile unit does faster than this file's kernels skip them. Against bf16 F.linear, side
-// by side on SmolLM2 and 4096x4096 shapes (bf16 values / int4 values, without AMX > with): 32 rows
-// 2.4-3.2x > 1.2-1.9x, 64 rows 2.7-5.2x > 0.9-1.8x, 256 rows 1.2-2.4x > 0.8-1.8x; at 8 rows the sparse
-// kernel is faster (0.7-1.3x against 1.1-2.1x), at 16 about even, at 1024 even with the expanded BLAS path.
+// rows (zeros where pruned) straight into the tile unit's bf16 pairs (amx_bf16.h). The pruned zeros are
+// multiplied, which the tile unit does faster than this file's kernels skip them. `comptrust bench sparse`,
+// 2:4 bf16 at batch 32 on 576x1536 and 4096x4096: 0.98-1.41x the speed of bf16 F.linear (the sparse
+// kernel: 0.34-0.54x). In microbenchmarks the sparse kernel stays ahead at 8 rows and about even at 16.
 constexpr int64_t kAmxMinRows = 32;
 constexpr int64_t kAmxMaxRows = 1024;
 
-// panel[kk / 2][16][2] from rows[kk][16] (fp32).
-COMPTRUST_AMX void pairs_from_rows(const float* rows, int64_t k, uint16_t* panel) {
-  for (int64_t kk = 0; kk < k; kk += 2)
-    store_pair_row(panel + kk / 2 * kAmxCols * 2, _mm512_loadu_ps(rows + kk * kAmxCols),
-                   _mm512_loadu_ps(rows + (kk + 1) * kAmxCols));
+// panel[kk / 2][16][2] (bf16 bits): tiles t, t+1 as dense rows (a missing second tile zero). Each 2:4 group
+// gives four rows, so two B rows: its inputs 0, 1 and 2, 3.
+template <class V>
+COMPTRUST_AMX void sparse_pairs(const Sparse24Problem& p, int64_t t, int tiles, uint16_t* panel) {
+  const uint32_t* meta0 = p.tile_meta(t);
+  const uint32_t* meta1 = tiles > 1 ? p.tile_meta(t + 1) : nullptr;
+  for (int64_t g = 0; g < p.sparse_groups(); ++g) {
+    __m256 v0, v1, rows0[kSparse24Group], rows1[kSparse24Group];
+    group_values<V>(p, t, g, v0, v1);
+    group_rows(meta0[g], v0, v1, rows0);
+    if (meta1) {
+      group_values<V>(p, t + 1, g, v0, v1);
+      group_rows(meta1[g], v0, v1, rows1);
+    } else {
+      COMPTRUST_UNROLL for (int i = 0; i < kSparse24Group; ++i) rows1[i] = _mm256_setzero_ps();
+    }
+    uint16_t* out = panel + kSparse24Group * g / 2 * kAmxCols * 2;
+    store_pair_row(out, join(rows0[0], rows1[0]), join(rows0[1], rows1[1]));
+    store_pair_row(out + kAmxCols * 2, join(rows0[2], rows1[2]), join(rows0[3], rows1[3]));
+  }
 }
 
 template <class V>
 void run_amx(const Sparse24Problem& p, const at::BFloat16* x, at::BFloat16* y) {
-  gemm_amx_bf16(x, y, p.m, p.n, p.k, [&](int64_t t, int tiles, uint16_t* panel) {
-    thread_local std::vector<float> rows;  // [k][16] fp32, this worker's own
-    if (static_cast<int64_t>(rows.size()) < p.k * kAmxCols) rows.resize(p.k * kAmxCols);
-    for (int u = 0; u < 2; ++u) {
-      if (u < tiles) {
-        expand_tile_avx2<V>(p, t + u, rows.data() + u * kTileCols, kAmxCols);
-      } else {
-        for (int64_t kk = 0; kk < p.k; ++kk) std::fill_n(rows.data() + kk * kAmxCols + u * kTileCols, kTileCols, 0.f);
-      }
-    }
-    pairs_from_rows(rows.data(), p.k, panel);
-  });
+  gemm_amx_bf16(x, y, p.m, p.n, p.k,
+                [&](int64_t t, int tiles, uint16_t* panel) { sparse_pairs<V>(p, t, tiles, panel); });
 }
 
 #endif  // COMPTRUST_X86
