@@ -63,7 +63,9 @@ def _triton_reason() -> str | None:
 
 def backends() -> dict[str, dict[str, object]]:
     """What can run here: {'cpu'|'cuda'|'triton'|'reference': {'available': bool, 'detail': str}}."""
-    cpu_detail = (f"comptrust._C, SIMD path {_C.cpu_isa()}{' + AMX-BF16' if _C.cpu_amx_bf16() else ''}, "
+    extras = "".join(name for name, usable in ((" + VNNI", _C.cpu_avx512_vnni()), (" + AMX-BF16", _C.cpu_amx_bf16()))
+                     if usable)
+    cpu_detail = (f"comptrust._C, SIMD path {_C.cpu_isa()}{extras}, "
                   f"{torch.get_num_threads()} threads") if _C else _BACKEND_ERRORS["cpu"]
     cuda_reason = _cuda_reason()
     triton_reason = _triton_reason()

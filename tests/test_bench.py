@@ -13,7 +13,7 @@ from comptrust.bench import sparse24_gemm as sparse_bench
 SHAPE, BATCHES = (256, 256), [1, 2]
 TINY = {"min_time": 0.002, "cold_bytes": 1 << 20, "bandwidth_bytes": 1 << 22}
 MACHINE_KEYS = {"cpu_model", "physical_cores", "logical_cpus", "threads", "l3_bytes", "cold_weight_bytes",
-                "read_bandwidth_gb_per_s", "read_bandwidth_buffer_bytes", "read_bandwidth_threads_busy", "isa",
+                "read_bandwidth_gb_per_s", "read_bandwidth_method", "read_bandwidth_buffer_bytes", "read_bandwidth_threads_busy", "isa",
                 "cpu_backend_available", "torch", "comptrust"}
 ROW_KEYS = {"kernel", "role", "n", "k", "batch", "group_size", "ms", "bytes_read", "gb_per_s",
             "pct_of_read_bandwidth", "weight_copies"}
@@ -87,6 +87,16 @@ def test_cli_rejects_bad_shapes(capsys):
     assert "NxK" in capsys.readouterr().err
     with pytest.raises(ValueError, match="k % 128"):
         bench.run_int_bench(False, shapes=[(256, 200)], batches=[1], progress=False, **TINY)
+
+
+def test_read_bandwidth_is_the_faster_of_its_reads():
+    """The anchor is the best whole-buffer read (torch.sum is slower than sgemv here; one method alone would
+    let a kernel read faster than "bandwidth"), and it says which read set it."""
+    result = harness.read_bandwidth(1 << 22, min_time=0.01)
+    rates = result["gb_per_s_by_method"]
+    assert set(rates) == {"sum", "sgemv"} and all(rate > 0 for rate in rates.values())
+    assert result["gb_per_s"] == max(rates.values()) and rates[result["method"]] == result["gb_per_s"]
+    assert result["buffer_bytes"] == 1 << 22
 
 
 def test_cold_copies_are_independent_and_cover_the_target():

@@ -85,4 +85,13 @@ bool amx_bf16_usable() {
   return granted && select_isa() == Isa::kAvx512;
 }
 
+bool avx512_vnni_usable() {
+#ifdef COMPTRUST_X86
+  static const bool has = __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw");
+  return has && select_isa() == Isa::kAvx512;
+#else
+  return false;
+#endif
+}
+
 }  // namespace comptrust::cpu

@@ -12,7 +12,8 @@ namespace comptrust::cpu {
 // AVX2 (+FMA, F16C) is the path every kernel has. AVX-512 (F) adds paths where they paid on an AVX-512
 // Xeon: the 2:4 kernels (one permute gathers the inputs of both kept-value slots), the int4 and int8
 // kernels with float activations at batch < 8 (two input rows per register) and the panel microkernel
-// (6x32); int3 at batch < 8 and int8 activations run their AVX2 path on AVX-512 machines.
+// (6x32); int8 activations where the CPU also has VNNI (avx512_vnni_usable); int3 at batch < 8 with float
+// activations runs its AVX2 path on AVX-512 machines.
 enum class Isa { kScalar, kAvx2, kAvx512 };
 
 // The widest path this CPU supports, or the one forced by COMPTRUST_CPU_ISA=avx512|avx2|scalar (the
@@ -23,6 +24,9 @@ Isa select_isa();
 // also turns it off), the CPU has AMX-TILE and AMX-BF16 and the kernel granted this process the tile
 // state (Linux asks each process to request it once; the first call does). COMPTRUST_CPU_AMX=0 turns it off.
 bool amx_bf16_usable();
+// Whether the int8-activation kernels may take their AVX-512 VNNI path (vpdpbusd): select_isa() is kAvx512
+// and the CPU has AVX512-VNNI and AVX512-BW.
+bool avx512_vnni_usable();
 const char* isa_name(Isa isa);
 std::string selected_isa_name();
 
