@@ -294,7 +294,9 @@ def format_table(result: dict) -> str:
              f"{machine['cold_weight_bytes'] // MIB} MiB of copies per kernel (L3 "
              f"{(machine['l3_bytes'] or 0) // MIB} MiB)"]
     header = f"{'kernel':<22}{'n':>7}{'k':>7}{'batch':>6}{'ms':>10}{'GB/s':>8}{'%bw':>6}"
-    header += "".join(f"{'vs ' + a.removeprefix('torch_'):>12}" for a in anchors)
+    labels = ["vs " + a.removeprefix("torch_") for a in anchors]
+    widths = [max(12, len(label) + 2) for label in labels]  # "vs comptrust_int4_fp32" is wider than a ratio
+    header += "".join(f"{label:>{width}}" for label, width in zip(labels, widths))
     lines.append(header)
     previous = None
     for row in rows:
@@ -304,9 +306,9 @@ def format_table(result: dict) -> str:
         previous = key
         line = (f"{row['kernel']:<22}{row['n']:>7}{row['k']:>7}{row['batch']:>6}{row['ms']:>10.3f}"
                 f"{row['gb_per_s']:>8.1f}{row['pct_of_read_bandwidth']:>6.0f}")
-        for anchor in anchors:
+        for anchor, width in zip(anchors, widths):
             value = row.get(f"speedup_vs_{anchor}")
-            line += f"{'-' if value is None else format(value, '.2f'):>12}"
+            line += f"{'-' if value is None else format(value, '.2f'):>{width}}"
         lines.append(line)
     lines.append(f"({len(rows)} rows in {result['settings']['wall_s']:.1f} s; speedup = anchor ms / row ms; "
                  f"compare rows of one run only)")

@@ -76,16 +76,35 @@ def markdown(report: dict) -> str:
 
 
 def _efficiency_table(rows: list[dict]) -> list[str]:
-    header = ["config", "perplexity ↓", "weights MiB", "peak RSS MiB",
+    header = ["config", "perplexity ↓", "weights MiB", "peak RSS MiB", "decode RSS MiB",
               f"prefill ms ({rows[0]['efficiency']['prompt_tokens']} tok)", "decode tok/s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         eff = row["efficiency"]
         cells = [row["name"], f"{_metric(row, 'perplexity')['score']:.2f}", f"{eff['weight_bytes'] / MIB:.1f}",
-                 f"{eff['peak_rss_bytes'] / MIB:.0f}", f"{eff['prefill_ms']:.1f}", f"{eff['decode_tokens_per_s']:.1f}"]
+                 _mib(eff["peak_rss_bytes"]), _decode_rss(eff), f"{eff['prefill_ms']:.1f}",
+                 f"{eff['decode_tokens_per_s']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    return lines + ["", "Peak RSS: the process's high-water mark during that configuration's evaluation and speed "
-                        "runs (reset after loading and compressing).", ""]
+    notes = ["Peak RSS: the process's high-water mark during that configuration's evaluation and speed runs (reset "
+             "after loading and compressing). Decode RSS: its high-water mark during the batch-1 speed run alone, "
+             "the memory serving the model takes"]
+    baseline = rows[0]["efficiency"].get("process_baseline_rss_bytes")
+    if baseline:
+        notes.append(f"; in brackets, the part above the {baseline / MIB:.0f} MiB the process held before loading "
+                     "any model (interpreter, torch, transformers)")
+    return lines + ["", "".join(notes) + ".", ""]
+
+
+def _mib(nbytes: int | None) -> str:
+    return "—" if nbytes is None else f"{nbytes / MIB:.0f}"
+
+
+def _decode_rss(eff: dict) -> str:
+    """Decode-run peak RSS, with the part above the no-model process in brackets where both are known."""
+    peak, baseline = eff.get("decode_peak_rss_bytes"), eff.get("process_baseline_rss_bytes")
+    if peak is None:
+        return "—"
+    return _mib(peak) + ("" if baseline is None else f" ({(peak - baseline) / MIB:.0f})")
 
 
 def _trust_table(rows: list[dict], dimensions: list[str]) -> list[str]:

@@ -120,6 +120,8 @@ def run(config: RunConfig | None = None) -> RunOutput:
     text = read_text_file(config.ppl_file) if config.ppl_file else builtin_text()
     rows, all_samples, reference, model_info = [], [], {}, None
     cache = OutputCache(config.cache) if config.cache else None
+    release_memory()
+    baseline_rss = current_rss_bytes()  # the process before any model: interpreter, torch, transformers
     try:
         for variant in variants(config):
             release_memory()
@@ -136,6 +138,7 @@ def run(config: RunConfig | None = None) -> RunOutput:
                                  "its answers cannot be compared with the dense model's")
             row, samples = _evaluate_variant(loaded, variant, config, text, text_name, cache, reference)
             row["seconds"] = {"load": load_seconds, **row["seconds"]}
+            row["efficiency"]["process_baseline_rss_bytes"] = baseline_rss
             rows.append(row)
             all_samples += samples
             del loaded
@@ -184,11 +187,19 @@ def _evaluate_variant(loaded, variant: Variant, config: RunConfig, text: str, te
             reference[dimension] = items
         samples += [{"config": variant.name, "dimension": dimension, **item} for item in items]
 
+    # The evaluation's peak (batched long prompts) is read before the speed run resets it: the batch-1 speed
+    # run has its own high-water mark, the memory it takes to serve the model.
+    eval_peak = peak_rss_bytes()
+    release_memory()
+    decode_resettable = reset_peak_rss()
     clock = time.perf_counter()
     prompt_ids = loaded.tokenizer(text, return_tensors="pt")["input_ids"][0, :config.prompt_tokens]
     speed = measure_speed(loaded.model, prompt_ids, config.decode_tokens, config.speed_repeats)
     seconds["speed"] = time.perf_counter() - clock
-    efficiency = {"weight_bytes": weight_bytes(loaded.model), "peak_rss_bytes": peak_rss_bytes(),
+    decode_peak = peak_rss_bytes()
+    efficiency = {"weight_bytes": weight_bytes(loaded.model),
+                  "peak_rss_bytes": max(eval_peak or 0, decode_peak or 0) or None,
+                  "decode_peak_rss_bytes": decode_peak if decode_resettable else None,
                   "rss_at_start_bytes": rss_start, "peak_rss_reset": peak_resettable, **speed.as_dict()}
     row = {"name": variant.name, "compression": asdict(summary) if summary else None,
            "results": [r.as_dict() for r in results], "efficiency": efficiency,

@@ -27,6 +27,8 @@ def test_report_has_dense_int4_and_2_4_rows(report):
         assert dims["machine_ethics"]["n"] == 240
         eff = row["efficiency"]
         assert eff["weight_bytes"] > 0 and eff["peak_rss_bytes"] > 0 and eff["decode_tokens_per_s"] > 0
+        if eff["peak_rss_reset"]:  # Linux: the decode run has its own high-water mark
+            assert 0 < eff["process_baseline_rss_bytes"] < eff["decode_peak_rss_bytes"] <= eff["peak_rss_bytes"]
     md = open(output.paths["markdown"]).read()
     assert "| dense |" in md and "| rtn-w4g128 |" in md and "| mag-24 |" in md
     samples = [json.loads(line) for line in open(output.paths["samples"])]
@@ -42,6 +44,12 @@ def test_int4_model_is_smaller_and_still_sensible(report):
     assert ppl["dense"] < ppl["rtn-w4g128"] < 1.6 * ppl["dense"]
     # Decoder linears at ~4.1 bits; the 113 MiB fp32 tied embedding stays dense.
     assert int4["efficiency"]["weight_bytes"] < 0.4 * dense["efficiency"]["weight_bytes"]
+    # Serving it takes less memory too: 352 MiB fewer weight bytes; the decode run's peak must show most of that.
+    if dense["efficiency"]["peak_rss_reset"]:
+        saved = dense["efficiency"]["decode_peak_rss_bytes"] - int4["efficiency"]["decode_peak_rss_bytes"]
+        print("decode peak RSS MiB:", {row["name"]: row["efficiency"]["decode_peak_rss_bytes"] >> 20 for row in data["configs"]},
+              "baseline", dense["efficiency"]["process_baseline_rss_bytes"] >> 20)
+        assert saved > 200 * 2 ** 20
     assert "paris" in int4["sample"]["output"].lower()
     ethics = {row["name"]: row["results"][1] for row in data["configs"]}
     assert ethics["dense"]["flip_rate"] is None

@@ -41,11 +41,6 @@ struct alignas(64) AmxTileConfig {
   uint8_t rows[16] = {};
 };
 
-// Two tiles' 8-column vectors as one 16-column vector.
-COMPTRUST_AMX inline __m512 join(__m256 low, __m256 high) {
-  return _mm512_insertf32x8(_mm512_castps256_ps512(low), high, 1);
-}
-
 // The B row of inputs kk, kk+1: both rounded to bf16, interleaved into column pairs.
 COMPTRUST_AMX inline void store_pair_row(uint16_t* row, __m512 even, __m512 odd) {
   alignas(64) static constexpr uint16_t kInterleave[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,

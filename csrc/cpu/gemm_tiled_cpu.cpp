@@ -727,7 +727,7 @@ constexpr int64_t kAmxMaxRows = 1024;
 
 // (codes - zero) * scale over 16 columns, codes0 of the panel's first tile and codes1 of its second.
 COMPTRUST_AMX inline __m512 panel_weights(__m256 codes0, __m256 codes1, __m512 zero, __m512 scale) {
-  return _mm512_mul_ps(_mm512_sub_ps(join(codes0, codes1), zero), scale);
+  return _mm512_mul_ps(_mm512_sub_ps(join_halves(codes0, codes1), zero), scale);
 }
 
 // panel[kk / 2][16][2] (bf16 bits): tiles t, t+1 dequantized (a missing second tile: zero codes and scales,
@@ -740,9 +740,9 @@ COMPTRUST_AMX void dequantize_pairs(const Problem& p, int64_t t, int tiles, uint
   const int32_t* w1 = second ? p.tile_w(t + 1) : w0;  // read but multiplied by zero scales
   for (int64_t g = 0; g < p.groups; ++g) {
     const int64_t kb = g * p.group_size, ke = p.group_end(g);
-    const __m512 zero = join(load_tile_zeros<BITS>(p.tile_zeros(t) + g * kTileCols),
+    const __m512 zero = join_halves(load_tile_zeros<BITS>(p.tile_zeros(t) + g * kTileCols),
                              second ? load_tile_zeros<BITS>(p.tile_zeros(t + 1) + g * kTileCols) : _mm256_setzero_ps());
-    const __m512 scale = join(load_scales(p.tile_scales(t) + g * kTileCols),
+    const __m512 scale = join_halves(load_scales(p.tile_scales(t) + g * kTileCols),
                               second ? load_scales(p.tile_scales(t + 1) + g * kTileCols) : _mm256_setzero_ps());
     if constexpr (BITS == 3) {
       for (int64_t block = kb / kInt3BlockRows; block < ke / kInt3BlockRows; ++block) {

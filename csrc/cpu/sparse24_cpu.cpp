@@ -402,31 +402,42 @@ COMPTRUST_AVX512 void rows_avx512(const Sparse24Problem& p, int64_t t) {
 // ------------------------------------------------------------------------ AMX-BF16 (bf16 x)
 // bf16 activations from kAmxMinRows to kAmxMaxRows rows, where the CPU has AMX: two tiles expanded to dense
 // rows (zeros where pruned) straight into the tile unit's bf16 pairs (amx_bf16.h). The pruned zeros are
-// multiplied, which the tile unit does faster than this file's kernels skip them. `comptrust bench sparse`,
-// 2:4 bf16 at batch 32 on 576x1536 and 4096x4096: 0.98-1.41x the speed of bf16 F.linear (the sparse
-// kernel: 0.34-0.54x). In microbenchmarks the sparse kernel stays ahead at 8 rows and about even at 16.
-constexpr int64_t kAmxMinRows = 32;
+// multiplied, which the tile unit does faster than this file's kernels skip them. Speed against bf16
+// F.linear on cold weights, bf16 values, side by side (tile path / sparse kernel): 576x1536 at 16 rows
+// 1.09 / 0.67, at 64 rows 1.77 / 0.36; 4096x4096 at 16 rows 0.92 / 0.62, at 32 1.07 / 0.41, at 64 0.80 / 0.19.
+// At 8 rows the sparse kernel is ahead (1.03-1.57 against 0.84-1.31), so the tile path starts at 16.
+constexpr int64_t kAmxMinRows = 16;
 constexpr int64_t kAmxMaxRows = 1024;
 
 // panel[kk / 2][16][2] (bf16 bits): tiles t, t+1 as dense rows (a missing second tile zero). Each 2:4 group
-// gives four rows, so two B rows: its inputs 0, 1 and 2, 3.
+// gives four rows, so two B rows: its inputs 0, 1 and 2, 3. Both tiles' kept values share one zmm (lanes
+// 0..7 tile t, 8..15 tile t + 1), and each dense row is the kept values whose 2-bit index names it, picked
+// with two compare masks: 4 instructions per row of 16 columns (the AVX2 group_rows takes 5 per 8 and a join).
 template <class V>
 COMPTRUST_AMX void sparse_pairs(const Sparse24Problem& p, int64_t t, int tiles, uint16_t* panel) {
   const uint32_t* meta0 = p.tile_meta(t);
-  const uint32_t* meta1 = tiles > 1 ? p.tile_meta(t + 1) : nullptr;
+  const uint32_t* meta1 = p.tile_meta(tiles > 1 ? t + 1 : t);
+  const __m512i shift0 = _mm512_broadcast_i64x4(idx0_shifts()), shift1 = _mm512_broadcast_i64x4(idx1_shifts());
+  const __m512i three = _mm512_set1_epi32(3);
   for (int64_t g = 0; g < p.sparse_groups(); ++g) {
-    __m256 v0, v1, rows0[kSparse24Group], rows1[kSparse24Group];
-    group_values<V>(p, t, g, v0, v1);
-    group_rows(meta0[g], v0, v1, rows0);
-    if (meta1) {
-      group_values<V>(p, t + 1, g, v0, v1);
-      group_rows(meta1[g], v0, v1, rows1);
-    } else {
-      COMPTRUST_UNROLL for (int i = 0; i < kSparse24Group; ++i) rows1[i] = _mm256_setzero_ps();
+    __m256 a0, a1, b0, b1;
+    group_values<V>(p, t, g, a0, a1);
+    if (tiles > 1) group_values<V>(p, t + 1, g, b0, b1);
+    else b0 = b1 = _mm256_setzero_ps();  // no second tile: its columns stay zero
+    const __m512 v0 = join_halves(a0, b0), v1 = join_halves(a1, b1);
+    const __m512i word = _mm512_inserti64x4(_mm512_set1_epi32(static_cast<int>(meta0[g])),
+                                            _mm256_set1_epi32(static_cast<int>(meta1[g])), 1);
+    const __m512i idx0 = _mm512_and_si512(_mm512_srlv_epi32(word, shift0), three);
+    const __m512i idx1 = _mm512_and_si512(_mm512_srlv_epi32(word, shift1), three);
+    __m512 rows[kSparse24Group];
+    COMPTRUST_UNROLL for (int i = 0; i < kSparse24Group; ++i) {
+      const __m512i row = _mm512_set1_epi32(i);
+      rows[i] = _mm512_mask_mov_ps(_mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(idx0, row), v0),
+                                   _mm512_cmpeq_epi32_mask(idx1, row), v1);
     }
     uint16_t* out = panel + kSparse24Group * g / 2 * kAmxCols * 2;
-    store_pair_row(out, join(rows0[0], rows1[0]), join(rows0[1], rows1[1]));
-    store_pair_row(out + kAmxCols * 2, join(rows0[2], rows1[2]), join(rows0[3], rows1[3]));
+    store_pair_row(out, rows[0], rows[1]);
+    store_pair_row(out + kAmxCols * 2, rows[2], rows[3]);
   }
 }
 
