@@ -90,8 +90,8 @@ def _efficiency_table(rows: list[dict]) -> list[str]:
              "the memory serving the model takes"]
     baseline = rows[0]["efficiency"].get("process_baseline_rss_bytes")
     if baseline:
-        notes.append(f"; in brackets, the part above the {baseline / MIB:.0f} MiB the process held before loading "
-                     "any model (interpreter, torch, transformers)")
+        notes.append(f"; in brackets, the part above the {baseline / MIB:.0f} MiB the process held once its last "
+                     "model was freed (interpreter, torch, transformers)")
     return lines + ["", "".join(notes) + ".", ""]
 
 

@@ -120,8 +120,6 @@ def run(config: RunConfig | None = None) -> RunOutput:
     text = read_text_file(config.ppl_file) if config.ppl_file else builtin_text()
     rows, all_samples, reference, model_info = [], [], {}, None
     cache = OutputCache(config.cache) if config.cache else None
-    release_memory()
-    baseline_rss = current_rss_bytes()  # the process before any model: interpreter, torch, transformers
     try:
         for variant in variants(config):
             release_memory()
@@ -138,13 +136,18 @@ def run(config: RunConfig | None = None) -> RunOutput:
                                  "its answers cannot be compared with the dense model's")
             row, samples = _evaluate_variant(loaded, variant, config, text, text_name, cache, reference)
             row["seconds"] = {"load": load_seconds, **row["seconds"]}
-            row["efficiency"]["process_baseline_rss_bytes"] = baseline_rss
             rows.append(row)
             all_samples += samples
             del loaded
     finally:
         if cache is not None:
             cache.close()
+    # The process with no model left (interpreter, torch, transformers and the model code they imported, the
+    # tokenizer): measured after the last model is freed, since loading the first one imports much of it.
+    release_memory()
+    baseline_rss = current_rss_bytes()
+    for row in rows:
+        row["efficiency"]["process_baseline_rss_bytes"] = baseline_rss
     settings = {k: v for k, v in asdict(config).items() if k != "progress"}
     if not variants(config)[0].is_dense:
         settings["compressions"] = []  # not applied to a pre-quantized checkpoint

@@ -116,3 +116,17 @@ def test_trust_table_marks_uninformative_dimensions_and_averages():
     assert "† fairness: uninformative for dense: predicts 'no' for every item" in text
     assert "| toxicity | — | 80.0 | 74.0 (flips 10.0%, KL 0.010) |" in text
     assert "| **average of 3** |  | **76.3** | **70.3** |" in text
+
+
+def test_efficiency_table_shows_decode_rss_above_the_no_model_process():
+    dense, int4 = fake_row("dense", []), fake_row("int4", [])
+    for row, peak in ((dense, 1073), (int4, 768)):
+        row["efficiency"].update(decode_peak_rss_bytes=peak * 2 ** 20, process_baseline_rss_bytes=306 * 2 ** 20)
+    report = {"model": {"name": "m"}, "created": "now", "environment": {"torch": "2", "threads": 2, "cpu_backend": "x"},
+              "configs": [dense, int4]}
+    text = markdown(report)
+    assert "| dense | 20.00 | 1.0 | 2 | 1073 (767) | 1.0 | 9.0 |" in text
+    assert "| int4 | 20.00 | 1.0 | 2 | 768 (462) | 1.0 | 9.0 |" in text
+    assert "above the 306 MiB the process held once its last model was freed" in text
+    del int4["efficiency"]["decode_peak_rss_bytes"]  # a report from before the decode-run peak was measured
+    assert "| int4 | 20.00 | 1.0 | 2 | — | 1.0 | 9.0 |" in markdown(report)
