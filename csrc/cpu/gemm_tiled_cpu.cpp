@@ -16,9 +16,9 @@
 //     inputs, the codes are unpacked into u8 lanes and multiplied with vpdpbusd where the CPU has AVX-512
 //     VNNI (64 u8 x s8 products per instruction), else vpmaddubsw/vpmaddwd (16 per pair), the integer
 //     block sums scaled once per block.
-// Each kernel has an AVX2 path and a portable scalar one (the BLAS path a scalar dequantization); int4 and
-// int8 direct, a8 and the panel also an AVX-512 one (isa.h picks). The AVX-512 int4 direct and a8 kernels
-// take two neighbouring tiles per register (16 output columns for the same inputs).
+// Each kernel has an AVX2 path and a portable scalar one (the BLAS path a scalar dequantization); direct,
+// a8 and the panel also an AVX-512 one (isa.h picks). The AVX-512 int4/int3 direct and a8 kernels take two
+// neighbouring tiles per register (16 output columns for the same inputs).
 // int8 weights (w8, for accuracy rather than size) have no a8 path: u8 codes up to 255 times s8
 // activations would saturate vpmaddubsw's int16 pairs.
 // Work split: tiles (8 output columns) are the tasks of at::parallel_for, so each thread streams a
@@ -656,9 +656,67 @@ COMPTRUST_AVX512 void direct_int4_avx512(const Problem& p, int64_t t, int64_t i0
     _mm512_mask_storeu_ps(p.y + (i0 + r) * p.n + t * kTileCols, pair ? 0xFFFF : 0x00FF, out[r]);
 }
 
+// int3, the same two-tiles layout: code j of a plane's 16 rows is its 2-bit field j of the low word plus one
+// bit of the high word (cpu_tiles.h). One vpternlogd takes bits 0..1 from the shifted low word and bit 2 up
+// from the shifted high word; bit 3 is then the high word's next bit, so the lookup table repeats 0..7.
+// 5 instructions per 16 multiply-adds (AVX2: 7 per 8).
+template <int R>
+COMPTRUST_AVX512 void direct_int3_avx512(const Problem& p, int64_t t, int64_t i0) {
+  constexpr int A = R == 1 ? 4 : 2;
+  const bool pair = t + 1 < p.n / kTileCols;
+  const int32_t* w0 = p.tile_w(t);
+  const int32_t* w1 = p.tile_w(pair ? t + 1 : t);
+  const int64_t t1 = pair ? t + 1 : t;
+  const float* x = p.x + i0 * p.k;
+  const __m512 table = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7);
+  const __m512i low_bits = _mm512_set1_epi32(3);
+  __m512 out[R];
+  COMPTRUST_UNROLL for (int r = 0; r < R; ++r) out[r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < p.groups; ++g) {
+    __m512 acc[R][A];
+    COMPTRUST_UNROLL for (int r = 0; r < R; ++r)
+      COMPTRUST_UNROLL for (int a = 0; a < A; ++a) acc[r][a] = _mm512_setzero_ps();
+    for (int64_t block = g * p.group_size / kInt3BlockRows; block < p.group_end(g) / kInt3BlockRows; ++block) {
+      const int64_t offset = block * kInt3BlockPlanes * kTileCols;
+      COMPTRUST_UNROLL for (const int32_t* tile : {w0, w1}) {  // a block is 96 bytes: two lines each time
+        prefetch_ahead(tile + offset);
+        prefetch_ahead(tile + offset + 16);
+      }
+      const __m512i high = two_tiles(w0 + offset + 2 * kTileCols, w1 + offset + 2 * kTileCols);
+      COMPTRUST_UNROLL for (int plane = 0; plane < 2; ++plane) {
+        const __m512i low = two_tiles(w0 + offset + plane * kTileCols, w1 + offset + plane * kTileCols);
+        const float* xb = x + block * kInt3BlockRows + plane * 16;
+        _Pragma("GCC unroll 16") for (int j = 0; j < 16; ++j) {
+          const int high_bit = 8 * (j / 4) + 4 * plane + j % 4;
+          const __m512i hi_at_2 = high_bit >= 2 ? _mm512_srli_epi32(high, high_bit - 2) : _mm512_slli_epi32(high, 2 - high_bit);
+          // A & C | B & ~C (A, B, C = 0xF0, 0xCC, 0xAA): 0xE4, with C the mask of bits 0..1.
+          const __m512i index = _mm512_ternarylogic_epi32(j ? _mm512_srli_epi32(low, 2 * j) : low, hi_at_2, low_bits, 0xE4);
+          const __m512 codes = _mm512_permutexvar_ps(index, table);
+          COMPTRUST_UNROLL for (int r = 0; r < R; ++r)
+            acc[r][j % A] = _mm512_fmadd_ps(codes, _mm512_set1_ps(xb[r * p.k + j]), acc[r][j % A]);
+        }
+      }
+    }
+    const __m512 zero = join_halves(load_zeros(p.tile_zeros(t) + g * kTileCols), load_zeros(p.tile_zeros(t1) + g * kTileCols));
+    const __m512 scale = join_halves(load_scales(p.tile_scales(t) + g * kTileCols), load_scales(p.tile_scales(t1) + g * kTileCols));
+    COMPTRUST_UNROLL for (int r = 0; r < R; ++r) {
+      __m512 sum = acc[r][0];
+      COMPTRUST_UNROLL for (int a = 1; a < A; ++a) sum = _mm512_add_ps(sum, acc[r][a]);
+      const __m512 xsum = _mm512_set1_ps(p.x_group_sum[(i0 + r) * p.groups + g]);
+      out[r] = _mm512_fmadd_ps(scale, _mm512_fnmadd_ps(zero, xsum, sum), out[r]);
+    }
+  }
+  COMPTRUST_UNROLL for (int r = 0; r < R; ++r)
+    _mm512_mask_storeu_ps(p.y + (i0 + r) * p.n + t * kTileCols, pair ? 0xFFFF : 0x00FF, out[r]);
+}
+
 // Tiles 2u and 2u + 1.
-COMPTRUST_AVX512 void int4_rows_avx512(const Problem& p, int64_t u) {
-  for_each_row_block(p.m, [&](auto rows, int64_t i0) { direct_int4_avx512<decltype(rows)::value>(p, 2 * u, i0); });
+template <int BITS>
+COMPTRUST_AVX512 void direct_rows_avx512(const Problem& p, int64_t u) {
+  for_each_row_block(p.m, [&](auto rows, int64_t i0) {
+    if constexpr (BITS == 4) direct_int4_avx512<decltype(rows)::value>(p, 2 * u, i0);
+    else direct_int3_avx512<decltype(rows)::value>(p, 2 * u, i0);
+  });
 }
 
 // ------------------------------------------------------------- AVX-512 direct (float x, int8)
@@ -809,9 +867,9 @@ void run(const Problem& p, bool a8, Isa isa) {
       });
       return;
     }
-    if (isa == Isa::kAvx512 && p.bits == 4 && !a8) {
+    if (isa == Isa::kAvx512 && p.bits != 8 && !a8) {
       at::parallel_for(0, (tiles + 1) / 2, (grain + 1) / 2, [&](int64_t begin, int64_t end) {
-        for (int64_t u = begin; u < end; ++u) int4_rows_avx512(p, u);
+        for (int64_t u = begin; u < end; ++u) p.bits == 4 ? direct_rows_avx512<4>(p, u) : direct_rows_avx512<3>(p, u);
       });
       return;
     }

@@ -10,10 +10,9 @@
 namespace comptrust::cpu {
 
 // AVX2 (+FMA, F16C) is the path every kernel has. AVX-512 (F) adds paths where they paid on an AVX-512
-// Xeon: the 2:4 kernels (one permute gathers the inputs of both kept-value slots), the int4 and int8
-// kernels with float activations at batch < 8 (two input rows per register) and the panel microkernel
-// (6x32); int8 activations where the CPU also has VNNI (avx512_vnni_usable); int3 at batch < 8 with float
-// activations runs its AVX2 path on AVX-512 machines.
+// Xeon: the 2:4 kernels (one permute gathers the inputs of both kept-value slots), the int4, int3 and int8
+// kernels with float activations at batch < 8 and the panel microkernel (6x32); int8 activations where the
+// CPU also has VNNI (avx512_vnni_usable).
 enum class Isa { kScalar, kAvx2, kAvx512 };
 
 // The widest path this CPU supports, or the one forced by COMPTRUST_CPU_ISA=avx512|avx2|scalar (the
