@@ -339,8 +339,50 @@ COMPTRUST_AVX2 void a8_avx2(const Problem& p, int64_t t, int64_t i0) {
   COMPTRUST_UNROLL for (int r = 0; r < R; ++r) _mm256_storeu_ps(p.y + (i0 + r) * p.n + t * kTileCols, out[r]);
 }
 
+// ------------------------------------------------------------ AVX-512 two-tile kernels: shared parts
+// The AVX-512 direct and a8 kernels run tiles t and t + 1 together, lanes 0..7 and 8..15 of each zmm; where
+// t is the last tile it runs twice over and only the low half is stored.
+struct TilePair {
+  const Problem& p;
+  int64_t t, t1;
+  bool pair;
+  const int32_t* w0;
+  const int32_t* w1;
+
+  TilePair(const Problem& problem, int64_t tile)
+      : p(problem), t(tile), t1(tile + 1 < problem.n / kTileCols ? tile + 1 : tile), pair(t1 != tile),
+        w0(problem.tile_w(tile)), w1(problem.tile_w(t1)) {}
+
+  // The word row at `offset` int32s into both tiles.
+  COMPTRUST_AVX512 __m512i words(int64_t offset) const { return two_tiles(w0 + offset, w1 + offset); }
+
+  COMPTRUST_AVX512 void prefetch(int64_t offset, int lines) const {
+    for (int line = 0; line < lines; ++line) {
+      prefetch_ahead(w0 + offset + 16 * line);
+      prefetch_ahead(w1 + offset + 16 * line);
+    }
+  }
+
+  // out[r] += s * (sum[r] - z * (row i0 + r's x summed over group g)): group g's zero point and scale.
+  template <int R>
+  COMPTRUST_AVX512 void add_group(int64_t g, int64_t i0, const __m512 (&sum)[R], __m512 (&out)[R]) const {
+    const __m512 zero = join_halves(load_zeros(p.tile_zeros(t) + g * kTileCols), load_zeros(p.tile_zeros(t1) + g * kTileCols));
+    const __m512 scale = join_halves(load_scales(p.tile_scales(t) + g * kTileCols), load_scales(p.tile_scales(t1) + g * kTileCols));
+    COMPTRUST_UNROLL for (int r = 0; r < R; ++r) {
+      const __m512 xsum = _mm512_set1_ps(p.x_group_sum[(i0 + r) * p.groups + g]);
+      out[r] = _mm512_fmadd_ps(scale, _mm512_fnmadd_ps(zero, xsum, sum[r]), out[r]);
+    }
+  }
+
+  template <int R>
+  COMPTRUST_AVX512 void store(int64_t i0, const __m512 (&out)[R]) const {
+    COMPTRUST_UNROLL for (int r = 0; r < R; ++r)
+      _mm512_mask_storeu_ps(p.y + (i0 + r) * p.n + t * kTileCols, pair ? 0xFFFF : 0x00FF, out[r]);
+  }
+};
+
 // ------------------------------------------------------------------ AVX-512 VNNI a8 (int8 x)
-// Two tiles per zmm as in direct_int4_avx512 (lanes 0..7 tile t, 8..15 tile t + 1). Each 32-bit lane holds
+// Two tiles per zmm (TilePair: lanes 0..7 tile t, 8..15 tile t + 1). Each 32-bit lane holds
 // one column's codes for 4 inputs as u8 bytes, in the order quantize_rows stored x8, so one vpdpbusd with
 // the 4 activations broadcast from memory adds 4 products per lane into int32: 64 multiply-adds per
 // instruction, against 16 per vpmaddubsw + vpaddw in the AVX2 kernel. Sums are exact in int32, so a block
@@ -357,10 +399,7 @@ COMPTRUST_AVX512 inline __m512i x8_lanes4(const int8_t* x8) {
 
 template <int BITS, int R>
 COMPTRUST_AVX512_VNNI void a8_avx512(const Problem& p, int64_t t, int64_t i0) {
-  const bool pair = t + 1 < p.n / kTileCols;
-  const int64_t t1 = pair ? t + 1 : t;
-  const int32_t* w0 = p.tile_w(t);
-  const int32_t* w1 = p.tile_w(t1);
+  const TilePair tiles(p, t);
   const int8_t* x8 = p.x8 + i0 * p.k;
   const __m512i nibbles = _mm512_set1_epi8(0x0F);
   __m512 out[R];
@@ -375,9 +414,8 @@ COMPTRUST_AVX512_VNNI void a8_avx512(const Problem& p, int64_t t, int64_t i0) {
       COMPTRUST_UNROLL for (int r = 0; r < R; ++r) dot[r] = _mm512_setzero_si512();
       if constexpr (BITS == 4) {
         for (int64_t row = bk / 8; row < bend / 8; ++row) {
-          prefetch_ahead(w0 + row * kTileCols);
-          prefetch_ahead(w1 + row * kTileCols);
-          const __m512i words = two_tiles(w0 + row * kTileCols, w1 + row * kTileCols);
+          tiles.prefetch(row * kTileCols, 1);
+          const __m512i words = tiles.words(row * kTileCols);
           const __m512i even = _mm512_and_si512(words, nibbles);
           const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(words, 4), nibbles);
           COMPTRUST_UNROLL for (int r = 0; r < R; ++r)
@@ -385,13 +423,10 @@ COMPTRUST_AVX512_VNNI void a8_avx512(const Problem& p, int64_t t, int64_t i0) {
         }
       } else {
         const int64_t offset = (bk / kInt3BlockRows) * kInt3BlockPlanes * kTileCols;
-        COMPTRUST_UNROLL for (const int32_t* tile : {w0, w1}) {  // a block is 96 bytes: two lines each time
-          prefetch_ahead(tile + offset);
-          prefetch_ahead(tile + offset + 16);
-        }
-        const __m512i high = two_tiles(w0 + offset + 2 * kTileCols, w1 + offset + 2 * kTileCols);
+        tiles.prefetch(offset, 2);  // a block is 96 bytes
+        const __m512i high = tiles.words(offset + 2 * kTileCols);
         COMPTRUST_UNROLL for (int plane = 0; plane < 2; ++plane) {
-          const __m512i low = two_tiles(w0 + offset + plane * kTileCols, w1 + offset + plane * kTileCols);
+          const __m512i low = tiles.words(offset + plane * kTileCols);
           const __m512i high_nibbles = _mm512_and_si512(plane ? _mm512_srli_epi16(high, 4) : high, nibbles);
           COMPTRUST_UNROLL for (int i = 0; i < 4; ++i) {
             const __m512i bit_i_times_4 = _mm512_broadcast_i64x4(
@@ -408,15 +443,9 @@ COMPTRUST_AVX512_VNNI void a8_avx512(const Problem& p, int64_t t, int64_t i0) {
         acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r]), sx, acc[r]);
       }
     }
-    const __m512 zero = join_halves(load_zeros(p.tile_zeros(t) + g * kTileCols), load_zeros(p.tile_zeros(t1) + g * kTileCols));
-    const __m512 scale = join_halves(load_scales(p.tile_scales(t) + g * kTileCols), load_scales(p.tile_scales(t1) + g * kTileCols));
-    COMPTRUST_UNROLL for (int r = 0; r < R; ++r) {
-      const __m512 xsum = _mm512_set1_ps(p.x_group_sum[(i0 + r) * p.groups + g]);
-      out[r] = _mm512_fmadd_ps(scale, _mm512_fnmadd_ps(zero, xsum, acc[r]), out[r]);
-    }
+    tiles.add_group<R>(g, i0, acc, out);
   }
-  COMPTRUST_UNROLL for (int r = 0; r < R; ++r)
-    _mm512_mask_storeu_ps(p.y + (i0 + r) * p.n + t * kTileCols, pair ? 0xFFFF : 0x00FF, out[r]);
+  tiles.store<R>(i0, out);
 }
 
 // Tiles 2u and 2u + 1.
@@ -610,113 +639,75 @@ COMPTRUST_AVX2 void rows_avx2(const Problem& p, int64_t t) {
   });
 }
 
-// ------------------------------------------------------------- AVX-512 direct (float x, int4)
+// ------------------------------------------------------------- AVX-512 direct (float x, int4 / int3)
 // One zmm takes the same word row of two neighbouring tiles (lanes 0..7 tile t, lanes 8..15 tile t + 1:
-// 16 output columns, all for the same 8 inputs). For code j of the words, one shift puts it in the low nibble
-// and one vpermps looks it up in a table of the floats 0..15 (vpermps reads only an index's low 4 bits, so
-// no mask and no convert is needed), and the multiply-add takes x[8w + j] as an embedded broadcast from L1:
-// 16 multiply-adds per 3 instructions. The AVX2 kernel needs 5 per 8 (shift, mask, convert, broadcast, fma).
+// 16 output columns, all for the same inputs). Codes are looked up with vpermps in a table of their float
+// values (vpermps reads only an index's low 4 bits, so no mask and no convert is needed), and the
+// multiply-add takes x as an embedded broadcast from L1.
+//   int4: one shift puts code j of the words in the low nibble: 3 instructions per 16 multiply-adds (the
+//         AVX2 kernel needs 5 per 8: shift, mask, convert, broadcast, fma).
+//   int3: code j of a plane's 16 rows is 2-bit field j of the low word plus one bit of the high word
+//         (cpu_tiles.h). One vpternlogd takes bits 0..1 from the shifted low word and bit 2 up from the
+//         shifted high word; bit 3 is then the high word's next bit, so the table repeats 0..7. 5 per 16.
 // The two tiles' outputs are adjacent in y, so one 16-float store writes both.
-// Tiles t and t + 1, or tile t twice where t is the last (only the low half is stored then).
-template <int R>
-COMPTRUST_AVX512 void direct_int4_avx512(const Problem& p, int64_t t, int64_t i0) {
+template <int BITS, int R>
+COMPTRUST_AVX512 void direct_avx512(const Problem& p, int64_t t, int64_t i0) {
   constexpr int A = R == 1 ? 4 : 2;
-  const bool pair = t + 1 < p.n / kTileCols;
-  const int64_t t1 = pair ? t + 1 : t;
-  const int32_t* w0 = p.tile_w(t);
-  const int32_t* w1 = p.tile_w(t1);
+  const TilePair tiles(p, t);
   const float* x = p.x + i0 * p.k;
-  const __m512 table = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512 table = BITS == 4 ? _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
+                                 : _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7);
   __m512 out[R];
   COMPTRUST_UNROLL for (int r = 0; r < R; ++r) out[r] = _mm512_setzero_ps();
   for (int64_t g = 0; g < p.groups; ++g) {
     __m512 acc[R][A];
     COMPTRUST_UNROLL for (int r = 0; r < R; ++r)
       COMPTRUST_UNROLL for (int a = 0; a < A; ++a) acc[r][a] = _mm512_setzero_ps();
-    for (int64_t w = g * p.group_size / 8; w < p.group_end(g) / 8; ++w) {
-      prefetch_ahead(w0 + w * kTileCols);
-      prefetch_ahead(w1 + w * kTileCols);
-      const __m512i words = two_tiles(w0 + w * kTileCols, w1 + w * kTileCols);
-      COMPTRUST_UNROLL for (int j = 0; j < 8; ++j) {
-        const __m512 codes = _mm512_permutexvar_ps(j == 0 ? words : _mm512_srli_epi32(words, 4 * j), table);
-        COMPTRUST_UNROLL for (int r = 0; r < R; ++r)
-          acc[r][j % A] = _mm512_fmadd_ps(codes, _mm512_set1_ps(x[r * p.k + 8 * w + j]), acc[r][j % A]);
-      }
-    }
-    const __m512 zero = join_halves(load_zeros(p.tile_zeros(t) + g * kTileCols), load_zeros(p.tile_zeros(t1) + g * kTileCols));
-    const __m512 scale = join_halves(load_scales(p.tile_scales(t) + g * kTileCols), load_scales(p.tile_scales(t1) + g * kTileCols));
-    COMPTRUST_UNROLL for (int r = 0; r < R; ++r) {
-      __m512 sum = acc[r][0];
-      COMPTRUST_UNROLL for (int a = 1; a < A; ++a) sum = _mm512_add_ps(sum, acc[r][a]);
-      const __m512 xsum = _mm512_set1_ps(p.x_group_sum[(i0 + r) * p.groups + g]);
-      out[r] = _mm512_fmadd_ps(scale, _mm512_fnmadd_ps(zero, xsum, sum), out[r]);
-    }
-  }
-  COMPTRUST_UNROLL for (int r = 0; r < R; ++r)
-    _mm512_mask_storeu_ps(p.y + (i0 + r) * p.n + t * kTileCols, pair ? 0xFFFF : 0x00FF, out[r]);
-}
-
-// int3, the same two-tiles layout: code j of a plane's 16 rows is its 2-bit field j of the low word plus one
-// bit of the high word (cpu_tiles.h). One vpternlogd takes bits 0..1 from the shifted low word and bit 2 up
-// from the shifted high word; bit 3 is then the high word's next bit, so the lookup table repeats 0..7.
-// 5 instructions per 16 multiply-adds (AVX2: 7 per 8).
-template <int R>
-COMPTRUST_AVX512 void direct_int3_avx512(const Problem& p, int64_t t, int64_t i0) {
-  constexpr int A = R == 1 ? 4 : 2;
-  const bool pair = t + 1 < p.n / kTileCols;
-  const int32_t* w0 = p.tile_w(t);
-  const int32_t* w1 = p.tile_w(pair ? t + 1 : t);
-  const int64_t t1 = pair ? t + 1 : t;
-  const float* x = p.x + i0 * p.k;
-  const __m512 table = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7);
-  const __m512i low_bits = _mm512_set1_epi32(3);
-  __m512 out[R];
-  COMPTRUST_UNROLL for (int r = 0; r < R; ++r) out[r] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < p.groups; ++g) {
-    __m512 acc[R][A];
-    COMPTRUST_UNROLL for (int r = 0; r < R; ++r)
-      COMPTRUST_UNROLL for (int a = 0; a < A; ++a) acc[r][a] = _mm512_setzero_ps();
-    for (int64_t block = g * p.group_size / kInt3BlockRows; block < p.group_end(g) / kInt3BlockRows; ++block) {
-      const int64_t offset = block * kInt3BlockPlanes * kTileCols;
-      COMPTRUST_UNROLL for (const int32_t* tile : {w0, w1}) {  // a block is 96 bytes: two lines each time
-        prefetch_ahead(tile + offset);
-        prefetch_ahead(tile + offset + 16);
-      }
-      const __m512i high = two_tiles(w0 + offset + 2 * kTileCols, w1 + offset + 2 * kTileCols);
-      COMPTRUST_UNROLL for (int plane = 0; plane < 2; ++plane) {
-        const __m512i low = two_tiles(w0 + offset + plane * kTileCols, w1 + offset + plane * kTileCols);
-        const float* xb = x + block * kInt3BlockRows + plane * 16;
-        _Pragma("GCC unroll 16") for (int j = 0; j < 16; ++j) {
-          const int high_bit = 8 * (j / 4) + 4 * plane + j % 4;
-          const __m512i hi_at_2 = high_bit >= 2 ? _mm512_srli_epi32(high, high_bit - 2) : _mm512_slli_epi32(high, 2 - high_bit);
-          // A & C | B & ~C (A, B, C = 0xF0, 0xCC, 0xAA): 0xE4, with C the mask of bits 0..1.
-          const __m512i index = _mm512_ternarylogic_epi32(j ? _mm512_srli_epi32(low, 2 * j) : low, hi_at_2, low_bits, 0xE4);
-          const __m512 codes = _mm512_permutexvar_ps(index, table);
+    if constexpr (BITS == 4) {
+      for (int64_t w = g * p.group_size / 8; w < p.group_end(g) / 8; ++w) {
+        tiles.prefetch(w * kTileCols, 1);
+        const __m512i words = tiles.words(w * kTileCols);
+        COMPTRUST_UNROLL for (int j = 0; j < 8; ++j) {
+          const __m512 codes = _mm512_permutexvar_ps(j == 0 ? words : _mm512_srli_epi32(words, 4 * j), table);
           COMPTRUST_UNROLL for (int r = 0; r < R; ++r)
-            acc[r][j % A] = _mm512_fmadd_ps(codes, _mm512_set1_ps(xb[r * p.k + j]), acc[r][j % A]);
+            acc[r][j % A] = _mm512_fmadd_ps(codes, _mm512_set1_ps(x[r * p.k + 8 * w + j]), acc[r][j % A]);
+        }
+      }
+    } else {
+      const __m512i low_bits = _mm512_set1_epi32(3);
+      for (int64_t block = g * p.group_size / kInt3BlockRows; block < p.group_end(g) / kInt3BlockRows; ++block) {
+        const int64_t offset = block * kInt3BlockPlanes * kTileCols;
+        tiles.prefetch(offset, 2);  // a block is 96 bytes
+        const __m512i high = tiles.words(offset + 2 * kTileCols);
+        COMPTRUST_UNROLL for (int plane = 0; plane < 2; ++plane) {
+          const __m512i low = tiles.words(offset + plane * kTileCols);
+          const float* xb = x + block * kInt3BlockRows + plane * 16;
+          _Pragma("GCC unroll 16") for (int j = 0; j < 16; ++j) {
+            const int high_bit = 8 * (j / 4) + 4 * plane + j % 4;
+            const __m512i hi_at_2 = high_bit >= 2 ? _mm512_srli_epi32(high, high_bit - 2) : _mm512_slli_epi32(high, 2 - high_bit);
+            // A & C | B & ~C (A, B, C = 0xF0, 0xCC, 0xAA): 0xE4, with C the mask of bits 0..1.
+            const __m512i index = _mm512_ternarylogic_epi32(j ? _mm512_srli_epi32(low, 2 * j) : low, hi_at_2, low_bits, 0xE4);
+            const __m512 codes = _mm512_permutexvar_ps(index, table);
+            COMPTRUST_UNROLL for (int r = 0; r < R; ++r)
+              acc[r][j % A] = _mm512_fmadd_ps(codes, _mm512_set1_ps(xb[r * p.k + j]), acc[r][j % A]);
+          }
         }
       }
     }
-    const __m512 zero = join_halves(load_zeros(p.tile_zeros(t) + g * kTileCols), load_zeros(p.tile_zeros(t1) + g * kTileCols));
-    const __m512 scale = join_halves(load_scales(p.tile_scales(t) + g * kTileCols), load_scales(p.tile_scales(t1) + g * kTileCols));
+    __m512 sums[R];
     COMPTRUST_UNROLL for (int r = 0; r < R; ++r) {
-      __m512 sum = acc[r][0];
-      COMPTRUST_UNROLL for (int a = 1; a < A; ++a) sum = _mm512_add_ps(sum, acc[r][a]);
-      const __m512 xsum = _mm512_set1_ps(p.x_group_sum[(i0 + r) * p.groups + g]);
-      out[r] = _mm512_fmadd_ps(scale, _mm512_fnmadd_ps(zero, xsum, sum), out[r]);
+      sums[r] = acc[r][0];
+      COMPTRUST_UNROLL for (int a = 1; a < A; ++a) sums[r] = _mm512_add_ps(sums[r], acc[r][a]);
     }
+    tiles.add_group<R>(g, i0, sums, out);
   }
-  COMPTRUST_UNROLL for (int r = 0; r < R; ++r)
-    _mm512_mask_storeu_ps(p.y + (i0 + r) * p.n + t * kTileCols, pair ? 0xFFFF : 0x00FF, out[r]);
+  tiles.store<R>(i0, out);
 }
 
 // Tiles 2u and 2u + 1.
 template <int BITS>
 COMPTRUST_AVX512 void direct_rows_avx512(const Problem& p, int64_t u) {
-  for_each_row_block(p.m, [&](auto rows, int64_t i0) {
-    if constexpr (BITS == 4) direct_int4_avx512<decltype(rows)::value>(p, 2 * u, i0);
-    else direct_int3_avx512<decltype(rows)::value>(p, 2 * u, i0);
-  });
+  for_each_row_block(p.m, [&](auto rows, int64_t i0) { direct_avx512<BITS, decltype(rows)::value>(p, 2 * u, i0); });
 }
 
 // ------------------------------------------------------------- AVX-512 direct (float x, int8)
