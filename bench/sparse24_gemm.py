@@ -7,8 +7,8 @@ Ours: the tiled 2:4 kernels as Sparse24Linear / Sparse24Int4Linear run them (til
 values and fp32 activations, bf16 values and bf16 activations, and int4 kept values (group of 64 kept
 values, i.e. 128 inputs, the span of a dense g128 group) with fp32 activations. Anchors on the same shapes:
 F.linear fp32 and bf16 on the dense (pruned) weight, and our dense int4 g128 kernel. (From 192 rows the 2:4
-layers expand their weight block by block for torch's GEMM, and bf16 activations from 32 rows run on the AMX
-tile unit where the CPU has it; so at batch 32 and 64 the bf16 row times the tile-unit path.) Row fields as in
+layers expand their weight block by block for torch's GEMM, and bf16 activations from 16 rows run on the AMX
+tile unit where the CPU has it; so at batch 16 to 64 the bf16 row times the tile-unit path.) Row fields as in
 `comptrust bench int` (comptrust.bench.harness). Timings are noisy: compare rows of one run only.
 """
 from __future__ import annotations
