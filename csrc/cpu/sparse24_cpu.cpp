@@ -404,8 +404,9 @@ COMPTRUST_AVX512 void rows_avx512(const Sparse24Problem& p, int64_t t) {
 // rows (zeros where pruned) straight into the tile unit's bf16 pairs (amx_bf16.h). The pruned zeros are
 // multiplied, which the tile unit does faster than this file's kernels skip them. Speed against bf16
 // F.linear on cold weights, bf16 values, side by side (tile path / sparse kernel): 576x1536 at 16 rows
-// 1.09 / 0.67, at 64 rows 1.77 / 0.36; 4096x4096 at 16 rows 0.92 / 0.62, at 32 1.07 / 0.41, at 64 0.80 / 0.19.
-// At 8 rows the sparse kernel is ahead (1.03-1.57 against 0.84-1.31), so the tile path starts at 16.
+// 1.46 / 0.67, at 64 rows 1.24 / 0.30; 1536x576 at 16 rows 1.55 / 0.84; 4096x4096 at 16 rows 1.03 / 0.37,
+// at 32 1.23 / 0.37, at 64 1.16 / 0.25 (with sparse_pairs_bf16). At 8 rows the sparse kernel was ahead of
+// the earlier fp32-buffer fill (1.03-1.57 against 0.84-1.31), so the tile path starts at 16.
 constexpr int64_t kAmxMinRows = 16;
 constexpr int64_t kAmxMaxRows = 1024;
 
@@ -441,10 +442,55 @@ COMPTRUST_AMX void sparse_pairs(const Sparse24Problem& p, int64_t t, int tiles, 
   }
 }
 
+// bf16 kept values go to the panel without the round trip through fp32: the pair rows are built in 16-bit
+// lanes (lane 2c + j: column c, row j of the pair), so one masked move per kept-value slot fills both rows
+// of a pair at once. Same bits as sparse_pairs (a bf16 value converted to fp32 and rounded back is itself).
+COMPTRUST_AMX void sparse_pairs_bf16(const Sparse24Problem& p, int64_t t, int tiles, uint16_t* panel) {
+  // Per 16-bit lane L of a pair row: column c = L / 2 (tile t for c < 8), row j = L % 2.
+  alignas(64) uint16_t slot0[32], slot1[32], meta_half[32], shift[32], row[32];
+  for (int lane = 0; lane < 32; ++lane) {
+    const int c = lane / 2, tile = c / kTileCols, col = c % kTileCols;
+    slot0[lane] = static_cast<uint16_t>(tile * 16 + col);      // v0 of column c in the loaded 32 values
+    slot1[lane] = static_cast<uint16_t>(tile * 16 + 8 + col);  // v1
+    meta_half[lane] = static_cast<uint16_t>(tile * 2 + col / 4);  // which 16 bits of which tile's meta word
+    shift[lane] = static_cast<uint16_t>(4 * (col % 4));
+    row[lane] = static_cast<uint16_t>(lane % 2);
+  }
+  const __m512i pick0 = _mm512_load_si512(slot0), pick1 = _mm512_load_si512(slot1);
+  const __m512i pick_meta = _mm512_load_si512(meta_half), shift0 = _mm512_load_si512(shift);
+  const __m512i shift1 = _mm512_add_epi16(shift0, _mm512_set1_epi16(2)), three = _mm512_set1_epi16(3);
+  const __m512i rows01 = _mm512_load_si512(row), rows23 = _mm512_add_epi16(rows01, _mm512_set1_epi16(2));
+  const auto* values0 = reinterpret_cast<const uint16_t*>(p.tile_values<at::BFloat16>(t));
+  const auto* values1 = tiles > 1 ? reinterpret_cast<const uint16_t*>(p.tile_values<at::BFloat16>(t + 1)) : nullptr;
+  const uint32_t* meta0 = p.tile_meta(t);
+  const uint32_t* meta1 = tiles > 1 ? p.tile_meta(t + 1) : nullptr;
+  for (int64_t g = 0; g < p.sparse_groups(); ++g) {
+    const int64_t at = g * kSparse24Kept * kTileCols;  // a group's v0[8], v1[8]: 32 bytes per tile
+    const __m256i group0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(values0 + at));
+    const __m256i group1 = values1 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(values1 + at)) : _mm256_setzero_si256();
+    const __m512i values = _mm512_inserti64x4(_mm512_castsi256_si512(group0), group1, 1);
+    const __m512i v0 = _mm512_permutexvar_epi16(pick0, values), v1 = _mm512_permutexvar_epi16(pick1, values);
+    const __m512i words = _mm512_castsi128_si512(_mm_set_epi32(0, 0, static_cast<int>(meta1 ? meta1[g] : 0),
+                                                               static_cast<int>(meta0[g])));
+    const __m512i meta = _mm512_permutexvar_epi16(pick_meta, words);
+    const __m512i idx0 = _mm512_and_si512(_mm512_srlv_epi16(meta, shift0), three);
+    const __m512i idx1 = _mm512_and_si512(_mm512_srlv_epi16(meta, shift1), three);
+    uint16_t* out = panel + kSparse24Group * g / 2 * kAmxCols * 2;
+    COMPTRUST_UNROLL for (int pair = 0; pair < 2; ++pair) {
+      const __m512i rows = pair ? rows23 : rows01;
+      const __m512i pair_row = _mm512_mask_mov_epi16(_mm512_maskz_mov_epi16(_mm512_cmpeq_epi16_mask(idx0, rows), v0),
+                                                     _mm512_cmpeq_epi16_mask(idx1, rows), v1);
+      _mm512_storeu_si512(out + pair * kAmxCols * 2, pair_row);
+    }
+  }
+}
+
 template <class V>
 void run_amx(const Sparse24Problem& p, const at::BFloat16* x, at::BFloat16* y) {
-  gemm_amx_bf16(x, y, p.m, p.n, p.k,
-                [&](int64_t t, int tiles, uint16_t* panel) { sparse_pairs<V>(p, t, tiles, panel); });
+  gemm_amx_bf16(x, y, p.m, p.n, p.k, [&](int64_t t, int tiles, uint16_t* panel) {
+    if constexpr (std::is_same_v<V, at::BFloat16>) sparse_pairs_bf16(p, t, tiles, panel);
+    else sparse_pairs<V>(p, t, tiles, panel);
+  });
 }
 
 #endif  // COMPTRUST_X86
