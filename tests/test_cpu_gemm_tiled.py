@@ -110,11 +110,13 @@ AMX_RANDOM = {4: random_int4, 3: random_int3, 8: random_int8}
 @pytest.mark.parametrize("bits", [4, 3, 8])
 def test_amx_bf16_path_matches_reference(bits, monkeypatch):
     """bf16 activations from 8 rows on the tile unit: 16-row blocks, a short last block (tmm6), passes of 64
-    rows, a last panel with one tile of two, partial groups. Same bound as any bf16 path (weights and output
-    rounded to bf16); with AMX turned off the same inputs take the fp32 paths."""
+    rows, a last panel with one tile of two, partial groups, groups longer than a chunk of decoded codes
+    (per channel, k = 1536), and for int4 a group size that splits a 32-input tile step (the dequantized-panel
+    fallback). Same bound as any bf16 path (output rounded to bf16); with AMX turned off the same inputs take
+    the fp32 paths."""
     for m in (8, 16, 17, 64, 70, 200):
-        odd = ((32, 64, 32), (160, 224, 96)) if bits == 3 else ((24, 64, 32), (40, 224, 96))  # int3: n % 32 == 0
-        for n, k, group in odd + ((576, 1536, 128),):
+        odd = ((32, 64, 32), (160, 224, 96)) if bits == 3 else ((24, 64, 32), (40, 224, 96), (40, 96, 24))
+        for n, k, group in odd + ((576, 1536, 128), (64, 1536, 1536)):  # int3: n % 32 == 0
             packed = AMX_RANDOM[bits](n, k, group, seed=m + n)[0]
             x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).bfloat16()
             ref = AMX_REFERENCE[bits](x, packed.qweight, packed.qzeros, packed.scales, group)

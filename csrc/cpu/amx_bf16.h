@@ -4,6 +4,8 @@
 // (row r of a B tile holds W[2r][c], W[2r + 1][c] for c = 0..15). Then for up to 64 rows at a time
 // C[16 x 16] += A[16 x 32] . B[32 x 16] runs over k, one tdpbf16ps per 16 rows, 16 columns and 32 inputs.
 // Weights are rounded to bf16 (as a bf16 dense model's are), sums kept in fp32, the output rounded once.
+// Quantized weights may instead supply panels of their raw codes, scaled per group after the tile unit's
+// product (gemm_amx_bf16_codes): cheaper to decode, and the weights stay exact.
 // Needs k % kAmxStep == 0. Every panel streams all rows of x through the tile loads, so very large batches
 // are better served by expanding the weight for torch's GEMM (dense_blocks.h); the callers set the bound.
 #pragma once
@@ -14,7 +16,9 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <utility>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "comptrust/cpu_tiles.h"
@@ -61,28 +65,94 @@ COMPTRUST_AMX inline void store_pair_row(uint16_t* row, __m512 even, __m512 odd)
     else COMPTRUST_AMX_STEP(C, COMPTRUST_TMM_A);                                                   \
   }
 
-// c[rows][16] = x[rows, 0..k) @ panel for the pass's BLOCKS blocks of 16 rows (the last shorter if TAIL).
+// C blocks += x[rows, kb0..kb1) @ B for the pass's BLOCKS blocks of 16 rows (the last shorter if TAIL), the B
+// rows of inputs kb0..kb1 from b_rows[(kk - kb0) / 2][16][2].
 template <int BLOCKS, bool TAIL>
-COMPTRUST_AMX void amx_pass(const at::BFloat16* x, int64_t k, const uint16_t* panel, float* c) {
-  if constexpr (BLOCKS > 0) _tile_zero(0);
-  if constexpr (BLOCKS > 1) _tile_zero(1);
-  if constexpr (BLOCKS > 2) _tile_zero(2);
-  if constexpr (BLOCKS > 3) _tile_zero(3);
-  for (int64_t kb = 0; kb < k; kb += kAmxStep) {
-    _tile_loadd(COMPTRUST_TMM_B, panel + kb / 2 * kAmxCols * 2, kAmxCols * 4);
+COMPTRUST_AMX inline void amx_steps(const at::BFloat16* x, int64_t k, const uint16_t* b_rows, int64_t kb0, int64_t kb1) {
+  for (int64_t kb = kb0; kb < kb1; kb += kAmxStep) {
+    _tile_loadd(COMPTRUST_TMM_B, b_rows + (kb - kb0) / 2 * kAmxCols * 2, kAmxCols * 4);
     COMPTRUST_AMX_BLOCK(0)
     COMPTRUST_AMX_BLOCK(1)
     COMPTRUST_AMX_BLOCK(2)
     COMPTRUST_AMX_BLOCK(3)
   }
+}
+#undef COMPTRUST_AMX_BLOCK
+#undef COMPTRUST_AMX_STEP
+
+template <int BLOCKS>
+COMPTRUST_AMX inline void zero_blocks() {
+  if constexpr (BLOCKS > 0) _tile_zero(0);
+  if constexpr (BLOCKS > 1) _tile_zero(1);
+  if constexpr (BLOCKS > 2) _tile_zero(2);
+  if constexpr (BLOCKS > 3) _tile_zero(3);
+}
+
+// c[16 * b + r][16] = C block b's row r.
+template <int BLOCKS>
+COMPTRUST_AMX inline void store_blocks(float* c) {
   constexpr int64_t block_floats = kAmxRows * kAmxCols, stride = kAmxCols * 4;
   if constexpr (BLOCKS > 0) _tile_stored(0, c, stride);
   if constexpr (BLOCKS > 1) _tile_stored(1, c + block_floats, stride);
   if constexpr (BLOCKS > 2) _tile_stored(2, c + 2 * block_floats, stride);
   if constexpr (BLOCKS > 3) _tile_stored(3, c + 3 * block_floats, stride);
 }
-#undef COMPTRUST_AMX_BLOCK
-#undef COMPTRUST_AMX_STEP
+
+// c[rows][16] = x[rows, 0..k) @ panel.
+template <int BLOCKS, bool TAIL>
+COMPTRUST_AMX void amx_pass(const at::BFloat16* x, int64_t k, const uint16_t* panel, float* c) {
+  zero_blocks<BLOCKS>();
+  amx_steps<BLOCKS, TAIL>(x, k, panel, 0, k);
+  store_blocks<BLOCKS>(c);
+}
+
+// Panels of raw codes (gemm_amx_bf16_codes): per group g, the tile unit sums x . q over the group's inputs,
+// then in fp32 for the 16 columns
+//   c[r] += scale_g * (sum x.q) - zero_g * scale_g * (sum of x[r] over the group)
+// (the direct kernels' identity, gemm_tiled_cpu.cpp). The codes are small integers, exact in bf16, so only x
+// is rounded: the weights are as exact as in the fp32 kernels.
+struct GroupParams {
+  const float* scale;       // [groups][16]
+  const float* zero_scale;  // [groups][16]: zero * scale
+};
+
+// Inputs per chunk of codes in a grouped pass: 8 KB of B rows, which stay in L1 when decoded just before use.
+constexpr int64_t kCodeChunk = 256;
+
+// The stretch of inputs after the chunk ending at kb1: the rest of its group up to kCodeChunk, else the next
+// group's first chunk; empty (k, k) after the last.
+inline std::pair<int64_t, int64_t> next_chunk(int64_t kb1, int64_t k, int64_t group_size) {
+  const int64_t group_end = kb1 % group_size ? std::min(k, (kb1 / group_size + 1) * group_size) : std::min(k, kb1 + group_size);
+  return {kb1, std::min(group_end, kb1 + kCodeChunk)};
+}
+
+// c[rows][16] = the pass's rows of x @ W over all groups, in chunks of at most kCodeChunk inputs inside one
+// group. codes(kb0, kb1, next0, next1) gives chunk kb0..kb1's B rows (b_rows[(kk - kb0) / 2][16][2]); the
+// chunk after it is next0..next1 (empty after the last), so that codes can decode it while the tile unit runs.
+template <int BLOCKS, bool TAIL, class Codes>
+COMPTRUST_AMX void amx_pass_grouped(const at::BFloat16* x, int64_t k, int64_t group_size, const GroupParams& params,
+                                    const float* x_group_sum, int64_t rows, float* c, Codes&& codes) {
+  const int64_t groups = (k + group_size - 1) / group_size;
+  alignas(64) float sums[kAmxBlocks * kAmxRows * kAmxCols];
+  for (int64_t r = 0; r < rows; ++r) _mm512_store_ps(c + r * kAmxCols, _mm512_setzero_ps());
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t group_end = std::min(k, (g + 1) * group_size);
+    zero_blocks<BLOCKS>();
+    for (int64_t kb0 = g * group_size; kb0 < group_end; kb0 += kCodeChunk) {
+      const int64_t kb1 = std::min(group_end, kb0 + kCodeChunk);
+      const auto [next0, next1] = next_chunk(kb1, k, group_size);
+      amx_steps<BLOCKS, TAIL>(x, k, codes(kb0, kb1, next0, next1), kb0, kb1);
+    }
+    store_blocks<BLOCKS>(sums);
+    const __m512 scale = _mm512_load_ps(params.scale + g * kAmxCols);
+    const __m512 zero_scale = _mm512_load_ps(params.zero_scale + g * kAmxCols);
+    for (int64_t r = 0; r < rows; ++r) {
+      const __m512 out = _mm512_fmadd_ps(_mm512_load_ps(sums + r * kAmxCols), scale, _mm512_load_ps(c + r * kAmxCols));
+      _mm512_store_ps(c + r * kAmxCols,
+                      _mm512_fnmadd_ps(zero_scale, _mm512_set1_ps(x_group_sum[r * groups + g]), out));
+    }
+  }
+}
 
 COMPTRUST_AMX inline void configure_pass(int64_t rows) {
   AmxTileConfig config;
@@ -103,14 +173,19 @@ COMPTRUST_AMX inline void configure_pass(int64_t rows) {
   _tile_loadconfig(&config);
 }
 
-COMPTRUST_AMX inline void amx_rows(const at::BFloat16* x, int64_t rows, int64_t k, const uint16_t* panel, float* c) {
+// Configures the tiles for a pass of rows (1..64) and calls pass(blocks, tail) with the pass's number of
+// 16-row blocks and whether the last is shorter, both as compile-time constants.
+template <class Pass>
+COMPTRUST_AMX inline void dispatch_pass(int64_t rows, Pass&& pass) {
   configure_pass(rows);
   const bool tail = rows % kAmxRows != 0;
+  using Short = std::true_type;
+  using Full = std::false_type;
   switch ((rows + kAmxRows - 1) / kAmxRows) {
-    case 1: tail ? amx_pass<1, true>(x, k, panel, c) : amx_pass<1, false>(x, k, panel, c); break;
-    case 2: tail ? amx_pass<2, true>(x, k, panel, c) : amx_pass<2, false>(x, k, panel, c); break;
-    case 3: tail ? amx_pass<3, true>(x, k, panel, c) : amx_pass<3, false>(x, k, panel, c); break;
-    default: tail ? amx_pass<4, true>(x, k, panel, c) : amx_pass<4, false>(x, k, panel, c); break;
+    case 1: tail ? pass(std::integral_constant<int, 1>{}, Short{}) : pass(std::integral_constant<int, 1>{}, Full{}); break;
+    case 2: tail ? pass(std::integral_constant<int, 2>{}, Short{}) : pass(std::integral_constant<int, 2>{}, Full{}); break;
+    case 3: tail ? pass(std::integral_constant<int, 3>{}, Short{}) : pass(std::integral_constant<int, 3>{}, Full{}); break;
+    default: tail ? pass(std::integral_constant<int, 4>{}, Short{}) : pass(std::integral_constant<int, 4>{}, Full{}); break;
   }
 }
 
@@ -137,7 +212,77 @@ void gemm_amx_bf16(const at::BFloat16* x, at::BFloat16* y, int64_t m, int64_t n,
       fill_panel(t, count, panel.data());
       for (int64_t r0 = 0; r0 < m; r0 += kAmxBlocks * kAmxRows) {
         const int64_t rows = std::min<int64_t>(kAmxBlocks * kAmxRows, m - r0);
-        amx_rows(x + r0 * k, rows, k, panel.data(), c);
+        dispatch_pass(rows, [&](auto blocks, auto tail) {
+          amx_pass<decltype(blocks)::value, decltype(tail)::value>(x + r0 * k, k, panel.data(), c);
+        });
+        store_rows_bf16(c, rows, count, y + r0 * n + t * kTileCols, n);
+      }
+    }
+    release_tiles();
+  });
+}
+
+// sums[r][g] = sum of x[r, g * group_size .. end of group g) in fp32.
+COMPTRUST_AMX inline void group_sums_bf16(const at::BFloat16* x, int64_t m, int64_t k, int64_t group_size, float* sums) {
+  const int64_t groups = (k + group_size - 1) / group_size;
+  for (int64_t r = 0; r < m; ++r) {
+    const auto* row = reinterpret_cast<const uint16_t*>(x + r * k);
+    for (int64_t g = 0; g < groups; ++g) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t i = g * group_size; i < std::min(k, (g + 1) * group_size); i += 16) {  // k % 32 == 0
+        const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + i));
+        acc = _mm512_add_ps(acc, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16)));
+      }
+      sums[r * groups + g] = _mm512_reduce_add_ps(acc);
+    }
+  }
+}
+
+// y[m, n] (bf16) = x[m, k] (bf16) @ W^T for quantized weights whose group size is a multiple of kAmxStep,
+// on panels of codes (GroupParams). fill(t, tiles, kb0, kb1, b_rows) writes the B rows of tiles t..t+tiles-1
+// (tiles is 1 or 2) for inputs kb0..kb1 to b_rows[(kk - kb0) / 2][16][2]; params(t, tiles, scale, zero_scale)
+// the 16 columns' scale and zero * scale per group (a missing second tile's zero). Up to 64 rows (one pass)
+// each chunk of codes is decoded while the tile unit runs the one before (two 8 KB buffers that stay in L1:
+// decoding a whole 128 KB panel first sends it to L2 and back); more rows decode the whole panel once and run
+// it once per pass.
+template <class FillCodes, class FillParams>
+void gemm_amx_bf16_codes(const at::BFloat16* x, at::BFloat16* y, int64_t m, int64_t n, int64_t k, int64_t group_size,
+                         FillCodes&& fill, FillParams&& fill_params) {
+  const int64_t tiles = n / kTileCols, panels = (tiles + 1) / 2;
+  const int64_t groups = (k + group_size - 1) / group_size;
+  const bool one_pass = m <= kAmxBlocks * kAmxRows;
+  std::vector<float> x_group_sum(m * groups);
+  group_sums_bf16(x, m, k, group_size, x_group_sum.data());
+  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+    // The whole panel (k * 16 bf16: 128 KB at k = 4096) or two chunks; kept for the next call.
+    thread_local std::vector<uint16_t> codes;
+    thread_local std::vector<float> params;  // per group: 16 scales, then 16 zero * scale; 64-byte aligned
+    const int64_t code_size = (one_pass ? 2 * kCodeChunk : k) * kAmxCols;
+    if (static_cast<int64_t>(codes.size()) < code_size) codes.resize(code_size);
+    if (static_cast<int64_t>(params.size()) < 2 * groups * kAmxCols + 16) params.resize(2 * groups * kAmxCols + 16);
+    float* scale = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(params.data()) + 63) & ~uintptr_t{63});
+    const GroupParams group_params{scale, scale + groups * kAmxCols};
+    alignas(64) float c[kAmxBlocks * kAmxRows * kAmxCols];
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t t = 2 * i;
+      const int count = static_cast<int>(std::min<int64_t>(2, tiles - t));
+      fill_params(t, count, scale, scale + groups * kAmxCols);
+      uint16_t* buffers[2] = {codes.data(), codes.data() + kCodeChunk * kAmxCols};
+      int current = 0;
+      if (one_pass) fill(t, count, 0, std::min(k, std::min(group_size, kCodeChunk)), buffers[0]);
+      else fill(t, count, 0, k, codes.data());
+      const auto chunk = [&](int64_t kb0, int64_t kb1, int64_t next0, int64_t next1) -> const uint16_t* {
+        if (!one_pass) return codes.data() + kb0 / 2 * kAmxCols * 2;
+        if (next0 < next1) fill(t, count, next0, next1, buffers[current ^ 1]);
+        current ^= 1;
+        return buffers[current ^ 1];
+      };
+      for (int64_t r0 = 0; r0 < m; r0 += kAmxBlocks * kAmxRows) {
+        const int64_t rows = std::min<int64_t>(kAmxBlocks * kAmxRows, m - r0);
+        dispatch_pass(rows, [&](auto blocks, auto tail) {
+          amx_pass_grouped<decltype(blocks)::value, decltype(tail)::value>(
+              x + r0 * k, k, group_size, group_params, x_group_sum.data() + r0 * groups, rows, c, chunk);
+        });
         store_rows_bf16(c, rows, count, y + r0 * n + t * kTileCols, n);
       }
     }

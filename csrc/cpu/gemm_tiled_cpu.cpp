@@ -10,8 +10,9 @@
 //     every row over it (the decode cost is paid once per weight instead of once per row block).
 //   * dequantize + BLAS (batch >= kBlasMinRows, kBlasMinRowsAvx512 with AVX-512; float activations):
 //     blocks of tiles dequantized into a scratch and multiplied by torch's GEMM (dense_blocks.h).
-//   * AMX-BF16 (bf16 activations, kPanelMinRows <= batch < kAmxMaxRows, where the CPU has AMX): two tiles
-//     dequantized to a bf16 panel in the tile unit's pair layout, multiplied with tdpbf16ps.
+//   * AMX-BF16 (bf16 activations, kPanelMinRows <= batch < kAmxMaxRows, where the CPU has AMX): two tiles'
+//     codes (or, for int8 and groups that split a 32-input step, dequantized weights) as a bf16 panel in the
+//     tile unit's pair layout, multiplied with tdpbf16ps; codes are scaled per group in fp32.
 //   * a8 (int8 activations, any batch; int4/int3 weights): x is quantized per row and per block of 32
 //     inputs, the codes are unpacked into u8 lanes and multiplied with vpdpbusd where the CPU has AVX-512
 //     VNNI (64 u8 x s8 products per instruction), else vpmaddubsw/vpmaddwd (16 per pair), the integer
@@ -768,10 +769,11 @@ COMPTRUST_AVX512 void int8_rows_avx512(const Problem& p, int64_t t) {
 }
 // ------------------------------------------------------------------------ AMX-BF16 (bf16 x)
 // Where the CPU has AMX, bf16 activations from kPanelMinRows to kAmxMaxRows rows run on the tile unit
-// (amx_bf16.h) over panels of two tiles dequantized to bf16. k % 32 == 0 only; other shapes take the fp32
-// paths. Against bf16 F.linear (oneDNN, also on AMX), side by side on SmolLM2 and 4096x4096 shapes, int4:
-// 0.5-1.1x its time at 8-16 rows, 0.7-0.9x at 32-64 (the fp32 paths: 1.4-2.9x); from 1024 rows (the
-// measured crossover) the bf16 BLAS path is faster.
+// (amx_bf16.h) over panels of two tiles. k % 32 == 0 only; other shapes take the fp32 paths. Speed against
+// bf16 F.linear (oneDNN, also on AMX), side by side on cold SmolLM2 and 4096x4096 weights: panels of codes,
+// int4 1.7-2.5x at 8-16 rows and 1.4-2.1x at 64, int3 1.5-2.2x and 1.3-2.1x (panels of dequantized weights,
+// which int4 and int3 took before: 0.95-1.35x and 0.56-1.06x). From 1024 rows (the crossover measured with
+// dequantized panels) the bf16 BLAS path is faster.
 constexpr int64_t kAmxMaxRows = 1024;
 
 // (codes - zero) * scale over 16 columns, codes0 of the panel's first tile and codes1 of its second.
@@ -828,8 +830,96 @@ COMPTRUST_AMX void dequantize_pairs(const Problem& p, int64_t t, int tiles, uint
   }
 }
 
-// y[m, n] (bf16) = x[m, k] (bf16) @ W^T on the tile unit.
+// --- Panels of codes (amx_bf16.h gemm_amx_bf16_codes), for int4 and int3 with groups of whole tile steps.
+// Decoding is two to four instructions per 64-byte B row (16 columns x 2 inputs), against about 16 for
+// dequantize_pairs: vpmultishiftqb moves each code of the pair into the low bits of its 16-bit lane, then
+// vpermw looks it up in a table of the bf16 integers. vpermw indexes by the lane's low 5 bits, so the bits
+// above a code (its neighbours) need no mask: the table repeats every 2^BITS entries.
+COMPTRUST_AMX inline __m512i bf16_code_table(int mask) {
+  const __m512 codes = _mm512_cvtepi32_ps(_mm512_and_si512(
+      _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(mask)));
+  return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(codes, codes));  // entries 16..31 repeat 0..15
+}
+
+// vpmultishiftqb control: in each 32-bit column lane, 16-bit lane 0 gets the 8 bits from bit `first` of the
+// column's word, lane 1 those from bit `second` (offsets taken mod 32, rotating within the word's quadword).
+COMPTRUST_AMX inline __m512i pair_offsets(int first, int second) {
+  const auto byte = [](int bit) { return static_cast<uint64_t>(bit & 63); };
+  return _mm512_set1_epi64(static_cast<int64_t>(byte(first) | byte(second) << 16 | byte(32 + first) << 32 |
+                                                byte(32 + second) << 48));
+}
+
+// scale[g][16] and zero_scale[g][16] of tiles t, t+1 (a missing second tile: zeros).
+template <int BITS>
+COMPTRUST_AMX void group_params(const Problem& p, int64_t t, int tiles, float* scale, float* zero_scale) {
+  const bool second = tiles > 1;
+  for (int64_t g = 0; g < p.groups; ++g) {
+    const __m512 zero = join_halves(load_tile_zeros<BITS>(p.tile_zeros(t) + g * kTileCols),
+                                    second ? load_tile_zeros<BITS>(p.tile_zeros(t + 1) + g * kTileCols) : _mm256_setzero_ps());
+    const __m512 s = join_halves(load_scales(p.tile_scales(t) + g * kTileCols),
+                                 second ? load_scales(p.tile_scales(t + 1) + g * kTileCols) : _mm256_setzero_ps());
+    _mm512_store_ps(scale + g * kAmxCols, s);
+    _mm512_store_ps(zero_scale + g * kAmxCols, _mm512_mul_ps(zero, s));
+  }
+}
+
+// codes[(kk - kb0) / 2][16][2] for inputs kb0..kb1 (multiples of 32): the codes of tiles t, t+1 (a missing
+// second tile repeats the first; its scales are zero).
+COMPTRUST_AMX void int4_code_pairs(const Problem& p, int64_t t, int tiles, int64_t kb0, int64_t kb1, uint16_t* codes) {
+  const int32_t* w0 = p.tile_w(t);
+  const int32_t* w1 = tiles > 1 ? p.tile_w(t + 1) : w0;
+  const __m512i table = bf16_code_table(15);
+  for (int64_t row = kb0 / 8; row < kb1 / 8; ++row) {  // 8 inputs per word: 4 B rows
+    prefetch_ahead(w0 + row * kTileCols);
+    prefetch_ahead(w1 + row * kTileCols);
+    const __m512i words = two_tiles(w0 + row * kTileCols, w1 + row * kTileCols);
+    uint16_t* out = codes + (row * 8 - kb0) / 2 * kAmxCols * 2;
+    COMPTRUST_UNROLL for (int j = 0; j < 4; ++j) {
+      const __m512i pair = _mm512_multishift_epi64_epi8(pair_offsets(8 * j, 8 * j + 4), words);
+      _mm512_storeu_si512(out + j * kAmxCols * 2, _mm512_permutexvar_epi16(pair, table));
+    }
+  }
+}
+
+// int3 (cpu_tiles.h planes): the low two bits from plane p and bit 2 from the high plane, merged by vpternlogd.
+COMPTRUST_AMX void int3_code_pairs(const Problem& p, int64_t t, int tiles, int64_t kb0, int64_t kb1, uint16_t* codes) {
+  const int32_t* w0 = p.tile_w(t);
+  const int32_t* w1 = tiles > 1 ? p.tile_w(t + 1) : w0;
+  const __m512i table = bf16_code_table(7), bit2 = _mm512_set1_epi16(4);
+  for (int64_t block = kb0 / kInt3BlockRows; block < kb1 / kInt3BlockRows; ++block) {
+    const int32_t* b0 = w0 + block * kInt3BlockPlanes * kTileCols;
+    const int32_t* b1 = w1 + block * kInt3BlockPlanes * kTileCols;
+    prefetch_ahead(b0);
+    prefetch_ahead(b1);
+    const __m512i high = two_tiles(b0 + 2 * kTileCols, b1 + 2 * kTileCols);
+    for (int plane = 0; plane < 2; ++plane) {
+      const __m512i low = two_tiles(b0 + plane * kTileCols, b1 + plane * kTileCols);
+      COMPTRUST_UNROLL for (int jp = 0; jp < 8; ++jp) {  // rows j = 2 jp, 2 jp + 1 of the plane
+        const int high_bit = 8 * (jp / 2) + 4 * plane + 2 * (jp % 2);  // of row 2 jp; row 2 jp + 1 the next bit
+        const __m512i lows = _mm512_multishift_epi64_epi8(pair_offsets(4 * jp, 4 * jp + 2), low);
+        const __m512i highs = _mm512_multishift_epi64_epi8(pair_offsets(high_bit - 2, high_bit - 1), high);
+        const __m512i pair = _mm512_ternarylogic_epi32(bit2, highs, lows, 0xCA);  // bit2 ? highs : lows
+        _mm512_storeu_si512(codes + (block * kInt3BlockRows - kb0 + plane * 16 + 2 * jp) / 2 * kAmxCols * 2,
+                            _mm512_permutexvar_epi16(pair, table));
+      }
+    }
+  }
+}
+
+// y[m, n] (bf16) = x[m, k] (bf16) @ W^T on the tile unit: panels of codes where the group size allows, else
+// (int8, or groups that split a tile step) panels of dequantized weights.
 void run_amx(const Problem& p, const at::BFloat16* x, at::BFloat16* y) {
+  if (p.bits != 8 && p.group_size % kAmxStep == 0) {
+    gemm_amx_bf16_codes(
+        x, y, p.m, p.n, p.k, p.group_size,
+        [&](int64_t t, int tiles, int64_t kb0, int64_t kb1, uint16_t* codes) {
+          p.bits == 4 ? int4_code_pairs(p, t, tiles, kb0, kb1, codes) : int3_code_pairs(p, t, tiles, kb0, kb1, codes);
+        },
+        [&](int64_t t, int tiles, float* scale, float* zero_scale) {
+          p.bits == 4 ? group_params<4>(p, t, tiles, scale, zero_scale) : group_params<3>(p, t, tiles, scale, zero_scale);
+        });
+    return;
+  }
   gemm_amx_bf16(x, y, p.m, p.n, p.k, [&](int64_t t, int tiles, uint16_t* panel) {
     if (p.bits == 4) dequantize_pairs<4>(p, t, tiles, panel);
     else if (p.bits == 8) dequantize_pairs<8>(p, t, tiles, panel);

@@ -67,9 +67,9 @@ bool amx_bf16_granted() {
   unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
   if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
   if (!(edx & (1u << 24)) || !(edx & (1u << 22))) return false;
-  // The panel conversion uses AVX512-BF16/BW/DQ (every AMX CPU so far has them; checked all the same).
+  // The panel conversion uses AVX512-BF16/BW/DQ/VBMI (every AMX CPU so far has them; checked all the same).
   if (!__builtin_cpu_supports("avx512bf16") || !__builtin_cpu_supports("avx512bw") ||
-      !__builtin_cpu_supports("avx512dq"))
+      !__builtin_cpu_supports("avx512dq") || !__builtin_cpu_supports("avx512vbmi"))
     return false;
   constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
   return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
