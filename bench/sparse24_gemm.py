@@ -5,10 +5,10 @@
 
 Ours: the tiled 2:4 kernels as Sparse24Linear / Sparse24Int4Linear run them (tiled once), with fp32 kept
 values and fp32 activations, bf16 values and bf16 activations, and int4 kept values (group of 64 kept
-values, i.e. 128 inputs, the span of a dense g128 group) with fp32 activations. Anchors on the same shapes:
+values, i.e. 128 inputs, the span of a dense g128 group) with fp32 and with bf16 activations. Anchors on the same shapes:
 F.linear fp32 and bf16 on the dense (pruned) weight, and our dense int4 g128 kernel. (From 192 rows the 2:4
-layers expand their weight block by block for torch's GEMM, and bf16 activations from 16 rows run on the AMX
-tile unit where the CPU has it; so at batch 16 to 64 the bf16 row times the tile-unit path.) Row fields as in
+layers expand their weight block by block for torch's GEMM, and bf16 activations from 8 rows run on the AMX
+tile unit where the CPU has it; so at batch 8 to 64 the bf16 rows time the tile-unit path.) Row fields as in
 `comptrust bench int` (comptrust.bench.harness). Timings are noisy: compare rows of one run only.
 """
 from __future__ import annotations
@@ -70,6 +70,7 @@ KERNELS = [
     Kernel("comptrust_24_fp32", torch.float32, lambda layer: layer.sparse(torch.float32), _sparse24),
     Kernel("comptrust_24_bf16", torch.bfloat16, lambda layer: layer.sparse(torch.bfloat16), _sparse24),
     Kernel("comptrust_24_int4_fp32", torch.float32, _Layer.sparse_int4, _sparse24_int4),
+    Kernel("comptrust_24_int4_bf16", torch.bfloat16, _Layer.sparse_int4, _sparse24_int4),
     Kernel("comptrust_int4_fp32", torch.float32, _Layer.dense_int4, _int4),
     Kernel("torch_fp32", torch.float32, lambda layer: (layer.pruned,), F.linear),
     Kernel("torch_bf16", torch.bfloat16, lambda layer: (layer.pruned.to(torch.bfloat16),), F.linear),

@@ -95,6 +95,15 @@ def test_group_sizes_including_partial_last_group(isa, bits, act_bits, group_siz
 
 
 @pytest.mark.parametrize("bits", [4, 3])
+def test_batch_one_units_of_four_tile_pairs(isa, bits):
+    """Batch 1 with int8 activations on a layer of >= 64 tile pairs runs four pairs per task (AVX-512 VNNI),
+    the pairs left over one at a time: n = 1032 leaves a last pair of one tile (int4), n = 1056 two pairs."""
+    n = 1032 if bits == 4 else 1056
+    for act_bits in (8, None):
+        _check(bits, act_bits, 1, n, 256, 64, seed=n + bits)
+
+
+@pytest.mark.parametrize("bits", [4, 3])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_activations(isa, bits, dtype):
     for m in (3, 11, 70, 260):

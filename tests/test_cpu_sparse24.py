@@ -7,7 +7,7 @@ error (measured ~1e-7). bf16 / fp16 activations are converted to fp32 on entry a
 once: bound 8e-3 (2^-8 is bf16's step). A wrong index, nibble, value slot, zero, scale or group gives
 errors of order 1. Batches below 192 rows run the sparse kernel on blocks of 4 rows (1..3-row tails
 included); from 192 rows the weight is expanded to dense blocks for torch's GEMM (bf16 activations: bf16
-blocks); on a CPU with AMX-BF16, bf16 activations from 32 to 1023 rows run on the tile unit. All are covered.
+blocks); on a CPU with AMX-BF16, bf16 activations from 8 to 1023 rows run on the tile unit. All are covered.
 """
 import pytest
 import torch
@@ -120,16 +120,19 @@ def test_int4_bf16_activations(isa):
 
 @pytest.mark.skipif(not ops.cpu_amx_bf16(), reason="this CPU (or OS) has no AMX-BF16 tile unit")
 def test_amx_bf16_path_matches_reference(monkeypatch):
-    """bf16 activations from 16 rows on the tile unit (16-row blocks, a short last block, passes of 64 rows, a
-    last panel with one tile of two), every value kind; with AMX turned off the fp32 kernels give the same."""
-    for m in (16, 17, 33, 64, 70, 200):
+    """bf16 activations from 8 rows on the tile unit (16-row blocks, a short last block, passes of 64 rows, a
+    last panel with one tile of two), every value kind. int4 with groups of 16 kept values (32 inputs, panels
+    of q - zero), per channel (groups longer than a chunk of decoded codes) and of 8 (splitting a tile step:
+    the dequantized-panel fallback). With AMX turned off the fp32 kernels give the same."""
+    for m in (8, 16, 17, 33, 64, 70, 200):
         for n, k in ((24, 64), (40, 224), (576, 576)):
-            for kind in ("float32", "bfloat16", "float16", "int4"):
-                if kind == "int4":
-                    packed = uniform_sparse24_int4(n, k, 16, seed=m)
+            for kind in ("float32", "bfloat16", "float16", "int4", "int4-channel", "int4-g8"):
+                if kind.startswith("int4"):
+                    group = {"int4": 16, "int4-channel": k // 2, "int4-g8": 8}[kind]
+                    packed = uniform_sparse24_int4(n, k, group, seed=m)
                     q = packed.qvalues
                     tiled = tile_sparse24_int4(packed)
-                    ref = lambda x: reference.sparse24_int4_gemm(x, q.qweight, q.qzeros, q.scales, packed.meta, 16)
+                    ref = lambda x: reference.sparse24_int4_gemm(x, q.qweight, q.qzeros, q.scales, packed.meta, group)
                 else:
                     packed = uniform_sparse24(n, k, getattr(torch, kind), seed=m)
                     tiled = tile_sparse24(packed)

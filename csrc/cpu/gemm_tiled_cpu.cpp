@@ -23,15 +23,18 @@
 // int8 weights (w8, for accuracy rather than size) have no a8 path: u8 codes up to 255 times s8
 // activations would saturate vpmaddubsw's int16 pairs.
 // Work split: tiles (8 output columns) are the tasks of at::parallel_for, so each thread streams a
-// contiguous stretch of the weight.
+// contiguous stretch of the weight; at batch 1 on large layers the a8 kernels run four tile pairs at once
+// (eight weight streams per thread: more of the memory bandwidth).
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <numeric>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "amx_bf16.h"
@@ -398,61 +401,101 @@ COMPTRUST_AVX512 inline __m512i x8_lanes4(const int8_t* x8) {
   return _mm512_set1_epi32(v);
 }
 
-template <int BITS, int R>
+// P tile pairs from tile t: t, t + 1; t + 2, t + 3; ...
+template <int P, size_t... I>
+std::array<TilePair, P> tile_pairs(const Problem& p, int64_t t, std::index_sequence<I...>) {
+  return {TilePair(p, t + 2 * static_cast<int64_t>(I))...};
+}
+
+// P > 1 runs P neighbouring tile pairs through each group together: 2P weight streams in flight instead of 2.
+// A thread reading more streams at once gets more of the memory bandwidth (read-only test on this 2-core
+// Xeon, 8 MiB per call: 2 streams 28 GB/s, 4 streams 31.5, 8 streams 33-34).
+template <int BITS, int R, int P>
 COMPTRUST_AVX512_VNNI void a8_avx512(const Problem& p, int64_t t, int64_t i0) {
-  const TilePair tiles(p, t);
+  const std::array<TilePair, P> tiles = tile_pairs<P>(p, t, std::make_index_sequence<P>{});
   const int8_t* x8 = p.x8 + i0 * p.k;
   const __m512i nibbles = _mm512_set1_epi8(0x0F);
-  __m512 out[R];
-  COMPTRUST_UNROLL for (int r = 0; r < R; ++r) out[r] = _mm512_setzero_ps();
+  __m512 out[P][R];
+  COMPTRUST_UNROLL for (int q = 0; q < P; ++q)
+    COMPTRUST_UNROLL for (int r = 0; r < R; ++r) out[q][r] = _mm512_setzero_ps();
   for (int64_t g = 0; g < p.groups; ++g) {
     const int64_t kb = g * p.group_size, ke = p.group_end(g);
-    __m512 acc[R];
-    COMPTRUST_UNROLL for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+    __m512 acc[P][R];
+    COMPTRUST_UNROLL for (int q = 0; q < P; ++q)
+      COMPTRUST_UNROLL for (int r = 0; r < R; ++r) acc[q][r] = _mm512_setzero_ps();
     for (int64_t b = 0, bk = kb; bk < ke; ++b, bk += kActBlock) {
       const int64_t bend = std::min(ke, bk + kActBlock);
-      __m512i dot[R];
-      COMPTRUST_UNROLL for (int r = 0; r < R; ++r) dot[r] = _mm512_setzero_si512();
+      // Two accumulator chains per pair and row (int4: even and odd inputs; int3: the two planes): vpdpbusd
+      // waits ~5 cycles for its predecessor, and one chain would set the pace.
+      __m512i dot[P][R][2];
+      COMPTRUST_UNROLL for (int q = 0; q < P; ++q)
+        COMPTRUST_UNROLL for (int r = 0; r < R; ++r) dot[q][r][0] = dot[q][r][1] = _mm512_setzero_si512();
       if constexpr (BITS == 4) {
         for (int64_t row = bk / 8; row < bend / 8; ++row) {
-          tiles.prefetch(row * kTileCols, 1);
-          const __m512i words = tiles.words(row * kTileCols);
-          const __m512i even = _mm512_and_si512(words, nibbles);
-          const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(words, 4), nibbles);
-          COMPTRUST_UNROLL for (int r = 0; r < R; ++r)
-            dot[r] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(dot[r], even, x8_lanes4(x8 + r * p.k + row * 8)), odd, x8_lanes4(x8 + r * p.k + row * 8 + 4));
+          __m512i x_even[R], x_odd[R];
+          COMPTRUST_UNROLL for (int r = 0; r < R; ++r) {
+            x_even[r] = x8_lanes4(x8 + r * p.k + row * 8);
+            x_odd[r] = x8_lanes4(x8 + r * p.k + row * 8 + 4);
+          }
+          COMPTRUST_UNROLL for (int q = 0; q < P; ++q) {
+            tiles[q].prefetch(row * kTileCols, 1);
+            const __m512i words = tiles[q].words(row * kTileCols);
+            const __m512i even = _mm512_and_si512(words, nibbles);
+            const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(words, 4), nibbles);
+            COMPTRUST_UNROLL for (int r = 0; r < R; ++r) {
+              dot[q][r][0] = _mm512_dpbusd_epi32(dot[q][r][0], even, x_even[r]);
+              dot[q][r][1] = _mm512_dpbusd_epi32(dot[q][r][1], odd, x_odd[r]);
+            }
+          }
         }
       } else {
         const int64_t offset = (bk / kInt3BlockRows) * kInt3BlockPlanes * kTileCols;
-        tiles.prefetch(offset, 2);  // a block is 96 bytes
-        const __m512i high = tiles.words(offset + 2 * kTileCols);
-        COMPTRUST_UNROLL for (int plane = 0; plane < 2; ++plane) {
-          const __m512i low = tiles.words(offset + plane * kTileCols);
-          const __m512i high_nibbles = _mm512_and_si512(plane ? _mm512_srli_epi16(high, 4) : high, nibbles);
-          COMPTRUST_UNROLL for (int i = 0; i < 4; ++i) {
-            const __m512i bit_i_times_4 = _mm512_broadcast_i64x4(
-                _mm256_load_si256(reinterpret_cast<const __m256i*>(kHighBitTimes4.table[i])));
-            // (low >> 2i) & 3 | table bits: vpternlogd truth table of A & B | C is 0xEA (A, B, C = 0xF0, 0xCC, 0xAA).
-            const __m512i codes = _mm512_ternarylogic_epi32(i ? _mm512_srli_epi16(low, 2 * i) : low, _mm512_set1_epi8(3),
-                                                            _mm512_shuffle_epi8(bit_i_times_4, high_nibbles), 0xEA);
-            COMPTRUST_UNROLL for (int r = 0; r < R; ++r) dot[r] = _mm512_dpbusd_epi32(dot[r], codes, x8_lanes4(x8 + r * p.k + bk + plane * 16 + i * 4));
+        COMPTRUST_UNROLL for (int q = 0; q < P; ++q) {
+          const TilePair& pair = tiles[q];
+          pair.prefetch(offset, 2);  // a block is 96 bytes
+          const __m512i high = pair.words(offset + 2 * kTileCols);
+          COMPTRUST_UNROLL for (int plane = 0; plane < 2; ++plane) {
+            const __m512i low = pair.words(offset + plane * kTileCols);
+            const __m512i high_nibbles = _mm512_and_si512(plane ? _mm512_srli_epi16(high, 4) : high, nibbles);
+            COMPTRUST_UNROLL for (int i = 0; i < 4; ++i) {
+              const __m512i bit_i_times_4 = _mm512_broadcast_i64x4(
+                  _mm256_load_si256(reinterpret_cast<const __m256i*>(kHighBitTimes4.table[i])));
+              // (low >> 2i) & 3 | table bits: vpternlogd truth table of A & B | C is 0xEA (A, B, C = 0xF0, 0xCC, 0xAA).
+              const __m512i codes = _mm512_ternarylogic_epi32(i ? _mm512_srli_epi16(low, 2 * i) : low, _mm512_set1_epi8(3),
+                                                              _mm512_shuffle_epi8(bit_i_times_4, high_nibbles), 0xEA);
+              COMPTRUST_UNROLL for (int r = 0; r < R; ++r)
+                dot[q][r][plane] = _mm512_dpbusd_epi32(dot[q][r][plane], codes,
+                                                       x8_lanes4(x8 + r * p.k + bk + plane * 16 + i * 4));
+            }
           }
         }
       }
       COMPTRUST_UNROLL for (int r = 0; r < R; ++r) {
         const __m512 sx = _mm512_set1_ps(p.x_block_scale[((i0 + r) * p.groups + g) * p.blocks_per_group + b]);
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r]), sx, acc[r]);
+        COMPTRUST_UNROLL for (int q = 0; q < P; ++q)
+          acc[q][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(dot[q][r][0], dot[q][r][1])), sx, acc[q][r]);
       }
     }
-    tiles.add_group<R>(g, i0, acc, out);
+    COMPTRUST_UNROLL for (int q = 0; q < P; ++q) tiles[q].template add_group<R>(g, i0, acc[q], out[q]);
   }
-  tiles.store<R>(i0, out);
+  COMPTRUST_UNROLL for (int q = 0; q < P; ++q) tiles[q].template store<R>(i0, out[q]);
 }
 
 // Tiles 2u and 2u + 1.
 template <int BITS>
 COMPTRUST_AVX512_VNNI void a8_rows_avx512(const Problem& p, int64_t u) {
-  for_each_row_block(p.m, [&](auto rows, int64_t i0) { a8_avx512<BITS, decltype(rows)::value>(p, 2 * u, i0); });
+  for_each_row_block(p.m, [&](auto rows, int64_t i0) { a8_avx512<BITS, decltype(rows)::value, 1>(p, 2 * u, i0); });
+}
+
+// Batch 1 on layers of at least kStreamPairsMin tile pairs: kStreamPairs pairs at a time (smaller layers
+// would split unevenly between the threads).
+constexpr int kStreamPairs = 4;
+constexpr int64_t kStreamPairsMin = 64;
+
+// Tile pairs first_pair .. first_pair + kStreamPairs - 1 at batch 1.
+template <int BITS>
+COMPTRUST_AVX512_VNNI void a8_stream_pairs_avx512(const Problem& p, int64_t first_pair) {
+  a8_avx512<BITS, 1, kStreamPairs>(p, 2 * first_pair, 0);
 }
 
 // ------------------------------------------------------------------------ AVX2 panel (float x)
@@ -781,16 +824,16 @@ COMPTRUST_AMX inline __m512 panel_weights(__m256 codes0, __m256 codes1, __m512 z
   return _mm512_mul_ps(_mm512_sub_ps(join_halves(codes0, codes1), zero), scale);
 }
 
-// panel[kk / 2][16][2] (bf16 bits): tiles t, t+1 dequantized (a missing second tile: zero codes and scales,
-// so zero weights). Inputs kk, kk+1 become one 64-byte B row: vcvtne2ps2bf16 rounds both 16-column rows to
-// bf16 (nearest even) and vpermw interleaves them into column pairs.
+// panel[(kk - kb0) / 2][16][2] (bf16 bits) for inputs kb0..kb1: tiles t, t+1 dequantized (a missing second
+// tile: zero scales, so zero weights). Inputs kk, kk+1 become one 64-byte B row: vcvtne2ps2bf16 rounds both
+// 16-column rows to bf16 (nearest even) and vpermw interleaves them into column pairs.
 template <int BITS>
-COMPTRUST_AMX void dequantize_pairs(const Problem& p, int64_t t, int tiles, uint16_t* panel) {
+COMPTRUST_AMX void dequantize_pairs(const Problem& p, int64_t t, int tiles, int64_t kb0, int64_t kb1, uint16_t* panel) {
   const bool second = tiles > 1;
   const int32_t* w0 = p.tile_w(t);
   const int32_t* w1 = second ? p.tile_w(t + 1) : w0;  // read but multiplied by zero scales
-  for (int64_t g = 0; g < p.groups; ++g) {
-    const int64_t kb = g * p.group_size, ke = p.group_end(g);
+  for (int64_t g = kb0 / p.group_size; g * p.group_size < kb1; ++g) {
+    const int64_t kb = std::max(kb0, g * p.group_size), ke = std::min(kb1, p.group_end(g));
     const __m512 zero = join_halves(load_tile_zeros<BITS>(p.tile_zeros(t) + g * kTileCols),
                              second ? load_tile_zeros<BITS>(p.tile_zeros(t + 1) + g * kTileCols) : _mm256_setzero_ps());
     const __m512 scale = join_halves(load_scales(p.tile_scales(t) + g * kTileCols),
@@ -805,7 +848,7 @@ COMPTRUST_AMX void dequantize_pairs(const Problem& p, int64_t t, int tiles, uint
           const __m256i low0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b0 + plane * kTileCols));
           const __m256i low1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b1 + plane * kTileCols));
           for (int j = 0; j < 16; j += 2)
-            store_pair_row(panel + (block * kInt3BlockRows + plane * 16 + j) / 2 * kAmxCols * 2,
+            store_pair_row(panel + (block * kInt3BlockRows - kb0 + plane * 16 + j) / 2 * kAmxCols * 2,
                            panel_weights(int3_codes(low0, high0, plane, j), int3_codes(low1, high1, plane, j), zero, scale),
                            panel_weights(int3_codes(low0, high0, plane, j + 1), int3_codes(low1, high1, plane, j + 1),
                                          zero, scale));
@@ -817,7 +860,7 @@ COMPTRUST_AMX void dequantize_pairs(const Problem& p, int64_t t, int tiles, uint
         const __m256i words0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w0 + row * kTileCols));
         const __m256i words1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w1 + row * kTileCols));
         for (int b = 0; b < per_word; b += 2) {
-          uint16_t* out = panel + (row * per_word + b) / 2 * kAmxCols * 2;
+          uint16_t* out = panel + (row * per_word + b - kb0) / 2 * kAmxCols * 2;
           if constexpr (BITS == 4)
             store_pair_row(out, panel_weights(int4_codes(words0, b), int4_codes(words1, b), zero, scale),
                            panel_weights(int4_codes(words0, b + 1), int4_codes(words1, b + 1), zero, scale));
@@ -830,25 +873,10 @@ COMPTRUST_AMX void dequantize_pairs(const Problem& p, int64_t t, int tiles, uint
   }
 }
 
-// --- Panels of codes (amx_bf16.h gemm_amx_bf16_codes), for int4 and int3 with groups of whole tile steps.
+// --- Panels of codes (amx_bf16.h gemm_amx_bf16), for int4 and int3 with groups of whole tile steps.
 // Decoding is two to four instructions per 64-byte B row (16 columns x 2 inputs), against about 16 for
 // dequantize_pairs: vpmultishiftqb moves each code of the pair into the low bits of its 16-bit lane, then
-// vpermw looks it up in a table of the bf16 integers. vpermw indexes by the lane's low 5 bits, so the bits
-// above a code (its neighbours) need no mask: the table repeats every 2^BITS entries.
-COMPTRUST_AMX inline __m512i bf16_code_table(int mask) {
-  const __m512 codes = _mm512_cvtepi32_ps(_mm512_and_si512(
-      _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(mask)));
-  return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(codes, codes));  // entries 16..31 repeat 0..15
-}
-
-// vpmultishiftqb control: in each 32-bit column lane, 16-bit lane 0 gets the 8 bits from bit `first` of the
-// column's word, lane 1 those from bit `second` (offsets taken mod 32, rotating within the word's quadword).
-COMPTRUST_AMX inline __m512i pair_offsets(int first, int second) {
-  const auto byte = [](int bit) { return static_cast<uint64_t>(bit & 63); };
-  return _mm512_set1_epi64(static_cast<int64_t>(byte(first) | byte(second) << 16 | byte(32 + first) << 32 |
-                                                byte(32 + second) << 48));
-}
-
+// vpermw looks it up in a table of the bf16 integers (amx_bf16.h).
 // scale[g][16] and zero_scale[g][16] of tiles t, t+1 (a missing second tile: zeros).
 template <int BITS>
 COMPTRUST_AMX void group_params(const Problem& p, int64_t t, int tiles, float* scale, float* zero_scale) {
@@ -910,8 +938,8 @@ COMPTRUST_AMX void int3_code_pairs(const Problem& p, int64_t t, int tiles, int64
 // (int8, or groups that split a tile step) panels of dequantized weights.
 void run_amx(const Problem& p, const at::BFloat16* x, at::BFloat16* y) {
   if (p.bits != 8 && p.group_size % kAmxStep == 0) {
-    gemm_amx_bf16_codes(
-        x, y, p.m, p.n, p.k, p.group_size,
+    gemm_amx_bf16(
+        x, y, p.m, p.n, p.k, p.group_size, true,
         [&](int64_t t, int tiles, int64_t kb0, int64_t kb1, uint16_t* codes) {
           p.bits == 4 ? int4_code_pairs(p, t, tiles, kb0, kb1, codes) : int3_code_pairs(p, t, tiles, kb0, kb1, codes);
         },
@@ -920,10 +948,10 @@ void run_amx(const Problem& p, const at::BFloat16* x, at::BFloat16* y) {
         });
     return;
   }
-  gemm_amx_bf16(x, y, p.m, p.n, p.k, [&](int64_t t, int tiles, uint16_t* panel) {
-    if (p.bits == 4) dequantize_pairs<4>(p, t, tiles, panel);
-    else if (p.bits == 8) dequantize_pairs<8>(p, t, tiles, panel);
-    else dequantize_pairs<3>(p, t, tiles, panel);
+  gemm_amx_bf16_values(x, y, p.m, p.n, p.k, [&](int64_t t, int tiles, int64_t kb0, int64_t kb1, uint16_t* panel) {
+    if (p.bits == 4) dequantize_pairs<4>(p, t, tiles, kb0, kb1, panel);
+    else if (p.bits == 8) dequantize_pairs<8>(p, t, tiles, kb0, kb1, panel);
+    else dequantize_pairs<3>(p, t, tiles, kb0, kb1, panel);
   });
 }
 
@@ -932,6 +960,21 @@ void run_amx(const Problem& p, const at::BFloat16* x, at::BFloat16* y) {
 // Tiles per task such that a task has at least kMinTaskMacs multiply-adds: below that, waking a second
 // thread costs more than it saves (a 32x32 layer at batch 1 would otherwise pay for an OpenMP region).
 constexpr int64_t kMinTaskMacs = 1 << 15;
+
+#ifdef COMPTRUST_X86
+// The AVX-512 two-tile kernels' work split: at batch 1 on layers of at least kStreamPairsMin tile pairs,
+// units of kStreamPairs pairs (stream_pairs(first pair)), the rest (and every other case) single pairs
+// (pair(u)); the last pair, which may hold one tile, always alone. grain: tiles per task (kMinTaskMacs).
+template <class StreamPairs, class Pair>
+void for_each_pair_unit(const Problem& p, int64_t grain, StreamPairs&& stream_pairs, Pair&& pair) {
+  const int64_t pairs = (p.n / kTileCols + 1) / 2;
+  const int64_t groups = p.m == 1 && pairs >= kStreamPairsMin ? (pairs - 1) / kStreamPairs : 0;
+  const int64_t units = groups + pairs - groups * kStreamPairs;
+  at::parallel_for(0, units, groups ? 1 : (grain + 1) / 2, [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) u < groups ? stream_pairs(u * kStreamPairs) : pair(u + groups * (kStreamPairs - 1));
+  });
+}
+#endif
 
 void run(const Problem& p, bool a8, Isa isa) {
   const int64_t tiles = p.n / kTileCols;
@@ -943,9 +986,10 @@ void run(const Problem& p, bool a8, Isa isa) {
       return;
     }
     if (a8 && avx512_vnni_usable()) {
-      at::parallel_for(0, (tiles + 1) / 2, (grain + 1) / 2, [&](int64_t begin, int64_t end) {
-        for (int64_t u = begin; u < end; ++u) p.bits == 4 ? a8_rows_avx512<4>(p, u) : a8_rows_avx512<3>(p, u);
-      });
+      for_each_pair_unit(
+          p, grain,
+          [&](int64_t first) { p.bits == 4 ? a8_stream_pairs_avx512<4>(p, first) : a8_stream_pairs_avx512<3>(p, first); },
+          [&](int64_t u) { p.bits == 4 ? a8_rows_avx512<4>(p, u) : a8_rows_avx512<3>(p, u); });
       return;
     }
     if (isa == Isa::kAvx512 && p.bits != 8 && !a8) {

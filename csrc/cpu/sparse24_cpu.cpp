@@ -401,26 +401,28 @@ COMPTRUST_AVX512 void rows_avx512(const Sparse24Problem& p, int64_t t) {
 
 // ------------------------------------------------------------------------ AMX-BF16 (bf16 x)
 // bf16 activations from kAmxMinRows to kAmxMaxRows rows, where the CPU has AMX: two tiles expanded to dense
-// rows (zeros where pruned) straight into the tile unit's bf16 pairs (amx_bf16.h). The pruned zeros are
-// multiplied, which the tile unit does faster than this file's kernels skip them. Speed against bf16
-// F.linear on cold weights, bf16 values, side by side (tile path / sparse kernel): 576x1536 at 16 rows
-// 1.46 / 0.67, at 64 rows 1.24 / 0.30; 1536x576 at 16 rows 1.55 / 0.84; 4096x4096 at 16 rows 1.03 / 0.37,
-// at 32 1.23 / 0.37, at 64 1.16 / 0.25 (with sparse_pairs_bf16). At 8 rows the sparse kernel was ahead of
-// the earlier fp32-buffer fill (1.03-1.57 against 0.84-1.31), so the tile path starts at 16.
-constexpr int64_t kAmxMinRows = 16;
+// rows (zeros where pruned) straight into the tile unit's bf16 pairs (amx_bf16.h), chunk by chunk. The pruned
+// zeros are multiplied, which the tile unit does faster than this file's kernels skip them. int4 values
+// whose groups are whole tile steps go as integers q - zero, scaled per group after the product. Speed
+// against bf16 F.linear on cold weights, side by side, tile path / sparse kernel, bf16 values (int4 values):
+// at 8 rows 576x1536 1.56 / 1.20 (1.69 / 1.32), 1536x576 1.77 / 1.58 (2.06 / 1.63), 4096x4096 1.35 / 1.01
+// (1.46 / 1.11); at 16-64 rows the tile path 1.15-1.57 on the SmolLM2 shapes and 0.96-1.31 on 4096x4096
+// (int4 values 0.93-1.91), the sparse kernel 0.25-0.91.
+constexpr int64_t kAmxMinRows = 8;
 constexpr int64_t kAmxMaxRows = 1024;
 
-// panel[kk / 2][16][2] (bf16 bits): tiles t, t+1 as dense rows (a missing second tile zero). Each 2:4 group
-// gives four rows, so two B rows: its inputs 0, 1 and 2, 3. Both tiles' kept values share one zmm (lanes
-// 0..7 tile t, 8..15 tile t + 1), and each dense row is the kept values whose 2-bit index names it, picked
-// with two compare masks: 4 instructions per row of 16 columns (the AVX2 group_rows takes 5 per 8 and a join).
+// panel[(kk - kb0) / 2][16][2] (bf16 bits) for inputs kb0..kb1: tiles t, t+1 as dense rows (a missing second
+// tile zero). Each 2:4 group gives four rows, so two B rows: its inputs 0, 1 and 2, 3. Both tiles' kept values
+// share one zmm (lanes 0..7 tile t, 8..15 tile t + 1), and each dense row is the kept values whose 2-bit index
+// names it, picked with two compare masks: 4 instructions per row of 16 columns (the AVX2 group_rows takes 5
+// per 8 and a join).
 template <class V>
-COMPTRUST_AMX void sparse_pairs(const Sparse24Problem& p, int64_t t, int tiles, uint16_t* panel) {
+COMPTRUST_AMX void sparse_pairs(const Sparse24Problem& p, int64_t t, int tiles, int64_t kb0, int64_t kb1, uint16_t* panel) {
   const uint32_t* meta0 = p.tile_meta(t);
   const uint32_t* meta1 = p.tile_meta(tiles > 1 ? t + 1 : t);
   const __m512i shift0 = _mm512_broadcast_i64x4(idx0_shifts()), shift1 = _mm512_broadcast_i64x4(idx1_shifts());
   const __m512i three = _mm512_set1_epi32(3);
-  for (int64_t g = 0; g < p.sparse_groups(); ++g) {
+  for (int64_t g = kb0 / kSparse24Group; g < kb1 / kSparse24Group; ++g) {
     __m256 a0, a1, b0, b1;
     group_values<V>(p, t, g, a0, a1);
     if (tiles > 1) group_values<V>(p, t + 1, g, b0, b1);
@@ -436,60 +438,168 @@ COMPTRUST_AMX void sparse_pairs(const Sparse24Problem& p, int64_t t, int tiles, 
       rows[i] = _mm512_mask_mov_ps(_mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(idx0, row), v0),
                                    _mm512_cmpeq_epi32_mask(idx1, row), v1);
     }
-    uint16_t* out = panel + kSparse24Group * g / 2 * kAmxCols * 2;
+    uint16_t* out = panel + (kSparse24Group * g - kb0) / 2 * kAmxCols * 2;
     store_pair_row(out, rows[0], rows[1]);
     store_pair_row(out + kAmxCols * 2, rows[2], rows[3]);
   }
 }
 
-// bf16 kept values go to the panel without the round trip through fp32: the pair rows are built in 16-bit
-// lanes (lane 2c + j: column c, row j of the pair), so one masked move per kept-value slot fills both rows
-// of a pair at once. Same bits as sparse_pairs (a bf16 value converted to fp32 and rounded back is itself).
-COMPTRUST_AMX void sparse_pairs_bf16(const Sparse24Problem& p, int64_t t, int tiles, uint16_t* panel) {
-  // Per 16-bit lane L of a pair row: column c = L / 2 (tile t for c < 8), row j = L % 2.
-  alignas(64) uint16_t slot0[32], slot1[32], meta_half[32], shift[32], row[32];
-  for (int lane = 0; lane < 32; ++lane) {
-    const int c = lane / 2, tile = c / kTileCols, col = c % kTileCols;
-    slot0[lane] = static_cast<uint16_t>(tile * 16 + col);      // v0 of column c in the loaded 32 values
-    slot1[lane] = static_cast<uint16_t>(tile * 16 + 8 + col);  // v1
-    meta_half[lane] = static_cast<uint16_t>(tile * 2 + col / 4);  // which 16 bits of which tile's meta word
-    shift[lane] = static_cast<uint16_t>(4 * (col % 4));
-    row[lane] = static_cast<uint16_t>(lane % 2);
+// The 16-bit lanes of a B pair row (lane L: column c = L / 2, tile t for c < 8, row j = L % 2 of the pair)
+// and, per 2:4 group, which lanes each kept-value slot fills.
+struct PairLanes {
+  __m512i pick0, pick1;  // per lane: kept value 0 / 1 of column c among a group's two tiles' 32 values
+  __m512i pick_meta;     // per lane: which 16 bits of four groups' meta words (see indices) hold column c's nibble
+  __m512i shift0, shift1, three, rows01, rows23;
+
+  COMPTRUST_AMX PairLanes() {
+    alignas(64) uint16_t slot0[32], slot1[32], meta_half[32], shift[32], row[32];
+    for (int lane = 0; lane < 32; ++lane) {
+      const int c = lane / 2, tile = c / kTileCols, col = c % kTileCols;
+      slot0[lane] = static_cast<uint16_t>(tile * 16 + col);
+      slot1[lane] = static_cast<uint16_t>(tile * 16 + 8 + col);
+      meta_half[lane] = static_cast<uint16_t>(tile * 8 + col / 4);  // 16-bit half of group 0's word
+      shift[lane] = static_cast<uint16_t>(4 * (col % 4));
+      row[lane] = static_cast<uint16_t>(lane % 2);
+    }
+    pick0 = _mm512_load_si512(slot0);
+    pick1 = _mm512_load_si512(slot1);
+    pick_meta = _mm512_load_si512(meta_half);
+    shift0 = _mm512_load_si512(shift);
+    shift1 = _mm512_add_epi16(shift0, _mm512_set1_epi16(2));
+    three = _mm512_set1_epi16(3);
+    rows01 = _mm512_load_si512(row);
+    rows23 = _mm512_add_epi16(rows01, _mm512_set1_epi16(2));
   }
-  const __m512i pick0 = _mm512_load_si512(slot0), pick1 = _mm512_load_si512(slot1);
-  const __m512i pick_meta = _mm512_load_si512(meta_half), shift0 = _mm512_load_si512(shift);
-  const __m512i shift1 = _mm512_add_epi16(shift0, _mm512_set1_epi16(2)), three = _mm512_set1_epi16(3);
-  const __m512i rows01 = _mm512_load_si512(row), rows23 = _mm512_add_epi16(rows01, _mm512_set1_epi16(2));
+
+  // Per lane, the rows (0..3 within 2:4 group gg of 4) that kept-value slots 0 and 1 of its column name. meta
+  // holds the two tiles' meta words of 4 consecutive groups: tile t's in 32-bit lanes 0..3, t + 1's in 4..7.
+  COMPTRUST_AMX void indices(__m512i meta, int gg, __m512i& idx0, __m512i& idx1) const {
+    const __m512i lane_meta = _mm512_permutexvar_epi16(_mm512_add_epi16(pick_meta, _mm512_set1_epi16(2 * gg)), meta);
+    idx0 = _mm512_and_si512(_mm512_srlv_epi16(lane_meta, shift0), three);
+    idx1 = _mm512_and_si512(_mm512_srlv_epi16(lane_meta, shift1), three);
+  }
+
+  // The pair row (pair 0: group rows 0, 1; pair 1: rows 2, 3): lanes whose slot-0 index names their row take
+  // v0, slot 1's v1, the others `none`.
+  COMPTRUST_AMX __m512i pair_row(__m512i idx0, __m512i idx1, int pair, __m512i v0, __m512i v1, __m512i none) const {
+    const __m512i rows = pair ? rows23 : rows01;
+    return _mm512_mask_mov_epi16(_mm512_mask_mov_epi16(none, _mm512_cmpeq_epi16_mask(idx0, rows), v0),
+                                 _mm512_cmpeq_epi16_mask(idx1, rows), v1);
+  }
+};
+
+// The meta words of groups g..g+3 of tiles t (32-bit lanes 0..3) and t1 (lanes 4..7), for PairLanes::indices.
+COMPTRUST_AMX inline __m512i four_groups_meta(const uint32_t* meta0, const uint32_t* meta1, int64_t g) {
+  return _mm512_castsi256_si512(_mm256_inserti128_si256(
+      _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(meta0 + g))),
+      _mm_loadu_si128(reinterpret_cast<const __m128i*>(meta1 + g)), 1));
+}
+
+// bf16 kept values go to the panel without the round trip through fp32: one masked move per kept-value slot
+// fills both rows of a pair at once. Same bits as sparse_pairs (a bf16 value converted to fp32 and rounded
+// back is itself).
+COMPTRUST_AMX void sparse_pairs_bf16(const Sparse24Problem& p, int64_t t, int tiles, int64_t kb0, int64_t kb1,
+                                     uint16_t* panel) {
+  const PairLanes lanes;
   const auto* values0 = reinterpret_cast<const uint16_t*>(p.tile_values<at::BFloat16>(t));
   const auto* values1 = tiles > 1 ? reinterpret_cast<const uint16_t*>(p.tile_values<at::BFloat16>(t + 1)) : nullptr;
   const uint32_t* meta0 = p.tile_meta(t);
-  const uint32_t* meta1 = tiles > 1 ? p.tile_meta(t + 1) : nullptr;
-  for (int64_t g = 0; g < p.sparse_groups(); ++g) {
-    const int64_t at = g * kSparse24Kept * kTileCols;  // a group's v0[8], v1[8]: 32 bytes per tile
-    const __m256i group0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(values0 + at));
-    const __m256i group1 = values1 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(values1 + at)) : _mm256_setzero_si256();
-    const __m512i values = _mm512_inserti64x4(_mm512_castsi256_si512(group0), group1, 1);
-    const __m512i v0 = _mm512_permutexvar_epi16(pick0, values), v1 = _mm512_permutexvar_epi16(pick1, values);
-    const __m512i words = _mm512_castsi128_si512(_mm_set_epi32(0, 0, static_cast<int>(meta1 ? meta1[g] : 0),
-                                                               static_cast<int>(meta0[g])));
-    const __m512i meta = _mm512_permutexvar_epi16(pick_meta, words);
-    const __m512i idx0 = _mm512_and_si512(_mm512_srlv_epi16(meta, shift0), three);
-    const __m512i idx1 = _mm512_and_si512(_mm512_srlv_epi16(meta, shift1), three);
-    uint16_t* out = panel + kSparse24Group * g / 2 * kAmxCols * 2;
-    COMPTRUST_UNROLL for (int pair = 0; pair < 2; ++pair) {
-      const __m512i rows = pair ? rows23 : rows01;
-      const __m512i pair_row = _mm512_mask_mov_epi16(_mm512_maskz_mov_epi16(_mm512_cmpeq_epi16_mask(idx0, rows), v0),
-                                                     _mm512_cmpeq_epi16_mask(idx1, rows), v1);
-      _mm512_storeu_si512(out + pair * kAmxCols * 2, pair_row);
+  const uint32_t* meta1 = tiles > 1 ? p.tile_meta(t + 1) : meta0;  // a missing tile's values are zero
+  for (int64_t g0 = kb0 / kSparse24Group; g0 < kb1 / kSparse24Group; g0 += 4) {  // kb0, kb1: multiples of 32
+    const __m512i meta = four_groups_meta(meta0, meta1, g0);
+    COMPTRUST_UNROLL for (int gg = 0; gg < 4; ++gg) {
+      const int64_t g = g0 + gg, at = g * kSparse24Kept * kTileCols;  // a group's v0[8], v1[8]: 32 bytes per tile
+      const __m256i group0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(values0 + at));
+      const __m256i group1 =
+          values1 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(values1 + at)) : _mm256_setzero_si256();
+      const __m512i values = _mm512_inserti64x4(_mm512_castsi256_si512(group0), group1, 1);
+      const __m512i v0 = _mm512_permutexvar_epi16(lanes.pick0, values), v1 = _mm512_permutexvar_epi16(lanes.pick1, values);
+      __m512i idx0, idx1;
+      lanes.indices(meta, gg, idx0, idx1);
+      uint16_t* out = panel + (kSparse24Group * g - kb0) / 2 * kAmxCols * 2;
+      COMPTRUST_UNROLL for (int pair = 0; pair < 2; ++pair)
+        _mm512_storeu_si512(out + pair * kAmxCols * 2, lanes.pair_row(idx0, idx1, pair, v0, v1, _mm512_setzero_si512()));
     }
+  }
+}
+
+// int4 kept values whose quantization groups are whole tile steps (2 * group_size % 32 == 0) go to the tile
+// unit as panels of integers q - zero (exact in bf16; pruned weights 0), each group's sums then scaled once
+// (gemm_amx_bf16, with zero * scale 0 since the zero is already subtracted). vpmultishiftqb puts
+// each code in the low bits of its lanes, and vpermw maps q - zero + 16 (1..31) to the bf16 integer.
+// Writes the B rows of inputs kb0..kb1 (multiples of 32).
+COMPTRUST_AMX void sparse_int4_code_pairs(const Sparse24Problem& p, int64_t t, int tiles, int64_t kb0, int64_t kb1,
+                                          uint16_t* codes) {
+  const PairLanes lanes;
+  const int64_t t1 = tiles > 1 ? t + 1 : t;  // a missing second tile repeats the first; its scales are zero
+  const int32_t* words0 = p.tile_words(t);
+  const int32_t* words1 = p.tile_words(t1);
+  const uint32_t* meta0 = p.tile_meta(t);
+  const uint32_t* meta1 = p.tile_meta(t1);
+  const __m512i column_of_lane = _mm512_srli_epi16(
+      _mm512_set_epi16(31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16, 15, 14, 13, 12, 11, 10, 9,
+                       8, 7, 6, 5, 4, 3, 2, 1, 0), 1);
+  const __m512i nibble = _mm512_set1_epi16(0xF), none = _mm512_set1_epi16(16), table = bf16_difference_table();
+  const int64_t group_inputs = 2 * p.group_size;
+  for (int64_t group = kb0 / group_inputs; group * group_inputs < kb1; ++group) {
+    const __m128i zero_bytes = _mm_unpacklo_epi64(
+        _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p.tile_zeros(t) + group * kTileCols)),
+        _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p.tile_zeros(t1) + group * kTileCols)));
+    const __m512i zero =
+        _mm512_permutexvar_epi16(column_of_lane, _mm512_castsi256_si512(_mm256_cvtepu8_epi16(zero_bytes)));
+    const __m512i bias = _mm512_sub_epi16(_mm512_set1_epi16(16), zero);
+    const int64_t begin = std::max(kb0, group * group_inputs), end = std::min(kb1, (group + 1) * group_inputs);
+    for (int64_t w = begin / 16; w < end / 16; ++w) {  // one word per column: 8 kept values, 4 groups, 16 inputs
+      prefetch_ahead(words0 + w * kTileCols);
+      prefetch_ahead(words1 + w * kTileCols);
+      const __m512i words = two_tiles(words0 + w * kTileCols, words1 + w * kTileCols);
+      const __m512i meta = four_groups_meta(meta0, meta1, w * kSparseInt4WordGroups);
+      COMPTRUST_UNROLL for (int gg = 0; gg < kSparseInt4WordGroups; ++gg) {
+        const int64_t g = w * kSparseInt4WordGroups + gg;
+        const __m512i v0 = _mm512_add_epi16(
+            _mm512_and_si512(_mm512_multishift_epi64_epi8(pair_offsets(8 * gg, 8 * gg), words), nibble), bias);
+        const __m512i v1 = _mm512_add_epi16(
+            _mm512_and_si512(_mm512_multishift_epi64_epi8(pair_offsets(8 * gg + 4, 8 * gg + 4), words), nibble), bias);
+        __m512i idx0, idx1;
+        lanes.indices(meta, gg, idx0, idx1);
+        uint16_t* out = codes + (kSparse24Group * g - kb0) / 2 * kAmxCols * 2;
+        COMPTRUST_UNROLL for (int pair = 0; pair < 2; ++pair)
+          _mm512_storeu_si512(out + pair * kAmxCols * 2,
+                              _mm512_permutexvar_epi16(lanes.pair_row(idx0, idx1, pair, v0, v1, none), table));
+      }
+    }
+  }
+}
+
+// scale[g][16] of tiles t, t+1 (a missing second tile: zeros); zero_scale 0 (sparse_int4_code_pairs subtracts the zero).
+COMPTRUST_AMX void sparse_int4_group_params(const Sparse24Problem& p, int64_t t, int tiles, float* scale,
+                                            float* zero_scale) {
+  for (int64_t g = 0; g < p.groups; ++g) {
+    _mm512_store_ps(scale + g * kAmxCols,
+                    join_halves(load_scales(p.tile_scales(t) + g * kTileCols),
+                                tiles > 1 ? load_scales(p.tile_scales(t + 1) + g * kTileCols) : _mm256_setzero_ps()));
+    _mm512_store_ps(zero_scale + g * kAmxCols, _mm512_setzero_ps());
   }
 }
 
 template <class V>
 void run_amx(const Sparse24Problem& p, const at::BFloat16* x, at::BFloat16* y) {
-  gemm_amx_bf16(x, y, p.m, p.n, p.k, [&](int64_t t, int tiles, uint16_t* panel) {
-    if constexpr (std::is_same_v<V, at::BFloat16>) sparse_pairs_bf16(p, t, tiles, panel);
-    else sparse_pairs<V>(p, t, tiles, panel);
+  if constexpr (std::is_same_v<V, Int4Values>) {
+    if (2 * p.group_size % kAmxStep == 0) {
+      gemm_amx_bf16(
+          x, y, p.m, p.n, p.k, 2 * p.group_size, false,
+          [&](int64_t t, int tiles, int64_t kb0, int64_t kb1, uint16_t* codes) {
+            sparse_int4_code_pairs(p, t, tiles, kb0, kb1, codes);
+          },
+          [&](int64_t t, int tiles, float* scale, float* zero_scale) {
+            sparse_int4_group_params(p, t, tiles, scale, zero_scale);
+          });
+      return;
+    }
+  }
+  gemm_amx_bf16_values(x, y, p.m, p.n, p.k, [&](int64_t t, int tiles, int64_t kb0, int64_t kb1, uint16_t* panel) {
+    if constexpr (std::is_same_v<V, at::BFloat16>) sparse_pairs_bf16(p, t, tiles, kb0, kb1, panel);
+    else sparse_pairs<V>(p, t, tiles, kb0, kb1, panel);
   });
 }
 
