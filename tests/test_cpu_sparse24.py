@@ -112,6 +112,13 @@ def test_int4_group_sizes_including_partial_last_group(isa, group_size, m):
     _check_int4(m, 24, k, k // 2 if group_size == "row" else group_size)
 
 
+@pytest.mark.parametrize("value_dtype", VALUE_DTYPES)
+def test_batch_one_units_of_four_tiles(isa, value_dtype):
+    """Batch 1, float values, >= 128 tiles: four tiles per task (AVX-512), the 3 left over one at a time."""
+    _check_float(1, 1048, 64, value_dtype, seed=7)
+    _check_float(1, 1048, 64, value_dtype, torch.bfloat16, seed=8)
+
+
 def test_int4_bf16_activations(isa):
     _check_int4(5, 40, 96, 16, torch.bfloat16)
     _check_int4(11, 40, 96, 16, torch.bfloat16)
