@@ -5,7 +5,8 @@
 
 Ours: the tiled 2:4 kernels as Sparse24Linear / Sparse24Int4Linear run them (tiled once), with fp32 kept
 values and fp32 activations, bf16 values and bf16 activations, and int4 kept values (group of 64 kept
-values, i.e. 128 inputs, the span of a dense g128 group) with fp32 and with bf16 activations. Anchors on the same shapes:
+values, i.e. 128 inputs, the span of a dense g128 group) with fp32 and with bf16 activations, and with
+fp32 activations quantized to int8 in the kernel (act_bits=8, the VNNI dot-product kernel). Anchors on the same shapes:
 F.linear fp32 and bf16 on the dense (pruned) weight, and our dense int4 g128 kernel. (From 192 rows the 2:4
 layers expand their weight block by block for torch's GEMM, and bf16 activations from 8 rows run on the AMX
 tile unit where the CPU has it; so at batch 8 to 64 the bf16 rows time the tile-unit path.) Row fields as in
@@ -62,6 +63,10 @@ def _sparse24_int4(x, weight, meta, zeros, scales):
     return torch.ops.comptrust.sparse24_int4_gemm_tiled(x, weight, meta, zeros, scales, SPARSE_INT4_GROUP)
 
 
+def _sparse24_int4_a8(x, weight, meta, zeros, scales):
+    return torch.ops.comptrust.sparse24_int4_gemm_tiled(x, weight, meta, zeros, scales, SPARSE_INT4_GROUP, 8)
+
+
 def _int4(x, weight, zeros, scales):
     return torch.ops.comptrust.gemm_tiled(x, weight, zeros, scales, 4, INT4_GROUP, 0)
 
@@ -71,6 +76,7 @@ KERNELS = [
     Kernel("comptrust_24_bf16", torch.bfloat16, lambda layer: layer.sparse(torch.bfloat16), _sparse24),
     Kernel("comptrust_24_int4_fp32", torch.float32, _Layer.sparse_int4, _sparse24_int4),
     Kernel("comptrust_24_int4_bf16", torch.bfloat16, _Layer.sparse_int4, _sparse24_int4),
+    Kernel("comptrust_24_int4_a8", torch.float32, _Layer.sparse_int4, _sparse24_int4_a8),
     Kernel("comptrust_int4_fp32", torch.float32, _Layer.dense_int4, _int4),
     Kernel("torch_fp32", torch.float32, lambda layer: (layer.pruned,), F.linear),
     Kernel("torch_bf16", torch.bfloat16, lambda layer: (layer.pruned.to(torch.bfloat16),), F.linear),

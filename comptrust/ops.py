@@ -95,14 +95,21 @@ def gemm_tiled(x: torch.Tensor, tiled: TiledWeight, act_bits: int | None = None)
                                           tiled.group_size, act_bits or 0)
 
 
-def sparse24_tiled(x: torch.Tensor, tiled: TiledSparse24) -> torch.Tensor:
-    """y[m, n] = x[m, k] @ W^T on the CPU 2:4 kernels, W in their tiled layout (TiledSparse24)."""
+def sparse24_tiled(x: torch.Tensor, tiled: TiledSparse24, act_bits: int | None = None) -> torch.Tensor:
+    """y[m, n] = x[m, k] @ W^T on the CPU 2:4 kernels, W in their tiled layout (TiledSparse24). With int4
+    kept values, act_bits=8 quantizes x to int8 first, per row and block of 32 inputs within each group of
+    2 * group_size inputs (reference.sparse24_int4_gemm_a8): integer dot products."""
     if not _compiled():
         raise RuntimeError(f"sparse24_tiled needs the compiled CPU ops: {_BACKEND_ERRORS['cpu']}")
+    if act_bits not in (None, 8):
+        raise ValueError(f"sparse24_tiled: act_bits={act_bits} must be None (float activations) or 8")
     if tiled.int4 is None:
+        if act_bits:
+            raise ValueError("sparse24_tiled: act_bits=8 needs int4 kept values (tile_sparse24_int4)")
         return torch.ops.comptrust.sparse24_gemm_tiled(x, tiled.values, tiled.meta)
     q = tiled.int4
-    return torch.ops.comptrust.sparse24_int4_gemm_tiled(x, q.weight, tiled.meta, q.zeros, q.scales, q.group_size)
+    return torch.ops.comptrust.sparse24_int4_gemm_tiled(x, q.weight, tiled.meta, q.zeros, q.scales, q.group_size,
+                                                        act_bits or 0)
 
 
 def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
@@ -334,7 +341,7 @@ if _C is not None:
         return x.new_empty((x.shape[0], meta.shape[0] * 8))
 
     @torch.library.register_fake("comptrust::sparse24_int4_gemm_tiled")
-    def _sparse24_int4_gemm_tiled_fake(x, weight, meta, zeros, scales, group_size):
+    def _sparse24_int4_gemm_tiled_fake(x, weight, meta, zeros, scales, group_size, act_bits=0):
         return x.new_empty((x.shape[0], meta.shape[0] * 8))
 
     # The GPTQ-layout ops on CPU: tile, then run the tiled kernels (one CPU implementation of each product).

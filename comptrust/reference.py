@@ -73,6 +73,14 @@ def quantize_activations_int8(x: torch.Tensor, group_size: int) -> tuple[torch.T
     return x8, (amax / 127.0)[:, block], block
 
 
+def sparse24_int4_gemm_a8(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                          meta: torch.Tensor, group_size: int) -> torch.Tensor:
+    """sparse24_int4_gemm with x first quantized to int8, its blocks restarting at each group of
+    2 * group_size inputs (group_size counts kept values)."""
+    x8, scale, _ = quantize_activations_int8(x.cpu(), 2 * group_size)
+    return sparse24_int4_gemm((x8 * scale).to(x.device), qweight, qzeros, scales, meta, group_size).to(x.dtype)
+
+
 def int4_gemm_a8(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                  group_size: int) -> torch.Tensor:
     """int4_gemm with x first quantized to int8 (w4a8): the product of the dequantized activations."""

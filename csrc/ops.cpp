@@ -31,8 +31,10 @@ TORCH_LIBRARY(comptrust, m) {
   // The CPU kernels' 2:4 layout (csrc/include/comptrust/sparse24_tiles.h, built by
   // comptrust.formats.cpu_tiles.tile_sparse24*): float values, or int4 values tiled like gemm_tiled's.
   m.def("sparse24_gemm_tiled(Tensor x, Tensor values, Tensor meta) -> Tensor");
+  // act_bits 8: x quantized to int8 per row and per block of 32 inputs within each group of 2 * group_size
+  // inputs (comptrust.reference.quantize_activations_int8), for the int8 dot-product kernel.
   m.def("sparse24_int4_gemm_tiled(Tensor x, Tensor weight, Tensor meta, Tensor zeros, Tensor scales, "
-        "int group_size) -> Tensor");
+        "int group_size, int act_bits=0) -> Tensor");
   // GPTQ / SparseGPT: the error-feedback pass over one block of columns (comptrust/compress/hessian.py).
   // w [n, B] is overwritten with the quantized / pruned values. Column i: prune it where mask says so
   // (with prune_n > 0, the prune_n of each prune_m columns with the smallest w^2 / hinv[j, j]^2 are marked

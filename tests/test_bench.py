@@ -122,6 +122,7 @@ def test_sparse_bench_rows_and_bytes():
     assert row[("comptrust_24_bf16", 1)]["bytes_read"] == n * k // 2 * 2 + n * k // 8 + k * 2
     assert row[("comptrust_24_int4_fp32", 1)]["bytes_read"] == n * k // 4 + n * k // 8 + n * k // 128 * 3 + k * 4
     assert row[("comptrust_24_int4_bf16", 1)]["bytes_read"] == n * k // 4 + n * k // 8 + n * k // 128 * 3 + k * 2
+    assert row[("comptrust_24_int4_a8", 1)]["bytes_read"] == n * k // 4 + n * k // 8 + n * k // 128 * 3 + k * 4
 
 
 def test_cli_bench_sparse_writes_json(tmp_path, tiny_defaults, capsys):

@@ -105,6 +105,35 @@ def test_int4_values_match_reference_odd_and_model_shapes(isa, m):
         _check_int4(m, n, k, 8 if k < 96 else 64, seed=n + k)
 
 
+@pytest.mark.parametrize("m", [1, 2, 5, 70])
+def test_int4_values_with_int8_activations_match_reference(isa, m):
+    """act_bits=8: x quantized per row and block of 32 inputs within each group of 2 * group_size inputs
+    (the VNNI kernel on an AVX-512 VNNI CPU, else the float kernels on the dequantized x; both against
+    reference.sparse24_int4_gemm_a8). Odd tile counts leave a last pair of one tile; groups of 8 and 24 kept
+    values end blocks of 32 inputs early; 88 kept values leave a partial last group."""
+    for n, k, group_size in ((24, 48, 8), (40, 96, 24), (200, 176, 16), (8, 176, 64), (576, 1536, 64)):
+        packed = uniform_sparse24_int4(n, k, group_size, seed=m + n)
+        q = packed.qvalues
+        for x_dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(m, k, generator=torch.Generator().manual_seed(m + k)).to(x_dtype)
+            y = ops.sparse24_tiled(x, tile_sparse24_int4(packed), 8)
+            ref = reference.sparse24_int4_gemm_a8(x, q.qweight, q.qzeros, q.scales, packed.meta, group_size)
+            tol = 1e-5 if x_dtype == torch.float32 else 8e-3
+            assert y.dtype == x_dtype and rel_err(y, ref) < tol, (m, n, k, group_size, x_dtype)
+
+
+def test_int8_activations_need_int4_values_and_act_bits_8():
+    packed = uniform_sparse24_int4(16, 32, 8)
+    tiled = tile_sparse24_int4(packed)
+    q = tiled.int4
+    with pytest.raises(RuntimeError, match="act_bits=4 must be 0"):
+        torch.ops.comptrust.sparse24_int4_gemm_tiled(torch.randn(1, 32), q.weight, tiled.meta, q.zeros, q.scales, 8, 4)
+    with pytest.raises(ValueError, match="needs int4 kept values"):
+        ops.sparse24_tiled(torch.randn(1, 32), tile_sparse24(uniform_sparse24(16, 32)), 8)
+    with pytest.raises(ValueError, match="act_bits=16"):
+        ops.sparse24_tiled(torch.randn(1, 32), tiled, 16)
+
+
 @pytest.mark.parametrize("group_size", [8, 16, 24, 40, 64, "row"])
 @pytest.mark.parametrize("m", [1, 4, 8, 200])
 def test_int4_group_sizes_including_partial_last_group(isa, group_size, m):

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from comptrust import reference
 from comptrust.compress import MagnitudeConfig, compress_, config_from_tag
 from comptrust.efficiency import weight_bytes
 from comptrust.formats.sparse24 import dequantize_sparse24_int4, prune_magnitude_24, unpack_sparse24
@@ -47,6 +48,22 @@ def test_sparse24_int4_linear_matches_its_dequantized_weight(group_size):
     x = torch.randn(4, 96)
     assert rel_err(layer(x), F.linear(x, dense, linear.bias)) < 1e-5
     assert rel_err(dense, linear.weight.detach()) < 0.1  # int4 of the kept values: close to the pruned weight
+
+
+def test_sparse24_int4_linear_on_int8_activations():
+    """act_bits=8 quantizes x per row and block of 32 inputs (reference.sparse24_int4_gemm_a8); the tiled CPU
+    kernel and the packed path agree, and the result stays close to the float-activation layer."""
+    linear = _pruned_linear()
+    layer = Sparse24Int4Linear.from_linear(linear, 16, act_bits=8)
+    float_layer = Sparse24Int4Linear.from_linear(linear, 16)
+    x = torch.randn(3, 96)
+    packed = layer.packed()
+    q = packed.qvalues
+    ref = reference.sparse24_int4_gemm_a8(x, q.qweight, q.qzeros, q.scales, packed.meta, 16) + linear.bias
+    assert rel_err(layer(x), ref) < 1e-5 and "a8" in repr(layer)
+    assert rel_err(layer(x), float_layer(x)) < 0.05  # int8 rounding of x, not a different product
+    with pytest.raises(ValueError, match="act_bits=4"):
+        Sparse24Int4Linear.from_linear(linear, 16, act_bits=4)
 
 
 def test_non_2_4_weight_is_rejected_with_its_first_bad_group():

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from comptrust import ops
+from comptrust import ops, reference
 from comptrust.formats.cpu_tiles import TiledSparse24, tile_sparse24, tile_sparse24_int4, untile_sparse24
 from comptrust.formats.int4 import INT4_PER_WORD, Int4Packed, num_groups
 from comptrust.formats.sparse24 import (
@@ -99,10 +99,12 @@ class Sparse24Int4Linear(TiledLinear):
     CHECKPOINT_BUFFERS = ("qweight", "qzeros", "scales", "meta")
 
     def __init__(self, in_features: int, out_features: int, group_size: int, bias: bool = False,
-                 symmetric: bool = False):
+                 symmetric: bool = False, act_bits: int | None = None):
         check_sparse24_int4_shapes(out_features, in_features, group_size)
+        if act_bits not in (None, 8):
+            raise ValueError(f"Sparse24Int4Linear: act_bits={act_bits} must be None (float activations) or 8")
         super().__init__(in_features, out_features, bias)
-        self.group_size, self.symmetric = group_size, symmetric
+        self.group_size, self.symmetric, self.act_bits = group_size, symmetric, act_bits
         kept, groups = in_features // KEPT, num_groups(in_features // KEPT, group_size)
         self.register_buffer("qweight", torch.zeros(kept // INT4_PER_WORD, out_features, dtype=torch.int32))
         self.register_buffer("qzeros", torch.zeros(groups, out_features // INT4_PER_WORD, dtype=torch.int32))
@@ -118,24 +120,25 @@ class Sparse24Int4Linear(TiledLinear):
 
     @classmethod
     def from_packed(cls, packed: Sparse24Int4Packed, bias: torch.Tensor | None = None,
-                    symmetric: bool = False) -> "Sparse24Int4Linear":
-        layer = cls(packed.in_features, packed.out_features, packed.group_size, bias is not None, symmetric)
+                    symmetric: bool = False, act_bits: int | None = None) -> "Sparse24Int4Linear":
+        """act_bits=8 runs on int8 activations (per row and block of 32 inputs): integer dot products."""
+        layer = cls(packed.in_features, packed.out_features, packed.group_size, bias is not None, symmetric, act_bits)
         layer._set_buffers_from(packed, bias)
         return layer
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, group_size: int, bias: torch.Tensor | None = None,
-                    symmetric: bool = False, name: str = "weight") -> "Sparse24Int4Linear":
+                    symmetric: bool = False, name: str = "weight", act_bits: int | None = None) -> "Sparse24Int4Linear":
         """RTN int4 of the kept values of a 2:4 weight [out, in] (group_size in kept values, -1 for one group
         per row). Raises ValueError naming the first non-2:4 group."""
         gs = weight.shape[1] // KEPT if group_size == -1 else group_size
-        return cls.from_packed(pack_sparse24_int4(weight.detach(), gs, symmetric, name), bias, symmetric)
+        return cls.from_packed(pack_sparse24_int4(weight.detach(), gs, symmetric, name), bias, symmetric, act_bits)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int, symmetric: bool = False,
-                    name: str = "weight") -> "Sparse24Int4Linear":
+                    name: str = "weight", act_bits: int | None = None) -> "Sparse24Int4Linear":
         """from_weight of an nn.Linear whose weight already is 2:4."""
-        return cls.from_weight(linear.weight, group_size, linear.bias, symmetric, name)
+        return cls.from_weight(linear.weight, group_size, linear.bias, symmetric, name, act_bits)
 
     def _checkpoint_tensors(self, packed: Sparse24Int4Packed) -> dict[str, torch.Tensor]:
         q = packed.qvalues
@@ -152,12 +155,14 @@ class Sparse24Int4Linear(TiledLinear):
 
     def _run_tiled(self, x2d: torch.Tensor, tiled: TiledSparse24) -> torch.Tensor:
         q = tiled.int4
-        return _SPARSE24_INT4_TILED(x2d, q.weight, tiled.meta, q.zeros, q.scales, q.group_size)
+        return _SPARSE24_INT4_TILED(x2d, q.weight, tiled.meta, q.zeros, q.scales, q.group_size, self.act_bits or 0)
 
     def _run_packed(self, x2d: torch.Tensor) -> torch.Tensor:
-        return ops.sparse24_int4_gemm(x2d, self.qweight, self.qzeros, self.scales, self.meta, self.group_size)
+        gemm = reference.sparse24_int4_gemm_a8 if self.act_bits == 8 else ops.sparse24_int4_gemm
+        return gemm(x2d, self.qweight, self.qzeros, self.scales, self.meta, self.group_size)
 
     def extra_repr(self) -> str:
         kind = "sym" if self.symmetric else "asym"
+        acts = f"a{self.act_bits}" if self.act_bits else "float activations"
         return (f"in_features={self.in_features}, out_features={self.out_features}, 2:4 + "
-                f"w4g{self.group_size} {kind} (group counted in kept values)")
+                f"w4g{self.group_size} {kind} (group counted in kept values), {acts}")
