@@ -110,8 +110,9 @@ def test_int4_values_with_int8_activations_match_reference(isa, m):
     """act_bits=8: x quantized per row and block of 32 inputs within each group of 2 * group_size inputs
     (the VNNI kernel on an AVX-512 VNNI CPU, else the float kernels on the dequantized x; both against
     reference.sparse24_int4_gemm_a8). Odd tile counts leave a last pair of one tile; groups of 8 and 24 kept
-    values end blocks of 32 inputs early; 88 kept values leave a partial last group."""
-    for n, k, group_size in ((24, 48, 8), (40, 96, 24), (200, 176, 16), (8, 176, 64), (576, 1536, 64)):
+    values end blocks of 32 inputs early; 88 kept values leave a partial last group; at batch 1, 131 tiles run
+    two pairs per task and the two pairs left alone."""
+    for n, k, group_size in ((24, 48, 8), (40, 96, 24), (200, 176, 16), (8, 176, 64), (576, 1536, 64), (1048, 64, 16)):
         packed = uniform_sparse24_int4(n, k, group_size, seed=m + n)
         q = packed.qvalues
         for x_dtype in (torch.float32, torch.bfloat16):

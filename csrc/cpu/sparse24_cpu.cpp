@@ -642,18 +642,22 @@ void quantize_rows_int8(const float* x, int64_t m, int64_t k, int64_t group_inpu
   }
 }
 
-// Rows i0..i0+R-1 of y for tiles t, t + 1 (t the last tile: run twice over, the low half stored). Two 2:4
-// groups at a time: each 32-bit lane (column) gets bytes [q0, q1, q0', q1'] of groups g, g + 1 and the four
-// inputs they multiply, so one vpdpbusd adds all four products. The decoding is shared by the R rows.
-template <int R>
+// Rows i0..i0+R-1 of y for tiles t, t + 1 (t the last tile: run twice over, the low half stored), or at
+// batch 1 the P pairs from tile t together (more weight streams in flight, as gemm_tiled_cpu.cpp's a8 kernels).
+// Two 2:4 groups at a time: each 32-bit lane (column) gets bytes [q0, q1, q0', q1'] of groups g, g + 1 and
+// the four inputs they multiply, so one vpdpbusd adds all four products. The decoding is shared by the R rows.
+template <int R, int P = 1>
 COMPTRUST_AVX512_VNNI_VBMI void a8_int4_avx512(const Sparse24Problem& p, const int8_t* x8, const float* block_scale,
                                                int64_t t, int64_t i0) {
-  constexpr int C = R == 1 ? 2 : 1;  // accumulator chains per row (vpdpbusd waits ~5 cycles for its predecessor)
-  const int64_t tiles = p.n / kTileCols, t1 = t + 1 < tiles ? t + 1 : t;
-  const int32_t* w0 = p.tile_words(t);
-  const int32_t* w1 = p.tile_words(t1);
-  const uint32_t* m0 = p.tile_meta(t);
-  const uint32_t* m1 = p.tile_meta(t1);
+  static_assert(P == 1 || R == 1, "several pairs at batch 1 only");
+  constexpr int C = R == 1 && P == 1 ? 2 : 1;  // chains per row and pair (vpdpbusd waits ~5 cycles for its predecessor)
+  constexpr int U = R * P;                     // accumulator sets: (pair, row)
+  const int64_t tiles = p.n / kTileCols;
+  int64_t ta[P], tb[P];  // each pair's two tiles
+  for (int q = 0; q < P; ++q) {
+    ta[q] = t + 2 * q;
+    tb[q] = ta[q] + 1 < tiles ? ta[q] + 1 : ta[q];
+  }
   const int64_t group_inputs = 2 * p.group_size, per_group = (group_inputs + kActBlock - 1) / kActBlock;
   const int8_t* xr = x8 + i0 * p.k;
   // vpmultishiftqb controls, per column lane c (the odd lane of a quadword reads its upper half):
@@ -673,52 +677,62 @@ COMPTRUST_AVX512_VNNI_VBMI void a8_int4_avx512(const Sparse24Problem& p, const i
   // Control bytes (idx & 3) | (0, 0, 4, 4): group g + 1's inputs are bytes 4..7 of the broadcast x.
   const __m512i two_bits = _mm512_set1_epi32(0x03030303), second_group = _mm512_set1_epi32(0x04040000);
   const __m512i nibbles = _mm512_set1_epi32(0x0F0F0F0F), ones = _mm512_set1_epi32(0x01010101);
-  __m512 out[R];
-  COMPTRUST_UNROLL for (int r = 0; r < R; ++r) out[r] = _mm512_setzero_ps();
+  __m512 out[U];
+  COMPTRUST_UNROLL for (int u = 0; u < U; ++u) out[u] = _mm512_setzero_ps();
   for (int64_t qg = 0; qg < p.groups; ++qg) {
-    const __m512 zero = join_halves(load_zeros(p.tile_zeros(t) + qg * kTileCols), load_zeros(p.tile_zeros(t1) + qg * kTileCols));
-    const __m512 scale = join_halves(load_scales(p.tile_scales(t) + qg * kTileCols),
-                                     load_scales(p.tile_scales(t1) + qg * kTileCols));
-    __m512 acc[R];
-    COMPTRUST_UNROLL for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+    __m512 zero[P], scale[P], acc[U];
+    COMPTRUST_UNROLL for (int q = 0; q < P; ++q) {
+      zero[q] = join_halves(load_zeros(p.tile_zeros(ta[q]) + qg * kTileCols), load_zeros(p.tile_zeros(tb[q]) + qg * kTileCols));
+      scale[q] = join_halves(load_scales(p.tile_scales(ta[q]) + qg * kTileCols),
+                             load_scales(p.tile_scales(tb[q]) + qg * kTileCols));
+    }
+    COMPTRUST_UNROLL for (int u = 0; u < U; ++u) acc[u] = _mm512_setzero_ps();
     const int64_t w_begin = qg * p.group_size / 8, w_end = p.kept_end(qg) / 8;  // 16 inputs per word
     for (int64_t wb = w_begin, block = 0; wb < w_end; wb += kActBlock / 16, ++block) {
-      __m512i dot[R][C], xsum[R][C];  // sum q x, sum x
-      COMPTRUST_UNROLL for (int r = 0; r < R; ++r)
-        COMPTRUST_UNROLL for (int c = 0; c < C; ++c) dot[r][c] = xsum[r][c] = _mm512_setzero_si512();
+      __m512i dot[U][C], xsum[U][C];  // sum q x, sum x
+      COMPTRUST_UNROLL for (int u = 0; u < U; ++u)
+        COMPTRUST_UNROLL for (int c = 0; c < C; ++c) dot[u][c] = xsum[u][c] = _mm512_setzero_si512();
       for (int64_t w = wb; w < std::min(w_end, wb + kActBlock / 16); ++w) {
-        prefetch_ahead(w0 + w * kTileCols);
-        prefetch_ahead(w1 + w * kTileCols);
-        const __m512i words = two_tiles(w0 + w * kTileCols, w1 + w * kTileCols);
-        COMPTRUST_UNROLL for (int h = 0; h < 2; ++h) {
-          const int64_t g = w * kSparseInt4WordGroups + 2 * h;
-          int64_t metas0, metas1;
-          std::memcpy(&metas0, m0 + g, sizeof metas0);
-          std::memcpy(&metas1, m1 + g, sizeof metas1);
-          const __m512i meta = _mm512_mask_set1_epi64(_mm512_set1_epi64(metas0), 0xF0, metas1);
-          const __m512i control = _mm512_ternarylogic_epi32(_mm512_multishift_epi64_epi8(meta_offsets, meta), two_bits,
-                                                            second_group, 0xEA);  // a & b | c
-          const __m512i codes = _mm512_and_si512(_mm512_multishift_epi64_epi8(code_offsets[h], words), nibbles);
-          COMPTRUST_UNROLL for (int r = 0; r < R; ++r) {
-            int64_t inputs;
-            std::memcpy(&inputs, xr + r * p.k + kSparse24Group * g, sizeof inputs);
-            const __m512i kept_x = _mm512_shuffle_epi8(_mm512_set1_epi64(inputs), control);
-            dot[r][h % C] = _mm512_dpbusd_epi32(dot[r][h % C], codes, kept_x);
-            xsum[r][h % C] = _mm512_dpbusd_epi32(xsum[r][h % C], ones, kept_x);
+        COMPTRUST_UNROLL for (int q = 0; q < P; ++q) {
+          const int32_t* w0 = p.tile_words(ta[q]) + w * kTileCols;
+          const int32_t* w1 = p.tile_words(tb[q]) + w * kTileCols;
+          prefetch_ahead(w0);
+          prefetch_ahead(w1);
+          const __m512i words = two_tiles(w0, w1);
+          COMPTRUST_UNROLL for (int h = 0; h < 2; ++h) {
+            const int64_t g = w * kSparseInt4WordGroups + 2 * h;
+            int64_t metas0, metas1;
+            std::memcpy(&metas0, p.tile_meta(ta[q]) + g, sizeof metas0);
+            std::memcpy(&metas1, p.tile_meta(tb[q]) + g, sizeof metas1);
+            const __m512i meta = _mm512_mask_set1_epi64(_mm512_set1_epi64(metas0), 0xF0, metas1);
+            const __m512i control = _mm512_ternarylogic_epi32(_mm512_multishift_epi64_epi8(meta_offsets, meta),
+                                                              two_bits, second_group, 0xEA);  // a & b | c
+            const __m512i codes = _mm512_and_si512(_mm512_multishift_epi64_epi8(code_offsets[h], words), nibbles);
+            COMPTRUST_UNROLL for (int r = 0; r < R; ++r) {
+              int64_t inputs;
+              std::memcpy(&inputs, xr + r * p.k + kSparse24Group * g, sizeof inputs);
+              const __m512i kept_x = _mm512_shuffle_epi8(_mm512_set1_epi64(inputs), control);
+              const int u = q * R + r;
+              dot[u][h % C] = _mm512_dpbusd_epi32(dot[u][h % C], codes, kept_x);
+              xsum[u][h % C] = _mm512_dpbusd_epi32(xsum[u][h % C], ones, kept_x);
+            }
           }
         }
       }
-      COMPTRUST_UNROLL for (int r = 0; r < R; ++r) {
+      COMPTRUST_UNROLL for (int u = 0; u < U; ++u) {
+        const int q = u / R, r = u % R;
         const __m512 sx = _mm512_set1_ps(block_scale[((i0 + r) * p.groups + qg) * per_group + block]);
-        __m512i dots = dot[r][0], sums = xsum[r][0];
-        if constexpr (C > 1) dots = _mm512_add_epi32(dots, dot[r][1]), sums = _mm512_add_epi32(sums, xsum[r][1]);
-        acc[r] = _mm512_fmadd_ps(sx, _mm512_fnmadd_ps(zero, _mm512_cvtepi32_ps(sums), _mm512_cvtepi32_ps(dots)), acc[r]);
+        __m512i dots = dot[u][0], sums = xsum[u][0];
+        if constexpr (C > 1) dots = _mm512_add_epi32(dots, dot[u][1]), sums = _mm512_add_epi32(sums, xsum[u][1]);
+        acc[u] = _mm512_fmadd_ps(sx, _mm512_fnmadd_ps(zero[q], _mm512_cvtepi32_ps(sums), _mm512_cvtepi32_ps(dots)), acc[u]);
       }
     }
-    COMPTRUST_UNROLL for (int r = 0; r < R; ++r) out[r] = _mm512_fmadd_ps(scale, acc[r], out[r]);
+    COMPTRUST_UNROLL for (int u = 0; u < U; ++u) out[u] = _mm512_fmadd_ps(scale[u / R], acc[u], out[u]);
   }
-  COMPTRUST_UNROLL for (int r = 0; r < R; ++r)
-    _mm512_mask_storeu_ps(p.y + (i0 + r) * p.n + t * kTileCols, t1 != t ? 0xFFFF : 0x00FF, out[r]);
+  COMPTRUST_UNROLL for (int u = 0; u < U; ++u) {
+    const int q = u / R, r = u % R;
+    _mm512_mask_storeu_ps(p.y + (i0 + r) * p.n + ta[q] * kTileCols, tb[q] != ta[q] ? 0xFFFF : 0x00FF, out[u]);
+  }
 }
 
 #endif  // COMPTRUST_X86
@@ -730,6 +744,7 @@ constexpr int64_t kMinTaskMacs = 1 << 15;
 // bytes' limit is 1.88x).
 constexpr int kStreamTiles = 4;
 constexpr int64_t kStreamTilesMin = 128;
+constexpr int kStreamA8Pairs = 2;  // int4 values, int8 x
 
 template <class V>
 void run(const Sparse24Problem& p, Isa isa) {
@@ -848,11 +863,22 @@ at::Tensor run_int4_a8(Sparse24Problem& p, const at::Tensor& x) {
     p.y = y.data_ptr<float>();
     const int64_t pairs = (p.n / kTileCols + 1) / 2;
     const int64_t grain = std::max<int64_t>(1, kMinTaskMacs / (p.m * p.k * kTileCols));  // pairs per task
-    at::parallel_for(0, pairs, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t u = begin; u < end; ++u)
+    const int8_t* codes = x8.data_ptr<int8_t>();
+    const float* scales = block_scale.data_ptr<float>();
+    // Batch 1 on layers of at least kStreamTilesMin tiles: kStreamA8Pairs pairs per task (the last pair, which
+    // may hold one tile, alone).
+    const int64_t units = p.m == 1 && 2 * pairs >= kStreamTilesMin ? (pairs - 1) / kStreamA8Pairs : 0;
+    at::parallel_for(0, units + pairs - units * kStreamA8Pairs, units ? 1 : grain, [&](int64_t begin, int64_t end) {
+      for (int64_t u = begin; u < end; ++u) {
+        if (u < units) {
+          a8_int4_avx512<1, kStreamA8Pairs>(p, codes, scales, 2 * kStreamA8Pairs * u, 0);
+          continue;
+        }
+        const int64_t pair = u + units * (kStreamA8Pairs - 1);
         for_each_row_block(p.m, [&](auto rows, int64_t i0) {
-          a8_int4_avx512<decltype(rows)::value>(p, x8.data_ptr<int8_t>(), block_scale.data_ptr<float>(), 2 * u, i0);
+          a8_int4_avx512<decltype(rows)::value>(p, codes, scales, 2 * pair, i0);
         });
+      }
     });
     return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
   }
