@@ -7,7 +7,8 @@ and whose model.safetensors holds, per listed layer (the layouts of comptrust/fo
     kind "sparse24":       name.values [out, in/2] (float32/bfloat16/float16), name.meta [out, in/8] uint8
     kind "sparse24_int4":  name.qweight [in/16, out] int32, name.qzeros [groups, out/8] int32,
                            name.scales [groups, out] float16, name.meta [out, in/8] uint8,
-                           with "group_size" (kept values per group) and "symmetric" in the layer's entry
+                           with "group_size" (kept values per group), "symmetric" and, for layers on int8
+                           activations, "act_bits": 8 in the layer's entry
     name.bias when the layer has one; every other tensor dense, a tied embedding once.
 Loading builds the skeleton on the meta device, checks every packed tensor's shape, dtype and metadata
 (a corrupt nibble is refused by name), and swaps in Sparse24Linear / Sparse24Int4Linear.
@@ -40,7 +41,8 @@ def sparse24_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 def _entry(layer: nn.Module) -> dict:
     if isinstance(layer, Sparse24Int4Linear):
-        return {"kind": "sparse24_int4", "group_size": layer.group_size, "symmetric": layer.symmetric}
+        entry = {"kind": "sparse24_int4", "group_size": layer.group_size, "symmetric": layer.symmetric}
+        return entry | ({"act_bits": layer.act_bits} if layer.act_bits else {})
     return {"kind": "sparse24"}
 
 
@@ -106,7 +108,7 @@ def _layer(name: str, linear: nn.Linear, entry: dict, weights: _Weights, path: P
         else:
             qvalues = Int4Packed(tensors["qweight"], tensors["qzeros"], tensors["scales"], int(entry["group_size"]))
             layer = Sparse24Int4Linear.from_packed(Sparse24Int4Packed(qvalues, tensors["meta"]), bias,
-                                                   bool(entry.get("symmetric", False)))
+                                                   bool(entry.get("symmetric", False)), entry.get("act_bits"))
     except (ValueError, KeyError, TypeError) as exc:
         raise ModelLoadError(f"{path}: {name}: {exc}") from None
     if (layer.in_features, layer.out_features) != (linear.in_features, linear.out_features):

@@ -120,8 +120,10 @@ def test_input_groups_follow_the_llama_block():
     (AWQConfig(bits=4, group_size=32), QuantLinear),
     (SparseGPTConfig(pattern="2:4"), Sparse24Linear),
     (SparseGPTConfig(pattern="2:4", bits=4, group_size=16), Sparse24Int4Linear),
+    (SparseGPTConfig(pattern="2:4", bits=4, group_size=16, act_bits=8), Sparse24Int4Linear),
     (SparseGPTConfig(pattern="unstructured", sparsity=0.5), nn.Linear),
     (WandaConfig(pattern="2:4"), Sparse24Linear),
+    (WandaConfig(pattern="2:4", bits=4, group_size=16, act_bits=8), Sparse24Int4Linear),
     (WandaConfig(pattern="4:8"), nn.Linear),
 ])
 def test_calibrated_methods_compress_every_block_linear(config, layer_type):
@@ -135,6 +137,7 @@ def test_calibrated_methods_compress_every_block_linear(config, layer_type):
     for name in summary.replaced:
         module = model.get_submodule(name)
         assert type(module) is layer_type
+        assert getattr(module, "act_bits", None) == getattr(config, "act_bits", None)
     assert isinstance(model.lm_head, nn.Linear)
     assert summary.config["calibration"] == {"nsamples": 6, "seqlen": 32}
     with torch.inference_mode():

@@ -464,6 +464,22 @@ def test_run_compresses_with_a_calibrated_method(tiny_llama, smollm2_tokenizer, 
     assert all("loss" in stats for stats in gptq["layer_stats"].values())
 
 
+def test_24_int4_checkpoint_keeps_int8_activations(tiny_llama, smollm2_tokenizer, tmp_path):
+    from comptrust.checkpoint import save_compressed
+    from comptrust.checkpoint_sparse24 import load_sparse24
+    from comptrust.compress import config_from_tag
+    from comptrust.nn import Sparse24Int4Linear
+
+    model = copy.deepcopy(tiny_llama)
+    config = config_from_tag("mag-24-w4g16-a8")
+    compress_(model, config, progress=False)
+    save_compressed(model, smollm2_tokenizer, tmp_path / "a8", config)
+    loaded = load_sparse24(tmp_path / "a8").model
+    layers = [m for m in loaded.modules() if isinstance(m, Sparse24Int4Linear)]
+    assert layers and all(layer.act_bits == 8 for layer in layers)
+    assert torch.equal(logits(loaded), logits(model))
+
+
 def test_corrupt_24_checkpoints_are_refused(tiny_llama, smollm2_tokenizer, tmp_path):
     from comptrust.checkpoint_sparse24 import load_sparse24
     from comptrust.compress import MagnitudeConfig

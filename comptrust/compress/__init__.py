@@ -94,14 +94,15 @@ _RTN_TAG = re.compile(r"rtn-w(?P<bits>[348])g(?P<group>-1|\d+)(?P<flags>(?:-sym|
 _GPTQ_TAG = re.compile(r"gptq-w(?P<bits>[348])g(?P<group>-1|\d+)(?P<flags>(?:-sym|-act|-static)*)")
 _AWQ_TAG = re.compile(r"awq-w(?P<bits>[348])g(?P<group>-1|\d+)(?P<flags>(?:-sym|-noclip)*)")
 _PATTERN = r"(?P<pattern>24|48|\d{1,2})"
-_QUANT = r"(?:-w4g(?P<group>-1|\d+)(?P<sym>-sym)?)?"
+_QUANT = r"(?:-w4g(?P<group>-1|\d+)(?P<sym>-sym)?(?P<a8>-a8)?)?"
 _MAGNITUDE_TAG = re.compile(r"mag-" + _PATTERN + _QUANT + r"(?P<head>-head)?")
 _PRUNING_TAG = re.compile(r"(?P<method>sparsegpt|wanda)-" + _PATTERN + _QUANT)
 KNOWN_TAGS = ("rtn-w4g128, rtn-w4g-1, rtn-w4g32-sym, rtn-w4g128-a8, rtn-w3g128, rtn-w8g128, rtn-w4g128-a8-head, "
               "gptq-w4g128, gptq-w3g128, gptq-w8g128, gptq-w4g128-act, gptq-w4g128-act-static, gptq-w4g128-sym, "
               "awq-w4g128, awq-w3g128, awq-w4g128-noclip, "
-              "mag-24, mag-24-w4g64, mag-24-w4g64-head, mag-48, mag-50, "
-              "sparsegpt-24, sparsegpt-48, sparsegpt-50, sparsegpt-24-w4g64, wanda-24, wanda-48, wanda-50")
+              "mag-24, mag-24-w4g64, mag-24-w4g64-a8, mag-24-w4g64-head, mag-48, mag-50, "
+              "sparsegpt-24, sparsegpt-48, sparsegpt-50, sparsegpt-24-w4g64, sparsegpt-24-w4g64-a8, "
+              "wanda-24, wanda-48, wanda-50, wanda-24-w4g64-a8")
 
 
 def _pattern(text: str) -> dict:
@@ -113,7 +114,8 @@ def _pattern(text: str) -> dict:
 
 def _quant(match) -> dict:
     quantized = match["group"] is not None
-    return {"bits": 4 if quantized else None, "group_size": int(match["group"] or 64), "symmetric": bool(match["sym"])}
+    return {"bits": 4 if quantized else None, "group_size": int(match["group"] or 64), "symmetric": bool(match["sym"]),
+            "act_bits": 8 if match["a8"] else None}
 
 
 def config_from_tag(tag: str):
@@ -121,7 +123,7 @@ def config_from_tag(tag: str):
     'rtn-w4g128-a8' (int8 activations), 'rtn-w3g128' (int3), 'rtn-w8g128' (int8), 'rtn-w4g128-a8-head' (lm_head quantized too);
     'gptq-w4g128' with -sym, -act (act-order), -static (static groups); 'awq-w4g128' with -sym, -noclip;
     pruning 'mag-', 'sparsegpt-', 'wanda-' + '24' (2:4), '48' (4:8) or a percentage (unstructured, e.g. '50'), with '-w4g64' for int4
-    kept values (64 kept values per group)."""
+    kept values (64 kept values per group), then '-a8' to run them on int8 activations."""
     try:
         if match := _RTN_TAG.fullmatch(tag):
             flags = match["flags"]

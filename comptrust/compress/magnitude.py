@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from comptrust.compress.pruning import SparsityPattern, pattern_tag, prune_by_score, pruned_linear, why_ineligible
+from comptrust.compress.pruning import (SparsityPattern, check_act_bits, pattern_tag, prune_by_score, pruned_linear,
+                                        quant_tag, why_ineligible)
 from comptrust.formats.sparse24 import prune_magnitude_24
 
 
@@ -23,6 +24,7 @@ class MagnitudeConfig:
     symmetric: bool = False
     lm_head: bool = False     # prune the output projection too
     sparsity: float = 0.5     # unstructured only
+    act_bits: int | None = None  # 8: int4 kept values run on int8 activations
 
     method = "magnitude"
     calibrated = False
@@ -35,6 +37,7 @@ class MagnitudeConfig:
         if self.bits and self.group_size != -1 and (self.group_size <= 0 or self.group_size % 8):
             raise ValueError(f"MagnitudeConfig: group_size={self.group_size} (kept values) must be -1 or a positive "
                              f"multiple of 8")
+        check_act_bits("MagnitudeConfig", self.act_bits, self.bits)
 
     @property
     def sparsity_pattern(self) -> SparsityPattern:
@@ -42,9 +45,9 @@ class MagnitudeConfig:
 
     @property
     def tag(self) -> str:
-        """'mag-24', 'mag-24-w4g64', 'mag-24-w4g64-sym', 'mag-48', 'mag-50' (unstructured %); '-head' when
-        lm_head is pruned too."""
-        quant = f"-w4g{self.group_size}" + ("-sym" if self.symmetric else "") if self.bits else ""
+        """'mag-24', 'mag-24-w4g64', 'mag-24-w4g64-sym', 'mag-24-w4g64-a8', 'mag-48', 'mag-50' (unstructured
+        %); '-head' when lm_head is pruned too."""
+        quant = quant_tag(self.bits, self.group_size, self.symmetric, self.act_bits)
         return "mag-" + pattern_tag(self.pattern, self.sparsity) + quant + ("-head" if self.lm_head else "")
 
     def why_ineligible(self, name: str, linear: nn.Linear) -> str | None:
@@ -57,4 +60,4 @@ class MagnitudeConfig:
             pruned = prune_magnitude_24(weight, name)
         else:
             pruned = prune_by_score(weight, weight.abs().float(), pattern)
-        return pruned_linear(name, linear, pruned, pattern, self.bits, self.group_size, self.symmetric)
+        return pruned_linear(name, linear, pruned, pattern, self.bits, self.group_size, self.symmetric, self.act_bits)

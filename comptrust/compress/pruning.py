@@ -54,6 +54,13 @@ def pattern_tag(pattern: str, sparsity: float) -> str:
     return pattern.replace(":", "") if pattern != "unstructured" else f"{round(sparsity * 100)}"
 
 
+def quant_tag(bits: int | None, group_size: int, symmetric: bool, act_bits: int | None) -> str:
+    """'-w4g64' (+ '-sym', '-a8') for int4 kept values; '' for float ones."""
+    if not bits:
+        return ""
+    return f"-w4g{group_size}" + ("-sym" if symmetric else "") + ("-a8" if act_bits else "")
+
+
 def prune_by_score(weight: torch.Tensor, score: torch.Tensor, pattern: SparsityPattern) -> torch.Tensor:
     """Zero the lowest-scoring weights: per group of M inputs (N:M), or the `sparsity` share of each row
     (unstructured, Wanda's per-output comparison group). Ties go to the lower input index."""
@@ -71,14 +78,24 @@ def prune_by_score(weight: torch.Tensor, score: torch.Tensor, pattern: SparsityP
     return weight.masked_fill(mask, 0)
 
 
+def check_act_bits(owner: str, act_bits: int | None, bits: int | None) -> None:
+    """act_bits=8 (int8 activations) needs int4 kept values."""
+    if act_bits not in (None, 8):
+        raise ValueError(f"{owner}: act_bits={act_bits} must be None (float activations) or 8")
+    if act_bits and bits != 4:
+        raise ValueError(f"{owner}: act_bits=8 needs int4 values (bits=4)")
+
+
 def pruned_linear(name: str, linear: nn.Linear, weight: torch.Tensor, pattern: SparsityPattern,
-                  bits: int | None = None, group_size: int = 64, symmetric: bool = False) -> nn.Module:
+                  bits: int | None = None, group_size: int = 64, symmetric: bool = False,
+                  act_bits: int | None = None) -> nn.Module:
     """The module a pruned weight runs as: 2:4 on the sparse kernels (int4 kept values with bits=4,
-    RTN-quantized in groups of group_size kept values), other patterns as a dense nn.Linear."""
+    RTN-quantized in groups of group_size kept values; act_bits=8 runs them on int8 activations), other
+    patterns as a dense nn.Linear."""
     weight = weight.to(linear.weight.dtype)
     if pattern.is_24:
         if bits == 4:
-            return Sparse24Int4Linear.from_weight(weight, group_size, linear.bias, symmetric, name)
+            return Sparse24Int4Linear.from_weight(weight, group_size, linear.bias, symmetric, name, act_bits)
         return Sparse24Linear.from_weight(weight, linear.bias, name=name)
     dense = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None,
                       dtype=linear.weight.dtype, device=linear.weight.device)

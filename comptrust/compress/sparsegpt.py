@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from comptrust.compress.gptq import pack_result
 from comptrust.compress.hessian import HessianAccumulator, QuantGrid, error_feedback
-from comptrust.compress.pruning import SparsityPattern, pattern_tag, pruned_linear, why_ineligible
+from comptrust.compress.pruning import SparsityPattern, check_act_bits, pattern_tag, pruned_linear, quant_tag, why_ineligible
 from comptrust.formats.int4 import pack_int4
 from comptrust.formats.sparse24 import Sparse24Int4Packed, pack_sparse24
 from comptrust.nn.quant_linear import QuantLinear
@@ -28,6 +28,7 @@ class SparseGPTConfig:
     damp: float = 0.01
     block_size: int = 128
     true_sequential: bool = True
+    act_bits: int | None = None  # 8: the int4 layers run on int8 activations
 
     method = "sparsegpt"
     calibrated = True
@@ -38,6 +39,7 @@ class SparseGPTConfig:
             raise ValueError(f"SparseGPTConfig: bits={self.bits} must be None (float values) or 4")
         if self.bits and (self.group_size <= 0 or self.group_size % 8):
             raise ValueError(f"SparseGPTConfig: group_size={self.group_size} must be a positive multiple of 8")
+        check_act_bits("SparseGPTConfig", self.act_bits, self.bits)
         if not 0 < self.damp < 1:
             raise ValueError(f"SparseGPTConfig: damp={self.damp} must be in (0, 1)")
         if self.block_size % max(SparsityPattern.parse(self.pattern, self.sparsity).prune_m, 1):
@@ -49,9 +51,10 @@ class SparseGPTConfig:
 
     @property
     def tag(self) -> str:
-        """'sparsegpt-24', 'sparsegpt-48', 'sparsegpt-50' (unstructured %), with '-w4g64' for joint int4."""
-        return "sparsegpt-" + pattern_tag(self.pattern, self.sparsity) + (
-            f"-w4g{self.group_size}" + ("-sym" if self.symmetric else "") if self.bits else "")
+        """'sparsegpt-24', 'sparsegpt-48', 'sparsegpt-50' (unstructured %), with '-w4g64' for joint int4
+        ('-a8': on int8 activations)."""
+        return "sparsegpt-" + pattern_tag(self.pattern, self.sparsity) + quant_tag(self.bits, self.group_size,
+                                                                                  self.symmetric, self.act_bits)
 
     def why_ineligible(self, name: str, linear: nn.Linear) -> str | None:
         if self.bits == 4 and not self.sparsity_pattern.is_24:
@@ -73,11 +76,13 @@ class SparseGPTConfig:
         if not self.bits:
             return pruned_linear(name, linear, result.weight, pattern), stats
         if not pattern.is_24:  # pruned weights sit on the grid as exact zeros: an ordinary int4 layer
-            return QuantLinear.from_packed(pack_result(result, 4, input_group), linear.bias, self.symmetric), stats
-        return _sparse24_int4_layer(name, linear, result, self.group_size, self.symmetric), stats
+            return QuantLinear.from_packed(pack_result(result, 4, input_group), linear.bias, self.symmetric,
+                                           self.act_bits), stats
+        return _sparse24_int4_layer(name, linear, result, self.group_size, self.symmetric, self.act_bits), stats
 
 
-def _sparse24_int4_layer(name: str, linear: nn.Linear, result, group_size: int, symmetric: bool) -> nn.Module:
+def _sparse24_int4_layer(name: str, linear: nn.Linear, result, group_size: int, symmetric: bool,
+                         act_bits: int | None) -> nn.Module:
     """A 2:4 result whose kept values lie on int4 grids of 2 * group_size inputs, as Sparse24Int4Linear:
     compact value j is kept from inputs 4 * (j // 2) .. + 3, which lie in input group j // group_size, so
     the kept-value groups reuse the input groups' grids."""
@@ -87,4 +92,4 @@ def _sparse24_int4_layer(name: str, linear: nn.Linear, result, group_size: int, 
     zeros = result.zeros.repeat_interleave(group_size, dim=1)[:, :kept]
     codes = (torch.round(compact.values / scales) + zeros).to(torch.uint8)
     qvalues = pack_int4(codes, result.zeros.to(torch.int16), result.scales, group_size)
-    return Sparse24Int4Linear.from_packed(Sparse24Int4Packed(qvalues, compact.meta), linear.bias, symmetric)
+    return Sparse24Int4Linear.from_packed(Sparse24Int4Packed(qvalues, compact.meta), linear.bias, symmetric, act_bits)

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from comptrust.compress.pruning import SparsityPattern, pattern_tag, prune_by_score, pruned_linear, why_ineligible
+from comptrust.compress.pruning import (SparsityPattern, check_act_bits, pattern_tag, prune_by_score, pruned_linear,
+                                        quant_tag, why_ineligible)
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,7 @@ class WandaConfig:
     group_size: int = 64        # kept values per int4 group
     symmetric: bool = False
     true_sequential: bool = True
+    act_bits: int | None = None  # 8: int4 kept values run on int8 activations
 
     method = "wanda"
     calibrated = True
@@ -27,6 +29,7 @@ class WandaConfig:
         pattern = SparsityPattern.parse(self.pattern, self.sparsity)
         if self.bits not in (None, 4) or (self.bits and not pattern.is_24):
             raise ValueError(f"WandaConfig: bits={self.bits} must be None, or 4 with the 2:4 pattern")
+        check_act_bits("WandaConfig", self.act_bits, self.bits)
 
     @property
     def sparsity_pattern(self) -> SparsityPattern:
@@ -34,9 +37,9 @@ class WandaConfig:
 
     @property
     def tag(self) -> str:
-        """'wanda-24', 'wanda-48', 'wanda-50' (unstructured %), 'wanda-24-w4g64'."""
-        return "wanda-" + pattern_tag(self.pattern, self.sparsity) + (
-            f"-w4g{self.group_size}" + ("-sym" if self.symmetric else "") if self.bits else "")
+        """'wanda-24', 'wanda-48', 'wanda-50' (unstructured %), 'wanda-24-w4g64', 'wanda-24-w4g64-a8'."""
+        return "wanda-" + pattern_tag(self.pattern, self.sparsity) + quant_tag(self.bits, self.group_size,
+                                                                              self.symmetric, self.act_bits)
 
     def why_ineligible(self, name: str, linear: nn.Linear) -> str | None:
         return why_ineligible(name, linear, self.sparsity_pattern, self.bits)
@@ -50,7 +53,8 @@ class WandaConfig:
         score = weight.abs() * norms.squared.sqrt().to(torch.float32)[None, :]
         pruned = prune_by_score(weight, score, pattern)
         stats = {"sparsity": float((pruned == 0).float().mean())}
-        return pruned_linear(name, linear, pruned, pattern, self.bits, self.group_size, self.symmetric), stats
+        return pruned_linear(name, linear, pruned, pattern, self.bits, self.group_size, self.symmetric,
+                             self.act_bits), stats
 
 
 class ColumnNorms:
