@@ -16,9 +16,9 @@
 #include <torch/extension.h>
 
 #include <algorithm>
-#include <utility>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "comptrust/cpu_tiles.h"
