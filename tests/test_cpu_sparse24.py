@@ -133,6 +133,7 @@ def test_int8_activations_need_int4_values_and_act_bits_8():
         ops.sparse24_tiled(torch.randn(1, 32), tile_sparse24(uniform_sparse24(16, 32)), 8)
     with pytest.raises(ValueError, match="act_bits=16"):
         ops.sparse24_tiled(torch.randn(1, 32), tiled, 16)
+    assert ops.sparse24_tiled(torch.randn(0, 32), tiled, 8).shape == (0, 16)  # an empty batch
 
 
 @pytest.mark.parametrize("group_size", [8, 16, 24, 40, 64, "row"])

@@ -852,6 +852,7 @@ at::Tensor run_kind(Sparse24Problem& p, const at::Tensor& x) {
 // int4 values with int8 activations (act_bits = 8): the VNNI kernel where the CPU has it, else the float
 // kernels on the dequantized int8 x (the same product, as the reference computes it).
 at::Tensor run_int4_a8(Sparse24Problem& p, const at::Tensor& x) {
+  if (p.m == 0) return at::empty({0, p.n}, x.options());
   const at::Tensor xf = x.to(at::kFloat).contiguous();
   const int64_t group_inputs = 2 * p.group_size, per_group = (group_inputs + kActBlock - 1) / kActBlock;
   at::Tensor x8 = at::empty({p.m, p.k}, xf.options().dtype(at::kChar));
@@ -863,20 +864,20 @@ at::Tensor run_int4_a8(Sparse24Problem& p, const at::Tensor& x) {
     p.y = y.data_ptr<float>();
     const int64_t pairs = (p.n / kTileCols + 1) / 2;
     const int64_t grain = std::max<int64_t>(1, kMinTaskMacs / (p.m * p.k * kTileCols));  // pairs per task
-    const int8_t* codes = x8.data_ptr<int8_t>();
-    const float* scales = block_scale.data_ptr<float>();
+    const int8_t* x8_data = x8.data_ptr<int8_t>();
+    const float* x_scales = block_scale.data_ptr<float>();
     // Batch 1 on layers of at least kStreamTilesMin tiles: kStreamA8Pairs pairs per task (the last pair, which
     // may hold one tile, alone).
     const int64_t units = p.m == 1 && 2 * pairs >= kStreamTilesMin ? (pairs - 1) / kStreamA8Pairs : 0;
     at::parallel_for(0, units + pairs - units * kStreamA8Pairs, units ? 1 : grain, [&](int64_t begin, int64_t end) {
       for (int64_t u = begin; u < end; ++u) {
         if (u < units) {
-          a8_int4_avx512<1, kStreamA8Pairs>(p, codes, scales, 2 * kStreamA8Pairs * u, 0);
+          a8_int4_avx512<1, kStreamA8Pairs>(p, x8_data, x_scales, 2 * kStreamA8Pairs * u, 0);
           continue;
         }
         const int64_t pair = u + units * (kStreamA8Pairs - 1);
         for_each_row_block(p.m, [&](auto rows, int64_t i0) {
-          a8_int4_avx512<decltype(rows)::value>(p, codes, scales, 2 * pair, i0);
+          a8_int4_avx512<decltype(rows)::value>(p, x8_data, x_scales, 2 * pair, i0);
         });
       }
     });
