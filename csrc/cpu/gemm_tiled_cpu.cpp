@@ -814,7 +814,7 @@ COMPTRUST_AVX512 void int8_rows_avx512(const Problem& p, int64_t t) {
 // Where the CPU has AMX, bf16 activations from kPanelMinRows to kAmxMaxRows rows run on the tile unit
 // (amx_bf16.h) over panels of two tiles. k % 32 == 0 only; other shapes take the fp32 paths. Speed against
 // bf16 F.linear (oneDNN, also on AMX), side by side on cold SmolLM2 and 4096x4096 weights: panels of codes,
-// int4 1.7-2.5x at 8-16 rows and 1.4-2.1x at 64, int3 1.5-2.2x and 1.3-2.1x (panels of dequantized weights,
+// int4 1.6-2.5x at 8-16 rows and 1.2-2.1x at 64, int3 1.2-2.2x and 1.1-2.1x (panels of dequantized weights,
 // which int4 and int3 took before: 0.95-1.35x and 0.56-1.06x). From 1024 rows (the crossover measured with
 // dequantized panels) the bf16 BLAS path is faster.
 constexpr int64_t kAmxMaxRows = 1024;
