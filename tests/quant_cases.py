@@ -55,3 +55,25 @@ def available_isas() -> list[str]:
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y.double() - ref.double()).norm() / ref.double().norm()).item()
 
+
+
+
+def full_precision_one_hot_rows(m: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [m, k] with one nonzero per row, at input columns[r], whose value uses all 24 bits of an fp32
+    significand (random signs and exponents): a kernel that rounds x anywhere, or drops part of it, changes
+    the product x @ W^T of a 0/1 weight, which is otherwise exact."""
+    gen = torch.Generator().manual_seed(seed)
+    mantissa = (torch.randint(1 << 23, 1 << 24, (m,), generator=gen) | 1).double()  # odd: bit 24 is set
+    sign = torch.randint(0, 2, (m,), generator=gen).double() * 2 - 1
+    exponent = torch.randint(-30, 30, (m,), generator=gen).double()
+    columns = torch.randint(0, k, (m,), generator=gen)
+    x = torch.zeros(m, k)
+    x[torch.arange(m), columns] = (sign * mantissa * torch.pow(2.0, exponent - 23)).float()
+    return x, columns
+
+
+def wide_range_rows(m: int, k: int, seed: int = 0) -> torch.Tensor:
+    """fp32 activations spanning about 10^-2.6..10^2.6 within a row, so that every bit of each value matters."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(m, k, generator=gen) * torch.exp(torch.empty(m, k).uniform_(-6, 6, generator=gen))
+

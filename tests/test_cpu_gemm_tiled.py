@@ -6,14 +6,18 @@ differ only by summation order: bound 1e-5 relative Frobenius error, measured <1
 bit, zero, scale or group gives errors of order 1. Float activations run the register kernels at batch
 1..7, the dequantized-panel kernel from 8 and, from 64 rows (256 with AVX-512), a dequantized scratch block
 through torch's GEMM (bf16 activations: a bf16 scratch from 64 rows, so the weights are rounded to bf16; on a
-CPU with AMX-BF16, bf16 activations from 8 rows run on the tile unit instead); all are covered.
+CPU with AMX-BF16, bf16 activations from 8 rows run on the tile unit instead, and fp32 ones from 8 to 255 rows
+split into three exact bf16 planes); all are covered.
 """
 import pytest
 import torch
 
 from comptrust import ops, reference
 from comptrust.formats.cpu_tiles import TiledWeight, tile, tile_int3, tile_int4, untile
-from quant_cases import MODEL_SHAPES, random_int3, random_int4, random_int8, rel_err
+from comptrust.formats.int3 import pack_int3
+from comptrust.formats.int4 import pack_int4
+from quant_cases import (MODEL_SHAPES, full_precision_one_hot_rows, random_int3, random_int4, random_int8, rel_err,
+                         wide_range_rows)
 
 INT3_ODD_SHAPES = ((32, 32), (96, 160), (160, 224), (64, 96))
 INT4_ODD_SHAPES = ((24, 40), (200, 136), (8, 200), (40, 96))
@@ -135,6 +139,34 @@ def test_amx_bf16_path_matches_reference(bits, monkeypatch):
             off = ops.gemm_tiled(x, tile(packed))
             monkeypatch.delenv("COMPTRUST_CPU_AMX")
             assert rel_err(off, ref) < 8e-3 and rel_err(y, off) < 8e-3, (m, n, k)
+
+
+@AMX
+@pytest.mark.parametrize("bits", [4, 3])
+def test_amx_fp32_activations_lose_no_bit(bits, monkeypatch):
+    """fp32 activations from 8 to 255 rows run on the tile unit as three bf16 planes whose sum is exactly x. With
+    a 0/1 weight (codes 1 and 2, zero point 1, scale 1) and one full-precision input per row, every product and
+    sum is exact: the output must equal x's input bit for bit (two planes would lose its last 8 bits). With AMX
+    off the fp32 panel and register kernels give the same."""
+    for m in (1, 8, 17, 64, 70, 200, 255):
+        for n, k, group in ((64, 224, 32), (576, 1536, 128), (64, 1536, 1536)):
+            gen = torch.Generator().manual_seed(m + n)
+            selected = torch.rand(n, k, generator=gen) < 0.5
+            codes = 1 + selected.to(torch.int64)
+            groups = (k + group - 1) // group
+            ones = torch.ones(n, groups)
+            packed = (pack_int4 if bits == 4 else pack_int3)(codes, ones.to(torch.int64), ones, group)
+            x, columns = full_precision_one_hot_rows(m, k, seed=m)
+            expected = torch.where(selected[:, columns].T, x[torch.arange(m), columns][:, None], 0.0)
+            for amx in ("1", "0"):
+                monkeypatch.setenv("COMPTRUST_CPU_AMX", amx)
+                y = ops.gemm_tiled(x, tile(packed))
+                assert torch.equal(y, expected), (m, n, k, group, amx)
+    for m in (8, 70, 255):  # and general inputs across a wide range, against the reference
+        packed = AMX_RANDOM[bits](576, 1536, 128, seed=m)[0]
+        x = wide_range_rows(m, 1536, seed=m)
+        ref = AMX_REFERENCE[bits](x, packed.qweight, packed.qzeros, packed.scales, 128)
+        assert rel_err(ops.gemm_tiled(x, tile(packed)), ref) < 1e-6
 
 
 @AMX

@@ -7,7 +7,8 @@ error (measured ~1e-7). bf16 / fp16 activations are converted to fp32 on entry a
 once: bound 8e-3 (2^-8 is bf16's step). A wrong index, nibble, value slot, zero, scale or group gives
 errors of order 1. Batches below 192 rows run the sparse kernel on blocks of 4 rows (1..3-row tails
 included); from 192 rows the weight is expanded to dense blocks for torch's GEMM (bf16 activations: bf16
-blocks); on a CPU with AMX-BF16, bf16 activations from 8 to 1023 rows run on the tile unit. All are covered.
+blocks); on a CPU with AMX-BF16, bf16 activations from 8 to 1023 rows run on the tile unit, and fp32 ones from
+16 to 191 rows where the kept values are exact in bf16 (three exact bf16 planes of x). All are covered.
 """
 import pytest
 import torch
@@ -15,7 +16,7 @@ import torch
 from comptrust import ops, reference
 from comptrust.formats.cpu_tiles import TiledSparse24, tile_sparse24, tile_sparse24_int4, untile_sparse24
 from comptrust.formats.sparse24 import Sparse24Packed, pack_sparse24, prune_magnitude_24
-from quant_cases import MODEL_SHAPES, rel_err
+from quant_cases import MODEL_SHAPES, full_precision_one_hot_rows, rel_err, wide_range_rows
 from sparse24_cases import uniform_sparse24, uniform_sparse24_int4
 
 FLOAT_ODD_SHAPES = ((8, 8), (24, 40), (200, 136), (16, 200), (40, 96))
@@ -182,6 +183,41 @@ def test_amx_bf16_path_matches_reference(monkeypatch):
                 off = ops.sparse24_tiled(x, tiled)
                 monkeypatch.delenv("COMPTRUST_CPU_AMX")
                 assert rel_err(y, off) < 8e-3, (m, n, k, kind)
+
+
+@pytest.mark.skipif(not ops.cpu_amx_bf16(), reason="this CPU (or OS) has no AMX-BF16 tile unit")
+def test_amx_fp32_activations_lose_no_bit(monkeypatch):
+    """fp32 activations from 16 to 191 rows with values exact in bf16 (bf16 values; int4 in groups of whole tile
+    steps) run on the tile unit as three bf16 planes whose sum is exactly x. A 2:4 weight of ones (bf16 values)
+    times one full-precision input per row is exact: the output must equal the input bit for bit, on AMX and
+    off. Then every value kind (fp32/fp16 values and int4 groups of 8 stay on the sparse kernel) on
+    wide-range inputs against the reference."""
+    for m in (16, 17, 64, 70, 191):
+        for n, k in ((40, 224), (576, 576)):
+            keep = torch.zeros(n, k // 4, 4, dtype=torch.bool)
+            first = torch.randint(0, 4, (n, k // 4), generator=torch.Generator().manual_seed(m + n))
+            keep.scatter_(2, first[..., None], True)
+            keep.scatter_(2, ((first + 1) % 4)[..., None], True)
+            selected = keep.reshape(n, k)
+            tiled = tile_sparse24(pack_sparse24(selected.to(torch.bfloat16)))
+            x, columns = full_precision_one_hot_rows(m, k, seed=m)
+            expected = torch.where(selected[:, columns].T, x[torch.arange(m), columns][:, None], 0.0)
+            for amx in ("1", "0"):
+                monkeypatch.setenv("COMPTRUST_CPU_AMX", amx)
+                assert torch.equal(ops.sparse24_tiled(x, tiled), expected), (m, n, k, amx)
+            for kind in ("float32", "bfloat16", "float16", "int4", "int4-channel", "int4-g8"):
+                if kind.startswith("int4"):
+                    group = {"int4": 16, "int4-channel": k // 2, "int4-g8": 8}[kind]
+                    packed = uniform_sparse24_int4(n, k, group, seed=m)
+                    q = packed.qvalues
+                    ref = lambda x: reference.sparse24_int4_gemm(x, q.qweight, q.qzeros, q.scales, packed.meta, group)
+                    tiled = tile_sparse24_int4(packed)
+                else:
+                    packed = uniform_sparse24(n, k, getattr(torch, kind), seed=m)
+                    ref = lambda x: reference.sparse24_gemm(x, packed.values, packed.meta)
+                    tiled = tile_sparse24(packed)
+                x = wide_range_rows(m, k, seed=m)
+                assert rel_err(ops.sparse24_tiled(x, tiled), ref(x)) < 1e-6, (m, n, k, kind)
 
 
 def test_storage_layout_ops_tile_and_run_the_same_kernels():

@@ -54,10 +54,12 @@ COMPTRUST_AMX inline void store_pair_row(uint16_t* row, __m512 even, __m512 odd)
 }
 
 // C += A . B for block C of a pass (A from rows 16*C.. of x; the short last block through tmm6).
-#define COMPTRUST_AMX_STEP(C, TMM_A)                                  \
-  do {                                                                \
-    _tile_loadd(TMM_A, x + (C) * kAmxRows * k + kb, k * 2);           \
-    _tile_dpbf16ps(C, TMM_A, COMPTRUST_TMM_B);                        \
+#define COMPTRUST_AMX_STEP(C, TMM_A)                                                \
+  do {                                                                              \
+    for (int plane = 0; plane < PLANES; ++plane) {                                  \
+      _tile_loadd(TMM_A, x + plane * plane_stride + (C) * kAmxRows * k + kb, k * 2); \
+      _tile_dpbf16ps(C, TMM_A, COMPTRUST_TMM_B);                                    \
+    }                                                                               \
   } while (0)
 #define COMPTRUST_AMX_BLOCK(C)                                                                     \
   if constexpr (BLOCKS > (C)) {                                                                    \
@@ -66,9 +68,11 @@ COMPTRUST_AMX inline void store_pair_row(uint16_t* row, __m512 even, __m512 odd)
   }
 
 // C blocks += x[rows, kb0..kb1) @ B for the pass's BLOCKS blocks of 16 rows (the last shorter if TAIL), the B
-// rows of inputs kb0..kb1 from b_rows[(kk - kb0) / 2][16][2].
-template <int BLOCKS, bool TAIL>
-COMPTRUST_AMX inline void amx_steps(const at::BFloat16* x, int64_t k, const uint16_t* b_rows, int64_t kb0, int64_t kb1) {
+// rows of inputs kb0..kb1 from b_rows[(kk - kb0) / 2][16][2]; x is the sum of PLANES bf16 planes, plane_stride
+// elements apart (AmxActivations), all accumulated into the same C.
+template <int BLOCKS, bool TAIL, int PLANES>
+COMPTRUST_AMX inline void amx_steps(const at::BFloat16* x, int64_t k, int64_t plane_stride, const uint16_t* b_rows,
+                                    int64_t kb0, int64_t kb1) {
   for (int64_t kb = kb0; kb < kb1; kb += kAmxStep) {
     _tile_loadd(COMPTRUST_TMM_B, b_rows + (kb - kb0) / 2 * kAmxCols * 2, kAmxCols * 4);
     COMPTRUST_AMX_BLOCK(0)
@@ -120,11 +124,13 @@ inline std::pair<int64_t, int64_t> next_chunk(int64_t kb1, int64_t k, int64_t gr
 }
 
 // c[rows][16] = the pass's rows of x @ W over all groups, in chunks of at most kCodeChunk inputs inside one
-// group. codes(kb0, kb1, next0, next1) gives chunk kb0..kb1's B rows (b_rows[(kk - kb0) / 2][16][2]); the
-// chunk after it is next0..next1 (empty after the last), so that codes can decode it while the tile unit runs.
-template <int BLOCKS, bool TAIL, class Codes>
-COMPTRUST_AMX void amx_pass_grouped(const at::BFloat16* x, int64_t k, int64_t group_size, const GroupParams& params,
-                                    const float* x_group_sum, int64_t rows, float* c, Codes&& codes) {
+// group (x_group_sum nullptr: no zero points). codes(kb0, kb1, next0, next1) gives chunk kb0..kb1's B rows
+// (b_rows[(kk - kb0) / 2][16][2]); the chunk after it is next0..next1 (empty after the last), so that codes
+// can decode it while the tile unit runs.
+template <int BLOCKS, bool TAIL, int PLANES, class Codes>
+COMPTRUST_AMX void amx_pass_grouped(const at::BFloat16* x, int64_t k, int64_t plane_stride, int64_t group_size,
+                                    const GroupParams& params, const float* x_group_sum, int64_t rows, float* c,
+                                    Codes&& codes) {
   const int64_t groups = (k + group_size - 1) / group_size;
   alignas(64) float sums[kAmxBlocks * kAmxRows * kAmxCols];
   for (int64_t r = 0; r < rows; ++r) _mm512_store_ps(c + r * kAmxCols, _mm512_setzero_ps());
@@ -134,15 +140,15 @@ COMPTRUST_AMX void amx_pass_grouped(const at::BFloat16* x, int64_t k, int64_t gr
     for (int64_t kb0 = g * group_size; kb0 < group_end; kb0 += kCodeChunk) {
       const int64_t kb1 = std::min(group_end, kb0 + kCodeChunk);
       const auto [next0, next1] = next_chunk(kb1, k, group_size);
-      amx_steps<BLOCKS, TAIL>(x, k, codes(kb0, kb1, next0, next1), kb0, kb1);
+      amx_steps<BLOCKS, TAIL, PLANES>(x, k, plane_stride, codes(kb0, kb1, next0, next1), kb0, kb1);
     }
     store_blocks<BLOCKS>(sums);
     const __m512 scale = _mm512_load_ps(params.scale + g * kAmxCols);
     const __m512 zero_scale = _mm512_load_ps(params.zero_scale + g * kAmxCols);
     for (int64_t r = 0; r < rows; ++r) {
       const __m512 out = _mm512_fmadd_ps(_mm512_load_ps(sums + r * kAmxCols), scale, _mm512_load_ps(c + r * kAmxCols));
-      _mm512_store_ps(c + r * kAmxCols,
-                      _mm512_fnmadd_ps(zero_scale, _mm512_set1_ps(x_group_sum[r * groups + g]), out));
+      _mm512_store_ps(c + r * kAmxCols, x_group_sum ? _mm512_fnmadd_ps(zero_scale, _mm512_set1_ps(x_group_sum[r * groups + g]), out)
+                                                    : out);
     }
   }
 }
@@ -184,8 +190,9 @@ COMPTRUST_AMX inline void dispatch_pass(int64_t rows, Pass&& pass) {
 
 COMPTRUST_AMX inline void release_tiles() { _tile_release(); }
 
-// y[r, 0..8*tiles) = c[r][...] rounded to bf16, for r < rows; y rows n apart.
-COMPTRUST_AVX2 inline void store_rows_bf16(const float* c, int64_t rows, int tiles, at::BFloat16* y, int64_t n) {
+// y[r, 0..8*tiles) = c[r][...] (rounded once where Out is bf16), for r < rows; y rows n apart.
+template <class Out>
+COMPTRUST_AVX2 inline void store_rows(const float* c, int64_t rows, int tiles, Out* y, int64_t n) {
   for (int64_t r = 0; r < rows; ++r)
     for (int u = 0; u < tiles; ++u) store8(y + r * n + u * kTileCols, _mm256_load_ps(c + r * kAmxCols + u * kTileCols));
 }
@@ -230,23 +237,61 @@ COMPTRUST_AMX inline void group_sums_bf16(const at::BFloat16* x, int64_t m, int6
   }
 }
 
-// y[m, n] (bf16) = x[m, k] (bf16) @ W^T on panels of two tiles (16 columns), for weights whose group size is
-// a multiple of kAmxStep. fill(t, tiles, kb0, kb1, b_rows) writes the B rows of tiles t..t+tiles-1 (tiles is 1
-// or 2) for inputs kb0..kb1 (multiples of kAmxStep) to b_rows[(kk - kb0) / 2][16][2]: codes, or weight values
-// with group_size = k. params(t, tiles, scale, zero_scale) writes the 16 columns' scale and zero * scale per
-// group (a missing second tile's zero); zero_points false: every zero_scale is 0 (the sums of x are skipped).
+// The rows the tile unit multiplies: x as the sum of bf16 planes [planes][m][k]. bf16 activations are one
+// plane. fp32 activations are three (split_fp32_rows): hi + mid + lo == x exactly, and each plane's product
+// with a bf16 weight is exact in fp32, so the tile unit's fp32 sums are as accurate as an fp32 kernel's while
+// running three tdpbf16ps (512 multiply-adds each per 16 rows) where the FMA kernels run 16 per instruction.
+// Only weights exact in bf16 qualify: codes, and bf16 values (not fp32/fp16 values, not dequantized panels).
+struct AmxActivations {
+  const at::BFloat16* planes;
+  int count;                 // 1 or 3
+  const float* group_sums;   // [m][groups] fp32 sums of x per group; nullptr: from the bf16 plane (count 1)
+};
+
+// planes[3][m][k] = the exact split of fp32 x[m, k] (k % 16 == 0): hi = bf16(x), mid = bf16(x - hi),
+// lo = x - hi - mid. x has 24 significant bits and each rounding (nearest even) takes the top 8 of what is
+// left, so lo is exact in bf16 (short of underflow below ~2^-110, where the tile unit flushes to zero anyway).
+COMPTRUST_AMX inline __m512 widen_bf16(__m256bh h) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(reinterpret_cast<__m256i>(h)), 16));
+}
+COMPTRUST_AMX inline void split_fp32_rows(const float* x, int64_t m, int64_t k, at::BFloat16* planes) {
+  for (int64_t i = 0; i < m * k; i += 16) {
+    const __m512 v = _mm512_loadu_ps(x + i);
+    const __m256bh hi = _mm512_cvtneps_pbh(v);
+    const __m512 rest = _mm512_sub_ps(v, widen_bf16(hi));
+    const __m256bh mid = _mm512_cvtneps_pbh(rest);
+    const __m256bh lo = _mm512_cvtneps_pbh(_mm512_sub_ps(rest, widen_bf16(mid)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(planes + i), reinterpret_cast<__m256i>(hi));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(planes + m * k + i), reinterpret_cast<__m256i>(mid));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(planes + 2 * m * k + i), reinterpret_cast<__m256i>(lo));
+  }
+}
+
+// y[m, n] = x[m, k] @ W^T on panels of two tiles (16 columns), for weights whose group size is a multiple of
+// kAmxStep; Out is bf16 (bf16 x) or float (fp32 x split into planes). fill(t, tiles, kb0, kb1, b_rows) writes
+// the B rows of tiles t..t+tiles-1 (tiles is 1 or 2) for inputs kb0..kb1 (multiples of kAmxStep) to
+// b_rows[(kk - kb0) / 2][16][2]: codes, or weight values with group_size = k. params(t, tiles, scale,
+// zero_scale) writes the 16 columns' scale and zero * scale per group (a missing second tile's zero);
+// zero_points false: every zero_scale is 0 (the sums of x are skipped).
 // Up to 64 rows (one pass) each chunk is decoded while the tile unit runs the one before (two 8 KB buffers
 // that stay in L1: decoding a whole 128 KB panel first sends it to L2 and back; int4 at 16 rows on 4096x4096
 // ran 1.25x the speed of bf16 F.linear that way and 1.85-2.07x in chunks); more rows decode the whole panel
 // once and run it once per pass.
-template <class Fill, class FillParams>
-void gemm_amx_bf16(const at::BFloat16* x, at::BFloat16* y, int64_t m, int64_t n, int64_t k, int64_t group_size,
+template <class Out, class Fill, class FillParams>
+void gemm_amx_bf16(const AmxActivations& x, Out* y, int64_t m, int64_t n, int64_t k, int64_t group_size,
                    bool zero_points, Fill&& fill, FillParams&& fill_params) {
+  TORCH_CHECK(x.count == 1 || (x.count == 3 && (x.group_sums || !zero_points)),
+              "gemm_amx_bf16: fp32 activations need their fp32 group sums");  // an internal contract
   const int64_t tiles = n / kTileCols, panels = (tiles + 1) / 2;
   const int64_t groups = (k + group_size - 1) / group_size;
   const bool one_pass = m <= kAmxBlocks * kAmxRows;
-  std::vector<float> x_group_sum(m * groups, 0.f);
-  if (zero_points) group_sums_bf16(x, m, k, group_size, x_group_sum.data());
+  std::vector<float> bf16_group_sums;
+  const float* x_group_sum = x.group_sums;
+  if (zero_points && !x_group_sum) {
+    bf16_group_sums.resize(m * groups);
+    group_sums_bf16(x.planes, m, k, group_size, bf16_group_sums.data());
+    x_group_sum = bf16_group_sums.data();
+  }
   at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
     // The whole panel (k * 16 bf16: 128 KB at k = 4096) or two chunks; kept for the next call.
     thread_local std::vector<uint16_t> codes;
@@ -273,11 +318,18 @@ void gemm_amx_bf16(const at::BFloat16* x, at::BFloat16* y, int64_t m, int64_t n,
       };
       for (int64_t r0 = 0; r0 < m; r0 += kAmxBlocks * kAmxRows) {
         const int64_t rows = std::min<int64_t>(kAmxBlocks * kAmxRows, m - r0);
+        const float* pass_sums = zero_points ? x_group_sum + r0 * groups : nullptr;
         dispatch_pass(rows, [&](auto blocks, auto tail) {
-          amx_pass_grouped<decltype(blocks)::value, decltype(tail)::value>(
-              x + r0 * k, k, group_size, group_params, x_group_sum.data() + r0 * groups, rows, c, chunk);
+          constexpr int kBlocks = decltype(blocks)::value;
+          constexpr bool kTail = decltype(tail)::value;
+          if (x.count == 3)
+            amx_pass_grouped<kBlocks, kTail, 3>(x.planes + r0 * k, k, m * k, group_size, group_params, pass_sums,
+                                                rows, c, chunk);
+          else
+            amx_pass_grouped<kBlocks, kTail, 1>(x.planes + r0 * k, k, m * k, group_size, group_params, pass_sums,
+                                                rows, c, chunk);
         });
-        store_rows_bf16(c, rows, count, y + r0 * n + t * kTileCols, n);
+        store_rows(c, rows, count, y + r0 * n + t * kTileCols, n);
       }
     }
     release_tiles();
@@ -285,8 +337,8 @@ void gemm_amx_bf16(const at::BFloat16* x, at::BFloat16* y, int64_t m, int64_t n,
 }
 
 // Panels of weight values (already scaled): fill(t, tiles, kb0, kb1, b_rows) as for gemm_amx_bf16.
-template <class Fill>
-void gemm_amx_bf16_values(const at::BFloat16* x, at::BFloat16* y, int64_t m, int64_t n, int64_t k, Fill&& fill) {
+template <class Out, class Fill>
+void gemm_amx_bf16_values(const AmxActivations& x, Out* y, int64_t m, int64_t n, int64_t k, Fill&& fill) {
   gemm_amx_bf16(x, y, m, n, k, k, false, fill, [](int64_t, int, float* scale, float* zero_scale) {
     std::fill_n(scale, kAmxCols, 1.f);
     std::fill_n(zero_scale, kAmxCols, 0.f);
