@@ -16,8 +16,8 @@ from comptrust import ops, reference
 from comptrust.formats.cpu_tiles import TiledWeight, tile, tile_int3, tile_int4, untile
 from comptrust.formats.int3 import pack_int3
 from comptrust.formats.int4 import pack_int4
-from quant_cases import (MODEL_SHAPES, full_precision_one_hot_rows, random_int3, random_int4, random_int8, rel_err,
-                         wide_range_rows)
+from quant_cases import (MODEL_SHAPES, available_isas, full_precision_one_hot_rows, random_int3, random_int4,
+                         random_int8, rel_err, wide_range_rows)
 
 INT3_ODD_SHAPES = ((32, 32), (96, 160), (160, 224), (64, 96))
 INT4_ODD_SHAPES = ((24, 40), (200, 136), (8, 200), (40, 96))
@@ -149,7 +149,7 @@ def test_amx_fp32_activations_lose_no_bit(bits, monkeypatch):
     sum is exact: the output must equal x's input bit for bit (two planes would lose its last 8 bits). With AMX
     off the fp32 panel and register kernels give the same."""
     for m in (1, 8, 17, 64, 70, 200, 255):
-        for n, k, group in ((64, 224, 32), (576, 1536, 128), (64, 1536, 1536)):
+        for n, k, group in ((64, 224, 32), (576, 1536, 128), (64, 1536, 1536), (1024, 4096, 128)):
             gen = torch.Generator().manual_seed(m + n)
             selected = torch.rand(n, k, generator=gen) < 0.5
             codes = 1 + selected.to(torch.int64)
@@ -167,6 +167,31 @@ def test_amx_fp32_activations_lose_no_bit(bits, monkeypatch):
         x = wide_range_rows(m, 1536, seed=m)
         ref = AMX_REFERENCE[bits](x, packed.qweight, packed.qzeros, packed.scales, 128)
         assert rel_err(ops.gemm_tiled(x, tile(packed)), ref) < 1e-6
+
+
+@pytest.mark.parametrize("bits", [4, 3])
+def test_batch_one_fp32_as_int8_limbs_keeps_fp32_accuracy(bits, monkeypatch):
+    """At batch 1 with VNNI (int3 always, int4 from 2^22 weights) fp32 x runs on the int8 kernels as three
+    int8 limbs per block of 32 inputs, leaving at most 2^-23 of the block's largest input. Wide-range inputs
+    (a dropped third limb: 4e-5 relative error), groups that cut blocks short (int4 g24), bf16 x; and against the
+    other ISAs' fp32 kernels."""
+    for n, k, group in ((1024, 4096, 128), (1024, 4096, 24), (64, 224, 32), (576, 1536, 128)):
+        if bits == 3 and group % 32:
+            continue
+        packed = AMX_RANDOM[bits](n, k, group, seed=n + group)[0]
+        ref_op = AMX_REFERENCE[bits]
+        for seed in range(3):
+            x = wide_range_rows(1, k, seed=seed)
+            ref = ref_op(x, packed.qweight, packed.qzeros, packed.scales, group)
+            y = ops.gemm_tiled(x, tile(packed))
+            assert rel_err(y, ref) < 2e-6, (n, k, group, rel_err(y, ref))
+            for isa in available_isas():
+                monkeypatch.setenv("COMPTRUST_CPU_ISA", isa)
+                assert rel_err(ops.gemm_tiled(x, tile(packed)), ref) < 2e-6, (n, k, group, isa)
+            monkeypatch.delenv("COMPTRUST_CPU_ISA")
+        xb = x.bfloat16()
+        ref = ref_op(xb, packed.qweight, packed.qzeros, packed.scales, group)
+        assert rel_err(ops.gemm_tiled(xb, tile(packed)), ref) < 8e-3
 
 
 @AMX

@@ -18,7 +18,9 @@
 //   * a8 (int8 activations, any batch; int4/int3 weights): x is quantized per row and per block of 32
 //     inputs, the codes are unpacked into u8 lanes and multiplied with vpdpbusd where the CPU has AVX-512
 //     VNNI (64 u8 x s8 products per instruction), else vpmaddubsw/vpmaddwd (16 per pair), the integer
-//     block sums scaled once per block.
+//     block sums scaled once per block. With VNNI, fp32 x at batch 1 (int3, and int4 on large layers) runs
+//     there too, as three int8 limbs per block that hold x to 2^-23 of the block's largest input
+//     (quantize_limbs): fp32 accuracy, in place of the direct kernel.
 // Each kernel has an AVX2 path and a portable scalar one (the BLAS path a scalar dequantization); direct,
 // a8 and the panel also an AVX-512 one (isa.h picks). The AVX-512 int4/int3 direct and a8 kernels take two
 // neighbouring tiles per register (16 output columns for the same inputs).
@@ -60,14 +62,15 @@ inline int64_t words_per_column(int bits, int64_t k) {
 struct Problem {
   int bits;
   const float* x;             // [m, k] fp32 (float activations)
-  const int8_t* x8;           // [m, k] int8 in the layout's lane order (a8; see quantize_rows)
-  const float* x_block_scale; // [m, groups * blocks_per_group] (a8)
+  const int8_t* x8;           // [m * limbs, k] int8 in the layout's lane order (a8 and limbs; quantize_rows)
+  const float* x_block_scale; // [m * limbs, groups * blocks_per_group] (a8 and limbs)
   const float* x_group_sum;   // [m, groups]: sum of x (or of dequantized x8) over each group
   const int32_t* w;
   const uint8_t* zeros;
   const at::Half* scales;
   float* y;  // [m, n]
   int64_t m, n, k, group_size, groups, blocks_per_group;
+  int limbs = 1;  // 3: fp32 x as three int8 limbs per row (a8_avx512), else 1
 
   const int32_t* tile_w(int64_t t) const { return w + t * words_per_column(bits, k) * kTileCols; }
   const uint8_t* tile_zeros(int64_t t) const { return zeros + t * groups * kTileCols; }
@@ -412,10 +415,13 @@ std::array<TilePair, P> tile_pairs(const Problem& p, int64_t t, std::index_seque
 // P > 1 runs P neighbouring tile pairs through each group together: 2P weight streams in flight instead of 2.
 // A thread reading more streams at once gets more of the memory bandwidth (read-only test on this 2-core
 // Xeon, 8 MiB per call: 2 streams 28 GB/s, 4 streams 31.5, 8 streams 33-34).
-template <int BITS, int R, int P>
+// LIMBS = 3: fp32 x (quantize_limbs): each of the R rows is three int8 rows (limbs) whose block sums are scaled
+// by their own block scales into the row's one accumulator; the codes are decoded once for all of them.
+template <int BITS, int R, int P, int LIMBS = 1>
 COMPTRUST_AVX512_VNNI void a8_avx512(const Problem& p, int64_t t, int64_t i0) {
+  constexpr int V = R * LIMBS;  // int8 rows
   const std::array<TilePair, P> tiles = tile_pairs<P>(p, t, std::make_index_sequence<P>{});
-  const int8_t* x8 = p.x8 + i0 * p.k;
+  const int8_t* x8 = p.x8 + i0 * LIMBS * p.k;
   const __m512i nibbles = _mm512_set1_epi8(0x0F);
   __m512 out[P][R];
   COMPTRUST_UNROLL for (int q = 0; q < P; ++q)
@@ -429,24 +435,24 @@ COMPTRUST_AVX512_VNNI void a8_avx512(const Problem& p, int64_t t, int64_t i0) {
       const int64_t bend = std::min(ke, bk + kActBlock);
       // Two accumulator chains per pair and row (int4: even and odd inputs; int3: the two planes): vpdpbusd
       // waits ~5 cycles for its predecessor, and one chain would set the pace.
-      __m512i dot[P][R][2];
+      __m512i dot[P][V][2];
       COMPTRUST_UNROLL for (int q = 0; q < P; ++q)
-        COMPTRUST_UNROLL for (int r = 0; r < R; ++r) dot[q][r][0] = dot[q][r][1] = _mm512_setzero_si512();
+        COMPTRUST_UNROLL for (int v = 0; v < V; ++v) dot[q][v][0] = dot[q][v][1] = _mm512_setzero_si512();
       if constexpr (BITS == 4) {
         for (int64_t row = bk / 8; row < bend / 8; ++row) {
-          __m512i x_even[R], x_odd[R];
-          COMPTRUST_UNROLL for (int r = 0; r < R; ++r) {
-            x_even[r] = x8_lanes4(x8 + r * p.k + row * 8);
-            x_odd[r] = x8_lanes4(x8 + r * p.k + row * 8 + 4);
+          __m512i x_even[V], x_odd[V];
+          COMPTRUST_UNROLL for (int v = 0; v < V; ++v) {
+            x_even[v] = x8_lanes4(x8 + v * p.k + row * 8);
+            x_odd[v] = x8_lanes4(x8 + v * p.k + row * 8 + 4);
           }
           COMPTRUST_UNROLL for (int q = 0; q < P; ++q) {
             tiles[q].prefetch(row * kTileCols, 1);
             const __m512i words = tiles[q].words(row * kTileCols);
             const __m512i even = _mm512_and_si512(words, nibbles);
             const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(words, 4), nibbles);
-            COMPTRUST_UNROLL for (int r = 0; r < R; ++r) {
-              dot[q][r][0] = _mm512_dpbusd_epi32(dot[q][r][0], even, x_even[r]);
-              dot[q][r][1] = _mm512_dpbusd_epi32(dot[q][r][1], odd, x_odd[r]);
+            COMPTRUST_UNROLL for (int v = 0; v < V; ++v) {
+              dot[q][v][0] = _mm512_dpbusd_epi32(dot[q][v][0], even, x_even[v]);
+              dot[q][v][1] = _mm512_dpbusd_epi32(dot[q][v][1], odd, x_odd[v]);
             }
           }
         }
@@ -465,17 +471,18 @@ COMPTRUST_AVX512_VNNI void a8_avx512(const Problem& p, int64_t t, int64_t i0) {
               // (low >> 2i) & 3 | table bits: vpternlogd truth table of A & B | C is 0xEA (A, B, C = 0xF0, 0xCC, 0xAA).
               const __m512i codes = _mm512_ternarylogic_epi32(i ? _mm512_srli_epi16(low, 2 * i) : low, _mm512_set1_epi8(3),
                                                               _mm512_shuffle_epi8(bit_i_times_4, high_nibbles), 0xEA);
-              COMPTRUST_UNROLL for (int r = 0; r < R; ++r)
-                dot[q][r][plane] = _mm512_dpbusd_epi32(dot[q][r][plane], codes,
-                                                       x8_lanes4(x8 + r * p.k + bk + plane * 16 + i * 4));
+              COMPTRUST_UNROLL for (int v = 0; v < V; ++v)
+                dot[q][v][plane] = _mm512_dpbusd_epi32(dot[q][v][plane], codes,
+                                                       x8_lanes4(x8 + v * p.k + bk + plane * 16 + i * 4));
             }
           }
         }
       }
-      COMPTRUST_UNROLL for (int r = 0; r < R; ++r) {
-        const __m512 sx = _mm512_set1_ps(p.x_block_scale[((i0 + r) * p.groups + g) * p.blocks_per_group + b]);
+      COMPTRUST_UNROLL for (int v = 0; v < V; ++v) {
+        const __m512 sx = _mm512_set1_ps(p.x_block_scale[((i0 * LIMBS + v) * p.groups + g) * p.blocks_per_group + b]);
         COMPTRUST_UNROLL for (int q = 0; q < P; ++q)
-          acc[q][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(dot[q][r][0], dot[q][r][1])), sx, acc[q][r]);
+          acc[q][v / LIMBS] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(dot[q][v][0], dot[q][v][1])), sx,
+                                              acc[q][v / LIMBS]);
       }
     }
     COMPTRUST_UNROLL for (int q = 0; q < P; ++q) tiles[q].template add_group<R>(g, i0, acc[q], out[q]);
@@ -486,6 +493,10 @@ COMPTRUST_AVX512_VNNI void a8_avx512(const Problem& p, int64_t t, int64_t i0) {
 // Tiles 2u and 2u + 1.
 template <int BITS>
 COMPTRUST_AVX512_VNNI void a8_rows_avx512(const Problem& p, int64_t u) {
+  if (p.limbs == 3) {
+    for (int64_t i = 0; i < p.m; ++i) a8_avx512<BITS, 1, 1, 3>(p, 2 * u, i);
+    return;
+  }
   for_each_row_block(p.m, [&](auto rows, int64_t i0) { a8_avx512<BITS, decltype(rows)::value, 1>(p, 2 * u, i0); });
 }
 
@@ -494,9 +505,15 @@ COMPTRUST_AVX512_VNNI void a8_rows_avx512(const Problem& p, int64_t u) {
 constexpr int kStreamPairs = 4;
 constexpr int64_t kStreamPairsMin = 64;
 
-// Tile pairs first_pair .. first_pair + kStreamPairs - 1 at batch 1.
+// Tile pairs first_pair .. first_pair + kStreamPairs - 1 at batch 1 (limbs: two pairs twice; four would hold
+// 24 int32 sums in registers and spill).
 template <int BITS>
 COMPTRUST_AVX512_VNNI void a8_stream_pairs_avx512(const Problem& p, int64_t first_pair) {
+  if (p.limbs == 3) {
+    a8_avx512<BITS, 1, kStreamPairs / 2, 3>(p, 2 * first_pair, 0);
+    a8_avx512<BITS, 1, kStreamPairs / 2, 3>(p, 2 * (first_pair + kStreamPairs / 2), 0);
+    return;
+  }
   a8_avx512<BITS, 1, kStreamPairs>(p, 2 * first_pair, 0);
 }
 
@@ -1017,7 +1034,7 @@ void run(const Problem& p, bool a8, Isa isa) {
       isa == Isa::kAvx512 ? panel_all<4>(p) : panel_all<2>(p);
       return;
     }
-    if (a8 && avx512_vnni_usable()) {
+    if ((a8 || p.limbs == 3) && avx512_vnni_usable()) {
       for_each_pair_unit(
           p, grain,
           [&](int64_t first) { p.bits == 4 ? a8_stream_pairs_avx512<4>(p, first) : a8_stream_pairs_avx512<3>(p, first); },
@@ -1115,6 +1132,76 @@ void quantize_rows(const Problem& p, const float* x, int8_t* x8, float* block_sc
   });
 }
 
+#ifdef COMPTRUST_X86
+// fp32 x at batch 1 on the VNNI kernels (a8_avx512 with LIMBS = 3): each block of kActBlock inputs (restarting
+// at every group, as in quantize_rows) as three int8 limbs, x = d0 a + d1 b + d2 c with d0 = amax / 127,
+// d1 = d0 / 254, d2 = d1 / 254, each limb the rounding of what the ones before leave (at most half a step, so
+// |b|, |c| <= 127). What is left is at most d2 / 2 = amax / 8.2e6, under 2^-23 of the block's largest input:
+// below the fp32 rounding of any product sum that includes that input. The products are exact in int32.
+// x8 rows (3 per row of x) in the layout's lane order; block_scale [m * 3][groups * blocks_per_group].
+// Against the fp32 direct kernels, batch 1, cold weights, side by side: int3 1.1-1.25x on the SmolLM2 shapes and
+// 1.6-1.8x on 4096x4096, 11008x4096 and 4096x11008; int4 1.1-1.35x on those three, but 0.83-0.9x on the
+// SmolLM2 shapes, where the int4 direct kernel (cheaper to decode than int3's) stays.
+constexpr int64_t kLimbsMinInt4Weights = int64_t{1} << 22;
+COMPTRUST_AVX512 void limb_block_avx512(int bits, const float* x, float d0, float* inverse, int8_t* const (&out)[3]) {
+  // Lane order within 32 inputs (a8_lane_position): output byte j takes input from[j].
+  alignas(64) static const std::array<std::array<int32_t, 32>, 2> kFrom = [] {
+    std::array<std::array<int32_t, 32>, 2> from{};
+    for (int b = 0; b < 2; ++b)
+      for (int kk = 0; kk < 32; ++kk) from[b][a8_lane_position(b ? 3 : 4, kk)] = kk;
+    return from;
+  }();
+  const int32_t* from = kFrom[bits == 3].data();
+  const __m512 x0 = _mm512_loadu_ps(x), x1 = _mm512_loadu_ps(x + 16);
+  __m512 rest[2] = {_mm512_permutex2var_ps(x0, _mm512_load_si512(from), x1),
+                    _mm512_permutex2var_ps(x0, _mm512_load_si512(from + 16), x1)};
+  float step = d0;
+  for (int limb = 0; limb < 3; ++limb, step /= 254.f) {
+    const __m512 inv = _mm512_set1_ps(inverse[limb]), d = _mm512_set1_ps(step), bound = _mm512_set1_ps(127.f);
+    for (int h = 0; h < 2; ++h) {
+      const __m512 q = _mm512_max_ps(_mm512_sub_ps(_mm512_setzero_ps(), bound),
+                                     _mm512_min_ps(bound, _mm512_roundscale_ps(_mm512_mul_ps(rest[h], inv), 0)));
+      rest[h] = _mm512_fnmadd_ps(q, d, rest[h]);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out[limb] + 16 * h), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(q)));
+    }
+  }
+}
+
+void quantize_limbs(const Problem& p, const float* x, int8_t* x8, float* block_scale) {
+  for (int64_t i = 0; i < p.m; ++i) {
+    const float* xi = x + i * p.k;
+    for (int64_t g = 0; g < p.groups; ++g) {
+      const int64_t kb = g * p.group_size, ke = p.group_end(g);
+      for (int64_t b = 0, bk = kb; bk < ke; ++b, bk += kActBlock) {
+        const int64_t bend = std::min(ke, bk + kActBlock);
+        float amax = 0.f;
+        for (int64_t kk = bk; kk < bend; ++kk) amax = std::max(amax, std::fabs(xi[kk]));
+        const float d0 = amax / 127.f, steps[3] = {d0, d0 / 254.f, d0 / 254.f / 254.f};
+        float inverse[3];
+        for (int limb = 0; limb < 3; ++limb) {
+          block_scale[((i * 3 + limb) * p.groups + g) * p.blocks_per_group + b] = steps[limb];
+          inverse[limb] = amax > 0.f ? 1.f / steps[limb] : 0.f;
+        }
+        int8_t* const rows[3] = {x8 + i * 3 * p.k, x8 + (i * 3 + 1) * p.k, x8 + (i * 3 + 2) * p.k};
+        if (bend - bk == kActBlock) {
+          int8_t* const out[3] = {rows[0] + bk, rows[1] + bk, rows[2] + bk};
+          limb_block_avx512(p.bits, xi + bk, d0, inverse, out);
+          continue;
+        }
+        for (int64_t kk = bk; kk < bend; ++kk) {  // a block cut short by its group's end
+          float rest = xi[kk];
+          for (int limb = 0; limb < 3; ++limb) {
+            const float q = std::clamp(std::nearbyint(rest * inverse[limb]), -127.f, 127.f);
+            rest = std::fma(-q, steps[limb], rest);
+            rows[limb][a8_lane_position(p.bits, kk)] = static_cast<int8_t>(q);
+          }
+        }
+      }
+    }
+  }
+}
+#endif  // COMPTRUST_X86
+
 void check_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& zeros, const at::Tensor& scales,
                 int64_t bits, int64_t group_size, int64_t act_bits) {
   TORCH_CHECK(bits == 3 || bits == 4 || bits == 8, "gemm_tiled: bits=", bits, " must be 3, 4 or 8");
@@ -1196,11 +1283,18 @@ at::Tensor gemm_tiled_cpu(const at::Tensor& x, const at::Tensor& weight, const a
   p.x = xf.data_ptr<float>();
   p.y = y.data_ptr<float>();
   at::Tensor group_sum;
-  if (act_bits == 8) {
+#ifdef COMPTRUST_X86
+  const bool limbs = act_bits == 0 && m == 1 && (bits == 3 || (bits == 4 && n * k >= kLimbsMinInt4Weights)) &&
+                     isa == Isa::kAvx512 && avx512_vnni_usable();
+#else
+  constexpr bool limbs = false;
+#endif
+  if (act_bits == 8 || limbs) {
     // One allocation for the int8 codes, block scales and group sums (three would cost more than a
     // 576-wide layer's product at batch 1).
-    const int64_t scale_floats = m * groups * blocks_per_group, sum_floats = m * groups;
-    const int64_t code_floats = (m * k + sizeof(float) - 1) / sizeof(float);
+    p.limbs = limbs ? 3 : 1;
+    const int64_t scale_floats = m * p.limbs * groups * blocks_per_group, sum_floats = m * groups;
+    const int64_t code_floats = (m * p.limbs * k + sizeof(float) - 1) / sizeof(float);
     group_sum = at::empty({scale_floats + sum_floats + code_floats}, xf.options());
     float* block_scale = group_sum.data_ptr<float>();
     float* sums = block_scale + scale_floats;
@@ -1208,7 +1302,16 @@ at::Tensor gemm_tiled_cpu(const at::Tensor& x, const at::Tensor& weight, const a
     p.x8 = x8;
     p.x_block_scale = block_scale;
     p.x_group_sum = sums;
+#ifdef COMPTRUST_X86
+    if (limbs) {
+      quantize_limbs(p, p.x, x8, block_scale);
+      group_sums_fp32(p, p.x, sums);
+    } else {
+      quantize_rows(p, p.x, x8, block_scale, sums);
+    }
+#else
     quantize_rows(p, p.x, x8, block_scale, sums);
+#endif
   } else {
     group_sum = at::empty({m, groups}, xf.options());
     group_sums_fp32(p, p.x, group_sum.data_ptr<float>());
