@@ -16,7 +16,7 @@ import torch
 from comptrust import ops, reference
 from comptrust.formats.cpu_tiles import TiledSparse24, tile_sparse24, tile_sparse24_int4, untile_sparse24
 from comptrust.formats.sparse24 import Sparse24Packed, pack_sparse24, prune_magnitude_24
-from quant_cases import MODEL_SHAPES, full_precision_one_hot_rows, rel_err, wide_range_rows
+from quant_cases import MODEL_SHAPES, available_isas, full_precision_one_hot_rows, rel_err, wide_range_rows
 from sparse24_cases import uniform_sparse24, uniform_sparse24_int4
 
 FLOAT_ODD_SHAPES = ((8, 8), (24, 40), (200, 136), (16, 200), (40, 96))
@@ -218,6 +218,27 @@ def test_amx_fp32_activations_lose_no_bit(monkeypatch):
                     tiled = tile_sparse24(packed)
                 x = wide_range_rows(m, k, seed=m)
                 assert rel_err(ops.sparse24_tiled(x, tiled), ref(x)) < 1e-6, (m, n, k, kind)
+
+
+def test_batch_one_fp32_int4_values_as_int8_limbs_keep_fp32_accuracy(monkeypatch):
+    """At batch 1 with AVX-512 VNNI + VBMI, fp32 x with int4 kept values runs on the int8 kernel as three int8
+    limbs per block (to 2^-23 of the block's largest input; a dropped third limb: ~4e-5), on layers of at least
+    2^22 weights (smaller ones stay on the float kernel). Wide-range inputs, groups that cut blocks short (8 and
+    24 kept values: 16 and 48 inputs), n = 1048 (streamed pairs and a lone last tile), bf16 x, and every ISA's
+    kernel on the same inputs."""
+    for n, k, group in ((1048, 4096, 64), (1032, 4096, 8), (1024, 4096, 24), (40, 224, 8)):
+        packed = uniform_sparse24_int4(n, k, group, seed=n)
+        q, tiled = packed.qvalues, tile_sparse24_int4(packed)
+        ref = lambda x: reference.sparse24_int4_gemm(x, q.qweight, q.qzeros, q.scales, packed.meta, group)
+        for seed in range(3):
+            x = wide_range_rows(1, k, seed=seed)
+            assert rel_err(ops.sparse24_tiled(x, tiled), ref(x)) < 2e-6, (n, k, group)
+            for isa in available_isas():
+                monkeypatch.setenv("COMPTRUST_CPU_ISA", isa)
+                assert rel_err(ops.sparse24_tiled(x, tiled), ref(x)) < 2e-6, (n, k, group, isa)
+            monkeypatch.delenv("COMPTRUST_CPU_ISA")
+        xb = x.bfloat16()
+        assert rel_err(ops.sparse24_tiled(xb, tiled), ref(xb)) < 8e-3
 
 
 def test_storage_layout_ops_tile_and_run_the_same_kernels():

@@ -44,6 +44,7 @@
 #include "amx_bf16.h"
 #include "comptrust/cpu_tiles.h"
 #include "dense_blocks.h"
+#include "int8_limbs.h"
 #include "simd_common.h"
 #include "isa.h"
 
@@ -70,7 +71,7 @@ struct Problem {
   const at::Half* scales;
   float* y;  // [m, n]
   int64_t m, n, k, group_size, groups, blocks_per_group;
-  int limbs = 1;  // 3: fp32 x as three int8 limbs per row (a8_avx512), else 1
+  int limbs = 1;  // kLimbs: fp32 x as int8 limbs (int8_limbs.h, a8_avx512), else 1
 
   const int32_t* tile_w(int64_t t) const { return w + t * words_per_column(bits, k) * kTileCols; }
   const uint8_t* tile_zeros(int64_t t) const { return zeros + t * groups * kTileCols; }
@@ -493,8 +494,8 @@ COMPTRUST_AVX512_VNNI void a8_avx512(const Problem& p, int64_t t, int64_t i0) {
 // Tiles 2u and 2u + 1.
 template <int BITS>
 COMPTRUST_AVX512_VNNI void a8_rows_avx512(const Problem& p, int64_t u) {
-  if (p.limbs == 3) {
-    for (int64_t i = 0; i < p.m; ++i) a8_avx512<BITS, 1, 1, 3>(p, 2 * u, i);
+  if (p.limbs == kLimbs) {
+    for (int64_t i = 0; i < p.m; ++i) a8_avx512<BITS, 1, 1, kLimbs>(p, 2 * u, i);
     return;
   }
   for_each_row_block(p.m, [&](auto rows, int64_t i0) { a8_avx512<BITS, decltype(rows)::value, 1>(p, 2 * u, i0); });
@@ -509,9 +510,9 @@ constexpr int64_t kStreamPairsMin = 64;
 // 24 int32 sums in registers and spill).
 template <int BITS>
 COMPTRUST_AVX512_VNNI void a8_stream_pairs_avx512(const Problem& p, int64_t first_pair) {
-  if (p.limbs == 3) {
-    a8_avx512<BITS, 1, kStreamPairs / 2, 3>(p, 2 * first_pair, 0);
-    a8_avx512<BITS, 1, kStreamPairs / 2, 3>(p, 2 * (first_pair + kStreamPairs / 2), 0);
+  if (p.limbs == kLimbs) {
+    a8_avx512<BITS, 1, kStreamPairs / 2, kLimbs>(p, 2 * first_pair, 0);
+    a8_avx512<BITS, 1, kStreamPairs / 2, kLimbs>(p, 2 * (first_pair + kStreamPairs / 2), 0);
     return;
   }
   a8_avx512<BITS, 1, kStreamPairs>(p, 2 * first_pair, 0);
@@ -1034,7 +1035,7 @@ void run(const Problem& p, bool a8, Isa isa) {
       isa == Isa::kAvx512 ? panel_all<4>(p) : panel_all<2>(p);
       return;
     }
-    if ((a8 || p.limbs == 3) && avx512_vnni_usable()) {
+    if ((a8 || p.limbs == kLimbs) && avx512_vnni_usable()) {
       for_each_pair_unit(
           p, grain,
           [&](int64_t first) { p.bits == 4 ? a8_stream_pairs_avx512<4>(p, first) : a8_stream_pairs_avx512<3>(p, first); },
@@ -1133,69 +1134,28 @@ void quantize_rows(const Problem& p, const float* x, int8_t* x8, float* block_sc
 }
 
 #ifdef COMPTRUST_X86
-// fp32 x at batch 1 on the VNNI kernels (a8_avx512 with LIMBS = 3): each block of kActBlock inputs (restarting
-// at every group, as in quantize_rows) as three int8 limbs, x = d0 a + d1 b + d2 c with d0 = amax / 127,
-// d1 = d0 / 254, d2 = d1 / 254, each limb the rounding of what the ones before leave (at most half a step, so
-// |b|, |c| <= 127). What is left is at most d2 / 2 = amax / 8.2e6, under 2^-23 of the block's largest input:
-// below the fp32 rounding of any product sum that includes that input. The products are exact in int32.
-// x8 rows (3 per row of x) in the layout's lane order; block_scale [m * 3][groups * blocks_per_group].
+// fp32 x at batch 1 on the VNNI kernels (a8_avx512 with LIMBS = 3): each row as three int8 limbs per block
+// of kActBlock inputs (int8_limbs.h), blocks restarting at every group as in quantize_rows; x8 rows (3 per
+// row of x) in the layout's lane order, block_scale [m * 3][groups * blocks_per_group].
 // Against the fp32 direct kernels, batch 1, cold weights, side by side: int3 1.1-1.25x on the SmolLM2 shapes and
 // 1.6-1.8x on 4096x4096, 11008x4096 and 4096x11008; int4 1.1-1.35x on those three, but 0.83-0.9x on the
 // SmolLM2 shapes, where the int4 direct kernel (cheaper to decode than int3's) stays.
 constexpr int64_t kLimbsMinInt4Weights = int64_t{1} << 22;
-COMPTRUST_AVX512 void limb_block_avx512(int bits, const float* x, float d0, float* inverse, int8_t* const (&out)[3]) {
-  // Lane order within 32 inputs (a8_lane_position): output byte j takes input from[j].
-  alignas(64) static const std::array<std::array<int32_t, 32>, 2> kFrom = [] {
-    std::array<std::array<int32_t, 32>, 2> from{};
-    for (int b = 0; b < 2; ++b)
-      for (int kk = 0; kk < 32; ++kk) from[b][a8_lane_position(b ? 3 : 4, kk)] = kk;
-    return from;
-  }();
-  const int32_t* from = kFrom[bits == 3].data();
-  const __m512 x0 = _mm512_loadu_ps(x), x1 = _mm512_loadu_ps(x + 16);
-  __m512 rest[2] = {_mm512_permutex2var_ps(x0, _mm512_load_si512(from), x1),
-                    _mm512_permutex2var_ps(x0, _mm512_load_si512(from + 16), x1)};
-  float step = d0;
-  for (int limb = 0; limb < 3; ++limb, step /= 254.f) {
-    const __m512 inv = _mm512_set1_ps(inverse[limb]), d = _mm512_set1_ps(step), bound = _mm512_set1_ps(127.f);
-    for (int h = 0; h < 2; ++h) {
-      const __m512 q = _mm512_max_ps(_mm512_sub_ps(_mm512_setzero_ps(), bound),
-                                     _mm512_min_ps(bound, _mm512_roundscale_ps(_mm512_mul_ps(rest[h], inv), 0)));
-      rest[h] = _mm512_fnmadd_ps(q, d, rest[h]);
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(out[limb] + 16 * h), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(q)));
-    }
-  }
-}
 
 void quantize_limbs(const Problem& p, const float* x, int8_t* x8, float* block_scale) {
+  static const LimbOrder kOrder[2] = {limb_order([](int j) { return a8_lane_position(4, j); }),
+                                      limb_order([](int j) { return a8_lane_position(3, j); })};
+  const LimbOrder& order = kOrder[p.bits == 3];
   for (int64_t i = 0; i < p.m; ++i) {
     const float* xi = x + i * p.k;
     for (int64_t g = 0; g < p.groups; ++g) {
       const int64_t kb = g * p.group_size, ke = p.group_end(g);
       for (int64_t b = 0, bk = kb; bk < ke; ++b, bk += kActBlock) {
-        const int64_t bend = std::min(ke, bk + kActBlock);
-        float amax = 0.f;
-        for (int64_t kk = bk; kk < bend; ++kk) amax = std::max(amax, std::fabs(xi[kk]));
-        const float d0 = amax / 127.f, steps[3] = {d0, d0 / 254.f, d0 / 254.f / 254.f};
-        float inverse[3];
-        for (int limb = 0; limb < 3; ++limb) {
-          block_scale[((i * 3 + limb) * p.groups + g) * p.blocks_per_group + b] = steps[limb];
-          inverse[limb] = amax > 0.f ? 1.f / steps[limb] : 0.f;
-        }
-        int8_t* const rows[3] = {x8 + i * 3 * p.k, x8 + (i * 3 + 1) * p.k, x8 + (i * 3 + 2) * p.k};
-        if (bend - bk == kActBlock) {
-          int8_t* const out[3] = {rows[0] + bk, rows[1] + bk, rows[2] + bk};
-          limb_block_avx512(p.bits, xi + bk, d0, inverse, out);
-          continue;
-        }
-        for (int64_t kk = bk; kk < bend; ++kk) {  // a block cut short by its group's end
-          float rest = xi[kk];
-          for (int limb = 0; limb < 3; ++limb) {
-            const float q = std::clamp(std::nearbyint(rest * inverse[limb]), -127.f, 127.f);
-            rest = std::fma(-q, steps[limb], rest);
-            rows[limb][a8_lane_position(p.bits, kk)] = static_cast<int8_t>(q);
-          }
-        }
+        int8_t* const out[kLimbs] = {x8 + i * kLimbs * p.k + bk, x8 + (i * kLimbs + 1) * p.k + bk,
+                                     x8 + (i * kLimbs + 2) * p.k + bk};
+        float steps[kLimbs];
+        limbs_of_block(xi + bk, std::min(ke, bk + kActBlock) - bk, order, out, steps);
+        for (int l = 0; l < kLimbs; ++l) block_scale[((i * kLimbs + l) * p.groups + g) * p.blocks_per_group + b] = steps[l];
       }
     }
   }
@@ -1292,7 +1252,7 @@ at::Tensor gemm_tiled_cpu(const at::Tensor& x, const at::Tensor& weight, const a
   if (act_bits == 8 || limbs) {
     // One allocation for the int8 codes, block scales and group sums (three would cost more than a
     // 576-wide layer's product at batch 1).
-    p.limbs = limbs ? 3 : 1;
+    p.limbs = limbs ? kLimbs : 1;
     const int64_t scale_floats = m * p.limbs * groups * blocks_per_group, sum_floats = m * groups;
     const int64_t code_floats = (m * p.limbs * k + sizeof(float) - 1) / sizeof(float);
     group_sum = at::empty({scale_floats + sum_floats + code_floats}, xf.options());

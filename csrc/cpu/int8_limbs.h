@@ -1,0 +1,77 @@
+// fp32 activations as three int8 limbs per block of inputs, for the int8 (VNNI) kernels at batch 1
+// (gemm_tiled_cpu.cpp, sparse24_cpu.cpp): x = d0 a + d1 b + d2 c with d0 = amax / 127, d1 = d0 / 254,
+// d2 = d1 / 254, each limb the rounding of what the ones before leave (at most half a step, so |b|, |c| <= 127).
+// What is left is at most d2 / 2 = amax / 8.2e6, under 2^-23 of the block's largest input: below the fp32
+// rounding of any product sum that includes that input. The kernels' integer products are exact, so the
+// result has the fp32 kernels' accuracy (a third limb dropped: 4e-5 relative error on wide-range inputs).
+#pragma once
+#include "isa.h"  // defines COMPTRUST_X86 on x86-64
+
+namespace comptrust::cpu {
+constexpr int kLimbs = 3;
+}
+
+#ifdef COMPTRUST_X86
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+
+#include "comptrust/cpu_tiles.h"
+#include "simd_common.h"
+
+namespace comptrust::cpu {
+
+// Where a block's inputs go in a kernel's lane order: input j to byte to[j], byte j from input from[j].
+struct LimbOrder {
+  alignas(64) std::array<int32_t, kActBlock> from;
+  std::array<int32_t, kActBlock> to;
+};
+
+template <class Position>
+LimbOrder limb_order(Position&& position) {
+  LimbOrder order{};
+  for (int j = 0; j < kActBlock; ++j) {
+    order.to[j] = static_cast<int32_t>(position(j));
+    order.from[order.to[j]] = j;
+  }
+  return order;
+}
+
+// out[l][order.to[j]] = limb l of x[j] for the block's count inputs (count <= kActBlock; with count <
+// kActBlock, order must keep the first count positions among themselves), steps[l] = its scale d_l.
+COMPTRUST_AVX512 inline void limbs_of_block(const float* x, int64_t count, const LimbOrder& order,
+                                            int8_t* const (&out)[kLimbs], float (&steps)[kLimbs]) {
+  float amax = 0.f;
+  for (int64_t j = 0; j < count; ++j) amax = std::max(amax, std::fabs(x[j]));
+  steps[0] = amax / 127.f;
+  steps[1] = steps[0] / 254.f;
+  steps[2] = steps[1] / 254.f;
+  float inverse[kLimbs];
+  for (int l = 0; l < kLimbs; ++l) inverse[l] = amax > 0.f ? 1.f / steps[l] : 0.f;
+  if (count == kActBlock) {
+    const __m512 x0 = _mm512_loadu_ps(x), x1 = _mm512_loadu_ps(x + 16);
+    __m512 rest[2] = {_mm512_permutex2var_ps(x0, _mm512_load_si512(order.from.data()), x1),
+                      _mm512_permutex2var_ps(x0, _mm512_load_si512(order.from.data() + 16), x1)};
+    const __m512 bound = _mm512_set1_ps(127.f), minus_bound = _mm512_set1_ps(-127.f);
+    for (int l = 0; l < kLimbs; ++l)
+      for (int h = 0; h < 2; ++h) {
+        const __m512 scaled = _mm512_roundscale_ps(_mm512_mul_ps(rest[h], _mm512_set1_ps(inverse[l])), 0);  // nearest even
+        const __m512 q = _mm512_max_ps(minus_bound, _mm512_min_ps(bound, scaled));
+        rest[h] = _mm512_fnmadd_ps(q, _mm512_set1_ps(steps[l]), rest[h]);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out[l] + 16 * h), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(q)));
+      }
+    return;
+  }
+  for (int64_t j = 0; j < count; ++j) {
+    float rest = x[j];
+    for (int l = 0; l < kLimbs; ++l) {
+      const float q = std::clamp(std::nearbyint(rest * inverse[l]), -127.f, 127.f);
+      rest = std::fma(-q, steps[l], rest);
+      out[l][order.to[j]] = static_cast<int8_t>(q);
+    }
+  }
+}
+
+}  // namespace comptrust::cpu
+#endif  // COMPTRUST_X86
