@@ -86,7 +86,7 @@ def _serves(device: torch.device) -> bool:
 
 
 def gemm_tiled(x: torch.Tensor, tiled: TiledWeight, act_bits: int | None = None) -> torch.Tensor:
-    """y[m, n] = x[m, k] @ W^T on the CPU kernels, W in their tiled layout (comptrust.formats.cpu_tiles).
+    """y[..., n] = x[..., k] @ W^T on the CPU kernels, W in their tiled layout (comptrust.formats.cpu_tiles).
     act_bits=8 quantizes x to int8 per row and block of 32 inputs first (w4a8/w3a8, as llama.cpp runs
     low-bit models): integer dot products, numerics differ from float activations by that rounding."""
     if not _compiled():
@@ -96,7 +96,7 @@ def gemm_tiled(x: torch.Tensor, tiled: TiledWeight, act_bits: int | None = None)
 
 
 def sparse24_tiled(x: torch.Tensor, tiled: TiledSparse24, act_bits: int | None = None) -> torch.Tensor:
-    """y[m, n] = x[m, k] @ W^T on the CPU 2:4 kernels, W in their tiled layout (TiledSparse24). With int4
+    """y[..., n] = x[..., k] @ W^T on the CPU 2:4 kernels, W in their tiled layout (TiledSparse24). With int4
     kept values, act_bits=8 quantizes x to int8 first, per row and block of 32 inputs within each group of
     2 * group_size inputs (reference.sparse24_int4_gemm_a8): integer dot products."""
     if not _compiled():
@@ -326,7 +326,7 @@ if _C is not None:
 
     @torch.library.register_fake("comptrust::gemm_tiled")
     def _gemm_tiled_fake(x, weight, zeros, scales, bits, group_size, act_bits):
-        return x.new_empty((x.shape[0], weight.shape[0] * 8))
+        return x.new_empty((*x.shape[:-1], weight.shape[0] * 8))
 
     @torch.library.register_fake("comptrust::sparse24_gemm")
     def _sparse24_gemm_fake(x, values, meta):
@@ -338,11 +338,11 @@ if _C is not None:
 
     @torch.library.register_fake("comptrust::sparse24_gemm_tiled")
     def _sparse24_gemm_tiled_fake(x, values, meta):
-        return x.new_empty((x.shape[0], meta.shape[0] * 8))
+        return x.new_empty((*x.shape[:-1], meta.shape[0] * 8))
 
     @torch.library.register_fake("comptrust::sparse24_int4_gemm_tiled")
     def _sparse24_int4_gemm_tiled_fake(x, weight, meta, zeros, scales, group_size, act_bits=0):
-        return x.new_empty((x.shape[0], meta.shape[0] * 8))
+        return x.new_empty((*x.shape[:-1], meta.shape[0] * 8))
 
     # The GPTQ-layout ops on CPU: tile, then run the tiled kernels (one CPU implementation of each product).
     @torch.library.impl("comptrust::int4_gemm", "CPU")

@@ -18,7 +18,7 @@ TORCH_LIBRARY(comptrust, m) {
   m.def("int3_gemm(Tensor x, Tensor qweight, Tensor qzeros, Tensor scales, int group_size) -> Tensor");
   // The CPU kernels' own layout (csrc/include/comptrust/cpu_tiles.h, built by comptrust.formats.cpu_tiles):
   // y = x @ dequant(W)^T for int4 or int3 weights (bits) tiled 8 output columns at a time; act_bits 0 keeps
-  // x in float, 8 quantizes it like int4_gemm_a8. Output has x's dtype.
+  // x in float, 8 quantizes it like int4_gemm_a8. x is [..., k] (as F.linear), y [..., n] in x's dtype.
   m.def("gemm_tiled(Tensor x, Tensor weight, Tensor zeros, Tensor scales, int bits, int group_size, "
         "int act_bits) -> Tensor");
   // 2:4 semi-structured sparse weights (comptrust/formats/sparse24.py): y = x @ W^T where W [n, k] is given
@@ -29,7 +29,7 @@ TORCH_LIBRARY(comptrust, m) {
   m.def("sparse24_int4_gemm(Tensor x, Tensor qweight, Tensor qzeros, Tensor scales, Tensor meta, "
         "int group_size) -> Tensor");
   // The CPU kernels' 2:4 layout (csrc/include/comptrust/sparse24_tiles.h, built by
-  // comptrust.formats.cpu_tiles.tile_sparse24*): float values, or int4 values tiled like gemm_tiled's.
+  // comptrust.formats.cpu_tiles.tile_sparse24*): float values, or int4 values tiled like gemm_tiled's; x [..., k].
   m.def("sparse24_gemm_tiled(Tensor x, Tensor values, Tensor meta) -> Tensor");
   // act_bits 8: x quantized to int8 per row and per block of 32 inputs within each group of 2 * group_size
   // inputs (comptrust.reference.quantize_activations_int8), for the int8 dot-product kernel.

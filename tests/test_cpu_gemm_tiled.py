@@ -293,7 +293,8 @@ BAD_CASES = [
     ("group mismatch", lambda t: (torch.zeros(2, 64), t.weight, t.zeros, t.scales, 4, 64, 0), "zeros is"),
     ("bad group", lambda t: (torch.zeros(2, 64), t.weight, t.zeros, t.scales, 4, 12, 0), "group_size=12"),
     ("int3 as int4", lambda t: (torch.zeros(2, 64), t.weight, t.zeros, t.scales, 3, 32, 0), "int3 weight is"),
-    ("x 1-D", lambda t: (torch.zeros(64), t.weight, t.zeros, t.scales, 4, 32, 0), "2-D"),
+    ("x 0-D", lambda t: (torch.tensor(1.0), t.weight, t.zeros, t.scales, 4, 32, 0), r"\[\.\.\., k\]"),
+    ("x 3-D, k mismatch", lambda t: (torch.zeros(2, 3, 32), t.weight, t.zeros, t.scales, 4, 32, 0), "weight is"),
     ("int x", lambda t: (torch.zeros(2, 64, dtype=torch.int32), t.weight, t.zeros, t.scales, 4, 32, 0), "float32"),
     ("fp32 scales", lambda t: (torch.zeros(2, 64), t.weight, t.zeros, t.scales.float(), 4, 32, 0), "float16"),
     ("int32 zeros", lambda t: (torch.zeros(2, 64), t.weight, t.zeros.int(), t.scales, 4, 32, 0), "uint8"),
@@ -305,6 +306,20 @@ def test_bad_inputs_raise_clear_errors(case):
     _, args, message = case
     with pytest.raises(RuntimeError, match=message):
         torch.ops.comptrust.gemm_tiled(*args(_tiled()))
+
+
+@pytest.mark.parametrize("act_bits", [None, 8])
+def test_any_leading_dimensions_as_f_linear(act_bits):
+    """x [..., k] -> y [..., n]: 3-D (how the layers pass activations), non-contiguous and empty inputs give the
+    2-D op's rows; 1-D x is a batch of one."""
+    packed = _random(4, 40, 96, 32)
+    tiled = tile(packed)
+    x = torch.randn(2, 3, 96)
+    flat = ops.gemm_tiled(x.reshape(6, 96), tiled, act_bits)
+    assert torch.equal(ops.gemm_tiled(x, tiled, act_bits), flat.reshape(2, 3, 40))
+    assert torch.equal(ops.gemm_tiled(x[1, 2], tiled, act_bits), ops.gemm_tiled(x[1, 2][None], tiled, act_bits)[0])
+    assert torch.equal(ops.gemm_tiled(x.transpose(0, 1), tiled, act_bits), flat.reshape(2, 3, 40).transpose(0, 1))
+    assert ops.gemm_tiled(x[:0], tiled, act_bits).shape == (0, 3, 40)
 
 
 def test_tiling_rejects_columns_not_in_tiles_of_8():

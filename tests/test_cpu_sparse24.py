@@ -241,6 +241,18 @@ def test_batch_one_fp32_int4_values_as_int8_limbs_keep_fp32_accuracy(monkeypatch
         assert rel_err(ops.sparse24_tiled(xb, tiled), ref(xb)) < 8e-3
 
 
+def test_tiled_ops_take_any_leading_dimensions_as_f_linear():
+    """x [..., k] -> y [..., n] for both 2:4 ops: 3-D, non-contiguous and empty inputs give the 2-D op's rows;
+    1-D x is a batch of one."""
+    for tiled in (_float_tiled(16, 64), _int4_tiled(16, 64, 16)):
+        x = torch.randn(2, 3, 64)
+        flat = ops.sparse24_tiled(x.reshape(6, 64), tiled)
+        assert torch.equal(ops.sparse24_tiled(x, tiled), flat.reshape(2, 3, 16))
+        assert torch.equal(ops.sparse24_tiled(x[1, 2], tiled), ops.sparse24_tiled(x[1, 2][None], tiled)[0])
+        assert torch.equal(ops.sparse24_tiled(x.transpose(0, 1), tiled), flat.reshape(2, 3, 16).transpose(0, 1))
+        assert ops.sparse24_tiled(x[:0], tiled).shape == (0, 3, 16)
+
+
 def test_storage_layout_ops_tile_and_run_the_same_kernels():
     packed = uniform_sparse24(40, 96)
     x = torch.randn(3, 96)
@@ -336,7 +348,8 @@ def _int4_tiled(n=16, k=64, group=16) -> TiledSparse24:
 
 
 FLOAT_BAD = [
-    ("x 1-D", lambda t: (torch.zeros(32), t.values, t.meta), "2-D"),
+    ("x 0-D", lambda t: (torch.tensor(1.0), t.values, t.meta), r"\[\.\.\., k\]"),
+    ("x 3-D, k mismatch", lambda t: (torch.zeros(2, 3, 40), t.values, t.meta), r"meta is .*k/4=10\]"),
     ("int x", lambda t: (torch.zeros(2, 32, dtype=torch.int32), t.values, t.meta), "float32"),
     ("k mismatch", lambda t: (torch.zeros(2, 40), t.values, t.meta), r"meta is .*expected \[n/8, k/4=10\]"),
     ("k not multiple of 8", lambda t: (torch.zeros(2, 36), t.values, t.meta), "multiple of 8"),

@@ -44,14 +44,16 @@ class QuantLinear(TiledLinear):
         if bits not in _PACKED:
             raise ValueError(f"QuantLinear: bits={bits} must be 4, 3 or 8")
         _CHECK_SHAPES[bits](in_features, out_features, group_size)
-        if act_bits not in (None, 8):
-            raise ValueError(f"QuantLinear: act_bits={act_bits} must be None (float activations) or 8")
-        if bits == 8 and act_bits == 8:
-            raise ValueError("QuantLinear: int8 weights run with float activations only (act_bits=None)")
         super().__init__(in_features, out_features, bias)
         self.group_size, self.bits, self.symmetric, self.act_bits = group_size, bits, symmetric, act_bits
         for name, shape in _gptq_shapes(bits, in_features, out_features, group_size).items():
             self.register_buffer(name, torch.zeros(shape, dtype=torch.float16 if name == "scales" else torch.int32))
+
+    def _check_act_bits(self, value: int | None) -> None:
+        if value not in (None, 8):
+            raise ValueError(f"QuantLinear: act_bits={value} must be None (float activations) or 8")
+        if self.bits == 8 and value == 8:
+            raise ValueError("QuantLinear: int8 weights run with float activations only (act_bits=None)")
 
     @staticmethod
     def why_ineligible(name: str, linear: nn.Linear, bits: int = 4) -> str | None:
@@ -90,9 +92,8 @@ class QuantLinear(TiledLinear):
     def _untile(self, tiled: TiledWeight) -> Int4Packed | Int3Packed | Int8Packed:
         return untile(tiled)
 
-    def _run_tiled(self, x2d: torch.Tensor, tiled: TiledWeight) -> torch.Tensor:
-        return _GEMM_TILED(x2d, tiled.weight, tiled.zeros, tiled.scales, tiled.bits, tiled.group_size,
-                           self.act_bits or 0)
+    def _kernel_call(self, tiled: TiledWeight) -> tuple:
+        return _GEMM_TILED, (tiled.weight, tiled.zeros, tiled.scales, tiled.bits, tiled.group_size, self.act_bits or 0)
 
     def _run_packed(self, x2d: torch.Tensor) -> torch.Tensor:
         if self.bits == 8:

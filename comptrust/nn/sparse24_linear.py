@@ -84,8 +84,8 @@ class Sparse24Linear(TiledLinear):
     def _untile(self, tiled: TiledSparse24) -> Sparse24Packed:
         return untile_sparse24(tiled)
 
-    def _run_tiled(self, x2d: torch.Tensor, tiled: TiledSparse24) -> torch.Tensor:
-        return _SPARSE24_TILED(x2d, tiled.values, tiled.meta)
+    def _kernel_call(self, tiled: TiledSparse24) -> tuple:
+        return _SPARSE24_TILED, (tiled.values, tiled.meta)
 
     def _run_packed(self, x2d: torch.Tensor) -> torch.Tensor:
         return ops.sparse24_gemm(x2d, self.values, self.meta)
@@ -101,8 +101,6 @@ class Sparse24Int4Linear(TiledLinear):
     def __init__(self, in_features: int, out_features: int, group_size: int, bias: bool = False,
                  symmetric: bool = False, act_bits: int | None = None):
         check_sparse24_int4_shapes(out_features, in_features, group_size)
-        if act_bits not in (None, 8):
-            raise ValueError(f"Sparse24Int4Linear: act_bits={act_bits} must be None (float activations) or 8")
         super().__init__(in_features, out_features, bias)
         self.group_size, self.symmetric, self.act_bits = group_size, symmetric, act_bits
         kept, groups = in_features // KEPT, num_groups(in_features // KEPT, group_size)
@@ -110,6 +108,10 @@ class Sparse24Int4Linear(TiledLinear):
         self.register_buffer("qzeros", torch.zeros(groups, out_features // INT4_PER_WORD, dtype=torch.int32))
         self.register_buffer("scales", torch.zeros(groups, out_features, dtype=torch.float16))
         self.register_buffer("meta", torch.zeros(out_features, in_features // INPUTS_PER_META_BYTE, dtype=torch.uint8))
+
+    def _check_act_bits(self, value: int | None) -> None:
+        if value not in (None, 8):
+            raise ValueError(f"Sparse24Int4Linear: act_bits={value} must be None (float activations) or 8")
 
     @staticmethod
     def why_ineligible(name: str, linear: nn.Linear) -> str | None:
@@ -153,9 +155,9 @@ class Sparse24Int4Linear(TiledLinear):
     def _untile(self, tiled: TiledSparse24) -> Sparse24Int4Packed:
         return untile_sparse24(tiled)
 
-    def _run_tiled(self, x2d: torch.Tensor, tiled: TiledSparse24) -> torch.Tensor:
+    def _kernel_call(self, tiled: TiledSparse24) -> tuple:
         q = tiled.int4
-        return _SPARSE24_INT4_TILED(x2d, q.weight, tiled.meta, q.zeros, q.scales, q.group_size, self.act_bits or 0)
+        return _SPARSE24_INT4_TILED, (q.weight, tiled.meta, q.zeros, q.scales, q.group_size, self.act_bits or 0)
 
     def _run_packed(self, x2d: torch.Tensor) -> torch.Tensor:
         gemm = reference.sparse24_int4_gemm_a8 if self.act_bits == 8 else ops.sparse24_int4_gemm

@@ -1202,8 +1202,8 @@ void check_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor&
                 groups, ", 8] for n=", tiles * kTileCols, ", k=", k, ", group_size=", group_size);
 }
 
-at::Tensor gemm_tiled_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& zeros,
-                          const at::Tensor& scales, int64_t bits, int64_t group_size, int64_t act_bits) {
+at::Tensor gemm_tiled_2d(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& zeros,
+                         const at::Tensor& scales, int64_t bits, int64_t group_size, int64_t act_bits) {
   check_args(x, weight, zeros, scales, bits, group_size, act_bits);
   const int64_t m = x.size(0), k = x.size(1), n = weight.size(0) * kTileCols;
   const int64_t groups = (k + group_size - 1) / group_size;
@@ -1279,6 +1279,17 @@ at::Tensor gemm_tiled_cpu(const at::Tensor& x, const at::Tensor& weight, const a
   }
   run(p, act_bits == 8, isa);
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
+// x [..., k] -> y [..., n], as F.linear: the layers pass their 3-D activations straight in (two reshapes in
+// Python cost more than a 576-wide layer's product at batch 1).
+at::Tensor gemm_tiled_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& zeros,
+                          const at::Tensor& scales, int64_t bits, int64_t group_size, int64_t act_bits) {
+  TORCH_CHECK(x.dim() >= 1, "gemm_tiled: x must be [..., k], got a 0-D tensor");
+  const at::Tensor y = gemm_tiled_2d(x.dim() == 1 ? x.unsqueeze(0) : x.flatten(0, -2), weight, zeros, scales, bits, group_size, act_bits);
+  std::vector<int64_t> sizes = x.sizes().vec();
+  sizes.back() = y.size(1);
+  return y.view(sizes);
 }
 
 }  // namespace

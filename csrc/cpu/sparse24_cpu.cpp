@@ -980,7 +980,17 @@ at::Tensor run_problem(Sparse24Problem& p, const at::Tensor& x, at::ScalarType k
   }
 }
 
-at::Tensor sparse24_gemm_tiled_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta) {
+// x [..., k] -> y [..., n], as F.linear (and gemm_tiled_cpu).
+template <class Op>
+at::Tensor on_rows(const char* op, const at::Tensor& x, Op&& run_2d) {
+  TORCH_CHECK(x.dim() >= 1, op, ": x must be [..., k], got a 0-D tensor");
+  const at::Tensor y = run_2d(x.dim() == 1 ? x.unsqueeze(0) : x.flatten(0, -2));
+  std::vector<int64_t> sizes = x.sizes().vec();
+  sizes.back() = y.size(1);
+  return y.view(sizes);
+}
+
+at::Tensor sparse24_gemm_tiled_2d(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta) {
   const char* op = "sparse24_gemm_tiled";
   check_cpu(op, {&x, &values, &meta});
   const int64_t tiles = check_x_and_meta(op, x, meta), k = x.size(1);
@@ -997,9 +1007,9 @@ at::Tensor sparse24_gemm_tiled_cpu(const at::Tensor& x, const at::Tensor& values
   return run_problem(p, x, kind);
 }
 
-at::Tensor sparse24_int4_gemm_tiled_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& meta,
-                                        const at::Tensor& zeros, const at::Tensor& scales, int64_t group_size,
-                                        int64_t act_bits) {
+at::Tensor sparse24_int4_gemm_tiled_2d(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& meta,
+                                       const at::Tensor& zeros, const at::Tensor& scales, int64_t group_size,
+                                       int64_t act_bits) {
   const char* op = "sparse24_int4_gemm_tiled";
   check_cpu(op, {&x, &weight, &meta, &zeros, &scales});
   const int64_t tiles = check_x_and_meta(op, x, meta), k = x.size(1);
@@ -1023,6 +1033,18 @@ at::Tensor sparse24_int4_gemm_tiled_cpu(const at::Tensor& x, const at::Tensor& w
                     groups};
   if (act_bits == 8) return run_int4_int8(p, x, false);
   return run_problem(p, x, at::kInt);
+}
+
+at::Tensor sparse24_gemm_tiled_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta) {
+  return on_rows("sparse24_gemm_tiled", x, [&](const at::Tensor& x2d) { return sparse24_gemm_tiled_2d(x2d, values, meta); });
+}
+
+at::Tensor sparse24_int4_gemm_tiled_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& meta,
+                                        const at::Tensor& zeros, const at::Tensor& scales, int64_t group_size,
+                                        int64_t act_bits) {
+  return on_rows("sparse24_int4_gemm_tiled", x, [&](const at::Tensor& x2d) {
+    return sparse24_int4_gemm_tiled_2d(x2d, weight, meta, zeros, scales, group_size, act_bits);
+  });
 }
 
 }  // namespace
