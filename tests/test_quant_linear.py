@@ -73,6 +73,38 @@ def test_a8_layer_runs_on_int8_activations():
     assert "a8" in repr(q)
 
 
+def test_setting_act_bits_rebinds_the_kernel_and_is_validated():
+    """The layer binds its kernel call (with act_bits) when it tiles: changing act_bits afterwards takes effect,
+    and a value the layer cannot run is refused, leaving the layer as it was."""
+    from comptrust import reference
+
+    torch.manual_seed(2)
+    dense = nn.Linear(256, 64)
+    q = QuantLinear.from_linear(dense, group_size=64)
+    x = torch.randn(1, 3, 256)
+    p = q.packed()
+    float_out = q(x)
+    q.act_bits = 8
+    expected = reference.int4_gemm_a8(x[0], p.qweight, p.qzeros, p.scales, 64) + dense.bias
+    assert rel_err(q(x)[0], expected) < 1e-5
+    with pytest.raises(ValueError, match="act_bits=4"):
+        q.act_bits = 4
+    assert q.act_bits == 8
+    q.act_bits = None
+    assert torch.equal(q(x), float_out)
+    w8 = QuantLinear.from_linear(dense, group_size=64, bits=8)
+    with pytest.raises(ValueError, match="int8 weights"):
+        w8.act_bits = 8
+
+
+def test_wrong_input_width_is_named_by_the_layer():
+    q = QuantLinear.from_linear(nn.Linear(64, 16), group_size=32)
+    with pytest.raises(ValueError, match="input has 48 features, layer expects 64"):
+        q(torch.randn(2, 48))
+    with pytest.raises(ValueError, match="input has 0 features"):
+        q(torch.tensor(1.0))
+
+
 @pytest.mark.parametrize("act_bits", [None, 8])
 def test_int3_layer_matches_its_reference(act_bits):
     from comptrust import reference
