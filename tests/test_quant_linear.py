@@ -97,6 +97,19 @@ def test_setting_act_bits_rebinds_the_kernel_and_is_validated():
         w8.act_bits = 8
 
 
+def test_layer_survives_pickling_and_deepcopy():
+    """The bound kernel call is not picklable: it is dropped and bound again (torch.save of a whole model,
+    copy.deepcopy)."""
+    import copy
+    import pickle
+
+    q = QuantLinear.from_linear(nn.Linear(64, 16), group_size=32, act_bits=8)
+    x = torch.randn(2, 64)
+    for other in (pickle.loads(pickle.dumps(q)), copy.deepcopy(q)):
+        assert other.act_bits == 8 and torch.equal(other(x), q(x))
+        assert other._tiled.weight.data_ptr() != q._tiled.weight.data_ptr()
+
+
 def test_wrong_input_width_is_named_by_the_layer():
     q = QuantLinear.from_linear(nn.Linear(64, 16), group_size=32)
     with pytest.raises(ValueError, match="input has 48 features, layer expects 64"):

@@ -97,6 +97,14 @@ class TiledLinear(nn.Module):
         self._tiled = tiled
         self._kernel = None if tiled is None else self._kernel_call(tiled)
 
+    # The bound op cannot be pickled (torch.save of a whole module, copy.deepcopy): drop it, bind it again after.
+    def __getstate__(self):
+        return {**self.__dict__, "_kernel": None}
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._set_tiled(self._tiled)
+
     def _restore_checkpoint_buffers(self) -> None:
         if self._tiled is not None:
             tensors = self._checkpoint_tensors(self._untile(self._tiled))
