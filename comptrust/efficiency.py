@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 from transformers import DynamicCache
 
+from comptrust.lean_decode import LeanDecoder, unsupported_reason
 from comptrust.models import cache_keyword
 
 
@@ -72,6 +73,9 @@ def reset_peak_rss() -> bool:
         return False
 
 
+RUNTIMES = ("auto", "lean", "hf")
+
+
 @dataclass
 class SpeedResult:
     prompt_tokens: int
@@ -79,6 +83,8 @@ class SpeedResult:
     decode_tokens: int
     decode_tokens_per_s: float  # greedy steps with the KV cache, after the prefill
     threads: int
+    runtime: str               # "lean" (comptrust.lean_decode) or "hf" (transformers' forward with its cache)
+    runtime_note: str | None = None  # why "auto" fell back to transformers
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -86,12 +92,38 @@ class SpeedResult:
 
 @torch.inference_mode()
 def measure_speed(model: torch.nn.Module, prompt_ids: torch.Tensor, decode_tokens: int = 32,
-                  repeats: int = 3) -> SpeedResult:
-    """Prefill latency and decode throughput at batch 1, median over `repeats` after one warm-up."""
+                  repeats: int = 3, runtime: str = "auto") -> SpeedResult:
+    """Prefill latency and decode throughput at batch 1, median over `repeats` after one warm-up.
+
+    runtime "lean" decodes with comptrust.lean_decode (the model's own modules and kernels without
+    transformers' per-layer machinery), "hf" with the model's forward and a DynamicCache, "auto" with lean
+    where it computes the model exactly and transformers otherwise (the reason in `runtime_note`).
+    """
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
     if prompt_ids.dim() == 1:
         prompt_ids = prompt_ids.unsqueeze(0)
+    note = unsupported_reason(model)
+    if runtime == "lean" and note is not None:
+        raise ValueError(f"the lean runtime cannot run this model: {note}")
+    if runtime == "hf" or note is not None:
+        step, runtime = _hf_steps(model), "hf"
+    else:
+        step, runtime = LeanDecoder(model, prompt_ids.shape[1] + decode_tokens).steps, "lean"
     prefill_times, decode_rates = [], []
     for attempt in range(repeats + 1):
+        prefill, decode = step(prompt_ids, decode_tokens)
+        if attempt > 0:  # the first pass warms caches and lazy initialisation
+            prefill_times.append(prefill)
+            decode_rates.append(decode_tokens / decode)
+    return SpeedResult(prompt_ids.shape[1], 1e3 * statistics.median(prefill_times), decode_tokens,
+                       statistics.median(decode_rates), torch.get_num_threads(), runtime,
+                       None if runtime == "lean" else note)
+
+
+def _hf_steps(model: torch.nn.Module):
+    """(prompt, n) -> (prefill seconds, seconds for n greedy steps) through the model's own forward."""
+    def run(prompt_ids: torch.Tensor, decode_tokens: int) -> tuple[float, float]:
         cache = {cache_keyword(model): DynamicCache(config=model.config)}  # filled in place by each call
         start = time.perf_counter()
         # logits_to_keep=1: only the last position's logits, as generate() computes them (the full [128, vocab]
@@ -101,9 +133,5 @@ def measure_speed(model: torch.nn.Module, prompt_ids: torch.Tensor, decode_token
         start = time.perf_counter()
         for _ in range(decode_tokens):
             token = model(input_ids=token, use_cache=True, **cache).logits[:, -1:].argmax(-1)
-        decode = time.perf_counter() - start
-        if attempt > 0:  # the first pass warms caches and lazy initialisation
-            prefill_times.append(prefill)
-            decode_rates.append(decode_tokens / decode)
-    return SpeedResult(prompt_ids.shape[1], 1e3 * statistics.median(prefill_times), decode_tokens,
-                       statistics.median(decode_rates), torch.get_num_threads())
+        return prefill, time.perf_counter() - start
+    return run

@@ -191,6 +191,26 @@ def hessian_block_update(w: torch.Tensor, hinv: torch.Tensor, scales: torch.Tens
     return err, loss, mask
 
 
+def residual_rms_norm(hidden: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
+                      eps: float) -> torch.Tensor:
+    """hidden += delta in place (when given), then LlamaRMSNorm of hidden [..., width] with weight [width]:
+    the decoder's residual step fused (comptrust.lean_decode). Contiguous tensors of one float dtype."""
+    if hidden.device.type == "cpu" and _compiled():
+        return torch.ops.comptrust.residual_rms_norm(hidden, delta, weight, eps)
+    return reference.residual_rms_norm(hidden, delta, weight, eps)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_cache: torch.Tensor,
+                     value_cache: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position: int,
+                     scale: float) -> torch.Tensor:
+    """One new token's attention (schema in csrc/ops.cpp): rotary embedding on q [heads * head_dim] and
+    k [kv_heads * head_dim] with cos/sin [head_dim] of `position`, k and v appended to the caches
+    [kv_heads, max_len, head_dim] there, then attention over positions 0..position. Returns q's shape."""
+    if q.device.type == "cpu" and _compiled():
+        return torch.ops.comptrust.decode_attention(q, k, v, key_cache, value_cache, cos, sin, position, scale)
+    return reference.decode_attention(q, k, v, key_cache, value_cache, cos, sin, position, scale)
+
+
 def _check_same_device(name: str, tensors: dict[str, torch.Tensor], shape_note: str) -> None:
     devices = {t.device for t in tensors.values()}
     if len(devices) != 1:
@@ -327,6 +347,14 @@ if _C is not None:
     @torch.library.register_fake("comptrust::gemm_tiled")
     def _gemm_tiled_fake(x, weight, zeros, scales, bits, group_size, act_bits):
         return x.new_empty((*x.shape[:-1], weight.shape[0] * 8))
+
+    @torch.library.register_fake("comptrust::residual_rms_norm")
+    def _residual_rms_norm_fake(hidden, delta, weight, eps):
+        return torch.empty_like(hidden)
+
+    @torch.library.register_fake("comptrust::decode_attention")
+    def _decode_attention_fake(q, k, v, key_cache, value_cache, cos, sin, position, scale):
+        return torch.empty_like(q)
 
     @torch.library.register_fake("comptrust::sparse24_gemm")
     def _sparse24_gemm_fake(x, values, meta):

@@ -118,3 +118,36 @@ def hessian_block_update(w: torch.Tensor, hinv: torch.Tensor, scales: torch.Tens
         w[:, i + 1:] -= e[:, None] * hinv[i, i + 1:][None, :]
         w[:, i] = q
     return err, losses.sum(dim=1) / 2
+
+
+def residual_rms_norm(hidden: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
+                      eps: float) -> torch.Tensor:
+    """hidden += delta in place (when given), then transformers' LlamaRMSNorm of hidden's rows."""
+    if delta is not None:
+        hidden.add_(delta)
+    x = hidden.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(hidden.dtype)
+
+
+def rotary(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """transformers' apply_rotary_pos_emb for one tensor: states * cos + rotate_half(states) * sin."""
+    half = states.shape[-1] // 2
+    return states * cos + torch.cat((-states[..., half:], states[..., :half]), dim=-1) * sin
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_cache: torch.Tensor,
+                     value_cache: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position: int,
+                     scale: float) -> torch.Tensor:
+    """One token's attention step (schema in csrc/ops.cpp): rotary on q and k, k and v into the caches
+    [kv_heads, max_len, head_dim] at `position`, grouped-query attention over positions 0..position."""
+    kv_heads, _, head_dim = key_cache.shape[-3:]
+    keys, values = key_cache.view(kv_heads, -1, head_dim), value_cache.view(kv_heads, -1, head_dim)
+    cos, sin = cos.reshape(head_dim), sin.reshape(head_dim)
+    keys[:, position] = rotary(k.reshape(kv_heads, head_dim), cos, sin)
+    values[:, position] = v.reshape(kv_heads, head_dim)
+    query = rotary(q.reshape(1, -1, 1, head_dim), cos, sin)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, keys[None, :, :position + 1], values[None, :, :position + 1], scale=scale,
+        enable_gqa=query.shape[1] != kv_heads)
+    return out.reshape(q.shape)

@@ -77,13 +77,14 @@ def markdown(report: dict) -> str:
 
 def _efficiency_table(rows: list[dict]) -> list[str]:
     header = ["config", "perplexity ↓", "weights MiB", "peak RSS MiB", "decode RSS MiB",
-              f"prefill ms ({rows[0]['efficiency']['prompt_tokens']} tok)", "decode tok/s"]
+              f"prefill ms ({rows[0]['efficiency']['prompt_tokens']} tok)", "decode tok/s", "HF decode tok/s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         eff = row["efficiency"]
         cells = [row["name"], f"{_metric(row, 'perplexity')['score']:.2f}", f"{eff['weight_bytes'] / MIB:.1f}",
                  _mib(eff["peak_rss_bytes"]), _decode_rss(eff), f"{eff['prefill_ms']:.1f}",
-                 f"{eff['decode_tokens_per_s']:.1f}"]
+                 f"{eff['decode_tokens_per_s']:.1f}" + ("" if eff.get("runtime") == "lean" else " (HF)"),
+                 _rate(eff.get("hf_decode_tokens_per_s"))]
         lines.append("| " + " | ".join(cells) + " |")
     notes = ["Peak RSS: the process's high-water mark during that configuration's evaluation and speed runs (reset "
              "after loading and compressing). Decode RSS: its high-water mark during the batch-1 speed run alone, "
@@ -92,7 +93,22 @@ def _efficiency_table(rows: list[dict]) -> list[str]:
     if baseline:
         notes.append(f"; in brackets, the part above the {baseline / MIB:.0f} MiB the process held once its last "
                      "model was freed (interpreter, torch, transformers)")
-    return lines + ["", "".join(notes) + ".", ""]
+    return lines + ["", _speed_note(rows) + "".join(notes) + ".", ""]
+
+
+def _speed_note(rows: list[dict]) -> str:
+    note = ("Decode tok/s: greedy batch-1 decoding on comptrust's lean runtime (the model's own layers and kernels, "
+            "a preallocated KV cache, none of transformers' per-layer bookkeeping); HF decode tok/s: the same "
+            "through the model's transformers forward, the speed generate() gives. ")
+    reasons = sorted({row["efficiency"].get("runtime_note") or "not recorded" for row in rows
+                      if row["efficiency"].get("runtime") != "lean"})
+    if reasons:
+        note += f"(HF): the lean runtime cannot run this model ({'; '.join(reasons)}), so both are transformers'. "
+    return note
+
+
+def _rate(value: float | None) -> str:
+    return "—" if value is None else f"{value:.1f}"
 
 
 def _mib(nbytes: int | None) -> str:

@@ -198,12 +198,16 @@ def _evaluate_variant(loaded, variant: Variant, config: RunConfig, text: str, te
     clock = time.perf_counter()
     prompt_ids = loaded.tokenizer(text, return_tensors="pt")["input_ids"][0, :config.prompt_tokens]
     speed = measure_speed(loaded.model, prompt_ids, config.decode_tokens, config.speed_repeats)
-    seconds["speed"] = time.perf_counter() - clock
     decode_peak = peak_rss_bytes()
+    # transformers' own forward too, side by side: the speed a user of generate() sees at batch 1
+    hf_speed = speed if speed.runtime == "hf" else \
+        measure_speed(loaded.model, prompt_ids, config.decode_tokens, config.speed_repeats, runtime="hf")
+    seconds["speed"] = time.perf_counter() - clock
     efficiency = {"weight_bytes": weight_bytes(loaded.model),
                   "peak_rss_bytes": max(eval_peak or 0, decode_peak or 0) or None,
                   "decode_peak_rss_bytes": decode_peak if decode_resettable else None,
-                  "rss_at_start_bytes": rss_start, "peak_rss_reset": peak_resettable, **speed.as_dict()}
+                  "rss_at_start_bytes": rss_start, "peak_rss_reset": peak_resettable, **speed.as_dict(),
+                  "hf_prefill_ms": hf_speed.prefill_ms, "hf_decode_tokens_per_s": hf_speed.decode_tokens_per_s}
     row = {"name": variant.name, "compression": asdict(summary) if summary else None,
            "results": [r.as_dict() for r in results], "efficiency": efficiency,
            "sample": _sample_answer(loaded), "seconds": seconds}

@@ -35,6 +35,14 @@ TORCH_LIBRARY(comptrust, m) {
   // inputs (comptrust.reference.quantize_activations_int8), for the int8 dot-product kernel.
   m.def("sparse24_int4_gemm_tiled(Tensor x, Tensor weight, Tensor meta, Tensor zeros, Tensor scales, "
         "int group_size, int act_bits=0) -> Tensor");
+  // Batch-1 decoding steps around the linears (comptrust.lean_decode; torch versions in comptrust.reference).
+  // hidden += delta (when given) in place, then LlamaRMSNorm of each row: weight * (h / rms(h)).
+  m.def("residual_rms_norm(Tensor(a!) hidden, Tensor? delta, Tensor weight, float eps) -> Tensor");
+  // One new token's attention: rotary embedding (cos/sin of its position, rotate_half convention) on q and k,
+  // k and v written at `position` of the caches [kv_heads, max_len, head_dim], then each query head attends to
+  // positions 0..position of its KV head (heads / kv_heads queries share one). Returns q's shape.
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) key_cache, Tensor(b!) value_cache, Tensor cos, "
+        "Tensor sin, int position, float scale) -> Tensor");
   // GPTQ / SparseGPT: the error-feedback pass over one block of columns (comptrust/compress/hessian.py).
   // w [n, B] is overwritten with the quantized / pruned values. Column i: prune it where mask says so
   // (with prune_n > 0, the prune_n of each prune_m columns with the smallest w^2 / hinv[j, j]^2 are marked

@@ -1,3 +1,4 @@
+import pytest
 import torch
 import torch.nn as nn
 
@@ -15,7 +16,6 @@ def test_weight_bytes_counts_tied_weights_once():
 
 def test_peak_rss_reset_follows_allocations():
     if not reset_peak_rss():
-        import pytest
         pytest.skip("this OS cannot reset the peak RSS")
     big = torch.ones(64 * 1024 * 1024 // 4)  # 64 MiB, touched
     peak_with = peak_rss_bytes()
@@ -31,3 +31,11 @@ def test_measure_speed_on_tiny_model(tiny_llama):
     assert result.prompt_tokens == 20 and result.decode_tokens == 4
     assert result.prefill_ms > 0 and result.decode_tokens_per_s > 0
     assert result.threads == torch.get_num_threads()
+    assert result.runtime == "lean" and result.runtime_note is None  # a Llama: the lean runtime runs it
+
+
+def test_measure_speed_through_transformers_on_request(tiny_llama):
+    result = measure_speed(tiny_llama, torch.randint(0, 1000, (12,)), decode_tokens=3, repeats=1, runtime="hf")
+    assert result.runtime == "hf" and result.decode_tokens_per_s > 0
+    with pytest.raises(ValueError, match="runtime must be one of"):
+        measure_speed(tiny_llama, torch.randint(0, 1000, (12,)), runtime="fast")

@@ -100,7 +100,7 @@ def fake_row(name, scores, flips=None):
         results.append(result.as_dict())
     return {"name": name, "results": results, "sample": {"prompt": "q", "output": "a"}, "compression": None,
             "efficiency": {"prompt_tokens": 8, "weight_bytes": 2 ** 20, "peak_rss_bytes": 2 ** 21, "prefill_ms": 1.0,
-                           "decode_tokens_per_s": 9.0}}
+                           "decode_tokens_per_s": 9.0, "runtime": "lean", "hf_decode_tokens_per_s": 7.0}}
 
 
 def test_trust_table_marks_uninformative_dimensions_and_averages():
@@ -125,8 +125,20 @@ def test_efficiency_table_shows_decode_rss_above_the_no_model_process():
     report = {"model": {"name": "m"}, "created": "now", "environment": {"torch": "2", "threads": 2, "cpu_backend": "x"},
               "configs": [dense, int4]}
     text = markdown(report)
-    assert "| dense | 20.00 | 1.0 | 2 | 1073 (767) | 1.0 | 9.0 |" in text
-    assert "| int4 | 20.00 | 1.0 | 2 | 768 (462) | 1.0 | 9.0 |" in text
+    assert "| dense | 20.00 | 1.0 | 2 | 1073 (767) | 1.0 | 9.0 | 7.0 |" in text
+    assert "| int4 | 20.00 | 1.0 | 2 | 768 (462) | 1.0 | 9.0 | 7.0 |" in text
     assert "above the 306 MiB the process held once its last model was freed" in text
+    assert "lean runtime cannot run" not in text
     del int4["efficiency"]["decode_peak_rss_bytes"]  # a report from before the decode-run peak was measured
-    assert "| int4 | 20.00 | 1.0 | 2 | — | 1.0 | 9.0 |" in markdown(report)
+    assert "| int4 | 20.00 | 1.0 | 2 | — | 1.0 | 9.0 | 7.0 |" in markdown(report)
+
+
+def test_efficiency_table_marks_speeds_taken_through_transformers():
+    row = fake_row("dense", [])
+    row["efficiency"].update(runtime="hf", runtime_note="model type 'gemma3_text' is not llama",
+                             hf_decode_tokens_per_s=9.0)
+    report = {"model": {"name": "m"}, "created": "now", "environment": {"torch": "2", "threads": 2, "cpu_backend": "x"},
+              "configs": [row]}
+    text = markdown(report)
+    assert "| dense | 20.00 | 1.0 | 2 | — | 1.0 | 9.0 (HF) | 9.0 |" in text
+    assert "the lean runtime cannot run this model (model type 'gemma3_text' is not llama)" in text

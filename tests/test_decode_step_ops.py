@@ -1,0 +1,110 @@
+"""The fused decode-step ops (csrc/cpu/decode_step_cpu.cpp) against their torch references."""
+import pytest
+import torch
+
+from comptrust import ops, reference
+
+pytestmark = pytest.mark.skipif(not ops.cpu_kernels_available(), reason="needs the compiled CPU ops")
+
+TOLERANCE = {torch.float32: 2e-6, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
+
+
+def _close(got, expected, dtype, scale=None):
+    """Within the dtype's tolerance of `scale` (default: expected's largest magnitude)."""
+    scale = scale or expected.float().abs().max().item() or 1.0
+    assert (got.float() - expected.float()).abs().max().item() <= TOLERANCE[dtype] * scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 1, 576), (3, 5, 96), (2, 7), (1, 1)])
+@pytest.mark.parametrize("with_delta", [True, False])
+def test_residual_rms_norm_matches_llama_rmsnorm(dtype, shape, with_delta):
+    torch.manual_seed(sum(shape))
+    hidden = (torch.randn(shape) * 3).to(dtype)
+    delta = torch.randn(shape).to(dtype) if with_delta else None
+    weight = torch.randn(shape[-1]).to(dtype)
+    expected_hidden = hidden.clone()
+    expected = reference.residual_rms_norm(expected_hidden, delta, weight, 1e-5)
+    got = torch.ops.comptrust.residual_rms_norm(hidden, delta, weight, 1e-5)
+    assert got.dtype == dtype and got.shape == hidden.shape
+    assert torch.equal(hidden, expected_hidden)  # the residual add is exact in any dtype
+    _close(got, expected, dtype)
+
+
+def _attention_case(heads, kv_heads, head_dim, max_len, position, dtype, seed=0):
+    torch.manual_seed(seed)
+    q, k, v = (torch.randn(1, 1, n * head_dim).to(dtype) for n in (heads, kv_heads, kv_heads))
+    caches = [torch.randn(kv_heads, max_len, head_dim).to(dtype) for _ in range(2)]
+    angle = torch.rand(head_dim // 2) * 6
+    cos, sin = torch.cat((angle, angle)).cos().to(dtype), torch.cat((angle, angle)).sin().to(dtype)
+    return q, k, v, caches, cos, sin
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(9, 3, 64), (4, 4, 24), (8, 1, 6), (2, 2, 2)])
+@pytest.mark.parametrize("position", [0, 1, 37, 99])
+def test_decode_attention_matches_rotary_cache_and_sdpa(dtype, heads, kv_heads, head_dim, position):
+    q, k, v, (keys, values), cos, sin = _attention_case(heads, kv_heads, head_dim, 100, position, dtype, position)
+    ref_keys, ref_values = keys.clone(), values.clone()
+    expected = reference.decode_attention(q, k, v, ref_keys, ref_values, cos, sin, position, head_dim ** -0.5)
+    got = torch.ops.comptrust.decode_attention(q, k, v, keys, values, cos, sin, position, head_dim ** -0.5)
+    assert got.shape == q.shape and got.dtype == dtype
+    _close(got, expected, dtype)
+    _close(keys, ref_keys, dtype)  # the rotated key went to `position`, nothing else moved
+    assert torch.equal(values, ref_values)
+    assert torch.equal(keys[:, position + 1:], ref_keys[:, position + 1:])
+
+
+def test_decode_attention_long_context_uses_both_threads_and_agrees():
+    q, k, v, (keys, values), cos, sin = _attention_case(16, 4, 128, 4096, 4000, torch.float32)
+    ref_keys, ref_values = keys.clone(), values.clone()
+    expected = reference.decode_attention(q, k, v, ref_keys, ref_values, cos, sin, 4000, 128 ** -0.5)
+    got = torch.ops.comptrust.decode_attention(q, k, v, keys, values, cos, sin, 4000, 128 ** -0.5)
+    # an average of 4000 values is much smaller than they are: the error is relative to the values
+    _close(got, expected, torch.float32, scale=values.abs().max().item())
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda a: a.update(position=100), "position 100 is outside the cache's 100 positions"),
+    (lambda a: a.update(position=-1), "position -1 is outside"),
+    (lambda a: a.update(q=a["q"].to(torch.bfloat16)), "k is Float, expected BFloat16"),
+    (lambda a: a.update(key_cache=a["key_cache"].transpose(0, 1).contiguous().transpose(0, 1)), "contiguous"),
+    (lambda a: a.update(value_cache=a["value_cache"][:, :50].contiguous()), "value_cache is"),
+    (lambda a: a.update(k=a["k"][..., :-64]), "k and v must hold one token's 3 x 64 values"),
+    (lambda a: a.update(q=a["q"][..., :100]), "must hold one token's heads"),
+    (lambda a: a.update(cos=a["cos"][:32]), "cos and sin must hold 64 values"),
+    (lambda a: a.update(key_cache=a["key_cache"][None, None], value_cache=a["value_cache"][None, None]),
+     "key_cache must be"),
+])
+def test_decode_attention_refuses_bad_calls_before_writing(change, message):
+    q, k, v, (keys, values), cos, sin = _attention_case(9, 3, 64, 100, 5, torch.float32)
+    args = dict(q=q, k=k, v=v, key_cache=keys, value_cache=values, cos=cos, sin=sin, position=5, scale=0.125)
+    change(args)
+    before = args["key_cache"].clone(), args["value_cache"].clone()
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.comptrust.decode_attention(**args)
+    assert torch.equal(args["key_cache"], before[0]) and torch.equal(args["value_cache"], before[1])
+
+
+def test_odd_head_dim_and_bad_norm_calls_are_refused():
+    q, k, v, (keys, values), cos, sin = _attention_case(3, 3, 6, 10, 2, torch.float32)
+    with pytest.raises(RuntimeError, match="head_dim must be even"):
+        torch.ops.comptrust.decode_attention(q[..., :15], k[..., :15], v[..., :15], keys[..., :5].contiguous(),
+                                             values[..., :5].contiguous(), cos[:5], sin[:5], 2, 0.5)
+    hidden = torch.randn(2, 8)
+    with pytest.raises(RuntimeError, match=r"weight is \[7\], expected \[8\]"):
+        torch.ops.comptrust.residual_rms_norm(hidden, None, torch.ones(7), 1e-6)
+    with pytest.raises(RuntimeError, match="delta is"):
+        torch.ops.comptrust.residual_rms_norm(hidden, torch.ones(8), torch.ones(8), 1e-6)
+    with pytest.raises(RuntimeError, match="is not float32, bfloat16 or float16"):
+        torch.ops.comptrust.residual_rms_norm(hidden.double(), None, torch.ones(8, dtype=torch.float64), 1e-6)
+    unchanged = hidden.clone()
+    with pytest.raises(RuntimeError, match="delta"):
+        torch.ops.comptrust.residual_rms_norm(hidden, torch.ones(2, 8, dtype=torch.bfloat16), torch.ones(8), 1e-6)
+    assert torch.equal(hidden, unchanged)
+
+
+def test_ops_wrappers_take_the_reference_off_the_compiled_path():
+    """ops.* falls back to the reference where the compiled ops do not serve (here: a meta tensor's shape)."""
+    hidden = torch.randn(1, 4, device="meta")
+    assert ops.residual_rms_norm(hidden, None, torch.ones(4, device="meta"), 1e-6).shape == (1, 4)

@@ -1,0 +1,129 @@
+"""The lean batch-1 decoder computes what transformers' Llama forward computes, on dense and compressed layers."""
+import copy
+
+import pytest
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+from comptrust import compress_
+from comptrust.compress import config_from_tag
+from comptrust.efficiency import measure_speed
+from comptrust.lean_decode import LeanDecoder, unsupported_reason
+from comptrust.models import cache_keyword, load_model
+
+
+def _transformers_logits(model, chunks):
+    """Last-position logits after each chunk of ids, fed in turn through transformers with its cache."""
+    cache = {cache_keyword(model): DynamicCache(config=model.config)}
+    with torch.inference_mode():
+        return [model(input_ids=ids, use_cache=True, **cache).logits[:, -1] for ids in chunks]
+
+
+def _lean_logits(model, chunks, max_positions=None):
+    decoder = LeanDecoder(model, max_positions or sum(ids.shape[1] for ids in chunks))
+    return [decoder.forward(ids) for ids in chunks]
+
+
+def _assert_close(got, expected, rel):
+    for step, (a, b) in enumerate(zip(got, expected)):
+        scale = b.abs().max().item()
+        assert (a - b).abs().max().item() <= rel * scale, f"step {step}: {(a - b).abs().max().item()} vs {scale}"
+
+
+def _greedy_chunks(model, prompt, steps):
+    """The prompt and then `steps` single tokens: transformers' own greedy continuation."""
+    chunks = [prompt]
+    cache = {cache_keyword(model): DynamicCache(config=model.config)}
+    with torch.inference_mode():
+        token = model(input_ids=prompt, use_cache=True, **cache).logits[:, -1:].argmax(-1)
+        for _ in range(steps):
+            chunks.append(token)
+            token = model(input_ids=token, use_cache=True, **cache).logits[:, -1:].argmax(-1)
+    return chunks
+
+
+def test_matches_transformers_prefill_and_decode(tiny_llama):
+    torch.manual_seed(1)
+    chunks = _greedy_chunks(tiny_llama, torch.randint(0, 49152, (1, 19)), 6)
+    _assert_close(_lean_logits(tiny_llama, chunks), _transformers_logits(tiny_llama, chunks), 1e-5)
+
+
+def test_chunks_after_earlier_tokens_are_causal(tiny_llama):
+    """A chunk of several tokens after a prefill sees the earlier tokens and none after itself."""
+    torch.manual_seed(2)
+    ids = torch.randint(0, 49152, (1, 23))
+    chunks = [ids[:, :9], ids[:, 9:10], ids[:, 10:23]]
+    _assert_close(_lean_logits(tiny_llama, chunks, max_positions=40), _transformers_logits(tiny_llama, chunks), 1e-5)
+    whole = _lean_logits(tiny_llama, [ids])[0]
+    _assert_close([_lean_logits(tiny_llama, chunks)[-1]], [whole], 1e-5)
+
+
+def test_bf16_model_matches_transformers_to_bf16_precision(tiny_llama):
+    model = LlamaForCausalLM(tiny_llama.config).eval().to(torch.bfloat16)
+    model.load_state_dict(tiny_llama.state_dict())
+    torch.manual_seed(3)
+    chunks = _greedy_chunks(model, torch.randint(0, 49152, (1, 12)), 3)
+    got = _lean_logits(model, chunks)
+    assert got[0].dtype == torch.bfloat16
+    _assert_close(got, _transformers_logits(model, chunks), 0.05)
+
+
+def test_refuses_what_it_cannot_run_and_keeps_its_state(tiny_llama):
+    decoder = LeanDecoder(tiny_llama, 8)
+    decoder.forward(torch.tensor([[1, 2, 3]]))
+    with pytest.raises(ValueError, match="reach 9 tokens; this decoder holds 8"):
+        decoder.forward(torch.arange(6).unsqueeze(0))
+    for bad in (torch.tensor([1, 2]), torch.ones(2, 1, dtype=torch.long), torch.ones(1, 0, dtype=torch.long)):
+        with pytest.raises(ValueError, match=r"input_ids must be \[1, T\]"):
+            decoder.forward(bad)
+    assert decoder.position == 3
+    decoder.forward(torch.tensor([[4]]))  # the sequence goes on where it was
+    assert decoder.position == 4
+    with pytest.raises(ValueError, match="max_positions"):
+        LeanDecoder(tiny_llama, 0)
+
+
+def _variant(tiny_llama, **changes):
+    config = LlamaConfig(**{**tiny_llama.config.to_dict(), **changes})
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("changes, reason", [
+    ({"attention_bias": True}, "attention_bias"),
+    ({"mlp_bias": True}, "mlp_bias"),
+    ({"hidden_act": "gelu"}, "activation 'gelu'"),
+    ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}}, "dynamic"),
+])
+def test_unsupported_configs_fall_back_to_transformers(tiny_llama, changes, reason):
+    model = _variant(tiny_llama, **changes)
+    assert reason in unsupported_reason(model)
+    with pytest.raises(ValueError, match="cannot run this model"):
+        LeanDecoder(model, 8)
+    with pytest.raises(ValueError, match="lean runtime cannot run"):
+        measure_speed(model, torch.randint(0, 1000, (6,)), decode_tokens=2, repeats=1, runtime="lean")
+    result = measure_speed(model, torch.randint(0, 1000, (6,)), decode_tokens=2, repeats=1)
+    assert result.runtime == "hf" and reason in result.runtime_note
+
+
+def test_other_architectures_are_named():
+    assert "is not llama" in unsupported_reason(torch.nn.Linear(2, 2))
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    return load_model("default")  # ~30 s here, mostly the GGUF tokenizer: loaded once for the module
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tag", [None, "rtn-w4g128", "rtn-w3g128", "mag-24-w4g64", "mag-24"])
+def test_embedded_model_decodes_as_with_transformers(embedded, tag):
+    """The real embedded model, dense and on each compressed kernel family: same logits, same greedy tokens."""
+    model = copy.deepcopy(embedded.model)
+    if tag:
+        compress_(model, config_from_tag(tag), progress=False)
+    prompt = embedded.tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
+    chunks = _greedy_chunks(model, prompt, 8)
+    expected = _transformers_logits(model, chunks)
+    got = _lean_logits(model, chunks)
+    _assert_close(got, expected, 1e-4)
+    assert [g.argmax().item() for g in got] == [e.argmax().item() for e in expected]
