@@ -51,10 +51,11 @@ def _extension():
 
 
 setup(
-    packages=["comptrust", "comptrust.nn", "comptrust.compress", "comptrust.formats",
-              "comptrust.kernels", "comptrust.evals", "comptrust.bench"],
+    # The data folders are listed as packages of their own, as setuptools wants for folders it could import.
+    packages=["comptrust", "comptrust.nn", "comptrust.compress", "comptrust.compress.data", "comptrust.formats",
+              "comptrust.kernels", "comptrust.evals", "comptrust.evals.data", "comptrust.bench"],
     package_dir={"comptrust.kernels": "kernels", "comptrust.evals": "evals", "comptrust.bench": "bench"},
-    package_data={"comptrust.evals": ["data/*.jsonl", "data/*.json", "data/*.txt"], "comptrust.compress": ["data/*.txt"]},
+    package_data={"comptrust.evals.data": ["*.jsonl", "*.json", "*.txt"], "comptrust.compress.data": ["*.txt"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
 )
