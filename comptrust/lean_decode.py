@@ -1,15 +1,15 @@
 """Batch-1 greedy decoding of Llama-family models without transformers' per-layer machinery.
 
-Why: at batch 1 a compressed layer costs a few microseconds, and transformers' eager forward (cache objects,
-mask building, kwargs threading, ~60 tensor ops per layer) costs more than the layers themselves: on the
-embedded model it took 13-18 ms of every token with all linears stubbed out, against 3.5-4 ms for all of its
-int4 layers. A speed figure taken through it mostly measures that harness, and hides what compression buys.
+Why: at batch 1 a compressed layer costs microseconds, and transformers' eager forward (cache objects, mask
+building, kwargs threading, ~60 tensor ops per layer) costs more than the layers themselves: on the embedded
+model it took 13-18 ms of every token with all linears stubbed out, more than all 210 int4 layers together
+(6-9 ms). A speed figure taken through it mostly measures that harness and hides what compression buys.
 
-This decoder runs the same modules' weights with the same math as transformers' Llama, ~20 tensor ops per
-layer: a preallocated KV cache written in place, rotary angles from the model's own rotary module, fused
-RMSNorm, and each linear's own forward (dense, int4/int3 tiled, 2:4...), so every kernel is the one the model
-really runs. `unsupported_reason` says why a model is not one it runs exactly (then the caller uses
-transformers); tests check its logits against transformers' forward.
+This decoder runs the model's own modules with transformers' Llama math and ~12 op calls per layer: a
+preallocated KV cache, rotary angles from the model's own rotary module, fused residual+RMSNorm and
+attention-step ops (comptrust.ops, C++ on CPU), and each linear's own forward (dense, int4/int3 tiled, 2:4...),
+so every kernel is the one the model really runs. `unsupported_reason` says why a model is not one it computes
+exactly (the caller then uses transformers); tests hold its logits to transformers' forward.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from comptrust import ops, reference
+from comptrust.nn.quant_linear import shared_input_call
 
 _LAYER_PARTS = ("input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj",
                 "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -67,14 +68,27 @@ def _submodule(module: torch.nn.Module, dotted: str) -> torch.nn.Module | None:
 class _Layer:
     attn_norm: torch.Tensor
     mlp_norm: torch.Tensor
+    # x -> outputs: several layers of one input go through one op where they can (shared_input_call).
+    qkv: Callable[[torch.Tensor], list[torch.Tensor]]
+    gate_up: Callable[[torch.Tensor], list[torch.Tensor]]
     # Bound forward methods, called directly: module __call__ adds hook bookkeeping on every call.
-    q: Callable
-    k: Callable
-    v: Callable
     o: Callable
-    gate: Callable
-    up: Callable
     down: Callable
+
+
+def _shared_input(modules: list[torch.nn.Module]) -> Callable[[torch.Tensor], list[torch.Tensor]]:
+    fused = shared_input_call(modules)
+    if fused is not None:
+        return fused
+    forwards = [module.forward for module in modules]
+    return lambda x: [forward(x) for forward in forwards]
+
+
+def _layer(layer: torch.nn.Module) -> _Layer:
+    attn, mlp = layer.self_attn, layer.mlp
+    return _Layer(layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
+                  _shared_input([attn.q_proj, attn.k_proj, attn.v_proj]), _shared_input([mlp.gate_proj, mlp.up_proj]),
+                  attn.o_proj.forward, mlp.down_proj.forward)
 
 
 class LeanDecoder:
@@ -101,9 +115,7 @@ class LeanDecoder:
         self._rotary = decoder.rotary_emb
         self._final_norm = decoder.norm.weight
         self._lm_head = model.lm_head.forward
-        self.layers = [_Layer(layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
-                              *(_submodule(layer, part).forward for part in _LAYER_PARTS[2:]))
-                       for layer in decoder.layers]
+        self.layers = [_layer(layer) for layer in decoder.layers]
         weight = decoder.embed_tokens.weight
         shape = (len(self.layers), self.kv_heads, max_positions, self.head_dim)
         self.keys = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
@@ -129,23 +141,26 @@ class LeanDecoder:
             normed = ops.residual_rms_norm(hidden, pending, layer.attn_norm, self.eps)
             attended = attend(layer, normed, index, start, cos, sin)
             normed = ops.residual_rms_norm(hidden, layer.o(attended), layer.mlp_norm, self.eps)
-            pending = layer.down(F.silu(layer.gate(normed)) * layer.up(normed))
+            gate, up = layer.gate_up(normed)
+            pending = layer.down(F.silu(gate) * up)
         self.position = end
         last = ops.residual_rms_norm(hidden[:, -1], pending[:, -1], self._final_norm, self.eps)
         return self._lm_head(last)
 
     def _attend_one(self, layer: _Layer, normed, index: int, start: int, cos, sin) -> torch.Tensor:
         """A decode step: rotary, cache append and attention in one fused op."""
-        return ops.decode_attention(layer.q(normed), layer.k(normed), layer.v(normed), self.keys[index],
-                                    self.values[index], cos, sin, start, self.head_dim ** -0.5)
+        query, key, value = layer.qkv(normed)
+        return ops.decode_attention(query, key, value, self.keys[index], self.values[index], cos, sin, start,
+                                    self.head_dim ** -0.5)
 
     def _attend_chunk(self, layer: _Layer, normed, index: int, start: int, cos, sin) -> torch.Tensor:
         """Several tokens (the prompt): causal attention over the cache through torch's SDPA."""
         length, end = normed.shape[1], start + normed.shape[1]
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        query = reference.rotary(self._heads(layer.q(normed), self.heads), cos, sin)
-        self.keys[index, :, start:end] = reference.rotary(self._heads(layer.k(normed), self.kv_heads), cos, sin)[0]
-        self.values[index, :, start:end] = self._heads(layer.v(normed), self.kv_heads)[0]
+        query, key, value = layer.qkv(normed)
+        query = reference.rotary(self._heads(query, self.heads), cos, sin)
+        self.keys[index, :, start:end] = reference.rotary(self._heads(key, self.kv_heads), cos, sin)[0]
+        self.values[index, :, start:end] = self._heads(value, self.kv_heads)[0]
         # causal, offset by the `start` tokens already in the cache
         mask = None
         if start:

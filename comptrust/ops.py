@@ -95,6 +95,28 @@ def gemm_tiled(x: torch.Tensor, tiled: TiledWeight, act_bits: int | None = None)
                                           tiled.group_size, act_bits or 0)
 
 
+def gemm_tiled_many(x: torch.Tensor, tiled: list[TiledWeight], act_bits: int | None = None) -> list[torch.Tensor]:
+    """[gemm_tiled(x, t, act_bits) for t in tiled] as one op: at batch 1 the layers' products share one
+    parallel region (a decoder's q/k/v or gate/up). The weights must share bits, group size and k."""
+    return bind_gemm_tiled_many(tiled, act_bits)(x)
+
+
+def bind_gemm_tiled_many(tiled: list[TiledWeight], act_bits: int | None = None):
+    """gemm_tiled_many with its weights checked and its argument lists built once: x -> outputs (for the
+    decode loop, where rebuilding them each call costs as much as a small layer's product)."""
+    if not _compiled():
+        raise RuntimeError(f"gemm_tiled_many needs the compiled CPU ops: {_BACKEND_ERRORS['cpu']}")
+    if not tiled:
+        raise ValueError("gemm_tiled_many: no weights")
+    formats = {(t.bits, t.group_size) for t in tiled}
+    if len(formats) != 1:
+        raise ValueError(f"gemm_tiled_many: the weights must share bits and group size, got {sorted(formats)}")
+    bits, group_size = formats.pop()
+    weights, zeros, scales = [t.weight for t in tiled], [t.zeros for t in tiled], [t.scales for t in tiled]
+    op = torch.ops.comptrust.gemm_tiled_many.default
+    return lambda x: op(x, weights, zeros, scales, bits, group_size, act_bits or 0)
+
+
 def sparse24_tiled(x: torch.Tensor, tiled: TiledSparse24, act_bits: int | None = None) -> torch.Tensor:
     """y[..., n] = x[..., k] @ W^T on the CPU 2:4 kernels, W in their tiled layout (TiledSparse24). With int4
     kept values, act_bits=8 quantizes x to int8 first, per row and block of 32 inputs within each group of
@@ -355,6 +377,10 @@ if _C is not None:
     @torch.library.register_fake("comptrust::decode_attention")
     def _decode_attention_fake(q, k, v, key_cache, value_cache, cos, sin, position, scale):
         return torch.empty_like(q)
+
+    @torch.library.register_fake("comptrust::gemm_tiled_many")
+    def _gemm_tiled_many_fake(x, weights, zeros, scales, bits, group_size, act_bits):
+        return [x.new_empty((*x.shape[:-1], w.shape[0] * 8)) for w in weights]
 
     @torch.library.register_fake("comptrust::sparse24_gemm")
     def _sparse24_gemm_fake(x, values, meta):

@@ -21,6 +21,10 @@ TORCH_LIBRARY(comptrust, m) {
   // x in float, 8 quantizes it like int4_gemm_a8. x is [..., k] (as F.linear), y [..., n] in x's dtype.
   m.def("gemm_tiled(Tensor x, Tensor weight, Tensor zeros, Tensor scales, int bits, int group_size, "
         "int act_bits) -> Tensor");
+  // gemm_tiled of one x by several weights of the same bits and group size (a decoder's q/k/v, gate/up),
+  // one y per weight: at batch 1 in one parallel region, else one product after another.
+  m.def("gemm_tiled_many(Tensor x, Tensor[] weights, Tensor[] zeros, Tensor[] scales, int bits, int group_size, "
+        "int act_bits) -> Tensor[]");
   // 2:4 semi-structured sparse weights (comptrust/formats/sparse24.py): y = x @ W^T where W [n, k] is given
   // by its kept values [n, k/2] (float32/bfloat16/float16) and meta [n, k/8] uint8. Output has x's dtype.
   m.def("sparse24_gemm(Tensor x, Tensor values, Tensor meta) -> Tensor");

@@ -334,3 +334,48 @@ def test_tiling_rejects_columns_not_in_tiles_of_8():
 def test_tiled_weight_reports_shape():
     t = _tiled(3, 96, 160, 32)
     assert isinstance(t, TiledWeight) and (t.out_features, t.in_features, t.bits) == (96, 160, 3)
+
+
+# ------------------------------------------------------------------- several weights, one x (gemm_tiled_many)
+def _layers(bits, shapes, k, group_size, seed=0):
+    make = {4: random_int4, 3: random_int3, 8: random_int8}[bits]
+    return [tile(make(n, k, group_size, seed + i)[0]) for i, n in enumerate(shapes)]
+
+
+@pytest.mark.parametrize("bits", [4, 3, 8])
+@pytest.mark.parametrize("act_bits", [None, 8])
+@pytest.mark.parametrize("x_shape", [(1, 1, 576), (576,), (1, 576), (3, 576), (2, 1, 576)])
+def test_gemm_tiled_many_equals_each_gemm_tiled(isa, bits, act_bits, x_shape):
+    """Bit for bit: at batch 1 the same kernel runs per tile pair, only scheduled together (q/k/v shapes, and a
+    layer of one tile where int4/int8 allow it: int3 needs 32 outputs)."""
+    if bits == 8 and act_bits:
+        pytest.skip("int8 weights run with float activations only")
+    tiles = _layers(bits, (576, 192, 32 if bits == 3 else 8), 576, 64 if bits == 3 else 128)
+    x = torch.randn(x_shape, generator=torch.Generator().manual_seed(7))
+    got = ops.gemm_tiled_many(x, tiles, act_bits)
+    assert len(got) == 3
+    for y, t in zip(got, tiles):
+        expected = ops.gemm_tiled(x, t, act_bits)
+        assert y.shape == expected.shape == (*x_shape[:-1], t.out_features) and torch.equal(y, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gemm_tiled_many_other_activation_dtypes(dtype):
+    tiles = _layers(4, (1536, 1536), 576, 128)
+    x = torch.randn(1, 1, 576).to(dtype)
+    for y, t in zip(ops.gemm_tiled_many(x, tiles), tiles):
+        assert y.dtype == dtype and torch.equal(y, ops.gemm_tiled(x, t))
+
+
+def test_gemm_tiled_many_refuses_mixed_or_missing_weights():
+    int4 = _layers(4, (64,), 128, 128)
+    with pytest.raises(ValueError, match="share bits and group size"):
+        ops.gemm_tiled_many(torch.randn(1, 128), int4 + _layers(4, (64,), 128, 64))
+    with pytest.raises(ValueError, match="no weights"):
+        ops.gemm_tiled_many(torch.randn(1, 128), [])
+    with pytest.raises(RuntimeError, match="expected \\[n/8, 32, 8\\] for k=256"):
+        ops.gemm_tiled_many(torch.randn(1, 256), int4 + _layers(4, (64,), 256, 128))
+    t = int4[0]
+    with pytest.raises(RuntimeError, match="as many zeros and scales"):
+        torch.ops.comptrust.gemm_tiled_many(torch.randn(1, 128), [t.weight, t.weight], [t.zeros], [t.scales], 4,
+                                            128, 0)

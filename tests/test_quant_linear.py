@@ -171,3 +171,20 @@ def test_int3_compression_of_a_model(tiny_llama):
         dense_logits, quant_logits = tiny_llama(ids).logits, model(ids).logits
     assert torch.isfinite(quant_logits).all()
     assert rel_err(quant_logits, dense_logits) < 0.4  # int3 noise, not garbage
+
+
+def test_shared_input_call_runs_layers_of_one_input_together():
+    from comptrust.nn import ActOrderQuantLinear
+    from comptrust.nn.quant_linear import shared_input_call
+
+    torch.manual_seed(0)
+    layers = [QuantLinear.from_linear(nn.Linear(128, n, bias=False), 64) for n in (128, 64, 64)]
+    call = shared_input_call(layers)
+    x = torch.randn(1, 1, 128)
+    assert [torch.equal(y, layer(x)) for y, layer in zip(call(x), layers)] == [True] * 3
+    with_bias = QuantLinear.from_linear(nn.Linear(128, 64), 64)
+    other_group = QuantLinear.from_linear(nn.Linear(128, 64, bias=False), 32)
+    other_act = QuantLinear.from_linear(nn.Linear(128, 64, bias=False), 64, act_bits=8)
+    act_order = ActOrderQuantLinear.from_act_order(layers[1].packed(), torch.randperm(128))  # permutes x first
+    for odd_one in (with_bias, other_group, other_act, act_order, nn.Linear(128, 64)):
+        assert shared_input_call(layers[:1] + [odd_one]) is None

@@ -7,6 +7,8 @@ checkpoint; on CPU it runs on, and keeps only, the tiled form (comptrust.nn.tile
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn as nn
 
@@ -110,3 +112,18 @@ class QuantLinear(TiledLinear):
         acts = f"a{self.act_bits}" if self.act_bits else "float activations"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"w{self.bits}g{self.group_size} {kind}, {acts}")
+
+
+def shared_input_call(layers: list[nn.Module]) -> Callable[[torch.Tensor], list[torch.Tensor]] | None:
+    """One callable for several layers that read the same x (a decoder's q/k/v, gate/up): x -> their outputs,
+    through ops.gemm_tiled_many, which at batch 1 runs them in one parallel region. None unless every layer is
+    a plain QuantLinear (not act-order: those permute x) without bias, tiled on CPU, all of one format, width
+    and act_bits. It is bound to the layers' tiles and act_bits as they are now: build it again after changing
+    them."""
+    first = layers[0]
+    if not all(type(layer) is QuantLinear for layer in layers) or not ops.cpu_kernels_available():
+        return None
+    same = {(layer.bits, layer.group_size, layer.in_features, layer.act_bits) for layer in layers}
+    if len(same) != 1 or any(layer.bias is not None or layer.qweight.device.type != "cpu" for layer in layers):
+        return None
+    return ops.bind_gemm_tiled_many([layer.tiled() for layer in layers], first.act_bits)
