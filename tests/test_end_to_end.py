@@ -27,6 +27,7 @@ def test_report_has_dense_int4_and_2_4_rows(report):
         assert dims["machine_ethics"]["n"] == 240
         eff = row["efficiency"]
         assert eff["weight_bytes"] > 0 and eff["peak_rss_bytes"] > 0 and eff["decode_tokens_per_s"] > 0
+        assert eff["runtime"] == "lean" and eff["hf_decode_tokens_per_s"] > 0  # SmolLM2 is a Llama: both timed
         if eff["peak_rss_reset"]:  # Linux: the decode run has its own high-water mark
             assert 0 < eff["process_baseline_rss_bytes"] < eff["decode_peak_rss_bytes"] <= eff["peak_rss_bytes"]
     md = open(output.paths["markdown"]).read()
