@@ -7,7 +7,9 @@ error (measured ~1e-7). bf16 / fp16 activations are converted to fp32 on entry a
 once: bound 8e-3 (2^-8 is bf16's step). A wrong index, nibble, value slot, zero, scale or group gives
 errors of order 1. Batches below 192 rows run the sparse kernel on blocks of 4 rows (1..3-row tails
 included); from 192 rows the weight is expanded to dense blocks for torch's GEMM (bf16 activations: bf16
-blocks); on a CPU with AMX-BF16, bf16 activations from 8 to 1023 rows run on the tile unit, and fp32 ones from
+blocks); on AVX-512, float kept values from 32 to 511 rows run the row-vector kernel instead
+(sparse24_row_vectors.h: blocks of up to 96 rows, the last register zero-padded), int4 ones too from 64 rows
+on layers of 2^24 weights and from 32 elsewhere where the tile unit does not take them; on a CPU with AMX-BF16, bf16 activations from 8 to 1023 rows run on the tile unit, and fp32 ones from
 16 to 191 rows where the kept values are exact in bf16 (three exact bf16 planes of x). All are covered.
 """
 import pytest
@@ -15,7 +17,8 @@ import torch
 
 from comptrust import ops, reference
 from comptrust.formats.cpu_tiles import TiledSparse24, tile_sparse24, tile_sparse24_int4, untile_sparse24
-from comptrust.formats.sparse24 import Sparse24Packed, pack_sparse24, prune_magnitude_24
+from comptrust.formats.sparse24 import (Sparse24Packed, dequantize_sparse24_int4, pack_sparse24, prune_magnitude_24,
+                                        unpack_sparse24)
 from quant_cases import MODEL_SHAPES, available_isas, full_precision_one_hot_rows, rel_err, wide_range_rows
 from sparse24_cases import uniform_sparse24, uniform_sparse24_int4
 
@@ -220,6 +223,72 @@ def test_amx_fp32_activations_lose_no_bit(monkeypatch):
                 assert rel_err(ops.sparse24_tiled(x, tiled), ref(x)) < 1e-6, (m, n, k, kind)
 
 
+# Row counts around the row-vector kernel's edges: 31 (column kernel) and 32, 1-6 registers of 16 rows with and
+# without padding, two blocks (97: 49 + 48, 250: three), 511 (the last), 512 (dense blocks again).
+ROW_VECTOR_M = (31, 32, 33, 47, 64, 80, 96, 97, 150, 250, 511, 512)
+# 33 tiles cross a block of 32 tiles; k = 72 ends in a chunk of 2 groups; k = 8 is a single group.
+ROW_VECTOR_SHAPES = ((264, 72), (16, 8), (40, 576))
+
+
+@pytest.mark.parametrize("m", ROW_VECTOR_M)
+def test_row_vector_kernel_one_hot_rows_are_exact(isa, m, monkeypatch):
+    """One nonzero input per row: every output is that input times one kept weight, a single rounding, so each
+    path must return exactly fp32(w * x). A wrong 2-bit index, slot, column, row or padding changes outputs.
+    AMX is off: bf16 kept values with fp32 x would go to the tile unit."""
+    monkeypatch.setenv("COMPTRUST_CPU_AMX", "0")
+    for value_dtype in VALUE_DTYPES:
+        for n, k in ROW_VECTOR_SHAPES:
+            packed = uniform_sparse24(n, k, value_dtype, seed=m + n)
+            dense = unpack_sparse24(packed).float()
+            x, columns = full_precision_one_hot_rows(m, k, seed=m + k)
+            expected = dense[:, columns].T * x[torch.arange(m), columns][:, None]
+            y = ops.sparse24_tiled(x, tile_sparse24(packed))
+            assert torch.equal(y, expected), (m, n, k, value_dtype)
+
+
+@pytest.mark.skipif("avx512" not in available_isas(), reason="the row-vector kernel is AVX-512")
+@pytest.mark.parametrize("m", [m for m in ROW_VECTOR_M if 32 <= m < 512])
+def test_row_vector_kernel_int4_one_hot_rows_are_exact(m, monkeypatch):
+    """int4 kept values are dequantized a chunk at a time as the reference does, (code - zero) * scale, so here
+    too each output of a one-hot row is exactly fp32(w * x). (The column kernel scales after summing
+    x * (code - zero): one rounding more, not exact.) Groups of 8 kept values (a word), 24 (groups end inside
+    a chunk of 32 kept values; a partial last group), one per row (k/2)."""
+    monkeypatch.setenv("COMPTRUST_CPU_AMX", "0")
+    monkeypatch.setenv("COMPTRUST_CPU_ISA", "avx512")
+    for n, k in ((264, 96), (16, 16), (40, 592)):
+        for group in (8, 24, k // 2):
+            packed = uniform_sparse24_int4(n, k, group, seed=m + group)
+            dense = dequantize_sparse24_int4(packed)
+            x, columns = full_precision_one_hot_rows(m, k, seed=m + k)
+            expected = dense[:, columns].T * x[torch.arange(m), columns][:, None]
+            assert torch.equal(ops.sparse24_tiled(x, tile_sparse24_int4(packed)), expected), (m, n, k, group)
+
+
+@pytest.mark.parametrize("m", (32, 64, 97, 200))
+def test_row_vector_kernel_wide_range_inputs(isa, m, monkeypatch):
+    """Every value kind (int4 in groups of 24) on inputs spanning ~10^+-2.6 within a row, against the reference
+    (fp32 x at 1e-6; bf16 / fp16 x rounded once at the end), on a model shape and an odd one (k = 80: a last
+    chunk of 4 groups)."""
+    monkeypatch.setenv("COMPTRUST_CPU_AMX", "0")
+    for kind in VALUE_DTYPES + ("int4",):
+        for n, k in ((576, 1536), (264, 80)):
+            if kind == "int4":
+                packed = uniform_sparse24_int4(n, k, 24, seed=m)
+                q = packed.qvalues
+                tiled = tile_sparse24_int4(packed)
+                ref = lambda x: reference.sparse24_int4_gemm(x, q.qweight, q.qzeros, q.scales, packed.meta, 24)
+            else:
+                packed = uniform_sparse24(n, k, kind, seed=m)
+                tiled = tile_sparse24(packed)
+                ref = lambda x: reference.sparse24_gemm(x, packed.values, packed.meta)
+            x = wide_range_rows(m, k, seed=m + n)
+            assert rel_err(ops.sparse24_tiled(x, tiled), ref(x)) < 1e-6, (m, n, k, kind)
+            for x_dtype in (torch.bfloat16, torch.float16):
+                xl = x.clamp(-6e4, 6e4).to(x_dtype)
+                y = ops.sparse24_tiled(xl, tiled)
+                assert y.dtype == x_dtype and rel_err(y, ref(xl)) < 8e-3, (m, n, k, kind, x_dtype)
+
+
 def test_batch_one_fp32_int4_values_as_int8_limbs_keep_fp32_accuracy(monkeypatch):
     """At batch 1 with AVX-512 VNNI + VBMI, fp32 x with int4 kept values runs on the int8 kernel as three int8
     limbs per block (to 2^-23 of the block's largest input; a dropped third limb: ~4e-5), on layers of at least
@@ -316,7 +385,7 @@ def test_randomized_sweep_1000_cases():
         int4 = case % 2 == 1
         n = 8 * draw(1, 9)
         k = (16 if int4 else 8) * draw(1, 320 // (16 if int4 else 8) + 1)
-        m = draw(1, 12) if draw(0, 8) else draw(192, 210)  # one case in 8 on the expanded path
+        m = draw(1, 12) if draw(0, 8) else draw(12, 600)  # one case in 8 on the tile unit, row vectors or dense blocks
         x_dtype = (torch.float32, torch.bfloat16)[draw(0, 4) == 0]
         x = torch.randn(m, k, generator=gen).to(x_dtype)
         if int4:

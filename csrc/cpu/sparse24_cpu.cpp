@@ -14,6 +14,8 @@
 // An AVX-512 version (both kept-value slots in one register) runs where the CPU has it; a portable scalar
 // twin where AVX2 is missing. Work split: tiles (8 output columns) are
 // at::parallel_for's tasks.
+// On AVX-512, 32 to 511 rows run the row-vector kernel instead (sparse24_row_vectors.h: vectorized over x's rows,
+// so only the kept weights are multiplied), except where the tile unit below is faster.
 // Where the CPU has AMX, bf16 activations from 8 rows, and fp32 ones from 16 when the kept values are exact in
 // bf16, run on the tile unit instead (run_amx); int8 activations with int4 values on VNNI (a8_int4_avx512), and
 // there too fp32 ones at batch 1 on large layers, as int8 limbs (int8_limbs.h).
@@ -30,6 +32,7 @@
 #include "dense_blocks.h"
 #include "int8_limbs.h"
 #include "simd_common.h"
+#include "sparse24_row_vectors.h"
 #include "isa.h"
 
 namespace comptrust::cpu {
@@ -601,7 +604,14 @@ COMPTRUST_AMX void sparse_int4_group_params(const Sparse24Problem& p, int64_t t,
 // 4096x4096 weights, tile path / sparse kernel: int4 values 2.2-3.7x / 1.3-2.2x at 16-48 rows, 1.4-2.8x /
 // 0.8-0.9x at 64, 0.85-1.7x / 0.7-0.8x at 128; bf16 values 1.7-2.8x / 1.0-2.1x at 16-48 rows, 1.1-2.7x /
 // 0.8-1.0x at 64. At 8 rows the sparse kernel is as fast or faster (2.7-4.3x / 2.2-4.5x).
+// From kRowVectorOverSplitRows rows on layers of at least kRowVectorOverSplitWeights weights, the row-vector
+// kernel (sparse24_row_vectors.h) beats the planes, side by side against fp32 F.linear (planes / row vectors):
+// int4 values (g128) on 4096x4096, 11008x4096, 4096x11008 at 48 rows 1.29-2.06 / 1.19-1.40, at 64 0.95-1.34 /
+// 1.23-1.38, at 96 0.98-1.09 / 1.20-1.63; bf16 values at 64 rows 0.90-1.88 / 1.33-1.79, at 96 0.84-1.29 /
+// 1.20-1.71. On the SmolLM2 shapes the planes stay ahead up to 128 rows (int4 1.17-2.47 / 0.93-1.62).
 constexpr int64_t kAmxSplitMinRows = 16;
+constexpr int64_t kRowVectorOverSplitRows = 64;
+constexpr int64_t kRowVectorOverSplitWeights = int64_t{1} << 24;
 template <class V>
 bool amx_exact_values(const Sparse24Problem& p) {
   if constexpr (std::is_same_v<V, Int4Values>) return 2 * p.group_size % kAmxStep == 0;
@@ -847,7 +857,8 @@ void check_cpu(const char* op, std::initializer_list<const at::Tensor*> tensors)
 // (dense_blocks.h): multiplying the pruned zeros at BLAS speed beats skipping them in this file's kernels
 // there. Measured against dense fp32 F.linear, side by side on SmolLM2 and 4096x4096 shapes (direct /
 // expanded): 256 rows 1.3-1.6x / 1.1-1.25x, 3072 rows 2.0-2.9x / 0.9-1.25x; 128 rows about even (direct
-// ahead for fp32 values, behind for int4 ones); 64 rows 0.7-1.3x / 1.5-1.9x.
+// ahead for fp32 values, behind for int4 ones); 64 rows 0.7-1.3x / 1.5-1.9x. On AVX-512 the row-vector kernel
+// takes 32 to 511 rows first, so there this path starts at kRowVectorMaxRows.
 constexpr int64_t kDenseMinRows = 192;
 
 template <class V, typename Out>
@@ -883,13 +894,27 @@ at::Tensor run_kind(Sparse24Problem& p, const at::Tensor& x) {
     run_amx<V>(p, AmxActivations{xb.data_ptr<at::BFloat16>(), 1, nullptr}, y.data_ptr<at::BFloat16>());
     return y;
   }
-  if (x.scalar_type() != at::kBFloat16 && p.m >= kAmxSplitMinRows && p.m < kDenseMinRows && p.k % kAmxStep == 0 &&
-      amx_exact_values<V>(p) && amx_bf16_usable()) {
+  const bool row_vectors_first =
+      isa == Isa::kAvx512 && p.m >= kRowVectorOverSplitRows && p.n * p.k >= kRowVectorOverSplitWeights;
+  if (x.scalar_type() != at::kBFloat16 && p.m >= kAmxSplitMinRows && p.m < kDenseMinRows && !row_vectors_first &&
+      p.k % kAmxStep == 0 && amx_exact_values<V>(p) && amx_bf16_usable()) {
     const at::Tensor xf = x.to(at::kFloat).contiguous();
     const at::Tensor planes = at::empty({3, p.m, p.k}, at::kBFloat16);
     split_fp32_rows(xf.data_ptr<float>(), p.m, p.k, planes.data_ptr<at::BFloat16>());
     at::Tensor y = at::empty({p.m, p.n}, xf.options());
     run_amx<V>(p, AmxActivations{planes.data_ptr<at::BFloat16>(), 3, nullptr}, y.data_ptr<float>());
+    return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+  }
+  // kRowVectorMinRows to kRowVectorMaxRows rows: vectorized over x's rows (sparse24_row_vectors.h), multiplying
+  // only the kept weights.
+  if (isa == Isa::kAvx512 && p.m >= kRowVectorMinRows && p.m < kRowVectorMaxRows) {
+    const at::Tensor xf = x.to(at::kFloat).contiguous();
+    at::Tensor y;
+    if constexpr (std::is_same_v<V, Int4Values>)
+      y = sparse24_row_vectors(
+          xf, Int4KeptValues{p.tile_words(0), p.zeros, p.scales, p.sparse_groups(), p.groups, p.group_size}, p.meta, p.n);
+    else
+      y = sparse24_row_vectors(xf, FloatKeptValues<V>{static_cast<const V*>(p.values), p.sparse_groups()}, p.meta, p.n);
     return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
   }
 #endif
