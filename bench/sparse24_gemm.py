@@ -7,9 +7,11 @@ Ours: the tiled 2:4 kernels as Sparse24Linear / Sparse24Int4Linear run them (til
 values and fp32 activations, bf16 values and bf16 activations, and int4 kept values (group of 64 kept
 values, i.e. 128 inputs, the span of a dense g128 group) with fp32 and with bf16 activations, and with
 fp32 activations quantized to int8 in the kernel (act_bits=8, the VNNI dot-product kernel). Anchors on the same shapes:
-F.linear fp32 and bf16 on the dense (pruned) weight, and our dense int4 g128 kernel. (From 192 rows the 2:4
-layers expand their weight block by block for torch's GEMM, and bf16 activations from 8 rows run on the AMX
-tile unit where the CPU has it; so at batch 8 to 64 the bf16 rows time the tile-unit path.) Row fields as in
+F.linear fp32 and bf16 on the dense (pruned) weight, and our dense int4 g128 kernel. (Which 2:4 kernel runs
+depends on the rows: on AVX-512, fp32 activations from 32 rows run the row-vector kernel, int4 values on
+the large layers from 64; bf16 activations from 8 rows, and fp32 ones with int4 values below that, run on the
+AMX tile unit where the CPU has it; from 512 rows (192 without AVX-512) the weight is expanded block by block
+for torch's GEMM. See csrc/cpu/sparse24_cpu.cpp's run_kind.) Row fields as in
 `comptrust bench int` (comptrust.bench.harness). Timings are noisy: compare rows of one run only.
 """
 from __future__ import annotations
