@@ -10,6 +10,11 @@ preallocated KV cache, rotary angles from the model's own rotary module, fused r
 attention-step ops (comptrust.ops, C++ on CPU), and each linear's own forward (dense, int4/int3 tiled, 2:4...),
 so every kernel is the one the model really runs. `unsupported_reason` says why a model is not one it computes
 exactly (the caller then uses transformers); tests hold its logits to transformers' forward.
+
+Decode steps (one token) go further where every linear is one C++ can call as its module would (a bias-free
+nn.Linear, or a tiled compressed layer's own op): the whole layer stack runs as one call of a DecodeProgram
+(csrc/cpu/decode_program.cpp), the same ops in the same order, bit-identical to the Python loop, without
+the ~9 Python-level op calls per layer that were a third of an int4 token's time.
 """
 from __future__ import annotations
 
@@ -21,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from comptrust import ops, reference
-from comptrust.nn.quant_linear import shared_input_call
+from comptrust.nn.quant_linear import shared_input_call, shared_input_tiles
+from comptrust.nn.tiled_linear import TiledLinear
 
 _LAYER_PARTS = ("input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj",
                 "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -91,14 +97,58 @@ def _layer(layer: torch.nn.Module) -> _Layer:
                   attn.o_proj.forward, mlp.down_proj.forward)
 
 
+def _program_linear(program, part: str, module: torch.nn.Module) -> bool:
+    """Add `module` to the program's `part` as the call its forward makes; False if it has no such call."""
+    if type(module) is torch.nn.Linear:
+        if module.bias is not None or module.weight.device.type != "cpu":
+            return False
+        program.add_dense(part, module.weight)
+        return True
+    # A tiled layer whose forward is TiledLinear's (not act-order's, which permutes x first), tiled on CPU.
+    if not isinstance(module, TiledLinear) or type(module).forward is not TiledLinear.forward:
+        return False
+    kernel = module._kernel
+    if kernel is None or module.bias is not None:
+        return False
+    op, args = kernel
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    ints = [a for a in args if not isinstance(a, torch.Tensor)]
+    if args != (*tensors, *ints) or not all(type(a) is int for a in ints) or op._overloadname != "default":
+        return False  # the program passes (x, tensors..., ints...) to the op's schema in that order
+    program.add_op(part, op._schema.name, tensors, ints)
+    return True
+
+
+def decode_program(layers: list[torch.nn.Module], eps: float, scale: float):
+    """A DecodeProgram (csrc/cpu/decode_program.cpp) for these decoder layers, or None when a linear is not
+    one it can call exactly as its module does, or the C++ ops are not built."""
+    if not ops.cpu_kernels_available():
+        return None
+    program = torch.classes.comptrust.DecodeProgram(eps, scale)
+    for layer in layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        program.add_layer(layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+        for part, modules in (("qkv", [attn.q_proj, attn.k_proj, attn.v_proj]), ("o", [attn.o_proj]),
+                              ("gate_up", [mlp.gate_proj, mlp.up_proj]), ("down", [mlp.down_proj])):
+            shared = shared_input_tiles(modules) if len(modules) > 1 else None
+            if shared is not None:
+                tiles, act_bits = shared
+                program.add_many(part, [t.weight for t in tiles], [t.zeros for t in tiles],
+                                 [t.scales for t in tiles], tiles[0].bits, tiles[0].group_size, act_bits)
+            elif not all(_program_linear(program, part, module) for module in modules):
+                return None
+    return program
+
+
 class LeanDecoder:
     """Greedy decoding state for one sequence (batch 1) of at most `max_positions` tokens.
 
     `forward(ids)` appends ids [1, T] to the sequence and returns the logits [1, vocab] after its last token.
-    `reset()` starts a new sequence, keeping the cache's memory.
+    `reset()` starts a new sequence, keeping the cache's memory. `use_program=False` keeps decode steps in the
+    Python loop (the tests compare the two).
     """
 
-    def __init__(self, model: torch.nn.Module, max_positions: int):
+    def __init__(self, model: torch.nn.Module, max_positions: int, use_program: bool = True):
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"LeanDecoder cannot run this model: {reason}")
@@ -117,6 +167,9 @@ class LeanDecoder:
         self._lm_head = model.lm_head.forward
         self.layers = [_layer(layer) for layer in decoder.layers]
         weight = decoder.embed_tokens.weight
+        self.program = None  # decode steps' C++ program, where every linear fits (decode_program)
+        if use_program and weight.device.type == "cpu":
+            self.program = decode_program(list(decoder.layers), self.eps, self.head_dim ** -0.5)
         shape = (len(self.layers), self.kv_heads, max_positions, self.head_dim)
         self.keys = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
         self.values = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
@@ -135,7 +188,17 @@ class LeanDecoder:
         hidden = self._embed(input_ids)  # a fresh tensor: the residual adds below go into it in place
         positions = torch.arange(start, end, device=hidden.device).unsqueeze(0)
         cos, sin = self._rotary(hidden, positions)  # [1, T, head_dim], as transformers
-        attend = self._attend_one if length == 1 else self._attend_chunk
+        if length == 1 and self.program is not None:
+            pending = self.program.step(hidden, self.keys, self.values, cos, sin, start)
+        else:
+            pending = self._layers(hidden, start, cos, sin)
+        self.position = end
+        last = ops.residual_rms_norm(hidden[:, -1], pending[:, -1], self._final_norm, self.eps)
+        return self._lm_head(last)
+
+    def _layers(self, hidden: torch.Tensor, start: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Every layer on hidden [1, T, d] (updated in place); returns the last one's MLP output, not yet added."""
+        attend = self._attend_one if hidden.shape[1] == 1 else self._attend_chunk
         pending = None  # the last sublayer's output, added to `hidden` by the next norm
         for index, layer in enumerate(self.layers):
             normed = ops.residual_rms_norm(hidden, pending, layer.attn_norm, self.eps)
@@ -143,9 +206,7 @@ class LeanDecoder:
             normed = ops.residual_rms_norm(hidden, layer.o(attended), layer.mlp_norm, self.eps)
             gate, up = layer.gate_up(normed)
             pending = layer.down(F.silu(gate) * up)
-        self.position = end
-        last = ops.residual_rms_norm(hidden[:, -1], pending[:, -1], self._final_norm, self.eps)
-        return self._lm_head(last)
+        return pending
 
     def _attend_one(self, layer: _Layer, normed, index: int, start: int, cos, sin) -> torch.Tensor:
         """A decode step: rotary, cache append and attention in one fused op."""

@@ -1,4 +1,5 @@
-"""The lean batch-1 decoder computes what transformers' Llama forward computes, on dense and compressed layers."""
+"""The lean batch-1 decoder computes what transformers' Llama forward computes, on dense and compressed layers;
+its decode steps' C++ program (csrc/cpu/decode_program.cpp) computes bit for bit what its Python loop does."""
 import copy
 
 import pytest
@@ -8,7 +9,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 from comptrust import compress_
 from comptrust.compress import config_from_tag
 from comptrust.efficiency import measure_speed
-from comptrust.lean_decode import LeanDecoder, unsupported_reason
+from comptrust.lean_decode import LeanDecoder, decode_program, unsupported_reason
 from comptrust.models import cache_keyword, load_model
 
 
@@ -127,3 +128,79 @@ def test_embedded_model_decodes_as_with_transformers(embedded, tag):
     got = _lean_logits(model, chunks)
     _assert_close(got, expected, 1e-4)
     assert [g.argmax().item() for g in got] == [e.argmax().item() for e in expected]
+
+
+def _program_and_loop_logits(model, prompt, steps):
+    """Logits of the prompt and `steps` greedy tokens, decoded with the C++ program and with the Python loop."""
+    with_program, without = LeanDecoder(model, 64), LeanDecoder(model, 64, use_program=False)
+    assert with_program.program is not None and without.program is None
+    got, expected = [with_program.forward(prompt)], [without.forward(prompt)]
+    for _ in range(steps):
+        token = expected[-1].argmax(-1, keepdim=True)
+        got.append(with_program.forward(token))
+        expected.append(without.forward(token))
+    return got, expected
+
+
+@pytest.mark.parametrize("tag", [None, "rtn-w4g128", "rtn-w3g128-a8", "mag-24", "mag-24-w4g64"])
+def test_program_is_bit_identical_to_the_python_loop(tiny_llama, tag):
+    """Dense (nn.Linear), int4/int3 tiled layers through gemm_tiled_many, 2:4 float and int4 layers one op each."""
+    model = copy.deepcopy(tiny_llama)
+    if tag:
+        compress_(model, config_from_tag(tag), progress=False)
+    got, expected = _program_and_loop_logits(model, torch.randint(0, 49152, (1, 11)), 6)
+    for step, (a, b) in enumerate(zip(got, expected)):
+        assert torch.equal(a, b), f"{tag} step {step}"
+
+
+def test_program_is_bit_identical_in_bf16(tiny_llama):
+    model = copy.deepcopy(tiny_llama).to(torch.bfloat16)
+    got, expected = _program_and_loop_logits(model, torch.randint(0, 49152, (1, 7)), 4)
+    assert got[-1].dtype == torch.bfloat16 and all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+class _Doubled(torch.nn.Module):
+    """A linear the program has no call for: its forward is not nn.Linear's nor a tiled op's."""
+
+    def __init__(self, linear):
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, x):
+        return self.linear(x) * 2
+
+
+def test_layers_the_program_cannot_call_keep_the_python_loop(tiny_llama):
+    model = copy.deepcopy(tiny_llama)
+    model.model.layers[1].mlp.down_proj = _Doubled(model.model.layers[1].mlp.down_proj)
+    assert decode_program(list(model.model.layers), 1e-6, 1.0) is None
+    decoder = LeanDecoder(model, 16)
+    assert decoder.program is None
+    chunks = _greedy_chunks(model, torch.randint(0, 49152, (1, 5)), 3)
+    _assert_close([decoder.forward(ids) for ids in chunks], _transformers_logits(model, chunks), 1e-5)
+    act_order = copy.deepcopy(tiny_llama)
+    compress_(act_order, config_from_tag("rtn-w4g128"), progress=False)
+    linear = act_order.model.layers[0].self_attn.o_proj
+    linear.__class__ = type("Subclassed", (type(linear),), {"forward": lambda self, x: type(linear).forward(self, x)})
+    assert decode_program(list(act_order.model.layers), 1e-6, 1.0) is None  # an overridden forward is not called
+
+
+def test_program_rejects_bad_use_with_clear_errors(tiny_llama):
+    program = torch.classes.comptrust.DecodeProgram(1e-6, 1.0)
+    with pytest.raises(RuntimeError, match="add_layer before its linears"):
+        program.add_dense("o", torch.zeros(4, 4))
+    program.add_layer(torch.ones(4), torch.ones(4))
+    with pytest.raises(RuntimeError, match="unknown part 'mlp'"):
+        program.add_dense("mlp", torch.zeros(4, 4))
+    with pytest.raises(RuntimeError, match="sparse24_gemm_tiled takes 3 arguments, got x, 1 tensors and 2 ints"):
+        program.add_op("o", "comptrust::sparse24_gemm_tiled", [torch.zeros(1)], [3, 4])
+    with pytest.raises(RuntimeError, match="argument meta is Tensor, not the int given there"):
+        program.add_op("o", "comptrust::sparse24_gemm_tiled", [torch.zeros(1)], [3])
+    with pytest.raises(RuntimeError, match="comptrust::no_such_op"):
+        program.add_op("o", "comptrust::no_such_op", [], [])
+    with pytest.raises(RuntimeError, match="missing a linear"):
+        program.step(torch.zeros(1, 1, 4), torch.zeros(1, 1, 8, 4), torch.zeros(1, 1, 8, 4), torch.ones(1, 1, 4),
+                     torch.zeros(1, 1, 4), 0)
+    with pytest.raises(RuntimeError, match="caches must be"):
+        program.step(torch.zeros(1, 1, 4), torch.zeros(2, 1, 8, 4), torch.zeros(2, 1, 8, 4), torch.ones(1, 1, 4),
+                     torch.zeros(1, 1, 4), 0)

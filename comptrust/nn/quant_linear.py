@@ -114,16 +114,22 @@ class QuantLinear(TiledLinear):
                 f"w{self.bits}g{self.group_size} {kind}, {acts}")
 
 
-def shared_input_call(layers: list[nn.Module]) -> Callable[[torch.Tensor], list[torch.Tensor]] | None:
-    """One callable for several layers that read the same x (a decoder's q/k/v, gate/up): x -> their outputs,
-    through ops.gemm_tiled_many, which at batch 1 runs them in one parallel region. None unless every layer is
-    a plain QuantLinear (not act-order: those permute x) without bias, tiled on CPU, all of one format, width
-    and act_bits. It is bound to the layers' tiles and act_bits as they are now: build it again after changing
-    them."""
-    first = layers[0]
+def shared_input_tiles(layers: list[nn.Module]) -> tuple[list[TiledWeight], int] | None:
+    """(the layers' tiles, act_bits) when gemm_tiled_many can run them on one x: every layer a plain QuantLinear
+    (not act-order: those permute x) without bias, tiled on CPU, all of one format, width and act_bits. Else
+    None."""
     if not all(type(layer) is QuantLinear for layer in layers) or not ops.cpu_kernels_available():
         return None
     same = {(layer.bits, layer.group_size, layer.in_features, layer.act_bits) for layer in layers}
     if len(same) != 1 or any(layer.bias is not None or layer.qweight.device.type != "cpu" for layer in layers):
         return None
-    return ops.bind_gemm_tiled_many([layer.tiled() for layer in layers], first.act_bits)
+    return [layer.tiled() for layer in layers], layers[0].act_bits or 0
+
+
+def shared_input_call(layers: list[nn.Module]) -> Callable[[torch.Tensor], list[torch.Tensor]] | None:
+    """One callable for several layers that read the same x (a decoder's q/k/v, gate/up): x -> their outputs,
+    through ops.gemm_tiled_many, which at batch 1 runs them in one parallel region. None unless
+    shared_input_tiles finds them fit. It is bound to the layers' tiles and act_bits as they are now: build it
+    again after changing them."""
+    shared = shared_input_tiles(layers)
+    return None if shared is None else ops.bind_gemm_tiled_many(*shared)

@@ -1,0 +1,183 @@
+// A whole decode step of a Llama-family decoder stack in one call from Python (comptrust.lean_decode).
+//
+// Why: with the layers' kernels and the fused norm/attention ops in C++, what was left of an int4 token's
+// time was Python: ~270 op calls per token (9 per layer), each a few microseconds of interpreter and
+// dispatcher work, about a third of the token (perf, embedded model). This class holds the stack's program
+// (norm weights and, per linear, the op and arguments its module would call) and runs the same ops in the
+// same order through the dispatcher, so its results are bit-identical to the Python loop's. Dense layers
+// run at::linear (as nn.Linear does); compressed ones their own tiled op, named by schema and called boxed.
+#include <torch/extension.h>
+
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace comptrust::cpu {
+namespace {
+
+// One linear layer (or several of one input, through gemm_tiled_many): x -> outputs.
+class LinearCall {
+ public:
+  static LinearCall dense(at::Tensor weight) {
+    LinearCall call;
+    call.dense_weight_ = std::move(weight);
+    return call;
+  }
+  // op_name's schema must read (Tensor x, <the tensors>, <the ints>): the tiled ops' do.
+  static LinearCall boxed(const std::string& op_name, std::vector<at::Tensor> tensors, std::vector<int64_t> ints) {
+    LinearCall call;
+    call.op_ = c10::Dispatcher::singleton().findSchemaOrThrow(op_name.c_str(), "");
+    const auto& arguments = call.op_->schema().arguments();
+    TORCH_CHECK(arguments.size() == 1 + tensors.size() + ints.size(), "DecodeProgram: ", op_name, " takes ",
+                arguments.size(), " arguments, got x, ", tensors.size(), " tensors and ", ints.size(), " ints");
+    for (size_t i = 1; i < arguments.size(); ++i) {
+      const bool tensor = i <= tensors.size();
+      const c10::TypePtr expected = tensor ? c10::TypePtr(c10::TensorType::get()) : c10::TypePtr(c10::IntType::get());
+      TORCH_CHECK(*arguments[i].type() == *expected, "DecodeProgram: ", op_name, "'s argument ", arguments[i].name(),
+                  " is ", arguments[i].type()->str(), ", not the ", tensor ? "Tensor" : "int", " given there");
+    }
+    for (auto& t : tensors) call.arguments_.emplace_back(std::move(t));
+    for (int64_t i : ints) call.arguments_.emplace_back(i);
+    return call;
+  }
+  // gemm_tiled_many: one x, several tiled weights of one format.
+  static LinearCall many(std::vector<at::Tensor> weights, std::vector<at::Tensor> zeros,
+                         std::vector<at::Tensor> scales, int64_t bits, int64_t group_size, int64_t act_bits) {
+    LinearCall call;
+    call.op_ = c10::Dispatcher::singleton().findSchemaOrThrow("comptrust::gemm_tiled_many", "");
+    call.outputs_ = static_cast<int64_t>(weights.size());
+    call.arguments_ = {c10::IValue(std::move(weights)), c10::IValue(std::move(zeros)), c10::IValue(std::move(scales)),
+                       c10::IValue(bits), c10::IValue(group_size), c10::IValue(act_bits)};
+    return call;
+  }
+
+  int64_t outputs() const { return outputs_; }
+
+  void run(const at::Tensor& x, std::vector<at::Tensor>& out) const {
+    if (dense_weight_.defined()) {
+      out.push_back(at::linear(x, dense_weight_));
+      return;
+    }
+    torch::jit::Stack stack;
+    stack.reserve(1 + arguments_.size());
+    stack.emplace_back(x);
+    stack.insert(stack.end(), arguments_.begin(), arguments_.end());
+    op_->callBoxed(stack);
+    if (outputs_ == 1) {
+      out.push_back(std::move(stack[0]).toTensor());
+    } else {
+      for (auto& y : std::move(stack[0]).toTensorVector()) out.push_back(std::move(y));
+    }
+  }
+
+ private:
+  at::Tensor dense_weight_;
+  std::optional<c10::OperatorHandle> op_;
+  std::vector<c10::IValue> arguments_;
+  int64_t outputs_ = 1;
+};
+
+struct LayerProgram {
+  at::Tensor attn_norm, mlp_norm;
+  std::vector<LinearCall> qkv, o, gate_up, down;  // qkv: one call of 3 outputs or 3 of one; likewise gate_up
+};
+
+class DecodeProgram : public torch::CustomClassHolder {
+ public:
+  // The signatures the CPU kernels register with (decode_step_cpu.cpp): the typed handles check them.
+  using NormOp = at::Tensor(at::Tensor, const std::optional<at::Tensor>&, const at::Tensor&, double);
+  using AttentionOp = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor, at::Tensor,
+                                 const at::Tensor&, const at::Tensor&, int64_t, double);
+
+  DecodeProgram(double eps, double scale)
+      : eps_(eps),
+        scale_(scale),
+        norm_(c10::Dispatcher::singleton().findSchemaOrThrow("comptrust::residual_rms_norm", "").typed<NormOp>()),
+        attention_(
+            c10::Dispatcher::singleton().findSchemaOrThrow("comptrust::decode_attention", "").typed<AttentionOp>()) {}
+
+  void add_layer(at::Tensor attn_norm, at::Tensor mlp_norm) { layers_.push_back({attn_norm, mlp_norm, {}, {}, {}, {}}); }
+
+  // part: "qkv", "o", "gate_up" or "down" of the last layer added.
+  void add_dense(const std::string& part, at::Tensor weight) { slot(part).push_back(LinearCall::dense(std::move(weight))); }
+  void add_op(const std::string& part, const std::string& op_name, std::vector<at::Tensor> tensors,
+              std::vector<int64_t> ints) {
+    slot(part).push_back(LinearCall::boxed(op_name, std::move(tensors), std::move(ints)));
+  }
+  void add_many(const std::string& part, std::vector<at::Tensor> weights, std::vector<at::Tensor> zeros,
+                std::vector<at::Tensor> scales, int64_t bits, int64_t group_size, int64_t act_bits) {
+    slot(part).push_back(LinearCall::many(std::move(weights), std::move(zeros), std::move(scales), bits, group_size, act_bits));
+  }
+
+  // One token through every layer: hidden [1, 1, d] (the embedded token; updated in place as the residual
+  // stream), caches [layers, kv_heads, max_positions, head_dim], cos/sin of `position`. Returns the last
+  // layer's MLP output, which the caller adds into hidden with the final norm (as the Python loop does).
+  at::Tensor step(at::Tensor hidden, at::Tensor keys, at::Tensor values, at::Tensor cos, at::Tensor sin,
+                  int64_t position) const {
+    TORCH_CHECK(keys.dim() == 4 && keys.size(0) == static_cast<int64_t>(layers_.size()) &&
+                    values.sizes() == keys.sizes(),
+                "DecodeProgram.step: caches must be [", layers_.size(), ", kv_heads, max_positions, head_dim], got ",
+                keys.sizes(), " and ", values.sizes());
+    std::optional<at::Tensor> pending;
+    std::vector<at::Tensor> out;
+    for (size_t i = 0; i < layers_.size(); ++i) {
+      const LayerProgram& layer = layers_[i];
+      TORCH_CHECK(!layer.qkv.empty() && !layer.o.empty() && !layer.gate_up.empty() && !layer.down.empty(),
+                  "DecodeProgram.step: layer ", i, " is missing a linear");
+      at::Tensor normed = norm_.call(hidden, pending, layer.attn_norm, eps_);
+      run_all(layer.qkv, normed, out, 3, i, "qkv");
+      at::Tensor key_cache = keys.select(0, static_cast<int64_t>(i));
+      at::Tensor value_cache = values.select(0, static_cast<int64_t>(i));
+      const at::Tensor attended = attention_.call(out[0], out[1], out[2], key_cache, value_cache, cos, sin, position, scale_);
+      run_all(layer.o, attended, out, 1, i, "o");
+      normed = norm_.call(hidden, out[0], layer.mlp_norm, eps_);
+      run_all(layer.gate_up, normed, out, 2, i, "gate_up");
+      at::Tensor act = at::silu(out[0]).mul_(out[1]);  // F.silu(gate) * up
+      run_all(layer.down, act, out, 1, i, "down");
+      pending = out[0];
+    }
+    TORCH_CHECK(pending.has_value(), "DecodeProgram.step: no layers");
+    return *pending;
+  }
+
+ private:
+  std::vector<LinearCall>& slot(const std::string& part) {
+    TORCH_CHECK(!layers_.empty(), "DecodeProgram: add_layer before its linears");
+    LayerProgram& layer = layers_.back();
+    if (part == "qkv") return layer.qkv;
+    if (part == "o") return layer.o;
+    if (part == "gate_up") return layer.gate_up;
+    if (part == "down") return layer.down;
+    TORCH_CHECK(false, "DecodeProgram: unknown part '", part, "' (qkv, o, gate_up or down)");
+  }
+
+  static void run_all(const std::vector<LinearCall>& calls, const at::Tensor& x, std::vector<at::Tensor>& out,
+                      size_t expected, size_t layer, const char* part) {
+    out.clear();
+    for (const LinearCall& call : calls) call.run(x, out);
+    TORCH_CHECK(out.size() == expected, "DecodeProgram.step: layer ", layer, "'s ", part, " gave ", out.size(),
+                " outputs, expected ", expected);
+  }
+
+  double eps_, scale_;
+  std::vector<LayerProgram> layers_;
+  c10::TypedOperatorHandle<NormOp> norm_;
+  c10::TypedOperatorHandle<AttentionOp> attention_;
+};
+
+}  // namespace
+}  // namespace comptrust::cpu
+
+TORCH_LIBRARY_FRAGMENT(comptrust, m) {
+  using comptrust::cpu::DecodeProgram;
+  m.class_<DecodeProgram>("DecodeProgram")
+      .def(torch::init<double, double>())
+      .def("add_layer", &DecodeProgram::add_layer)
+      .def("add_dense", &DecodeProgram::add_dense)
+      .def("add_op", &DecodeProgram::add_op)
+      .def("add_many", &DecodeProgram::add_many)
+      .def("step", &DecodeProgram::step);
+}
