@@ -40,6 +40,12 @@ def cpu_amx_bf16() -> bool:
     return _C is not None and _C.cpu_amx_bf16()
 
 
+def cpu_avx512_bf16() -> bool:
+    """True when the CPU kernels can run bf16 panel products on AVX512-BF16 (vdpbf16ps) here: they do where
+    there is no AMX tile unit (cpu_amx_bf16() False)."""
+    return _C is not None and _C.cpu_avx512_bf16()
+
+
 def _cuda_reason() -> str | None:
     """None when the compiled CUDA ops can run here, else why not."""
     if _C is None:
@@ -63,10 +69,13 @@ def _triton_reason() -> str | None:
 
 def backends() -> dict[str, dict[str, object]]:
     """What can run here: {'cpu'|'cuda'|'triton'|'reference': {'available': bool, 'detail': str}}."""
-    extras = "".join(name for name, usable in ((" + VNNI", _C.cpu_avx512_vnni()), (" + AMX-BF16", _C.cpu_amx_bf16()))
-                     if usable)
-    cpu_detail = (f"comptrust._C, SIMD path {_C.cpu_isa()}{extras}, "
-                  f"{torch.get_num_threads()} threads") if _C else _BACKEND_ERRORS["cpu"]
+    if _C is not None:
+        engines = ((" + VNNI", _C.cpu_avx512_vnni()), (" + AMX-BF16", _C.cpu_amx_bf16()),
+                   (" + AVX512-BF16", _C.cpu_avx512_bf16() and not _C.cpu_amx_bf16()))
+        extras = "".join(name for name, usable in engines if usable)
+        cpu_detail = f"comptrust._C, SIMD path {_C.cpu_isa()}{extras}, {torch.get_num_threads()} threads"
+    else:
+        cpu_detail = _BACKEND_ERRORS["cpu"]
     cuda_reason = _cuda_reason()
     triton_reason = _triton_reason()
     return {

@@ -63,6 +63,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "The SIMD path the CPU kernels use on this machine (COMPTRUST_CPU_ISA overrides).");
   module.def("cpu_amx_bf16", &comptrust::cpu::amx_bf16_usable,
              "Whether bf16 activations run on the AMX tile unit here (COMPTRUST_CPU_AMX=0 turns it off).");
+  module.def("cpu_avx512_bf16", &comptrust::cpu::avx512_bf16_usable,
+             "Whether bf16 panel products can run on AVX512-BF16 (vdpbf16ps) here, where there is no AMX tile unit "
+             "(COMPTRUST_CPU_BF16=0 turns it off).");
   module.def("cpu_avx512_vnni", &comptrust::cpu::avx512_vnni_usable,
              "Whether int8 activations (act_bits=8) run on the AVX-512 VNNI kernels here.");
 #ifdef COMPTRUST_WITH_CUDA

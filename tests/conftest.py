@@ -30,6 +30,28 @@ def isa(request, monkeypatch):
     return request.param
 
 
+def _bf16_engines() -> list[str]:
+    try:
+        from comptrust import _C
+    except ImportError:
+        return []
+    if _C is None:
+        return []
+    return [name for name, usable in (("amx", _C.cpu_amx_bf16()), ("avx512-bf16", _C.cpu_avx512_bf16())) if usable]
+
+
+@pytest.fixture(params=_bf16_engines())
+def bf16_engine(request, monkeypatch):
+    """Each engine this machine runs the bf16 panel products on: the AMX tile unit, and AVX512-BF16's vdpbf16ps
+    (forced on an AMX CPU with COMPTRUST_CPU_AMX=0). No parameters, so the tests are skipped, without either."""
+    from comptrust import _C
+
+    if request.param == "avx512-bf16":
+        monkeypatch.setenv("COMPTRUST_CPU_AMX", "0")
+    assert _C.cpu_amx_bf16() == (request.param == "amx")
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def tiny_llama():
     """A randomly initialised Llama small enough for unit tests; layer sizes are multiples of 8 but not

@@ -16,8 +16,8 @@ from comptrust import ops, reference
 from comptrust.formats.cpu_tiles import TiledWeight, tile, tile_int3, tile_int4, untile
 from comptrust.formats.int3 import pack_int3
 from comptrust.formats.int4 import pack_int4
-from quant_cases import (MODEL_SHAPES, available_isas, full_precision_one_hot_rows, random_int3, random_int4,
-                         random_int8, rel_err, wide_range_rows)
+from quant_cases import (MODEL_SHAPES, available_isas, fp32_paths_only, full_precision_one_hot_rows, random_int3,
+                         random_int4, random_int8, rel_err, wide_range_rows)
 
 INT3_ODD_SHAPES = ((32, 32), (96, 160), (160, 224), (64, 96))
 INT4_ODD_SHAPES = ((24, 40), (200, 136), (8, 200), (40, 96))
@@ -119,26 +119,48 @@ AMX_REFERENCE = {4: reference.int4_gemm, 3: reference.int3_gemm, 8: reference.in
 AMX_RANDOM = {4: random_int4, 3: random_int3, 8: random_int8}
 
 
-@AMX
 @pytest.mark.parametrize("bits", [4, 3, 8])
-def test_amx_bf16_path_matches_reference(bits, monkeypatch):
-    """bf16 activations from 8 rows on the tile unit: 16-row blocks, a short last block (tmm6), passes of 64
-    rows, a last panel with one tile of two, partial groups, groups longer than a chunk of decoded codes
-    (per channel, k = 1536), and for int4 a group size that splits a 32-input tile step (the dequantized-panel
-    fallback). Same bound as any bf16 path (output rounded to bf16); with AMX turned off the same inputs take
-    the fp32 paths."""
-    for m in (8, 16, 17, 64, 70, 200):
-        odd = ((32, 64, 32), (160, 224, 96)) if bits == 3 else ((24, 64, 32), (40, 224, 96), (40, 96, 24))
-        for n, k, group in odd + ((576, 1536, 128), (64, 1536, 1536)):  # int3: n % 32 == 0
+def test_bf16_panels_match_reference(bits, bf16_engine, monkeypatch):
+    """bf16 activations from 8 rows on the bf16 panels, on each engine (AMX tile unit, AVX512-BF16): 16-row
+    blocks / 8-row register blocks and short last ones, passes of 64 rows (70, 200: the whole-panel decode), a
+    last panel with one tile of two, units of panels with some missing (n = 24, 40, 56), partial groups, groups
+    longer than a chunk of decoded codes (per channel, k = 1536), and for int4 a group size that splits a
+    32-input tile step (the dequantized-panel fallback). A layer of 2^22 weights keeps the vdpbf16ps engine
+    past 128 rows. Same bound as any bf16 path (output rounded to bf16); with both engines off the same inputs
+    take the fp32 paths."""
+    for m in (8, 9, 16, 17, 64, 70, 127, 200):
+        odd = ((32, 64, 32), (160, 224, 96)) if bits == 3 else ((24, 64, 32), (40, 224, 96), (56, 96, 24))
+        shapes = odd + ((576, 1536, 128), (64, 1536, 1536)) + (((1024, 4096, 128),) if m == 200 else ())
+        for n, k, group in shapes:  # int3: n % 32 == 0
             packed = AMX_RANDOM[bits](n, k, group, seed=m + n)[0]
             x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).bfloat16()
             ref = AMX_REFERENCE[bits](x, packed.qweight, packed.qzeros, packed.scales, group)
             y = ops.gemm_tiled(x, tile(packed))
             assert y.dtype == torch.bfloat16 and rel_err(y, ref) < 8e-3, (m, n, k)
-            monkeypatch.setenv("COMPTRUST_CPU_AMX", "0")
-            off = ops.gemm_tiled(x, tile(packed))
-            monkeypatch.delenv("COMPTRUST_CPU_AMX")
+            with monkeypatch.context() as off_paths:
+                fp32_paths_only(off_paths)
+                off = ops.gemm_tiled(x, tile(packed))
             assert rel_err(off, ref) < 8e-3 and rel_err(y, off) < 8e-3, (m, n, k)
+
+
+@pytest.mark.parametrize("bits", [4, 3])
+def test_bf16_panels_one_hot_rows_are_exact(bits, bf16_engine):
+    """One bf16 input per row times a 0/1 weight (codes 1 and 2, zero point 1, scale 1): every product and sum
+    is exact, so each output must be that input or zero, bit for bit, on each engine. A wrong column, row, pair
+    order, panel or group changes outputs (the reference bound above would hide a few)."""
+    for m in (8, 13, 64, 70, 127):
+        for n, k, group in ((64, 224, 32), (40 if bits == 4 else 96, 96, 32), (576, 1536, 128), (64, 1536, 1536)):
+            gen = torch.Generator().manual_seed(m + n)
+            selected = torch.rand(n, k, generator=gen) < 0.5
+            groups = (k + group - 1) // group
+            ones = torch.ones(n, groups)
+            packed = (pack_int4 if bits == 4 else pack_int3)(1 + selected.to(torch.int64), ones.to(torch.int64), ones, group)
+            columns = torch.randint(0, k, (m,), generator=gen)
+            x = torch.zeros(m, k)
+            x[torch.arange(m), columns] = torch.randn(m, generator=gen) * 100
+            x = x.bfloat16()
+            expected = torch.where(selected[:, columns].T, x[torch.arange(m), columns][:, None], 0.0).bfloat16()
+            assert torch.equal(ops.gemm_tiled(x, tile(packed)), expected), (m, n, k, group)
 
 
 @AMX

@@ -19,7 +19,8 @@ from comptrust import _C, ops, reference
 from comptrust.formats.cpu_tiles import TiledSparse24, tile_sparse24, tile_sparse24_int4, untile_sparse24
 from comptrust.formats.sparse24 import (Sparse24Packed, dequantize_sparse24_int4, pack_sparse24, prune_magnitude_24,
                                         unpack_sparse24)
-from quant_cases import MODEL_SHAPES, available_isas, full_precision_one_hot_rows, rel_err, wide_range_rows
+from quant_cases import (MODEL_SHAPES, available_isas, fp32_paths_only, full_precision_one_hot_rows, rel_err,
+                         wide_range_rows)
 from sparse24_cases import uniform_sparse24, uniform_sparse24_int4
 
 FLOAT_ODD_SHAPES = ((8, 8), (24, 40), (200, 136), (16, 200), (40, 96))
@@ -160,12 +161,12 @@ def test_int4_bf16_activations(isa):
     _check_int4(200, 40, 96, 16, torch.bfloat16)
 
 
-@pytest.mark.skipif(not ops.cpu_amx_bf16(), reason="this CPU (or OS) has no AMX-BF16 tile unit")
-def test_amx_bf16_path_matches_reference(monkeypatch):
-    """bf16 activations from 8 rows on the tile unit (16-row blocks, a short last block, passes of 64 rows, a
-    last panel with one tile of two), every value kind. int4 with groups of 16 kept values (32 inputs, panels
+def test_bf16_panels_match_reference(bf16_engine, monkeypatch):
+    """bf16 activations from 8 rows on the bf16 panels, on each engine (AMX tile unit, AVX512-BF16): 16-row
+    blocks / 8-row register blocks and short last ones, passes of 64 rows, a last panel with one tile of two,
+    units of panels with some missing, every value kind. int4 with groups of 16 kept values (32 inputs, panels
     of q - zero), per channel (groups longer than a chunk of decoded codes) and of 8 (splitting a tile step:
-    the dequantized-panel fallback). With AMX turned off the fp32 kernels give the same."""
+    the dequantized-panel fallback). With both engines off the fp32 kernels give the same."""
     for m in (8, 16, 17, 33, 64, 70, 200):
         for n, k in ((24, 64), (40, 224), (576, 576)):
             for kind in ("float32", "bfloat16", "float16", "int4", "int4-channel", "int4-g8"):
@@ -182,10 +183,30 @@ def test_amx_bf16_path_matches_reference(monkeypatch):
                 x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).bfloat16()
                 y = ops.sparse24_tiled(x, tiled)
                 assert y.dtype == torch.bfloat16 and rel_err(y, ref(x)) < 8e-3, (m, n, k, kind)
-                monkeypatch.setenv("COMPTRUST_CPU_AMX", "0")
-                off = ops.sparse24_tiled(x, tiled)
-                monkeypatch.delenv("COMPTRUST_CPU_AMX")
+                with monkeypatch.context() as off_paths:
+                    fp32_paths_only(off_paths)
+                    off = ops.sparse24_tiled(x, tiled)
                 assert rel_err(y, off) < 8e-3, (m, n, k, kind)
+
+
+def test_bf16_panels_one_hot_rows_are_exact(bf16_engine):
+    """One bf16 input per row times a 2:4 weight of ones (bf16 values): each output is that input or zero, bit
+    for bit, on each engine; a wrong 2-bit index, column, row or panel changes outputs."""
+    for m in (8, 13, 64, 70, 200):
+        for n, k in ((40, 224), (576, 576)):
+            gen = torch.Generator().manual_seed(m + n)
+            keep = torch.zeros(n, k // 4, 4, dtype=torch.bool)
+            first = torch.randint(0, 4, (n, k // 4), generator=gen)
+            keep.scatter_(2, first[..., None], True)
+            keep.scatter_(2, ((first + 1) % 4)[..., None], True)
+            selected = keep.reshape(n, k)
+            tiled = tile_sparse24(pack_sparse24(selected.to(torch.bfloat16)))
+            columns = torch.randint(0, k, (m,), generator=gen)
+            x = torch.zeros(m, k)
+            x[torch.arange(m), columns] = torch.randn(m, generator=gen) * 100
+            x = x.bfloat16()
+            expected = torch.where(selected[:, columns].T, x[torch.arange(m), columns][:, None], 0.0).bfloat16()
+            assert torch.equal(ops.sparse24_tiled(x, tiled), expected), (m, n, k)
 
 
 @pytest.mark.skipif(not ops.cpu_amx_bf16(), reason="this CPU (or OS) has no AMX-BF16 tile unit")
@@ -234,8 +255,8 @@ ROW_VECTOR_SHAPES = ((264, 72), (16, 8), (40, 576))
 def test_row_vector_kernel_one_hot_rows_are_exact(isa, m, monkeypatch):
     """One nonzero input per row: every output is that input times one kept weight, a single rounding, so each
     path must return exactly fp32(w * x). A wrong 2-bit index, slot, column, row or padding changes outputs.
-    AMX is off: bf16 kept values with fp32 x would go to the tile unit."""
-    monkeypatch.setenv("COMPTRUST_CPU_AMX", "0")
+    The bf16 panel engines are off: bf16 kept values with fp32 x would go to the tile unit."""
+    fp32_paths_only(monkeypatch)
     for value_dtype in VALUE_DTYPES:
         for n, k in ROW_VECTOR_SHAPES:
             packed = uniform_sparse24(n, k, value_dtype, seed=m + n)
@@ -253,7 +274,7 @@ def test_row_vector_kernel_int4_one_hot_rows_are_exact(m, monkeypatch):
     too each output of a one-hot row is exactly fp32(w * x). (The column kernel scales after summing
     x * (code - zero): one rounding more, not exact.) Groups of 8 kept values (a word), 24 (groups end inside
     a chunk of 32 kept values; a partial last group), one per row (k/2)."""
-    monkeypatch.setenv("COMPTRUST_CPU_AMX", "0")
+    fp32_paths_only(monkeypatch)
     monkeypatch.setenv("COMPTRUST_CPU_ISA", "avx512")
     for n, k in ((264, 96), (16, 16), (40, 592)):
         for group in (8, 24, k // 2):
@@ -268,8 +289,8 @@ def test_row_vector_kernel_int4_one_hot_rows_are_exact(m, monkeypatch):
 def test_row_vector_kernel_wide_range_inputs(isa, m, monkeypatch):
     """Every value kind (int4 in groups of 24) on inputs spanning ~10^+-2.6 within a row, against the reference
     (fp32 x at 1e-6; bf16 / fp16 x rounded once at the end), on a model shape and an odd one (k = 80: a last
-    chunk of 4 groups)."""
-    monkeypatch.setenv("COMPTRUST_CPU_AMX", "0")
+    chunk of 4 groups). The bf16 panel engines are off (they would take bf16 x)."""
+    fp32_paths_only(monkeypatch)
     for kind in VALUE_DTYPES + ("int4",):
         for n, k in ((576, 1536), (264, 80)):
             if kind == "int4":

@@ -5,7 +5,7 @@
 // C[16 x 16] += A[16 x 32] . B[32 x 16] runs over k, one tdpbf16ps per 16 rows, 16 columns and 32 inputs.
 // Weights are rounded to bf16 (as a bf16 dense model's are), sums kept in fp32, the output rounded once.
 // Quantized weights may instead supply panels of their raw codes, scaled per group after the tile unit's
-// product (gemm_amx_bf16): cheaper to decode, and the weights stay exact.
+// product (gemm_bf16_panels): cheaper to decode, and the weights stay exact.
 // Needs k % kAmxStep == 0. Every panel streams all rows of x through the tile loads, so very large batches
 // are better served by expanding the weight for torch's GEMM (dense_blocks.h); the callers set the bound.
 #pragma once
@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -46,7 +47,7 @@ struct alignas(64) AmxTileConfig {
 };
 
 // The B row of inputs kk, kk+1: both rounded to bf16, interleaved into column pairs.
-COMPTRUST_AMX inline void store_pair_row(uint16_t* row, __m512 even, __m512 odd) {
+COMPTRUST_AVX512_BF16 inline void store_pair_row(uint16_t* row, __m512 even, __m512 odd) {
   alignas(64) static constexpr uint16_t kInterleave[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
                                                            8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
   const __m512i rounded = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(odd, even));  // [even 0..15, odd 0..15]
@@ -102,7 +103,7 @@ COMPTRUST_AMX inline void store_blocks(float* c) {
   if constexpr (BLOCKS > 3) _tile_stored(3, c + 3 * block_floats, stride);
 }
 
-// Panels of raw codes (gemm_amx_bf16): per group g, the tile unit sums x . q over the group's inputs, then in
+// Panels of raw codes (gemm_bf16_panels): per group g, the tile unit sums x . q over the group's inputs, then in
 // fp32 for the 16 columns
 //   c[r] += scale_g * (sum x.q) - zero_g * scale_g * (sum of x[r] over the group)
 // (the direct kernels' identity, gemm_tiled_cpu.cpp). The codes are small integers, exact in bf16, so only x
@@ -121,6 +122,20 @@ constexpr int64_t kCodeChunk = 256;
 inline std::pair<int64_t, int64_t> next_chunk(int64_t kb1, int64_t k, int64_t group_size) {
   const int64_t group_end = kb1 % group_size ? std::min(k, (kb1 / group_size + 1) * group_size) : std::min(k, kb1 + group_size);
   return {kb1, std::min(group_end, kb1 + kCodeChunk)};
+}
+
+// c[r] += scale_g * sums[r] - zero_g * scale_g * (x[r] summed over group g) for one panel's 16 columns, r < rows
+// (c and sums rows ld floats apart).
+COMPTRUST_AVX512_BF16 inline void add_group_sums(const float* sums, int64_t ld, int64_t rows, int64_t g,
+                                                 int64_t groups, const GroupParams& params, const float* x_group_sum,
+                                                 float* c) {
+  const __m512 scale = _mm512_load_ps(params.scale + g * kAmxCols);
+  const __m512 zero_scale = _mm512_load_ps(params.zero_scale + g * kAmxCols);
+  for (int64_t r = 0; r < rows; ++r) {
+    const __m512 out = _mm512_fmadd_ps(_mm512_load_ps(sums + r * ld), scale, _mm512_load_ps(c + r * ld));
+    _mm512_store_ps(c + r * ld, x_group_sum ? _mm512_fnmadd_ps(zero_scale, _mm512_set1_ps(x_group_sum[r * groups + g]), out)
+                                            : out);
+  }
 }
 
 // c[rows][16] = the pass's rows of x @ W over all groups, in chunks of at most kCodeChunk inputs inside one
@@ -143,13 +158,7 @@ COMPTRUST_AMX void amx_pass_grouped(const at::BFloat16* x, int64_t k, int64_t pl
       amx_steps<BLOCKS, TAIL, PLANES>(x, k, plane_stride, codes(kb0, kb1, next0, next1), kb0, kb1);
     }
     store_blocks<BLOCKS>(sums);
-    const __m512 scale = _mm512_load_ps(params.scale + g * kAmxCols);
-    const __m512 zero_scale = _mm512_load_ps(params.zero_scale + g * kAmxCols);
-    for (int64_t r = 0; r < rows; ++r) {
-      const __m512 out = _mm512_fmadd_ps(_mm512_load_ps(sums + r * kAmxCols), scale, _mm512_load_ps(c + r * kAmxCols));
-      _mm512_store_ps(c + r * kAmxCols, x_group_sum ? _mm512_fnmadd_ps(zero_scale, _mm512_set1_ps(x_group_sum[r * groups + g]), out)
-                                                    : out);
-    }
+    add_group_sums(sums, kAmxCols, rows, g, groups, params, x_group_sum, c);
   }
 }
 
@@ -190,24 +199,24 @@ COMPTRUST_AMX inline void dispatch_pass(int64_t rows, Pass&& pass) {
 
 COMPTRUST_AMX inline void release_tiles() { _tile_release(); }
 
-// y[r, 0..8*tiles) = c[r][...] (rounded once where Out is bf16), for r < rows; y rows n apart.
+// y[r, 0..8*tiles) = c[r][...] (rounded once where Out is bf16), for r < rows; y rows n apart, c rows ldc.
 template <class Out>
-COMPTRUST_AVX2 inline void store_rows(const float* c, int64_t rows, int tiles, Out* y, int64_t n) {
+COMPTRUST_AVX2 inline void store_rows(const float* c, int64_t ldc, int64_t rows, int tiles, Out* y, int64_t n) {
   for (int64_t r = 0; r < rows; ++r)
-    for (int u = 0; u < tiles; ++u) store8(y + r * n + u * kTileCols, _mm256_load_ps(c + r * kAmxCols + u * kTileCols));
+    for (int u = 0; u < tiles; ++u) store8(y + r * n + u * kTileCols, _mm256_load_ps(c + r * ldc + u * kTileCols));
 }
 
 // Decoding codes into panels: vpmultishiftqb moves a code into the low bits of a 16-bit
 // lane, then vpermw, which indexes by the lane's low 5 bits, looks it up in a table of bf16 integers.
 // Table entry i: i & mask (entries 16..31 repeat 0..15, so the bits above a code, its neighbours', need no
 // mask when mask is 2^BITS - 1).
-COMPTRUST_AMX inline __m512i bf16_code_table(int mask) {
+COMPTRUST_AVX512_BF16 inline __m512i bf16_code_table(int mask) {
   const __m512 codes = _mm512_cvtepi32_ps(_mm512_and_si512(
       _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(mask)));
   return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(codes, codes));
 }
 // Table entry i: i - 16 (for differences q - zero in -15..15, looked up as q - zero + 16).
-COMPTRUST_AMX inline __m512i bf16_difference_table() {
+COMPTRUST_AVX512_BF16 inline __m512i bf16_difference_table() {
   const __m512 low = _mm512_cvtepi32_ps(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0));
   return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(low, _mm512_sub_ps(low, _mm512_set1_ps(16.f))));
 }
@@ -215,14 +224,14 @@ COMPTRUST_AMX inline __m512i bf16_difference_table() {
 // vpmultishiftqb control for words with one output column per 32-bit lane: 16-bit lane 0 of the column gets
 // the 8 bits from bit `first` of the column's word, lane 1 those from bit `second` (rotating within the
 // word's quadword, so a negative offset reads the bits below bit 0 from the neighbour's word).
-COMPTRUST_AMX inline __m512i pair_offsets(int first, int second) {
+COMPTRUST_AVX512_BF16 inline __m512i pair_offsets(int first, int second) {
   const auto byte = [](int bit) { return static_cast<uint64_t>(bit & 63); };
   return _mm512_set1_epi64(static_cast<int64_t>(byte(first) | byte(second) << 16 | byte(32 + first) << 32 |
                                                 byte(32 + second) << 48));
 }
 
 // sums[r][g] = sum of x[r, g * group_size .. end of group g) in fp32.
-COMPTRUST_AMX inline void group_sums_bf16(const at::BFloat16* x, int64_t m, int64_t k, int64_t group_size, float* sums) {
+COMPTRUST_AVX512_BF16 inline void group_sums_bf16(const at::BFloat16* x, int64_t m, int64_t k, int64_t group_size, float* sums) {
   const int64_t groups = (k + group_size - 1) / group_size;
   for (int64_t r = 0; r < m; ++r) {
     const auto* row = reinterpret_cast<const uint16_t*>(x + r * k);
@@ -251,10 +260,10 @@ struct AmxActivations {
 // planes[3][m][k] = the exact split of fp32 x[m, k] (k % 16 == 0): hi = bf16(x), mid = bf16(x - hi),
 // lo = x - hi - mid. x has 24 significant bits and each rounding (nearest even) takes the top 8 of what is
 // left, so lo is exact in bf16 (short of underflow below ~2^-110, where the tile unit flushes to zero anyway).
-COMPTRUST_AMX inline __m512 widen_bf16(__m256bh h) {
+COMPTRUST_AVX512_BF16 inline __m512 widen_bf16(__m256bh h) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(reinterpret_cast<__m256i>(h)), 16));
 }
-COMPTRUST_AMX inline void split_fp32_rows(const float* x, int64_t m, int64_t k, at::BFloat16* planes) {
+COMPTRUST_AVX512_BF16 inline void split_fp32_rows(const float* x, int64_t m, int64_t k, at::BFloat16* planes) {
   for (int64_t i = 0; i < m * k; i += 16) {
     const __m512 v = _mm512_loadu_ps(x + i);
     const __m256bh hi = _mm512_cvtneps_pbh(v);
@@ -265,84 +274,6 @@ COMPTRUST_AMX inline void split_fp32_rows(const float* x, int64_t m, int64_t k, 
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(planes + m * k + i), reinterpret_cast<__m256i>(mid));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(planes + 2 * m * k + i), reinterpret_cast<__m256i>(lo));
   }
-}
-
-// y[m, n] = x[m, k] @ W^T on panels of two tiles (16 columns), for weights whose group size is a multiple of
-// kAmxStep; Out is bf16 (bf16 x) or float (fp32 x split into planes). fill(t, tiles, kb0, kb1, b_rows) writes
-// the B rows of tiles t..t+tiles-1 (tiles is 1 or 2) for inputs kb0..kb1 (multiples of kAmxStep) to
-// b_rows[(kk - kb0) / 2][16][2]: codes, or weight values with group_size = k. params(t, tiles, scale,
-// zero_scale) writes the 16 columns' scale and zero * scale per group (a missing second tile's zero);
-// zero_points false: every zero_scale is 0 (the sums of x are skipped).
-// Up to 64 rows (one pass) each chunk is decoded while the tile unit runs the one before (two 8 KB buffers
-// that stay in L1: decoding a whole 128 KB panel first sends it to L2 and back; int4 at 16 rows on 4096x4096
-// ran 1.25x the speed of bf16 F.linear that way and 1.85-2.07x in chunks); more rows decode the whole panel
-// once and run it once per pass.
-template <class Out, class Fill, class FillParams>
-void gemm_amx_bf16(const AmxActivations& x, Out* y, int64_t m, int64_t n, int64_t k, int64_t group_size,
-                   bool zero_points, Fill&& fill, FillParams&& fill_params) {
-  TORCH_CHECK(x.count == 1 || (x.count == 3 && (x.group_sums || !zero_points)),
-              "gemm_amx_bf16: fp32 activations need their fp32 group sums");  // an internal contract
-  const int64_t tiles = n / kTileCols, panels = (tiles + 1) / 2;
-  const int64_t groups = (k + group_size - 1) / group_size;
-  const bool one_pass = m <= kAmxBlocks * kAmxRows;
-  std::vector<float> bf16_group_sums;
-  const float* x_group_sum = x.group_sums;
-  if (zero_points && !x_group_sum) {
-    bf16_group_sums.resize(m * groups);
-    group_sums_bf16(x.planes, m, k, group_size, bf16_group_sums.data());
-    x_group_sum = bf16_group_sums.data();
-  }
-  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
-    // The whole panel (k * 16 bf16: 128 KB at k = 4096) or two chunks; kept for the next call.
-    thread_local std::vector<uint16_t> codes;
-    thread_local std::vector<float> params;  // per group: 16 scales, then 16 zero * scale; 64-byte aligned
-    const int64_t code_size = (one_pass ? 2 * kCodeChunk : k) * kAmxCols;
-    if (static_cast<int64_t>(codes.size()) < code_size) codes.resize(code_size);
-    if (static_cast<int64_t>(params.size()) < 2 * groups * kAmxCols + 16) params.resize(2 * groups * kAmxCols + 16);
-    float* scale = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(params.data()) + 63) & ~uintptr_t{63});
-    const GroupParams group_params{scale, scale + groups * kAmxCols};
-    alignas(64) float c[kAmxBlocks * kAmxRows * kAmxCols];
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t t = 2 * i;
-      const int count = static_cast<int>(std::min<int64_t>(2, tiles - t));
-      fill_params(t, count, scale, scale + groups * kAmxCols);
-      uint16_t* buffers[2] = {codes.data(), codes.data() + kCodeChunk * kAmxCols};
-      int current = 0;
-      if (one_pass) fill(t, count, 0, std::min(k, std::min(group_size, kCodeChunk)), buffers[0]);
-      else fill(t, count, 0, k, codes.data());
-      const auto chunk = [&](int64_t kb0, int64_t kb1, int64_t next0, int64_t next1) -> const uint16_t* {
-        if (!one_pass) return codes.data() + kb0 / 2 * kAmxCols * 2;
-        if (next0 < next1) fill(t, count, next0, next1, buffers[current ^ 1]);
-        current ^= 1;
-        return buffers[current ^ 1];
-      };
-      for (int64_t r0 = 0; r0 < m; r0 += kAmxBlocks * kAmxRows) {
-        const int64_t rows = std::min<int64_t>(kAmxBlocks * kAmxRows, m - r0);
-        const float* pass_sums = zero_points ? x_group_sum + r0 * groups : nullptr;
-        dispatch_pass(rows, [&](auto blocks, auto tail) {
-          constexpr int kBlocks = decltype(blocks)::value;
-          constexpr bool kTail = decltype(tail)::value;
-          if (x.count == 3)
-            amx_pass_grouped<kBlocks, kTail, 3>(x.planes + r0 * k, k, m * k, group_size, group_params, pass_sums,
-                                                rows, c, chunk);
-          else
-            amx_pass_grouped<kBlocks, kTail, 1>(x.planes + r0 * k, k, m * k, group_size, group_params, pass_sums,
-                                                rows, c, chunk);
-        });
-        store_rows(c, rows, count, y + r0 * n + t * kTileCols, n);
-      }
-    }
-    release_tiles();
-  });
-}
-
-// Panels of weight values (already scaled): fill(t, tiles, kb0, kb1, b_rows) as for gemm_amx_bf16.
-template <class Out, class Fill>
-void gemm_amx_bf16_values(const AmxActivations& x, Out* y, int64_t m, int64_t n, int64_t k, Fill&& fill) {
-  gemm_amx_bf16(x, y, m, n, k, k, false, fill, [](int64_t, int, float* scale, float* zero_scale) {
-    std::fill_n(scale, kAmxCols, 1.f);
-    std::fill_n(zero_scale, kAmxCols, 0.f);
-  });
 }
 
 }  // namespace comptrust::cpu

@@ -12,7 +12,9 @@
 //     blocks of tiles dequantized into a scratch and multiplied by torch's GEMM (dense_blocks.h).
 //   * AMX-BF16 (bf16 activations, kPanelMinRows <= batch < kAmxMaxRows, where the CPU has AMX): two tiles'
 //     codes (or, for int8 and groups that split a 32-input step, dequantized weights) as a bf16 panel in the
-//     tile unit's pair layout, multiplied with tdpbf16ps; codes are scaled per group in fp32. fp32
+//     tile unit's pair layout, multiplied with tdpbf16ps; codes are scaled per group in fp32. Without AMX but
+//     with AVX512-BF16 (Zen 4), bf16 activations from kPanelMinRows to kDotMaxRows rows (kAmxMaxRows on large
+//     layers) run the same panels on vdpbf16ps (bf16_dot.h). fp32
 //     activations take it too for panels of codes (kPanelMinRows <= batch < kBlasMinRowsAvx512), x split into
 //     three bf16 planes whose sum is exactly x (run_amx_fp32), in place of the panel path.
 //   * a8 (int8 activations, any batch; int4/int3 weights): x is quantized per row and per block of 32
@@ -41,7 +43,7 @@
 #include <utility>
 #include <vector>
 
-#include "amx_bf16.h"
+#include "bf16_panels.h"
 #include "comptrust/cpu_tiles.h"
 #include "dense_blocks.h"
 #include "int8_limbs.h"
@@ -845,10 +847,25 @@ void group_sums_fp32(const Problem& p, const float* x, float* sums) {
 // int4 1.6-2.5x at 8-16 rows and 1.2-2.1x at 64, int3 1.2-2.2x and 1.1-2.1x (panels of dequantized weights,
 // which int4 and int3 took before: 0.95-1.35x and 0.56-1.06x). From 1024 rows (the crossover measured with
 // dequantized panels) the bf16 BLAS path is faster.
+// Without AMX but with AVX512-BF16 (Zen 4) the same panels run on vdpbf16ps (bf16_dot.h). Against bf16 F.linear
+// (oneDNN, vdpbf16ps too), cold weights, side by side with the fp32 panel path it replaces / the BLAS path: int4
+// at 8 rows 1.6-1.9x (0.8x), 32 rows 1.1-1.3x (0.6x), 64 rows 1.0-1.07x (0.6-0.8x, BLAS); int3 the same within
+// noise. Both are compute-bound from ~64 rows, where oneDNN's kernel is a little faster than ours (0.9-0.95x at
+// 128 rows), so the BLAS path takes over at kDotMaxRows (576x1536 at 256 rows: 0.79-0.86x / 0.90-0.93x), except
+// on layers of kDotLargeWeights or more (4096x4096 at 256-512 rows: 0.87-0.91x / 0.81-0.84x).
 constexpr int64_t kAmxMaxRows = 1024;
+constexpr int64_t kDotMaxRows = 128;
+constexpr int64_t kDotLargeWeights = int64_t{1} << 22;
+
+// Whether bf16 x of m rows runs on the bf16 panels (either engine).
+bool bf16_panels_for(int64_t m, int64_t n, int64_t k) {
+  if (m < kPanelMinRows || m >= kAmxMaxRows || k % kAmxStep) return false;
+  if (amx_bf16_usable()) return true;
+  return avx512_bf16_usable() && (m < kDotMaxRows || n * k >= kDotLargeWeights);
+}
 
 // (codes - zero) * scale over 16 columns, codes0 of the panel's first tile and codes1 of its second.
-COMPTRUST_AMX inline __m512 panel_weights(__m256 codes0, __m256 codes1, __m512 zero, __m512 scale) {
+COMPTRUST_AVX512_BF16 inline __m512 panel_weights(__m256 codes0, __m256 codes1, __m512 zero, __m512 scale) {
   return _mm512_mul_ps(_mm512_sub_ps(join_halves(codes0, codes1), zero), scale);
 }
 
@@ -856,7 +873,7 @@ COMPTRUST_AMX inline __m512 panel_weights(__m256 codes0, __m256 codes1, __m512 z
 // tile: zero scales, so zero weights). Inputs kk, kk+1 become one 64-byte B row: vcvtne2ps2bf16 rounds both
 // 16-column rows to bf16 (nearest even) and vpermw interleaves them into column pairs.
 template <int BITS>
-COMPTRUST_AMX void dequantize_pairs(const Problem& p, int64_t t, int tiles, int64_t kb0, int64_t kb1, uint16_t* panel) {
+COMPTRUST_AVX512_BF16 void dequantize_pairs(const Problem& p, int64_t t, int tiles, int64_t kb0, int64_t kb1, uint16_t* panel) {
   const bool second = tiles > 1;
   const int32_t* w0 = p.tile_w(t);
   const int32_t* w1 = second ? p.tile_w(t + 1) : w0;  // read but multiplied by zero scales
@@ -901,13 +918,13 @@ COMPTRUST_AMX void dequantize_pairs(const Problem& p, int64_t t, int tiles, int6
   }
 }
 
-// --- Panels of codes (amx_bf16.h gemm_amx_bf16), for int4 and int3 with groups of whole tile steps.
+// --- Panels of codes (amx_bf16.h gemm_bf16_panels), for int4 and int3 with groups of whole tile steps.
 // Decoding is two to four instructions per 64-byte B row (16 columns x 2 inputs), against about 16 for
 // dequantize_pairs: vpmultishiftqb moves each code of the pair into the low bits of its 16-bit lane, then
 // vpermw looks it up in a table of the bf16 integers (amx_bf16.h).
 // scale[g][16] and zero_scale[g][16] of tiles t, t+1 (a missing second tile: zeros).
 template <int BITS>
-COMPTRUST_AMX void group_params(const Problem& p, int64_t t, int tiles, float* scale, float* zero_scale) {
+COMPTRUST_AVX512_BF16 void group_params(const Problem& p, int64_t t, int tiles, float* scale, float* zero_scale) {
   const bool second = tiles > 1;
   for (int64_t g = 0; g < p.groups; ++g) {
     const __m512 zero = join_halves(load_tile_zeros<BITS>(p.tile_zeros(t) + g * kTileCols),
@@ -921,7 +938,7 @@ COMPTRUST_AMX void group_params(const Problem& p, int64_t t, int tiles, float* s
 
 // codes[(kk - kb0) / 2][16][2] for inputs kb0..kb1 (multiples of 32): the codes of tiles t, t+1 (a missing
 // second tile repeats the first; its scales are zero).
-COMPTRUST_AMX void int4_code_pairs(const Problem& p, int64_t t, int tiles, int64_t kb0, int64_t kb1, uint16_t* codes) {
+COMPTRUST_AVX512_BF16 void int4_code_pairs(const Problem& p, int64_t t, int tiles, int64_t kb0, int64_t kb1, uint16_t* codes) {
   const int32_t* w0 = p.tile_w(t);
   const int32_t* w1 = tiles > 1 ? p.tile_w(t + 1) : w0;
   const __m512i table = bf16_code_table(15);
@@ -938,7 +955,7 @@ COMPTRUST_AMX void int4_code_pairs(const Problem& p, int64_t t, int tiles, int64
 }
 
 // int3 (cpu_tiles.h planes): the low two bits from plane p and bit 2 from the high plane, merged by vpternlogd.
-COMPTRUST_AMX void int3_code_pairs(const Problem& p, int64_t t, int tiles, int64_t kb0, int64_t kb1, uint16_t* codes) {
+COMPTRUST_AVX512_BF16 void int3_code_pairs(const Problem& p, int64_t t, int tiles, int64_t kb0, int64_t kb1, uint16_t* codes) {
   const int32_t* w0 = p.tile_w(t);
   const int32_t* w1 = tiles > 1 ? p.tile_w(t + 1) : w0;
   const __m512i table = bf16_code_table(7), bit2 = _mm512_set1_epi16(4);
@@ -970,7 +987,7 @@ bool amx_code_panels(const Problem& p) { return p.bits != 8 && p.group_size % kA
 // for fp32 x split into exact bf16 planes.
 template <class Out>
 void run_amx_codes(const Problem& p, const AmxActivations& x, Out* y) {
-  gemm_amx_bf16(
+  gemm_bf16_panels(
       x, y, p.m, p.n, p.k, p.group_size, true,
       [&](int64_t t, int tiles, int64_t kb0, int64_t kb1, uint16_t* codes) {
         p.bits == 4 ? int4_code_pairs(p, t, tiles, kb0, kb1, codes) : int3_code_pairs(p, t, tiles, kb0, kb1, codes);
@@ -995,10 +1012,10 @@ void run_amx_fp32(const Problem& p, const float* x, float* y) {
 }
 
 // y[m, n] (bf16) = x[m, k] (bf16) @ W^T on the tile unit.
-void run_amx(const Problem& p, const at::BFloat16* x, at::BFloat16* y) {
+void run_bf16_panels(const Problem& p, const at::BFloat16* x, at::BFloat16* y) {
   const AmxActivations planes{x, 1, nullptr};
   if (amx_code_panels(p)) return run_amx_codes(p, planes, y);
-  gemm_amx_bf16_values(planes, y, p.m, p.n, p.k, [&](int64_t t, int tiles, int64_t kb0, int64_t kb1, uint16_t* panel) {
+  gemm_bf16_panels_values(planes, y, p.m, p.n, p.k, [&](int64_t t, int tiles, int64_t kb0, int64_t kb1, uint16_t* panel) {
     if (p.bits == 4) dequantize_pairs<4>(p, t, tiles, kb0, kb1, panel);
     else if (p.bits == 8) dequantize_pairs<8>(p, t, tiles, kb0, kb1, panel);
     else dequantize_pairs<3>(p, t, tiles, kb0, kb1, panel);
@@ -1079,7 +1096,8 @@ void run(const Problem& p, bool a8, Isa isa) {
 // where writing the dequantized scratch (4 bytes per weight) stops mattering. bf16 x: a bf16 scratch
 // through oneDNN, rounding the weights to bf16 as a bf16 dense model would; from 64 rows with any ISA
 // (against bf16 F.linear, AVX-512 panel / BLAS path: 2.1-2.6x / 2.6-4.4x at 32 rows, 2.8-3.5x / 2.3-2.9x at 64).
-// Where the CPU has AMX, bf16 x from 8 to 1023 rows takes the AMX-BF16 tile path instead (run_amx).
+// Where the CPU has AMX, bf16 x from 8 to 1023 rows takes the AMX-BF16 tile path instead, and without AMX but
+// with AVX512-BF16 the same panels on vdpbf16ps (run_bf16_panels, bf16_panels_for).
 constexpr int64_t kBlasMinRows = 64;
 constexpr int64_t kBlasMinRowsAvx512 = 256;
 
@@ -1218,11 +1236,10 @@ at::Tensor gemm_tiled_2d(const at::Tensor& x, const at::Tensor& weight, const at
   Problem p{static_cast<int>(bits), nullptr, nullptr, nullptr, nullptr, w.data_ptr<int32_t>(), z.data_ptr<uint8_t>(),
             s.data_ptr<at::Half>(), nullptr, m, n, k, group_size, groups, blocks_per_group};
 #ifdef COMPTRUST_X86
-  if (act_bits == 0 && x.scalar_type() == at::kBFloat16 && m >= kPanelMinRows && m < kAmxMaxRows &&
-      k % kAmxStep == 0 && amx_bf16_usable()) {
+  if (act_bits == 0 && x.scalar_type() == at::kBFloat16 && bf16_panels_for(m, n, k)) {
     const at::Tensor xb = x.contiguous();
     at::Tensor y = at::empty({m, n}, x.options());
-    run_amx(p, xb.data_ptr<at::BFloat16>(), y.data_ptr<at::BFloat16>());
+    run_bf16_panels(p, xb.data_ptr<at::BFloat16>(), y.data_ptr<at::BFloat16>());
     return y;
   }
 #endif

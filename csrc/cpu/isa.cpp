@@ -85,6 +85,17 @@ bool amx_bf16_usable() {
   return granted && select_isa() == Isa::kAvx512;
 }
 
+bool avx512_bf16_usable() {
+#ifdef COMPTRUST_X86
+  static const bool has = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vbmi");
+  if (const char* off = std::getenv("COMPTRUST_CPU_BF16"); off && std::strcmp(off, "0") == 0) return false;
+  return has && select_isa() == Isa::kAvx512;
+#else
+  return false;
+#endif
+}
+
 bool avx512_vnni_usable() {
 #ifdef COMPTRUST_X86
   static const bool has = __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw");

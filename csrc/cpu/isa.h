@@ -23,6 +23,10 @@ Isa select_isa();
 // also turns it off), the CPU has AMX-TILE and AMX-BF16 and the kernel granted this process the tile
 // state (Linux asks each process to request it once; the first call does). COMPTRUST_CPU_AMX=0 turns it off.
 bool amx_bf16_usable();
+// Whether the bf16 panel product may run on AVX512-BF16's vdpbf16ps where there is no tile unit (AMD Zen 4,
+// Intel Cooper Lake): select_isa() is kAvx512 and the CPU has AVX512-BF16/BW/DQ/VBMI (the panel decoding
+// uses them too). COMPTRUST_CPU_BF16=0 turns it off. amx_bf16_usable() takes precedence where both hold.
+bool avx512_bf16_usable();
 // Whether the int8-activation kernels may take their AVX-512 VNNI path (vpdpbusd): select_isa() is kAvx512
 // and the CPU has AVX512-VNNI and AVX512-BW.
 bool avx512_vnni_usable();

@@ -20,6 +20,8 @@
 #define COMPTRUST_AVX512 __attribute__((target("avx512f,avx2,fma,f16c")))
 #define COMPTRUST_AVX512_VNNI __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma,f16c")))
 #define COMPTRUST_AVX512_VNNI_VBMI __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vbmi,avx2,fma,f16c")))
+// The bf16 panels (amx_bf16.h): decoding and the vdpbf16ps product need no tile unit; the tile product does.
+#define COMPTRUST_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512dq,avx512bf16,avx512vbmi,avx2,fma,f16c")))
 #define COMPTRUST_AMX \
   __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512dq,avx512bf16,avx512vbmi,avx2,fma,f16c")))
 

@@ -17,7 +17,8 @@
 // On AVX-512, 32 to 511 rows run the row-vector kernel instead (sparse24_row_vectors.h: vectorized over x's rows,
 // so only the kept weights are multiplied), except where the tile unit below is faster.
 // Where the CPU has AMX, bf16 activations from 8 rows, and fp32 ones from 16 when the kept values are exact in
-// bf16, run on the tile unit instead (run_amx); int8 activations with int4 values on VNNI (a8_int4_avx512), and
+// bf16, run on the tile unit instead (run_bf16_panels); without AMX but with AVX512-BF16, bf16 activations
+// from 8 to kDotMaxRows rows run the same panels on vdpbf16ps (bf16_dot.h); int8 activations with int4 values on VNNI (a8_int4_avx512), and
 // there too fp32 ones at batch 1 on large layers, as int8 limbs (int8_limbs.h).
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
@@ -27,7 +28,7 @@
 #include <cstring>
 #include <type_traits>
 
-#include "amx_bf16.h"
+#include "bf16_panels.h"
 #include "comptrust/sparse24_tiles.h"
 #include "dense_blocks.h"
 #include "int8_limbs.h"
@@ -423,8 +424,15 @@ COMPTRUST_AVX512 void rows_avx512(const Sparse24Problem& p, int64_t t) {
 // at 8 rows 576x1536 1.56 / 1.20 (1.69 / 1.32), 1536x576 1.77 / 1.58 (2.06 / 1.63), 4096x4096 1.35 / 1.01
 // (1.46 / 1.11); at 16-64 rows the tile path 1.15-1.57 on the SmolLM2 shapes and 0.96-1.31 on 4096x4096
 // (int4 values 0.93-1.91), the sparse kernel 0.25-0.91.
+// Without AMX but with AVX512-BF16 (Zen 4) the same panels run on vdpbf16ps (bf16_dot.h), up to kDotMaxRows
+// (where dense blocks take over again). Against bf16 F.linear, cold weights, side by side with the kernels it
+// replaces (column kernel below 32 rows, row-vector kernel from 32), bf16 values (int4 values): 8 rows 1.32-1.39x
+// / 1.08-1.22x (1.29-1.63x / 1.14-1.38x), 32 rows 1.07-1.13x / 0.74-0.94x (0.94-1.12x / 0.65-0.83x), 64 rows
+// 1.01-1.02x / 0.68-0.75x (0.96-1.00x / 0.73-0.76x), 256 rows 0.88-0.99x / 0.52-0.60x. The pruned zeros are
+// multiplied here too, so from ~32 rows it runs at the dense bf16 product's speed, no faster.
 constexpr int64_t kAmxMinRows = 8;
 constexpr int64_t kAmxMaxRows = 1024;
+constexpr int64_t kDotMaxRows = 512;
 
 // panel[(kk - kb0) / 2][16][2] (bf16 bits) for inputs kb0..kb1: tiles t, t+1 as dense rows (a missing second
 // tile zero). Each 2:4 group gives four rows, so two B rows: its inputs 0, 1 and 2, 3. Both tiles' kept values
@@ -432,7 +440,7 @@ constexpr int64_t kAmxMaxRows = 1024;
 // names it, picked with two compare masks: 4 instructions per row of 16 columns (the AVX2 group_rows takes 5
 // per 8 and a join).
 template <class V>
-COMPTRUST_AMX void sparse_pairs(const Sparse24Problem& p, int64_t t, int tiles, int64_t kb0, int64_t kb1, uint16_t* panel) {
+COMPTRUST_AVX512_BF16 void sparse_pairs(const Sparse24Problem& p, int64_t t, int tiles, int64_t kb0, int64_t kb1, uint16_t* panel) {
   const uint32_t* meta0 = p.tile_meta(t);
   const uint32_t* meta1 = p.tile_meta(tiles > 1 ? t + 1 : t);
   const __m512i shift0 = _mm512_broadcast_i64x4(idx0_shifts()), shift1 = _mm512_broadcast_i64x4(idx1_shifts());
@@ -466,7 +474,7 @@ struct PairLanes {
   __m512i pick_meta;     // per lane: which 16 bits of four groups' meta words (see indices) hold column c's nibble
   __m512i shift0, shift1, three, rows01, rows23;
 
-  COMPTRUST_AMX PairLanes() {
+  COMPTRUST_AVX512_BF16 PairLanes() {
     alignas(64) uint16_t slot0[32], slot1[32], meta_half[32], shift[32], row[32];
     for (int lane = 0; lane < 32; ++lane) {
       const int c = lane / 2, tile = c / kTileCols, col = c % kTileCols;
@@ -488,7 +496,7 @@ struct PairLanes {
 
   // Per lane, the rows (0..3 within 2:4 group gg of 4) that kept-value slots 0 and 1 of its column name. meta
   // holds the two tiles' meta words of 4 consecutive groups: tile t's in 32-bit lanes 0..3, t + 1's in 4..7.
-  COMPTRUST_AMX void indices(__m512i meta, int gg, __m512i& idx0, __m512i& idx1) const {
+  COMPTRUST_AVX512_BF16 void indices(__m512i meta, int gg, __m512i& idx0, __m512i& idx1) const {
     const __m512i lane_meta = _mm512_permutexvar_epi16(_mm512_add_epi16(pick_meta, _mm512_set1_epi16(2 * gg)), meta);
     idx0 = _mm512_and_si512(_mm512_srlv_epi16(lane_meta, shift0), three);
     idx1 = _mm512_and_si512(_mm512_srlv_epi16(lane_meta, shift1), three);
@@ -496,7 +504,7 @@ struct PairLanes {
 
   // The pair row (pair 0: group rows 0, 1; pair 1: rows 2, 3): lanes whose slot-0 index names their row take
   // v0, slot 1's v1, the others `none`.
-  COMPTRUST_AMX __m512i pair_row(__m512i idx0, __m512i idx1, int pair, __m512i v0, __m512i v1, __m512i none) const {
+  COMPTRUST_AVX512_BF16 __m512i pair_row(__m512i idx0, __m512i idx1, int pair, __m512i v0, __m512i v1, __m512i none) const {
     const __m512i rows = pair ? rows23 : rows01;
     return _mm512_mask_mov_epi16(_mm512_mask_mov_epi16(none, _mm512_cmpeq_epi16_mask(idx0, rows), v0),
                                  _mm512_cmpeq_epi16_mask(idx1, rows), v1);
@@ -504,7 +512,7 @@ struct PairLanes {
 };
 
 // The meta words of groups g..g+3 of tiles t (32-bit lanes 0..3) and t1 (lanes 4..7), for PairLanes::indices.
-COMPTRUST_AMX inline __m512i four_groups_meta(const uint32_t* meta0, const uint32_t* meta1, int64_t g) {
+COMPTRUST_AVX512_BF16 inline __m512i four_groups_meta(const uint32_t* meta0, const uint32_t* meta1, int64_t g) {
   return _mm512_castsi256_si512(_mm256_inserti128_si256(
       _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(meta0 + g))),
       _mm_loadu_si128(reinterpret_cast<const __m128i*>(meta1 + g)), 1));
@@ -513,7 +521,7 @@ COMPTRUST_AMX inline __m512i four_groups_meta(const uint32_t* meta0, const uint3
 // bf16 kept values go to the panel without the round trip through fp32: one masked move per kept-value slot
 // fills both rows of a pair at once. Same bits as sparse_pairs (a bf16 value converted to fp32 and rounded
 // back is itself).
-COMPTRUST_AMX void sparse_pairs_bf16(const Sparse24Problem& p, int64_t t, int tiles, int64_t kb0, int64_t kb1,
+COMPTRUST_AVX512_BF16 void sparse_pairs_bf16(const Sparse24Problem& p, int64_t t, int tiles, int64_t kb0, int64_t kb1,
                                      uint16_t* panel) {
   const PairLanes lanes;
   const auto* values0 = reinterpret_cast<const uint16_t*>(p.tile_values<at::BFloat16>(t));
@@ -540,10 +548,10 @@ COMPTRUST_AMX void sparse_pairs_bf16(const Sparse24Problem& p, int64_t t, int ti
 
 // int4 kept values whose quantization groups are whole tile steps (2 * group_size % 32 == 0) go to the tile
 // unit as panels of integers q - zero (exact in bf16; pruned weights 0), each group's sums then scaled once
-// (gemm_amx_bf16, with zero * scale 0 since the zero is already subtracted). vpmultishiftqb puts
+// (gemm_bf16_panels, with zero * scale 0 since the zero is already subtracted). vpmultishiftqb puts
 // each code in the low bits of its lanes, and vpermw maps q - zero + 16 (1..31) to the bf16 integer.
 // Writes the B rows of inputs kb0..kb1 (multiples of 32).
-COMPTRUST_AMX void sparse_int4_code_pairs(const Sparse24Problem& p, int64_t t, int tiles, int64_t kb0, int64_t kb1,
+COMPTRUST_AVX512_BF16 void sparse_int4_code_pairs(const Sparse24Problem& p, int64_t t, int tiles, int64_t kb0, int64_t kb1,
                                           uint16_t* codes) {
   const PairLanes lanes;
   const int64_t t1 = tiles > 1 ? t + 1 : t;  // a missing second tile repeats the first; its scales are zero
@@ -587,7 +595,7 @@ COMPTRUST_AMX void sparse_int4_code_pairs(const Sparse24Problem& p, int64_t t, i
 }
 
 // scale[g][16] of tiles t, t+1 (a missing second tile: zeros); zero_scale 0 (sparse_int4_code_pairs subtracts the zero).
-COMPTRUST_AMX void sparse_int4_group_params(const Sparse24Problem& p, int64_t t, int tiles, float* scale,
+COMPTRUST_AVX512_BF16 void sparse_int4_group_params(const Sparse24Problem& p, int64_t t, int tiles, float* scale,
                                             float* zero_scale) {
   for (int64_t g = 0; g < p.groups; ++g) {
     _mm512_store_ps(scale + g * kAmxCols,
@@ -621,10 +629,10 @@ bool amx_exact_values(const Sparse24Problem& p) {
 // y = x @ W^T on the tile unit: Out bf16 for bf16 x (one plane), float for fp32 x (three planes, only where
 // amx_exact_values).
 template <class V, class Out>
-void run_amx(const Sparse24Problem& p, const AmxActivations& x, Out* y) {
+void run_bf16_panels(const Sparse24Problem& p, const AmxActivations& x, Out* y) {
   if constexpr (std::is_same_v<V, Int4Values>) {
     if (2 * p.group_size % kAmxStep == 0) {
-      gemm_amx_bf16(
+      gemm_bf16_panels(
           x, y, p.m, p.n, p.k, 2 * p.group_size, false,
           [&](int64_t t, int tiles, int64_t kb0, int64_t kb1, uint16_t* codes) {
             sparse_int4_code_pairs(p, t, tiles, kb0, kb1, codes);
@@ -635,7 +643,7 @@ void run_amx(const Sparse24Problem& p, const AmxActivations& x, Out* y) {
       return;
     }
   }
-  gemm_amx_bf16_values(x, y, p.m, p.n, p.k, [&](int64_t t, int tiles, int64_t kb0, int64_t kb1, uint16_t* panel) {
+  gemm_bf16_panels_values(x, y, p.m, p.n, p.k, [&](int64_t t, int tiles, int64_t kb0, int64_t kb1, uint16_t* panel) {
     if constexpr (std::is_same_v<V, at::BFloat16>) sparse_pairs_bf16(p, t, tiles, kb0, kb1, panel);
     else sparse_pairs<V>(p, t, tiles, kb0, kb1, panel);
   });
@@ -887,11 +895,11 @@ at::Tensor run_kind(Sparse24Problem& p, const at::Tensor& x) {
       return run_int4_int8(p, x, true);
 #endif
 #ifdef COMPTRUST_X86
-  if (x.scalar_type() == at::kBFloat16 && p.m >= kAmxMinRows && p.m < kAmxMaxRows && p.k % kAmxStep == 0 &&
-      amx_bf16_usable()) {
+  if (x.scalar_type() == at::kBFloat16 && p.m >= kAmxMinRows && p.k % kAmxStep == 0 &&
+      ((p.m < kAmxMaxRows && amx_bf16_usable()) || (p.m < kDotMaxRows && avx512_bf16_usable()))) {
     const at::Tensor xb = x.contiguous();
     at::Tensor y = at::empty({p.m, p.n}, x.options());
-    run_amx<V>(p, AmxActivations{xb.data_ptr<at::BFloat16>(), 1, nullptr}, y.data_ptr<at::BFloat16>());
+    run_bf16_panels<V>(p, AmxActivations{xb.data_ptr<at::BFloat16>(), 1, nullptr}, y.data_ptr<at::BFloat16>());
     return y;
   }
   const bool row_vectors_first =
@@ -902,7 +910,7 @@ at::Tensor run_kind(Sparse24Problem& p, const at::Tensor& x) {
     const at::Tensor planes = at::empty({3, p.m, p.k}, at::kBFloat16);
     split_fp32_rows(xf.data_ptr<float>(), p.m, p.k, planes.data_ptr<at::BFloat16>());
     at::Tensor y = at::empty({p.m, p.n}, xf.options());
-    run_amx<V>(p, AmxActivations{planes.data_ptr<at::BFloat16>(), 3, nullptr}, y.data_ptr<float>());
+    run_bf16_panels<V>(p, AmxActivations{planes.data_ptr<at::BFloat16>(), 3, nullptr}, y.data_ptr<float>());
     return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
   }
   // kRowVectorMinRows to kRowVectorMaxRows rows: vectorized over x's rows (sparse24_row_vectors.h), multiplying

@@ -1,0 +1,112 @@
+// The bf16 panel product (amx_bf16.h's panels and pass contract) on AVX512-BF16's vdpbf16ps, for CPUs with no
+// tile unit (avx512_bf16_usable: AMD Zen 4, Intel Cooper Lake). A B row of a panel (16 columns x 2 inputs, 64
+// bytes) is exactly one zmm operand, and one vdpbf16ps adds a row's x pair times it into 16 fp32 sums: 32
+// multiply-adds per instruction, against 16 per fp32 FMA. The products of bf16 values are exact and summed in
+// fp32 as on the tile unit, so either engine meets the same accuracy bounds.
+// Register block: kDotRows rows x kDotPanels panels (32 columns): each x pair, broadcast once, feeds both
+// panels' B rows, and each B row all the block's rows.
+#pragma once
+#include "amx_bf16.h"
+
+#ifdef COMPTRUST_X86
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <vector>
+
+namespace comptrust::cpu {
+
+constexpr int kDotRows = 8;
+constexpr int kDotPanels = 3;
+
+// x's rows as pairs[plane][block of kDotRows rows][kk / 2][kDotRows] (int32: the bf16 pair kk, kk + 1; rows past
+// m zero), made once per call. One B row's broadcasts then read one cache line. (Read straight from x, whose
+// rows are k * 2 bytes apart, 4096 x 4096 ran ~0.8x bf16 F.linear at 64 rows: at k = 4096 a block's rows all
+// fall in one set of the L1.)
+struct DotActivations {
+  std::vector<int32_t> pairs;
+  int64_t blocks = 0, pairs_per_row = 0;
+
+  const int32_t* block(int64_t b) const { return pairs.data() + b * pairs_per_row * kDotRows; }
+  int64_t plane_stride() const { return blocks * pairs_per_row * kDotRows; }
+};
+
+inline DotActivations dot_activations(const at::BFloat16* planes, int count, int64_t m, int64_t k) {
+  DotActivations x;
+  x.blocks = (m + kDotRows - 1) / kDotRows;
+  x.pairs_per_row = k / 2;
+  x.pairs.assign(count * x.plane_stride(), 0);
+  for (int plane = 0; plane < count; ++plane)
+    for (int64_t r = 0; r < m; ++r) {
+      const auto* row = reinterpret_cast<const uint16_t*>(planes + (plane * m + r) * k);
+      int32_t* out = x.pairs.data() + plane * x.plane_stride() + (r / kDotRows * x.pairs_per_row) * kDotRows + r % kDotRows;
+      for (int64_t j = 0; j < x.pairs_per_row; ++j)
+        out[j * kDotRows] = static_cast<int32_t>(row[2 * j] | static_cast<uint32_t>(row[2 * j + 1]) << 16);
+    }
+  return x;
+}
+
+// sums[r][p * 16 + c] += x . panel p's B rows over inputs kb0..kb1, for the first R rows of a block (pairs: the
+// block in plane 0; sums rows kDotPanels * 16 floats apart).
+template <int R, int PLANES>
+COMPTRUST_AVX512_BF16 inline void dot_rows(const int32_t* pairs, int64_t plane_stride,
+                                           const std::array<const uint16_t*, kDotPanels>& b_rows, int64_t kb0,
+                                           int64_t kb1, float* sums) {
+  constexpr int64_t ld = kDotPanels * kAmxCols;
+  __m512 acc[kDotPanels][R];
+  COMPTRUST_UNROLL for (int p = 0; p < kDotPanels; ++p)
+    COMPTRUST_UNROLL for (int r = 0; r < R; ++r) acc[p][r] = _mm512_load_ps(sums + r * ld + p * kAmxCols);
+  for (int64_t j = 0; j < (kb1 - kb0) / 2; ++j) {
+    __m512bh b[kDotPanels];
+    COMPTRUST_UNROLL for (int p = 0; p < kDotPanels; ++p)
+      b[p] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(b_rows[p] + j * 2 * kAmxCols));
+    const int32_t* x = pairs + (kb0 / 2 + j) * kDotRows;
+    COMPTRUST_UNROLL for (int plane = 0; plane < PLANES; ++plane)
+      COMPTRUST_UNROLL for (int r = 0; r < R; ++r) {
+        const __m512bh xr = reinterpret_cast<__m512bh>(_mm512_set1_epi32(x[plane * plane_stride + r]));
+        COMPTRUST_UNROLL for (int p = 0; p < kDotPanels; ++p) acc[p][r] = _mm512_dpbf16_ps(acc[p][r], xr, b[p]);
+      }
+  }
+  COMPTRUST_UNROLL for (int p = 0; p < kDotPanels; ++p)
+    COMPTRUST_UNROLL for (int r = 0; r < R; ++r) _mm512_store_ps(sums + r * ld + p * kAmxCols, acc[p][r]);
+}
+
+// dot_rows for the block's first `rows` (1..R) rows, R a compile-time bound.
+template <int PLANES, int R = kDotRows>
+COMPTRUST_AVX512_BF16 inline void dot_block(int64_t rows, const int32_t* pairs, int64_t plane_stride,
+                                            const std::array<const uint16_t*, kDotPanels>& b_rows, int64_t kb0,
+                                            int64_t kb1, float* sums) {
+  if constexpr (R > 1)
+    if (rows < R) return dot_block<PLANES, R - 1>(rows, pairs, plane_stride, b_rows, kb0, kb1, sums);
+  dot_rows<R, PLANES>(pairs, plane_stride, b_rows, kb0, kb1, sums);
+}
+
+// amx_pass_grouped's contract for kDotPanels panels at once and the rows r0..r0 + rows of x (r0 a multiple of
+// kDotRows, rows <= kAmxBlocks * kAmxRows): c[rows][kDotPanels * 16]; codes(kb0, kb1, next0, next1) gives each
+// panel's B rows for the chunk. Each chunk runs past every block of rows, the group's sums kept in L1.
+template <int PLANES, class Codes>
+COMPTRUST_AVX512_BF16 void dot_pass_grouped(const DotActivations& x, int64_t r0, int64_t k, int64_t group_size,
+                                            const GroupParams (&params)[kDotPanels], const float* x_group_sum,
+                                            int64_t rows, float* c, Codes&& codes) {
+  constexpr int64_t ld = kDotPanels * kAmxCols;
+  const int64_t groups = (k + group_size - 1) / group_size;
+  alignas(64) float sums[kAmxBlocks * kAmxRows * ld];
+  std::fill_n(c, rows * ld, 0.f);
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t group_end = std::min(k, (g + 1) * group_size);
+    std::fill_n(sums, rows * ld, 0.f);
+    for (int64_t kb0 = g * group_size; kb0 < group_end; kb0 += kCodeChunk) {
+      const int64_t kb1 = std::min(group_end, kb0 + kCodeChunk);
+      const auto [next0, next1] = next_chunk(kb1, k, group_size);
+      const std::array<const uint16_t*, kDotPanels> b_rows = codes(kb0, kb1, next0, next1);
+      for (int64_t rb = 0; rb < rows; rb += kDotRows)
+        dot_block<PLANES>(std::min<int64_t>(kDotRows, rows - rb), x.block((r0 + rb) / kDotRows), x.plane_stride(),
+                          b_rows, kb0, kb1, sums + rb * ld);
+    }
+    for (int p = 0; p < kDotPanels; ++p)
+      add_group_sums(sums + p * kAmxCols, ld, rows, g, groups, params[p], x_group_sum, c + p * kAmxCols);
+  }
+}
+
+}  // namespace comptrust::cpu
+#endif  // COMPTRUST_X86
