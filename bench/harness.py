@@ -209,7 +209,8 @@ def progress_line(text: str, enabled: bool) -> None:
 
 @dataclass(frozen=True)
 class Kernel:
-    """One benchmarked product: weights(layer) are the tensors each call reads (copied cold), call(x, *weights)."""
+    """One benchmarked product: weights(layer) are the tensors each call reads (copied cold), call(x, *weights).
+    weights(layer) is None where the kernel cannot run the layer's shape: it then has no rows there."""
     name: str
     act_dtype: torch.dtype
     weights: Callable[[object], tuple[torch.Tensor, ...]]
@@ -222,7 +223,10 @@ def _bench_shape(kernels: Sequence[Kernel], anchors: Sequence[str], layer, n: in
     rows = {}
     # Kernel-major: one kernel's copies exist at a time (memory stays near cold_bytes), and all batches reuse them.
     for kernel in kernels:
-        copies = cold_copies(kernel.weights(layer), cold_bytes)
+        weights = kernel.weights(layer)
+        if weights is None:
+            continue
+        copies = cold_copies(weights, cold_bytes)
         weight_bytes = sum(t.numel() * t.element_size() for t in copies[0])
         for m in batches:
             x = activations[m].to(kernel.act_dtype)
@@ -236,7 +240,7 @@ def _bench_shape(kernels: Sequence[Kernel], anchors: Sequence[str], layer, n: in
                 "weight_copies": len(copies),
             }
         del copies
-    return [rows[(m, kernel.name)] for m in batches for kernel in kernels]
+    return [rows[(m, kernel.name)] for m in batches for kernel in kernels if (m, kernel.name) in rows]
 
 
 def run_kernel_bench(bench: str, kernels: Sequence[Kernel], anchors: Sequence[str], make_layer: Callable,

@@ -3,8 +3,10 @@
 // bytes) is exactly one zmm operand, and one vdpbf16ps adds a row's x pair times it into 16 fp32 sums: 32
 // multiply-adds per instruction, against 16 per fp32 FMA. The products of bf16 values are exact and summed in
 // fp32 as on the tile unit, so either engine meets the same accuracy bounds.
-// Register block: kDotRows rows x kDotPanels panels (32 columns): each x pair, broadcast once, feeds both
-// panels' B rows, and each B row all the block's rows.
+// Register block: kDotRows rows x kDotPanels panels (48 columns, 24 accumulators): each x pair, broadcast once,
+// feeds every panel's B row, and each B row all the block's rows. Against one panel (16 columns) this took
+// 4096 x 4096 int4 at 256 rows from 0.79x to 0.90x bf16 F.linear (two panels: 0.91x); 16 rows of one panel ran
+// as 8.
 #pragma once
 #include "amx_bf16.h"
 
