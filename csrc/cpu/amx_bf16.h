@@ -123,20 +123,6 @@ inline std::pair<int64_t, int64_t> next_chunk(int64_t kb1, int64_t k, int64_t gr
   return {kb1, std::min(group_end, kb1 + kCodeChunk)};
 }
 
-// c[r] += scale_g * sums[r] - zero_g * scale_g * (x[r] summed over group g) for one panel's 16 columns, r < rows
-// (c and sums rows ld floats apart).
-COMPTRUST_AVX512_BF16 inline void add_group_sums(const float* sums, int64_t ld, int64_t rows, int64_t g,
-                                                 int64_t groups, const GroupParams& params, const float* x_group_sum,
-                                                 float* c) {
-  const __m512 scale = _mm512_load_ps(params.scale + g * kAmxCols);
-  const __m512 zero_scale = _mm512_load_ps(params.zero_scale + g * kAmxCols);
-  for (int64_t r = 0; r < rows; ++r) {
-    const __m512 out = _mm512_fmadd_ps(_mm512_load_ps(sums + r * ld), scale, _mm512_load_ps(c + r * ld));
-    _mm512_store_ps(c + r * ld, x_group_sum ? _mm512_fnmadd_ps(zero_scale, _mm512_set1_ps(x_group_sum[r * groups + g]), out)
-                                            : out);
-  }
-}
-
 // c[rows][16] = the pass's rows of x @ W over all groups, in chunks of at most kCodeChunk inputs inside one
 // group (x_group_sum nullptr: no zero points). codes(kb0, kb1, next0, next1) gives chunk kb0..kb1's B rows
 // (b_rows[(kk - kb0) / 2][16][2]); the chunk after it is next0..next1 (empty after the last), so that codes
@@ -157,7 +143,13 @@ COMPTRUST_AMX void amx_pass_grouped(const at::BFloat16* x, int64_t k, int64_t pl
       amx_steps<BLOCKS, TAIL, PLANES>(x, k, plane_stride, codes(kb0, kb1, next0, next1), kb0, kb1);
     }
     store_blocks<BLOCKS>(sums);
-    add_group_sums(sums, kAmxCols, rows, g, groups, params, x_group_sum, c);
+    const __m512 scale = _mm512_load_ps(params.scale + g * kAmxCols);
+    const __m512 zero_scale = _mm512_load_ps(params.zero_scale + g * kAmxCols);
+    for (int64_t r = 0; r < rows; ++r) {
+      const __m512 out = _mm512_fmadd_ps(_mm512_load_ps(sums + r * kAmxCols), scale, _mm512_load_ps(c + r * kAmxCols));
+      _mm512_store_ps(c + r * kAmxCols, x_group_sum ? _mm512_fnmadd_ps(zero_scale, _mm512_set1_ps(x_group_sum[r * groups + g]), out)
+                                                    : out);
+    }
   }
 }
 

@@ -48,16 +48,29 @@ inline DotActivations dot_activations(const at::BFloat16* planes, int count, int
   return x;
 }
 
-// sums[r][p * 16 + c] += x . panel p's B rows over inputs kb0..kb1, for the first R rows of a block (pairs: the
-// block in plane 0; sums rows kDotPanels * 16 floats apart).
+// Where a chunk ends its group, dot_rows adds the group's sums into the outputs in registers,
+//   c[r] += scale_g * sum[r] - zero_g * scale_g * (x[r] summed over group g)
+// (the formula amx_pass_grouped applies, amx_bf16.h), instead of storing them: at g128 that saves storing, zeroing and reloading
+// every sum once per group.
+struct DotGroupEnd {
+  std::array<const float*, kDotPanels> scale, zero_scale;  // group g's 16 columns, per panel
+  const float* x_sums;   // the block's row 0 sum of x over group g, rows x_stride apart; nullptr: no zero points
+  int64_t x_stride;
+  float* c;              // the block's row 0 outputs, rows kDotPanels * 16 floats apart
+};
+
+// The sums over inputs kb0..kb1 of x . panel p's B rows, for the first R rows of a block (pairs: the block in
+// plane 0), added to sums[r][p * 16 + c] (rows kDotPanels * 16 floats apart; first: the group's first chunk,
+// start from zero instead), or, where end is given, into its outputs.
 template <int R, int PLANES>
 COMPTRUST_AVX512_BF16 inline void dot_rows(const int32_t* pairs, int64_t plane_stride,
                                            const std::array<const uint16_t*, kDotPanels>& b_rows, int64_t kb0,
-                                           int64_t kb1, float* sums) {
+                                           int64_t kb1, bool first, float* sums, const DotGroupEnd* end) {
   constexpr int64_t ld = kDotPanels * kAmxCols;
   __m512 acc[kDotPanels][R];
   COMPTRUST_UNROLL for (int p = 0; p < kDotPanels; ++p)
-    COMPTRUST_UNROLL for (int r = 0; r < R; ++r) acc[p][r] = _mm512_load_ps(sums + r * ld + p * kAmxCols);
+    COMPTRUST_UNROLL for (int r = 0; r < R; ++r)
+      acc[p][r] = first ? _mm512_setzero_ps() : _mm512_load_ps(sums + r * ld + p * kAmxCols);
   for (int64_t j = 0; j < (kb1 - kb0) / 2; ++j) {
     __m512bh b[kDotPanels];
     COMPTRUST_UNROLL for (int p = 0; p < kDotPanels; ++p)
@@ -69,23 +82,36 @@ COMPTRUST_AVX512_BF16 inline void dot_rows(const int32_t* pairs, int64_t plane_s
         COMPTRUST_UNROLL for (int p = 0; p < kDotPanels; ++p) acc[p][r] = _mm512_dpbf16_ps(acc[p][r], xr, b[p]);
       }
   }
-  COMPTRUST_UNROLL for (int p = 0; p < kDotPanels; ++p)
-    COMPTRUST_UNROLL for (int r = 0; r < R; ++r) _mm512_store_ps(sums + r * ld + p * kAmxCols, acc[p][r]);
+  if (!end) {
+    COMPTRUST_UNROLL for (int p = 0; p < kDotPanels; ++p)
+      COMPTRUST_UNROLL for (int r = 0; r < R; ++r) _mm512_store_ps(sums + r * ld + p * kAmxCols, acc[p][r]);
+    return;
+  }
+  COMPTRUST_UNROLL for (int p = 0; p < kDotPanels; ++p) {
+    const __m512 scale = _mm512_load_ps(end->scale[p]), zero_scale = _mm512_load_ps(end->zero_scale[p]);
+    COMPTRUST_UNROLL for (int r = 0; r < R; ++r) {
+      float* out = end->c + r * ld + p * kAmxCols;
+      const __m512 sum = _mm512_fmadd_ps(acc[p][r], scale, _mm512_load_ps(out));
+      _mm512_store_ps(out, end->x_sums ? _mm512_fnmadd_ps(zero_scale, _mm512_set1_ps(end->x_sums[r * end->x_stride]), sum)
+                                       : sum);
+    }
+  }
 }
 
 // dot_rows for the block's first `rows` (1..R) rows, R a compile-time bound.
 template <int PLANES, int R = kDotRows>
 COMPTRUST_AVX512_BF16 inline void dot_block(int64_t rows, const int32_t* pairs, int64_t plane_stride,
                                             const std::array<const uint16_t*, kDotPanels>& b_rows, int64_t kb0,
-                                            int64_t kb1, float* sums) {
+                                            int64_t kb1, bool first, float* sums, const DotGroupEnd* end) {
   if constexpr (R > 1)
-    if (rows < R) return dot_block<PLANES, R - 1>(rows, pairs, plane_stride, b_rows, kb0, kb1, sums);
-  dot_rows<R, PLANES>(pairs, plane_stride, b_rows, kb0, kb1, sums);
+    if (rows < R) return dot_block<PLANES, R - 1>(rows, pairs, plane_stride, b_rows, kb0, kb1, first, sums, end);
+  dot_rows<R, PLANES>(pairs, plane_stride, b_rows, kb0, kb1, first, sums, end);
 }
 
 // amx_pass_grouped's contract for kDotPanels panels at once and the rows r0..r0 + rows of x (r0 a multiple of
 // kDotRows, rows <= kAmxBlocks * kAmxRows): c[rows][kDotPanels * 16]; codes(kb0, kb1, next0, next1) gives each
-// panel's B rows for the chunk. Each chunk runs past every block of rows, the group's sums kept in L1.
+// panel's B rows for the chunk. Each chunk runs past every block of rows; a group of several chunks keeps its
+// sums in L1 between them.
 template <int PLANES, class Codes>
 COMPTRUST_AVX512_BF16 void dot_pass_grouped(const DotActivations& x, int64_t r0, int64_t k, int64_t group_size,
                                             const GroupParams (&params)[kDotPanels], const float* x_group_sum,
@@ -95,18 +121,21 @@ COMPTRUST_AVX512_BF16 void dot_pass_grouped(const DotActivations& x, int64_t r0,
   alignas(64) float sums[kAmxBlocks * kAmxRows * ld];
   std::fill_n(c, rows * ld, 0.f);
   for (int64_t g = 0; g < groups; ++g) {
-    const int64_t group_end = std::min(k, (g + 1) * group_size);
-    std::fill_n(sums, rows * ld, 0.f);
-    for (int64_t kb0 = g * group_size; kb0 < group_end; kb0 += kCodeChunk) {
+    const int64_t group_begin = g * group_size, group_end = std::min(k, (g + 1) * group_size);
+    for (int64_t kb0 = group_begin; kb0 < group_end; kb0 += kCodeChunk) {
       const int64_t kb1 = std::min(group_end, kb0 + kCodeChunk);
       const auto [next0, next1] = next_chunk(kb1, k, group_size);
       const std::array<const uint16_t*, kDotPanels> b_rows = codes(kb0, kb1, next0, next1);
-      for (int64_t rb = 0; rb < rows; rb += kDotRows)
+      for (int64_t rb = 0; rb < rows; rb += kDotRows) {
+        DotGroupEnd end{{}, {}, x_group_sum ? x_group_sum + rb * groups + g : nullptr, groups, c + rb * ld};
+        for (int p = 0; p < kDotPanels; ++p) {
+          end.scale[p] = params[p].scale + g * kAmxCols;
+          end.zero_scale[p] = params[p].zero_scale + g * kAmxCols;
+        }
         dot_block<PLANES>(std::min<int64_t>(kDotRows, rows - rb), x.block((r0 + rb) / kDotRows), x.plane_stride(),
-                          b_rows, kb0, kb1, sums + rb * ld);
+                          b_rows, kb0, kb1, kb0 == group_begin, sums + rb * ld, kb1 == group_end ? &end : nullptr);
+      }
     }
-    for (int p = 0; p < kDotPanels; ++p)
-      add_group_sums(sums + p * kAmxCols, ld, rows, g, groups, params[p], x_group_sum, c + p * kAmxCols);
   }
 }
 

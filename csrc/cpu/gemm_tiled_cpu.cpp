@@ -849,7 +849,7 @@ void group_sums_fp32(const Problem& p, const float* x, float* sums) {
 // dequantized panels) the bf16 BLAS path is faster.
 // Without AMX but with AVX512-BF16 (Zen 4) the same panels run on vdpbf16ps (bf16_dot.h). Against bf16 F.linear
 // (oneDNN, vdpbf16ps too), cold weights, side by side with the fp32 panel path it replaces / the BLAS path: int4
-// at 8 rows 1.6-1.9x (0.8x), 32 rows 1.1-1.3x (0.6x), 64 rows 1.0-1.07x (0.6-0.8x, BLAS); int3 the same within
+// at 8 rows 1.6-1.9x (0.8x), 32 rows 1.1-1.3x (0.6x), 64 rows 1.10-1.15x (0.6-0.8x, BLAS); int3 the same within
 // noise. Both are compute-bound from ~64 rows, where oneDNN's kernel is a little faster than ours (0.9-0.95x at
 // 128 rows), so the BLAS path takes over at kDotMaxRows (576x1536 at 256 rows: 0.79-0.86x / 0.90-0.93x), except
 // on layers of kDotLargeWeights or more (4096x4096 at 256-512 rows: 0.87-0.91x / 0.81-0.84x).

@@ -428,7 +428,7 @@ COMPTRUST_AVX512 void rows_avx512(const Sparse24Problem& p, int64_t t) {
 // (where dense blocks take over again). Against bf16 F.linear, cold weights, side by side with the kernels it
 // replaces (column kernel below 32 rows, row-vector kernel from 32), bf16 values (int4 values): 8 rows 1.32-1.39x
 // / 1.08-1.22x (1.29-1.63x / 1.14-1.38x), 32 rows 1.07-1.13x / 0.74-0.94x (0.94-1.12x / 0.65-0.83x), 64 rows
-// 1.01-1.02x / 0.68-0.75x (0.96-1.00x / 0.73-0.76x), 256 rows 0.88-0.99x / 0.52-0.60x. The pruned zeros are
+// 1.01-1.02x / 0.68-0.75x (1.00-1.04x / 0.73-0.86x), 256 rows 0.88-0.99x / 0.52-0.60x. The pruned zeros are
 // multiplied here too, so from ~32 rows it runs at the dense bf16 product's speed, no faster.
 constexpr int64_t kAmxMinRows = 8;
 constexpr int64_t kAmxMaxRows = 1024;
