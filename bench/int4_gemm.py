@@ -78,6 +78,7 @@ KERNELS = [
     Kernel("comptrust_int4_bf16", torch.bfloat16, _tiled(4), _gemm_tiled(4, 0)),
     Kernel("comptrust_int4_a8", torch.float32, _tiled(4), _gemm_tiled(4, 8)),
     Kernel("comptrust_int3_fp32", torch.float32, _tiled(3), _gemm_tiled(3, 0)),
+    Kernel("comptrust_int3_bf16", torch.bfloat16, _tiled(3), _gemm_tiled(3, 0)),
     Kernel("comptrust_int3_a8", torch.float32, _tiled(3), _gemm_tiled(3, 8)),
     Kernel("comptrust_int8_fp32", torch.float32, _tiled(8), _gemm_tiled(8, 0)),
     Kernel("torch_fp32", torch.float32, lambda layer: (layer.dense(torch.float32),), F.linear),
