@@ -213,7 +213,7 @@ class Kernel:
     weights(layer) is None where the kernel cannot run the layer's shape: it then has no rows there."""
     name: str
     act_dtype: torch.dtype
-    weights: Callable[[object], tuple[torch.Tensor, ...]]
+    weights: Callable[[object], tuple[torch.Tensor, ...] | None]
     call: Callable[..., torch.Tensor]
 
 

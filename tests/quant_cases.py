@@ -78,7 +78,6 @@ def wide_range_rows(m: int, k: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(m, k, generator=gen) * torch.exp(torch.empty(m, k).uniform_(-6, 6, generator=gen))
 
 
-
 def fp32_paths_only(monkeypatch) -> None:
     """Turn both bf16 panel engines (AMX, AVX512-BF16) off: bf16 activations take the fp32 kernels or BLAS."""
     monkeypatch.setenv("COMPTRUST_CPU_AMX", "0")
