@@ -2,7 +2,8 @@
 // tile unit (avx512_bf16_usable: AMD Zen 4, Intel Cooper Lake). A B row of a panel (16 columns x 2 inputs, 64
 // bytes) is exactly one zmm operand, and one vdpbf16ps adds a row's x pair times it into 16 fp32 sums: 32
 // multiply-adds per instruction, against 16 per fp32 FMA. The products of bf16 values are exact and summed in
-// fp32 as on the tile unit, so either engine meets the same accuracy bounds.
+// fp32 as on the tile unit, so either engine meets the same accuracy bounds. bf16 activations only: fp32 ones as
+// three exact bf16 planes (the tile unit's way) would cost 1.5x the fp32 FMA kernels' instructions here.
 // Register block: kDotRows rows x kDotPanels panels (48 columns, 24 accumulators): each x pair, broadcast once,
 // feeds every panel's B row, and each B row all the block's rows. Against one panel (16 columns) this took
 // 4096 x 4096 int4 at 256 rows from 0.79x to 0.90x bf16 F.linear (two panels: 0.91x); 16 rows of one panel ran
@@ -21,8 +22,8 @@ namespace comptrust::cpu {
 constexpr int kDotRows = 8;
 constexpr int kDotPanels = 3;
 
-// x's rows as pairs[plane][block of kDotRows rows][kk / 2][kDotRows] (int32: the bf16 pair kk, kk + 1; rows past
-// m zero), made once per call. One B row's broadcasts then read one cache line. (Read straight from x, whose
+// bf16 x's rows as pairs[block of kDotRows rows][kk / 2][kDotRows] (int32: the bf16 pair kk, kk + 1; rows past m
+// zero), made once per call. One B row's broadcasts then read one cache line. (Read straight from x, whose
 // rows are k * 2 bytes apart, 4096 x 4096 ran ~0.8x bf16 F.linear at 64 rows: at k = 4096 a block's rows all
 // fall in one set of the L1.)
 struct DotActivations {
@@ -30,21 +31,19 @@ struct DotActivations {
   int64_t blocks = 0, pairs_per_row = 0;
 
   const int32_t* block(int64_t b) const { return pairs.data() + b * pairs_per_row * kDotRows; }
-  int64_t plane_stride() const { return blocks * pairs_per_row * kDotRows; }
 };
 
-inline DotActivations dot_activations(const at::BFloat16* planes, int count, int64_t m, int64_t k) {
+inline DotActivations dot_activations(const at::BFloat16* x_rows, int64_t m, int64_t k) {
   DotActivations x;
   x.blocks = (m + kDotRows - 1) / kDotRows;
   x.pairs_per_row = k / 2;
-  x.pairs.assign(count * x.plane_stride(), 0);
-  for (int plane = 0; plane < count; ++plane)
-    for (int64_t r = 0; r < m; ++r) {
-      const auto* row = reinterpret_cast<const uint16_t*>(planes + (plane * m + r) * k);
-      int32_t* out = x.pairs.data() + plane * x.plane_stride() + (r / kDotRows * x.pairs_per_row) * kDotRows + r % kDotRows;
-      for (int64_t j = 0; j < x.pairs_per_row; ++j)
-        out[j * kDotRows] = static_cast<int32_t>(row[2 * j] | static_cast<uint32_t>(row[2 * j + 1]) << 16);
-    }
+  x.pairs.assign(x.blocks * x.pairs_per_row * kDotRows, 0);
+  for (int64_t r = 0; r < m; ++r) {
+    const auto* row = reinterpret_cast<const uint16_t*>(x_rows + r * k);
+    int32_t* out = x.pairs.data() + (r / kDotRows * x.pairs_per_row) * kDotRows + r % kDotRows;
+    for (int64_t j = 0; j < x.pairs_per_row; ++j)
+      out[j * kDotRows] = static_cast<int32_t>(row[2 * j] | static_cast<uint32_t>(row[2 * j + 1]) << 16);
+  }
   return x;
 }
 
@@ -59,12 +58,11 @@ struct DotGroupEnd {
   float* c;              // the block's row 0 outputs, rows kDotPanels * 16 floats apart
 };
 
-// The sums over inputs kb0..kb1 of x . panel p's B rows, for the first R rows of a block (pairs: the block in
-// plane 0), added to sums[r][p * 16 + c] (rows kDotPanels * 16 floats apart; first: the group's first chunk,
+// The sums over inputs kb0..kb1 of x . panel p's B rows, for the first R rows of a block (pairs: the block),
+// added to sums[r][p * 16 + c] (rows kDotPanels * 16 floats apart; first: the group's first chunk,
 // start from zero instead), or, where end is given, into its outputs.
-template <int R, int PLANES>
-COMPTRUST_AVX512_BF16 inline void dot_rows(const int32_t* pairs, int64_t plane_stride,
-                                           const std::array<const uint16_t*, kDotPanels>& b_rows, int64_t kb0,
+template <int R>
+COMPTRUST_AVX512_BF16 inline void dot_rows(const int32_t* pairs, const std::array<const uint16_t*, kDotPanels>& b_rows, int64_t kb0,
                                            int64_t kb1, bool first, float* sums, const DotGroupEnd* end) {
   constexpr int64_t ld = kDotPanels * kAmxCols;
   __m512 acc[kDotPanels][R];
@@ -76,11 +74,10 @@ COMPTRUST_AVX512_BF16 inline void dot_rows(const int32_t* pairs, int64_t plane_s
     COMPTRUST_UNROLL for (int p = 0; p < kDotPanels; ++p)
       b[p] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(b_rows[p] + j * 2 * kAmxCols));
     const int32_t* x = pairs + (kb0 / 2 + j) * kDotRows;
-    COMPTRUST_UNROLL for (int plane = 0; plane < PLANES; ++plane)
-      COMPTRUST_UNROLL for (int r = 0; r < R; ++r) {
-        const __m512bh xr = reinterpret_cast<__m512bh>(_mm512_set1_epi32(x[plane * plane_stride + r]));
-        COMPTRUST_UNROLL for (int p = 0; p < kDotPanels; ++p) acc[p][r] = _mm512_dpbf16_ps(acc[p][r], xr, b[p]);
-      }
+    COMPTRUST_UNROLL for (int r = 0; r < R; ++r) {
+      const __m512bh xr = reinterpret_cast<__m512bh>(_mm512_set1_epi32(x[r]));
+      COMPTRUST_UNROLL for (int p = 0; p < kDotPanels; ++p) acc[p][r] = _mm512_dpbf16_ps(acc[p][r], xr, b[p]);
+    }
   }
   if (!end) {
     COMPTRUST_UNROLL for (int p = 0; p < kDotPanels; ++p)
@@ -99,20 +96,20 @@ COMPTRUST_AVX512_BF16 inline void dot_rows(const int32_t* pairs, int64_t plane_s
 }
 
 // dot_rows for the block's first `rows` (1..R) rows, R a compile-time bound.
-template <int PLANES, int R = kDotRows>
-COMPTRUST_AVX512_BF16 inline void dot_block(int64_t rows, const int32_t* pairs, int64_t plane_stride,
+template <int R = kDotRows>
+COMPTRUST_AVX512_BF16 inline void dot_block(int64_t rows, const int32_t* pairs,
                                             const std::array<const uint16_t*, kDotPanels>& b_rows, int64_t kb0,
                                             int64_t kb1, bool first, float* sums, const DotGroupEnd* end) {
   if constexpr (R > 1)
-    if (rows < R) return dot_block<PLANES, R - 1>(rows, pairs, plane_stride, b_rows, kb0, kb1, first, sums, end);
-  dot_rows<R, PLANES>(pairs, plane_stride, b_rows, kb0, kb1, first, sums, end);
+    if (rows < R) return dot_block<R - 1>(rows, pairs, b_rows, kb0, kb1, first, sums, end);
+  dot_rows<R>(pairs, b_rows, kb0, kb1, first, sums, end);
 }
 
 // amx_pass_grouped's contract for kDotPanels panels at once and the rows r0..r0 + rows of x (r0 a multiple of
 // kDotRows, rows <= kAmxBlocks * kAmxRows): c[rows][kDotPanels * 16]; codes(kb0, kb1, next0, next1) gives each
 // panel's B rows for the chunk. Each chunk runs past every block of rows; a group of several chunks keeps its
 // sums in L1 between them.
-template <int PLANES, class Codes>
+template <class Codes>
 COMPTRUST_AVX512_BF16 void dot_pass_grouped(const DotActivations& x, int64_t r0, int64_t k, int64_t group_size,
                                             const GroupParams (&params)[kDotPanels], const float* x_group_sum,
                                             int64_t rows, float* c, Codes&& codes) {
@@ -132,8 +129,8 @@ COMPTRUST_AVX512_BF16 void dot_pass_grouped(const DotActivations& x, int64_t r0,
           end.scale[p] = params[p].scale + g * kAmxCols;
           end.zero_scale[p] = params[p].zero_scale + g * kAmxCols;
         }
-        dot_block<PLANES>(std::min<int64_t>(kDotRows, rows - rb), x.block((r0 + rb) / kDotRows), x.plane_stride(),
-                          b_rows, kb0, kb1, kb0 == group_begin, sums + rb * ld, kb1 == group_end ? &end : nullptr);
+        dot_block(std::min<int64_t>(kDotRows, rows - rb), x.block((r0 + rb) / kDotRows), b_rows, kb0, kb1,
+                  kb0 == group_begin, sums + rb * ld, kb1 == group_end ? &end : nullptr);
       }
     }
   }

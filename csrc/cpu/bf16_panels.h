@@ -126,14 +126,12 @@ void gemm_bf16_panels(const AmxActivations& x, Out* y, int64_t m, int64_t n, int
         [] { release_tiles(); });
     return;
   }
-  const DotActivations dot_x = dot_activations(x.planes, x.count, m, k);
+  TORCH_CHECK(x.count == 1, "gemm_bf16_panels: fp32 activations (three planes) run on the tile unit only");
+  const DotActivations dot_x = dot_activations(x.planes, m, k);
   run_panel_units<kDotPanels>(
       y, m, n, k, group_size, x_group_sum, fill, fill_params,
       [&](int64_t r0, int64_t rows, const GroupParams (&params)[kDotPanels], const float* pass_sums, float* c,
-          auto&& chunk) {
-        if (x.count == 3) dot_pass_grouped<3>(dot_x, r0, k, group_size, params, pass_sums, rows, c, chunk);
-        else dot_pass_grouped<1>(dot_x, r0, k, group_size, params, pass_sums, rows, c, chunk);
-      },
+          auto&& chunk) { dot_pass_grouped(dot_x, r0, k, group_size, params, pass_sums, rows, c, chunk); },
       [] {});
 }
 
