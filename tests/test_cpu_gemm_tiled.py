@@ -154,7 +154,8 @@ def test_bf16_panels_one_hot_rows_are_exact(bits, bf16_engine):
             selected = torch.rand(n, k, generator=gen) < 0.5
             groups = (k + group - 1) // group
             ones = torch.ones(n, groups)
-            packed = (pack_int4 if bits == 4 else pack_int3)(1 + selected.to(torch.int64), ones.to(torch.int64), ones, group)
+            pack = pack_int4 if bits == 4 else pack_int3
+            packed = pack(1 + selected.to(torch.int64), ones.to(torch.int64), ones, group)
             columns = torch.randint(0, k, (m,), generator=gen)
             x = torch.zeros(m, k)
             x[torch.arange(m), columns] = torch.randn(m, generator=gen) * 100

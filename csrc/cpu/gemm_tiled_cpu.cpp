@@ -873,7 +873,8 @@ COMPTRUST_AVX512_BF16 inline __m512 panel_weights(__m256 codes0, __m256 codes1, 
 // tile: zero scales, so zero weights). Inputs kk, kk+1 become one 64-byte B row: vcvtne2ps2bf16 rounds both
 // 16-column rows to bf16 (nearest even) and vpermw interleaves them into column pairs.
 template <int BITS>
-COMPTRUST_AVX512_BF16 void dequantize_pairs(const Problem& p, int64_t t, int tiles, int64_t kb0, int64_t kb1, uint16_t* panel) {
+COMPTRUST_AVX512_BF16 void dequantize_pairs(const Problem& p, int64_t t, int tiles, int64_t kb0, int64_t kb1,
+                                            uint16_t* panel) {
   const bool second = tiles > 1;
   const int32_t* w0 = p.tile_w(t);
   const int32_t* w1 = second ? p.tile_w(t + 1) : w0;  // read but multiplied by zero scales
@@ -938,7 +939,8 @@ COMPTRUST_AVX512_BF16 void group_params(const Problem& p, int64_t t, int tiles, 
 
 // codes[(kk - kb0) / 2][16][2] for inputs kb0..kb1 (multiples of 32): the codes of tiles t, t+1 (a missing
 // second tile repeats the first; its scales are zero).
-COMPTRUST_AVX512_BF16 void int4_code_pairs(const Problem& p, int64_t t, int tiles, int64_t kb0, int64_t kb1, uint16_t* codes) {
+COMPTRUST_AVX512_BF16 void int4_code_pairs(const Problem& p, int64_t t, int tiles, int64_t kb0, int64_t kb1,
+                                           uint16_t* codes) {
   const int32_t* w0 = p.tile_w(t);
   const int32_t* w1 = tiles > 1 ? p.tile_w(t + 1) : w0;
   const __m512i table = bf16_code_table(15);
@@ -955,7 +957,8 @@ COMPTRUST_AVX512_BF16 void int4_code_pairs(const Problem& p, int64_t t, int tile
 }
 
 // int3 (cpu_tiles.h planes): the low two bits from plane p and bit 2 from the high plane, merged by vpternlogd.
-COMPTRUST_AVX512_BF16 void int3_code_pairs(const Problem& p, int64_t t, int tiles, int64_t kb0, int64_t kb1, uint16_t* codes) {
+COMPTRUST_AVX512_BF16 void int3_code_pairs(const Problem& p, int64_t t, int tiles, int64_t kb0, int64_t kb1,
+                                           uint16_t* codes) {
   const int32_t* w0 = p.tile_w(t);
   const int32_t* w1 = tiles > 1 ? p.tile_w(t + 1) : w0;
   const __m512i table = bf16_code_table(7), bit2 = _mm512_set1_epi16(4);
@@ -1015,11 +1018,12 @@ void run_amx_fp32(const Problem& p, const float* x, float* y) {
 void run_bf16_panels(const Problem& p, const at::BFloat16* x, at::BFloat16* y) {
   const AmxActivations planes{x, 1, nullptr};
   if (amx_code_panels(p)) return run_amx_codes(p, planes, y);
-  gemm_bf16_panels_values(planes, y, p.m, p.n, p.k, [&](int64_t t, int tiles, int64_t kb0, int64_t kb1, uint16_t* panel) {
+  const auto fill = [&](int64_t t, int tiles, int64_t kb0, int64_t kb1, uint16_t* panel) {
     if (p.bits == 4) dequantize_pairs<4>(p, t, tiles, kb0, kb1, panel);
     else if (p.bits == 8) dequantize_pairs<8>(p, t, tiles, kb0, kb1, panel);
     else dequantize_pairs<3>(p, t, tiles, kb0, kb1, panel);
-  });
+  };
+  gemm_bf16_panels_values(planes, y, p.m, p.n, p.k, fill);
 }
 
 #endif  // COMPTRUST_X86

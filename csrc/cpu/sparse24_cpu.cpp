@@ -18,8 +18,9 @@
 // so only the kept weights are multiplied), except where the tile unit below is faster.
 // Where the CPU has AMX, bf16 activations from 8 rows, and fp32 ones from 16 when the kept values are exact in
 // bf16, run on the tile unit instead (run_bf16_panels); without AMX but with AVX512-BF16, bf16 activations
-// from 8 to kDotMaxRows rows run the same panels on vdpbf16ps (bf16_dot.h); int8 activations with int4 values on VNNI (a8_int4_avx512), and
-// there too fp32 ones at batch 1 on large layers, as int8 limbs (int8_limbs.h).
+// from 8 to kDotMaxRows rows run the same panels on vdpbf16ps (bf16_dot.h). int8 activations with int4 values
+// run on VNNI (a8_int4_avx512), and there too fp32 ones at batch 1 on large layers, as int8 limbs
+// (int8_limbs.h).
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
@@ -440,7 +441,8 @@ constexpr int64_t kDotMaxRows = 512;
 // names it, picked with two compare masks: 4 instructions per row of 16 columns (the AVX2 group_rows takes 5
 // per 8 and a join).
 template <class V>
-COMPTRUST_AVX512_BF16 void sparse_pairs(const Sparse24Problem& p, int64_t t, int tiles, int64_t kb0, int64_t kb1, uint16_t* panel) {
+COMPTRUST_AVX512_BF16 void sparse_pairs(const Sparse24Problem& p, int64_t t, int tiles, int64_t kb0, int64_t kb1,
+                                        uint16_t* panel) {
   const uint32_t* meta0 = p.tile_meta(t);
   const uint32_t* meta1 = p.tile_meta(tiles > 1 ? t + 1 : t);
   const __m512i shift0 = _mm512_broadcast_i64x4(idx0_shifts()), shift1 = _mm512_broadcast_i64x4(idx1_shifts());
@@ -504,7 +506,8 @@ struct PairLanes {
 
   // The pair row (pair 0: group rows 0, 1; pair 1: rows 2, 3): lanes whose slot-0 index names their row take
   // v0, slot 1's v1, the others `none`.
-  COMPTRUST_AVX512_BF16 __m512i pair_row(__m512i idx0, __m512i idx1, int pair, __m512i v0, __m512i v1, __m512i none) const {
+  COMPTRUST_AVX512_BF16 __m512i pair_row(__m512i idx0, __m512i idx1, int pair, __m512i v0, __m512i v1,
+                                         __m512i none) const {
     const __m512i rows = pair ? rows23 : rows01;
     return _mm512_mask_mov_epi16(_mm512_mask_mov_epi16(none, _mm512_cmpeq_epi16_mask(idx0, rows), v0),
                                  _mm512_cmpeq_epi16_mask(idx1, rows), v1);
@@ -521,8 +524,8 @@ COMPTRUST_AVX512_BF16 inline __m512i four_groups_meta(const uint32_t* meta0, con
 // bf16 kept values go to the panel without the round trip through fp32: one masked move per kept-value slot
 // fills both rows of a pair at once. Same bits as sparse_pairs (a bf16 value converted to fp32 and rounded
 // back is itself).
-COMPTRUST_AVX512_BF16 void sparse_pairs_bf16(const Sparse24Problem& p, int64_t t, int tiles, int64_t kb0, int64_t kb1,
-                                     uint16_t* panel) {
+COMPTRUST_AVX512_BF16 void sparse_pairs_bf16(const Sparse24Problem& p, int64_t t, int tiles, int64_t kb0,
+                                             int64_t kb1, uint16_t* panel) {
   const PairLanes lanes;
   const auto* values0 = reinterpret_cast<const uint16_t*>(p.tile_values<at::BFloat16>(t));
   const auto* values1 = tiles > 1 ? reinterpret_cast<const uint16_t*>(p.tile_values<at::BFloat16>(t + 1)) : nullptr;
@@ -551,8 +554,8 @@ COMPTRUST_AVX512_BF16 void sparse_pairs_bf16(const Sparse24Problem& p, int64_t t
 // (gemm_bf16_panels, with zero * scale 0 since the zero is already subtracted). vpmultishiftqb puts
 // each code in the low bits of its lanes, and vpermw maps q - zero + 16 (1..31) to the bf16 integer.
 // Writes the B rows of inputs kb0..kb1 (multiples of 32).
-COMPTRUST_AVX512_BF16 void sparse_int4_code_pairs(const Sparse24Problem& p, int64_t t, int tiles, int64_t kb0, int64_t kb1,
-                                          uint16_t* codes) {
+COMPTRUST_AVX512_BF16 void sparse_int4_code_pairs(const Sparse24Problem& p, int64_t t, int tiles, int64_t kb0,
+                                                  int64_t kb1, uint16_t* codes) {
   const PairLanes lanes;
   const int64_t t1 = tiles > 1 ? t + 1 : t;  // a missing second tile repeats the first; its scales are zero
   const int32_t* words0 = p.tile_words(t);
@@ -596,7 +599,7 @@ COMPTRUST_AVX512_BF16 void sparse_int4_code_pairs(const Sparse24Problem& p, int6
 
 // scale[g][16] of tiles t, t+1 (a missing second tile: zeros); zero_scale 0 (sparse_int4_code_pairs subtracts the zero).
 COMPTRUST_AVX512_BF16 void sparse_int4_group_params(const Sparse24Problem& p, int64_t t, int tiles, float* scale,
-                                            float* zero_scale) {
+                                                    float* zero_scale) {
   for (int64_t g = 0; g < p.groups; ++g) {
     _mm512_store_ps(scale + g * kAmxCols,
                     join_halves(load_scales(p.tile_scales(t) + g * kTileCols),
