@@ -162,7 +162,8 @@ def test_int4_bf16_activations(isa):
 
 
 def test_bf16_panels_match_reference(bf16_engine, monkeypatch):
-    """bf16 activations from 8 rows on the bf16 panels, on each engine (AMX tile unit, AVX512-BF16): 16-row
+    """bf16 activations from 8 rows on the bf16 panels, on each engine (AMX tile unit; AVX512-BF16, whose panels
+    hold sparse rows, the kept values and their inputs' positions, gathered by vpermw): 16-row
     blocks / 8-row register blocks and short last ones, passes of 64 rows, a last panel with one tile of two,
     units of panels with some missing, every value kind. int4 with groups of 16 kept values (32 inputs, panels
     of q - zero), per channel (groups longer than a chunk of decoded codes) and of 8 (splitting a tile step:

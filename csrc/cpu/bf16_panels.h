@@ -87,17 +87,20 @@ void run_panel_units(Out* y, int64_t m, int64_t n, int64_t k, int64_t group_size
 // y[m, n] = x[m, k] @ W^T on panels of two tiles (16 columns), for weights whose group size is a multiple of
 // kAmxStep; Out is bf16 (bf16 x) or float (fp32 x split into planes). fill(t, tiles, kb0, kb1, b_rows) writes
 // the B rows of tiles t..t+tiles-1 (tiles is 1 or 2) for inputs kb0..kb1 (multiples of kAmxStep) to
-// b_rows[(kk - kb0) / 2][16][2]: codes, or weight values with group_size = k. params(t, tiles, scale,
-// zero_scale) writes the 16 columns' scale and zero * scale per group (a missing second tile's zero);
-// zero_points false: every zero_scale is 0 (the sums of x are skipped).
+// b_rows[(kk - kb0) / 2][16][2]: codes, or weight values with group_size = k; with ROWS kSparse24 (2:4 weights,
+// where the CPU has no tile unit: the caller checks amx_bf16_usable), sparse rows instead (bf16_dot.h).
+// params(t, tiles, scale, zero_scale) writes the 16 columns' scale and zero * scale per group (a missing second
+// tile's zero); zero_points false: every zero_scale is 0 (the sums of x are skipped).
 // Chunks decoded while the engine runs the one before stay in L1 (two 8 KB buffers per panel): decoding a
 // whole 128 KB panel first sends it to L2 and back (int4 at 16 rows on 4096x4096, AMX: 1.25x the speed of bf16
 // F.linear that way and 1.85-2.07x in chunks).
-template <class Out, class Fill, class FillParams>
+template <PanelRows ROWS = PanelRows::kDense, class Out, class Fill, class FillParams>
 void gemm_bf16_panels(const AmxActivations& x, Out* y, int64_t m, int64_t n, int64_t k, int64_t group_size,
                       bool zero_points, Fill&& fill, FillParams&& fill_params) {
+  // Internal contracts:
   TORCH_CHECK(x.count == 1 || (x.count == 3 && (x.group_sums || !zero_points)),
-              "gemm_bf16_panels: fp32 activations need their fp32 group sums");  // an internal contract
+              "gemm_bf16_panels: fp32 activations need their fp32 group sums");
+  TORCH_CHECK(ROWS == PanelRows::kDense || !amx_bf16_usable(), "gemm_bf16_panels: the tile unit takes dense rows only");
   const int64_t groups = (k + group_size - 1) / group_size;
   std::vector<float> bf16_group_sums;
   const float* x_group_sum = zero_points ? x.group_sums : nullptr;
@@ -128,18 +131,18 @@ void gemm_bf16_panels(const AmxActivations& x, Out* y, int64_t m, int64_t n, int
     return;
   }
   TORCH_CHECK(x.count == 1, "gemm_bf16_panels: fp32 activations (three planes) run on the tile unit only");
-  const DotActivations dot_x = dot_activations(x.planes, m, k);
+  const DotActivations dot_x = dot_activations<ROWS>(x.planes, m, k);
   run_panel_units<kDotPanels>(
       y, m, n, k, group_size, x_group_sum, fill, fill_params,
       [&](int64_t r0, int64_t rows, const GroupParams (&params)[kDotPanels], const float* pass_sums, float* c,
-          auto&& chunk) { dot_pass_grouped(dot_x, r0, k, group_size, params, pass_sums, rows, c, chunk); },
+          auto&& chunk) { dot_pass_grouped<ROWS>(dot_x, r0, k, group_size, params, pass_sums, rows, c, chunk); },
       [] {});
 }
 
 // Panels of weight values (already scaled): fill(t, tiles, kb0, kb1, b_rows) as for gemm_bf16_panels.
-template <class Out, class Fill>
+template <PanelRows ROWS = PanelRows::kDense, class Out, class Fill>
 void gemm_bf16_panels_values(const AmxActivations& x, Out* y, int64_t m, int64_t n, int64_t k, Fill&& fill) {
-  gemm_bf16_panels(x, y, m, n, k, k, false, fill, [](int64_t, int, float* scale, float* zero_scale) {
+  gemm_bf16_panels<ROWS>(x, y, m, n, k, k, false, fill, [](int64_t, int, float* scale, float* zero_scale) {
     std::fill_n(scale, kAmxCols, 1.f);
     std::fill_n(zero_scale, kAmxCols, 0.f);
   });

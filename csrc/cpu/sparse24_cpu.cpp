@@ -18,9 +18,9 @@
 // so only the kept weights are multiplied), except where the tile unit below is faster.
 // Where the CPU has AMX, bf16 activations from 8 rows, and fp32 ones from 16 when the kept values are exact in
 // bf16, run on the tile unit instead (run_bf16_panels); without AMX but with AVX512-BF16, bf16 activations
-// from 8 to kDotMaxRows rows run the same panels on vdpbf16ps (bf16_dot.h). int8 activations with int4 values
-// run on VNNI (a8_int4_avx512), and there too fp32 ones at batch 1 on large layers, as int8 limbs
-// (int8_limbs.h).
+// from 8 to kDotMaxRows rows run the same panels on vdpbf16ps (bf16_dot.h), as sparse rows that skip the zeros.
+// int8 activations with int4 values run on VNNI (a8_int4_avx512), and there too fp32 ones at batch 1 on large
+// layers, as int8 limbs (int8_limbs.h).
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
@@ -426,11 +426,15 @@ COMPTRUST_AVX512 void rows_avx512(const Sparse24Problem& p, int64_t t) {
 // (1.46 / 1.11); at 16-64 rows the tile path 1.15-1.57 on the SmolLM2 shapes and 0.96-1.31 on 4096x4096
 // (int4 values 0.93-1.91), the sparse kernel 0.25-0.91.
 // Without AMX but with AVX512-BF16 (Zen 4) the same panels run on vdpbf16ps (bf16_dot.h), up to kDotMaxRows
-// (where dense blocks take over again). Against bf16 F.linear, cold weights, side by side with the kernels it
-// replaces (column kernel below 32 rows, row-vector kernel from 32), bf16 values (int4 values): 8 rows 1.32-1.39x
-// / 1.08-1.22x (1.29-1.63x / 1.14-1.38x), 32 rows 1.07-1.13x / 0.74-0.94x (0.94-1.12x / 0.65-0.83x), 64 rows
-// 1.01-1.02x / 0.68-0.75x (1.00-1.04x / 0.73-0.86x), 256 rows 0.88-0.99x / 0.52-0.60x. The pruned zeros are
-// multiplied here too, so from ~32 rows it runs at the dense bf16 product's speed, no faster.
+// (where dense blocks take over again), as sparse rows: each column's two kept inputs gathered by vpermw, so the
+// pruned zeros are not multiplied. Against bf16 F.linear (the pruned matrix, dense), cold weights, side by side
+// with the same panels as dense rows (zeros multiplied, which ran at the dense product's speed from ~32 rows):
+// bf16 values on 4096x4096 / 576x1536, 32 rows 1.34x / 1.52x (dense rows 1.08x / 1.23x), 64 rows 1.29x / 1.19x
+// (1.02x / 1.11x), 128-256 rows 1.25-1.42x (0.93-1.00x); int4 values on 4096x4096, 1536x576, 11008x4096, 32-64
+// rows 1.38-1.58x (1.04-1.24x), 256 rows 1.26-1.40x (0.96-0.97x). 4096x11008 at 256 rows runs even (0.98x, dense
+// rows the same): past 64 rows each pass rereads the whole decoded panels, 1 MB at that k.
+// (Against the kernels they replaced, column kernel below 32 rows and row-vector kernel from 32, dense rows
+// measured 8 rows 1.32-1.39x / 1.08-1.22x bf16 F.linear, 64 rows 1.01-1.02x / 0.68-0.75x.)
 constexpr int64_t kAmxMinRows = 8;
 constexpr int64_t kAmxMaxRows = 1024;
 constexpr int64_t kDotMaxRows = 512;
@@ -439,8 +443,8 @@ constexpr int64_t kDotMaxRows = 512;
 // tile zero). Each 2:4 group gives four rows, so two B rows: its inputs 0, 1 and 2, 3. Both tiles' kept values
 // share one zmm (lanes 0..7 tile t, 8..15 tile t + 1), and each dense row is the kept values whose 2-bit index
 // names it, picked with two compare masks: 4 instructions per row of 16 columns (the AVX2 group_rows takes 5
-// per 8 and a join).
-template <class V>
+// per 8 and a join). ROWS kSparse24: the group's sparse rows instead (bf16_dot.h), the same two B rows' space.
+template <class V, PanelRows ROWS>
 COMPTRUST_AVX512_BF16 void sparse_pairs(const Sparse24Problem& p, int64_t t, int tiles, int64_t kb0, int64_t kb1,
                                         uint16_t* panel) {
   const uint32_t* meta0 = p.tile_meta(t);
@@ -457,13 +461,20 @@ COMPTRUST_AVX512_BF16 void sparse_pairs(const Sparse24Problem& p, int64_t t, int
                                             _mm256_set1_epi32(static_cast<int>(meta1[g])), 1);
     const __m512i idx0 = _mm512_and_si512(_mm512_srlv_epi32(word, shift0), three);
     const __m512i idx1 = _mm512_and_si512(_mm512_srlv_epi32(word, shift1), three);
+    uint16_t* out = panel + (kSparse24Group * g - kb0) / 2 * kAmxCols * 2;
+    if constexpr (ROWS == PanelRows::kSparse24) {  // sparse rows: see PairLanes::kept_pairs and positions
+      store_pair_row(out, v0, v1);
+      const auto first = static_cast<int32_t>(kSparse24Group * g % kDotTableInputs);
+      _mm512_storeu_si512(out + kAmxCols * 2, _mm512_add_epi32(_mm512_or_si512(idx0, _mm512_slli_epi32(idx1, 16)),
+                                                               _mm512_set1_epi32(first * 0x10001)));
+      continue;
+    }
     __m512 rows[kSparse24Group];
     COMPTRUST_UNROLL for (int i = 0; i < kSparse24Group; ++i) {
       const __m512i row = _mm512_set1_epi32(i);
       rows[i] = _mm512_mask_mov_ps(_mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(idx0, row), v0),
                                    _mm512_cmpeq_epi32_mask(idx1, row), v1);
     }
-    uint16_t* out = panel + (kSparse24Group * g - kb0) / 2 * kAmxCols * 2;
     store_pair_row(out, rows[0], rows[1]);
     store_pair_row(out + kAmxCols * 2, rows[2], rows[3]);
   }
@@ -472,6 +483,7 @@ COMPTRUST_AVX512_BF16 void sparse_pairs(const Sparse24Problem& p, int64_t t, int
 // The 16-bit lanes of a B pair row (lane L: column c = L / 2, tile t for c < 8, row j = L % 2 of the pair)
 // and, per 2:4 group, which lanes each kept-value slot fills.
 struct PairLanes {
+  static constexpr __mmask32 kOddLanes = 0xAAAAAAAA;
   __m512i pick0, pick1;  // per lane: kept value 0 / 1 of column c among a group's two tiles' 32 values
   __m512i pick_meta;     // per lane: which 16 bits of four groups' meta words (see indices) hold column c's nibble
   __m512i shift0, shift1, three, rows01, rows23;
@@ -504,6 +516,17 @@ struct PairLanes {
     idx1 = _mm512_and_si512(_mm512_srlv_epi16(lane_meta, shift1), three);
   }
 
+  // Sparse rows (bf16_dot.h) of 2:4 group g: its kept-value pairs (lane L: slot L % 2 of column L / 2) ...
+  COMPTRUST_AVX512_BF16 __m512i kept_pairs(__m512i v0, __m512i v1) const {
+    return _mm512_mask_mov_epi16(v0, kOddLanes, v1);
+  }
+
+  // ... and, per lane, the position of the input that value multiplies in its 32-input stretch of x.
+  COMPTRUST_AVX512_BF16 __m512i positions(__m512i idx0, __m512i idx1, int64_t g) const {
+    const auto first = static_cast<int16_t>(kSparse24Group * g % kDotTableInputs);
+    return _mm512_add_epi16(_mm512_mask_mov_epi16(idx0, kOddLanes, idx1), _mm512_set1_epi16(first));
+  }
+
   // The pair row (pair 0: group rows 0, 1; pair 1: rows 2, 3): lanes whose slot-0 index names their row take
   // v0, slot 1's v1, the others `none`.
   COMPTRUST_AVX512_BF16 __m512i pair_row(__m512i idx0, __m512i idx1, int pair, __m512i v0, __m512i v1,
@@ -523,7 +546,8 @@ COMPTRUST_AVX512_BF16 inline __m512i four_groups_meta(const uint32_t* meta0, con
 
 // bf16 kept values go to the panel without the round trip through fp32: one masked move per kept-value slot
 // fills both rows of a pair at once. Same bits as sparse_pairs (a bf16 value converted to fp32 and rounded
-// back is itself).
+// back is itself). ROWS as for sparse_pairs.
+template <PanelRows ROWS>
 COMPTRUST_AVX512_BF16 void sparse_pairs_bf16(const Sparse24Problem& p, int64_t t, int tiles, int64_t kb0,
                                              int64_t kb1, uint16_t* panel) {
   const PairLanes lanes;
@@ -543,6 +567,11 @@ COMPTRUST_AVX512_BF16 void sparse_pairs_bf16(const Sparse24Problem& p, int64_t t
       __m512i idx0, idx1;
       lanes.indices(meta, gg, idx0, idx1);
       uint16_t* out = panel + (kSparse24Group * g - kb0) / 2 * kAmxCols * 2;
+      if constexpr (ROWS == PanelRows::kSparse24) {
+        _mm512_storeu_si512(out, lanes.kept_pairs(v0, v1));
+        _mm512_storeu_si512(out + kAmxCols * 2, lanes.positions(idx0, idx1, g));
+        continue;
+      }
       COMPTRUST_UNROLL for (int pair = 0; pair < 2; ++pair)
         _mm512_storeu_si512(out + pair * kAmxCols * 2, lanes.pair_row(idx0, idx1, pair, v0, v1, _mm512_setzero_si512()));
     }
@@ -553,7 +582,8 @@ COMPTRUST_AVX512_BF16 void sparse_pairs_bf16(const Sparse24Problem& p, int64_t t
 // unit as panels of integers q - zero (exact in bf16; pruned weights 0), each group's sums then scaled once
 // (gemm_bf16_panels, with zero * scale 0 since the zero is already subtracted). vpmultishiftqb puts
 // each code in the low bits of its lanes, and vpermw maps q - zero + 16 (1..31) to the bf16 integer.
-// Writes the B rows of inputs kb0..kb1 (multiples of 32).
+// Writes the B rows of inputs kb0..kb1 (multiples of 32); ROWS as for sparse_pairs.
+template <PanelRows ROWS>
 COMPTRUST_AVX512_BF16 void sparse_int4_code_pairs(const Sparse24Problem& p, int64_t t, int tiles, int64_t kb0,
                                                   int64_t kb1, uint16_t* codes) {
   const PairLanes lanes;
@@ -589,6 +619,11 @@ COMPTRUST_AVX512_BF16 void sparse_int4_code_pairs(const Sparse24Problem& p, int6
         __m512i idx0, idx1;
         lanes.indices(meta, gg, idx0, idx1);
         uint16_t* out = codes + (kSparse24Group * g - kb0) / 2 * kAmxCols * 2;
+        if constexpr (ROWS == PanelRows::kSparse24) {
+          _mm512_storeu_si512(out, _mm512_permutexvar_epi16(lanes.kept_pairs(v0, v1), table));
+          _mm512_storeu_si512(out + kAmxCols * 2, lanes.positions(idx0, idx1, g));
+          continue;
+        }
         COMPTRUST_UNROLL for (int pair = 0; pair < 2; ++pair)
           _mm512_storeu_si512(out + pair * kAmxCols * 2,
                               _mm512_permutexvar_epi16(lanes.pair_row(idx0, idx1, pair, v0, v1, none), table));
@@ -631,25 +666,34 @@ bool amx_exact_values(const Sparse24Problem& p) {
 
 // y = x @ W^T on the tile unit: Out bf16 for bf16 x (one plane), float for fp32 x (three planes, only where
 // amx_exact_values).
+// The tile unit takes the panels as dense rows; vdpbf16ps as sparse rows, which skip the pruned zeros (bf16_dot.h).
 template <class V, class Out>
 void run_bf16_panels(const Sparse24Problem& p, const AmxActivations& x, Out* y) {
-  if constexpr (std::is_same_v<V, Int4Values>) {
-    if (2 * p.group_size % kAmxStep == 0) {
-      gemm_bf16_panels(
-          x, y, p.m, p.n, p.k, 2 * p.group_size, false,
-          [&](int64_t t, int tiles, int64_t kb0, int64_t kb1, uint16_t* codes) {
-            sparse_int4_code_pairs(p, t, tiles, kb0, kb1, codes);
-          },
-          [&](int64_t t, int tiles, float* scale, float* zero_scale) {
-            sparse_int4_group_params(p, t, tiles, scale, zero_scale);
-          });
-      return;
+  const auto run = [&](auto rows) {
+    constexpr PanelRows ROWS = decltype(rows)::value;
+    if constexpr (std::is_same_v<V, Int4Values>) {
+      if (2 * p.group_size % kAmxStep == 0) {
+        gemm_bf16_panels<ROWS>(
+            x, y, p.m, p.n, p.k, 2 * p.group_size, false,
+            [&](int64_t t, int tiles, int64_t kb0, int64_t kb1, uint16_t* codes) {
+              sparse_int4_code_pairs<ROWS>(p, t, tiles, kb0, kb1, codes);
+            },
+            [&](int64_t t, int tiles, float* scale, float* zero_scale) {
+              sparse_int4_group_params(p, t, tiles, scale, zero_scale);
+            });
+        return;
+      }
     }
-  }
-  gemm_bf16_panels_values(x, y, p.m, p.n, p.k, [&](int64_t t, int tiles, int64_t kb0, int64_t kb1, uint16_t* panel) {
-    if constexpr (std::is_same_v<V, at::BFloat16>) sparse_pairs_bf16(p, t, tiles, kb0, kb1, panel);
-    else sparse_pairs<V>(p, t, tiles, kb0, kb1, panel);
-  });
+    gemm_bf16_panels_values<ROWS>(x, y, p.m, p.n, p.k,
+                                  [&](int64_t t, int tiles, int64_t kb0, int64_t kb1, uint16_t* panel) {
+                                    if constexpr (std::is_same_v<V, at::BFloat16>)
+                                      sparse_pairs_bf16<ROWS>(p, t, tiles, kb0, kb1, panel);
+                                    else
+                                      sparse_pairs<V, ROWS>(p, t, tiles, kb0, kb1, panel);
+                                  });
+  };
+  if (amx_bf16_usable()) run(std::integral_constant<PanelRows, PanelRows::kDense>{});
+  else run(std::integral_constant<PanelRows, PanelRows::kSparse24>{});
 }
 
 // ---------------------------------------------------------- AVX-512 VNNI a8 (int8 x, int4 values)
