@@ -167,27 +167,29 @@ def test_bf16_panels_match_reference(bf16_engine, monkeypatch):
     blocks / 8-row register blocks and short last ones, passes of 64 rows, a last panel with one tile of two,
     units of panels with some missing, every value kind. int4 with groups of 16 kept values (32 inputs, panels
     of q - zero), per channel (groups longer than a chunk of decoded codes) and of 8 (splitting a tile step:
-    the dequantized-panel fallback). With both engines off the fp32 kernels give the same."""
-    for m in (8, 16, 17, 33, 64, 70, 200):
-        for n, k in ((24, 64), (40, 224), (576, 576)):
-            for kind in ("float32", "bfloat16", "float16", "int4", "int4-channel", "int4-g8"):
-                if kind.startswith("int4"):
-                    group = {"int4": 16, "int4-channel": k // 2, "int4-g8": 8}[kind]
-                    packed = uniform_sparse24_int4(n, k, group, seed=m)
-                    q = packed.qvalues
-                    tiled = tile_sparse24_int4(packed)
-                    ref = lambda x: reference.sparse24_int4_gemm(x, q.qweight, q.qzeros, q.scales, packed.meta, group)
-                else:
-                    packed = uniform_sparse24(n, k, getattr(torch, kind), seed=m)
-                    tiled = tile_sparse24(packed)
-                    ref = lambda x: reference.sparse24_gemm(x, packed.values, packed.meta)
-                x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).bfloat16()
-                y = ops.sparse24_tiled(x, tiled)
-                assert y.dtype == torch.bfloat16 and rel_err(y, ref(x)) < 8e-3, (m, n, k, kind)
-                with monkeypatch.context() as off_paths:
-                    fp32_paths_only(off_paths)
-                    off = ops.sparse24_tiled(x, tiled)
-                assert rel_err(y, off) < 8e-3, (m, n, k, kind)
+    the dequantized-panel fallback). Past 512 rows only large layers (2^22 weights) stay on the panels.
+    With both engines off the fp32 kernels give the same."""
+    cases = [(m, n, k, kind) for m in (8, 16, 17, 33, 64, 70, 200) for n, k in ((24, 64), (40, 224), (576, 576))
+             for kind in ("float32", "bfloat16", "float16", "int4", "int4-channel", "int4-g8")]
+    cases += [(520, 1024, 4096, kind) for kind in ("bfloat16", "int4")]
+    for m, n, k, kind in cases:
+        if kind.startswith("int4"):
+            group = {"int4": 16, "int4-channel": k // 2, "int4-g8": 8}[kind]
+            packed = uniform_sparse24_int4(n, k, group, seed=m)
+            q = packed.qvalues
+            tiled = tile_sparse24_int4(packed)
+            ref = lambda x: reference.sparse24_int4_gemm(x, q.qweight, q.qzeros, q.scales, packed.meta, group)
+        else:
+            packed = uniform_sparse24(n, k, getattr(torch, kind), seed=m)
+            tiled = tile_sparse24(packed)
+            ref = lambda x: reference.sparse24_gemm(x, packed.values, packed.meta)
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).bfloat16()
+        y = ops.sparse24_tiled(x, tiled)
+        assert y.dtype == torch.bfloat16 and rel_err(y, ref(x)) < 8e-3, (m, n, k, kind)
+        with monkeypatch.context() as off_paths:
+            fp32_paths_only(off_paths)
+            off = ops.sparse24_tiled(x, tiled)
+        assert rel_err(y, off) < 8e-3, (m, n, k, kind)
 
 
 def test_bf16_panels_one_hot_rows_are_exact(bf16_engine):

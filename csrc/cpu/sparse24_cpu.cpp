@@ -18,7 +18,8 @@
 // so only the kept weights are multiplied), except where the tile unit below is faster.
 // Where the CPU has AMX, bf16 activations from 8 rows, and fp32 ones from 16 when the kept values are exact in
 // bf16, run on the tile unit instead (run_bf16_panels); without AMX but with AVX512-BF16, bf16 activations
-// from 8 to kDotMaxRows rows run the same panels on vdpbf16ps (bf16_dot.h), as sparse rows that skip the zeros.
+// from 8 to kDotMaxRows rows (kAmxMaxRows on large layers) run the same panels on vdpbf16ps (bf16_dot.h), as
+// sparse rows that skip the zeros.
 // int8 activations with int4 values run on VNNI (a8_int4_avx512), and there too fp32 ones at batch 1 on large
 // layers, as int8 limbs (int8_limbs.h).
 #include <ATen/Parallel.h>
@@ -426,7 +427,7 @@ COMPTRUST_AVX512 void rows_avx512(const Sparse24Problem& p, int64_t t) {
 // (1.46 / 1.11); at 16-64 rows the tile path 1.15-1.57 on the SmolLM2 shapes and 0.96-1.31 on 4096x4096
 // (int4 values 0.93-1.91), the sparse kernel 0.25-0.91.
 // Without AMX but with AVX512-BF16 (Zen 4) the same panels run on vdpbf16ps (bf16_dot.h), up to kDotMaxRows
-// (where dense blocks take over again), as sparse rows: each column's two kept inputs gathered by vpermw, so the
+// (where dense blocks take over again; kAmxMaxRows on large layers, see bf16_panels_for), as sparse rows: each column's two kept inputs gathered by vpermw, so the
 // pruned zeros are not multiplied. Against bf16 F.linear (the pruned matrix, dense), cold weights, side by side
 // with the same panels as dense rows (zeros multiplied, which ran at the dense product's speed from ~32 rows):
 // bf16 values on 4096x4096 / 576x1536, 32 rows 1.34x / 1.52x (dense rows 1.08x / 1.23x), 64 rows 1.29x / 1.19x
@@ -435,9 +436,22 @@ COMPTRUST_AVX512 void rows_avx512(const Sparse24Problem& p, int64_t t) {
 // rows the same): past 64 rows each pass rereads the whole decoded panels, 1 MB at that k.
 // (Against the kernels they replaced, column kernel below 32 rows and row-vector kernel from 32, dense rows
 // measured 8 rows 1.32-1.39x / 1.08-1.22x bf16 F.linear, 64 rows 1.01-1.02x / 0.68-0.75x.)
+// From 512 rows the sparse rows stay ahead of the dense blocks on large layers (kDotLargeWeights and up), against
+// bf16 F.linear, dot engine / dense blocks: 4096x4096 bf16 values 512-768 rows 1.23-1.29x / 0.86x, 1024 rows
+// 1.01x / 0.92x; int4 values 512-1024 rows 1.38-1.40x / 0.82-0.95x; 11008x4096 int4 values at 768 rows 1.07x /
+// 0.87x. On the SmolLM2 shapes they do not (576x1536 bf16 values at 768-896 rows 0.76-0.83x / 0.90-0.92x, 576x576
+// at 512-640 rows 0.82-0.85x / 0.92-0.93x), so those stop at kDotMaxRows.
 constexpr int64_t kAmxMinRows = 8;
 constexpr int64_t kAmxMaxRows = 1024;
 constexpr int64_t kDotMaxRows = 512;
+constexpr int64_t kDotLargeWeights = int64_t{1} << 22;
+
+// Whether bf16 x runs on the bf16 panels (either engine).
+bool bf16_panels_for(const Sparse24Problem& p) {
+  if (p.m < kAmxMinRows || p.m >= kAmxMaxRows || p.k % kAmxStep) return false;
+  if (amx_bf16_usable()) return true;
+  return avx512_bf16_usable() && (p.m < kDotMaxRows || p.n * p.k >= kDotLargeWeights);
+}
 
 // panel[(kk - kb0) / 2][16][2] (bf16 bits) for inputs kb0..kb1: tiles t, t+1 as dense rows (a missing second
 // tile zero). Each 2:4 group gives four rows, so two B rows: its inputs 0, 1 and 2, 3. Both tiles' kept values
@@ -942,8 +956,7 @@ at::Tensor run_kind(Sparse24Problem& p, const at::Tensor& x) {
       return run_int4_int8(p, x, true);
 #endif
 #ifdef COMPTRUST_X86
-  if (x.scalar_type() == at::kBFloat16 && p.m >= kAmxMinRows && p.k % kAmxStep == 0 &&
-      ((p.m < kAmxMaxRows && amx_bf16_usable()) || (p.m < kDotMaxRows && avx512_bf16_usable()))) {
+  if (x.scalar_type() == at::kBFloat16 && bf16_panels_for(p)) {
     const at::Tensor xb = x.contiguous();
     at::Tensor y = at::empty({p.m, p.n}, x.options());
     run_bf16_panels<V>(p, AmxActivations{xb.data_ptr<at::BFloat16>(), 1, nullptr}, y.data_ptr<at::BFloat16>());
