@@ -426,14 +426,14 @@ COMPTRUST_AVX512 void rows_avx512(const Sparse24Problem& p, int64_t t) {
 // at 8 rows 576x1536 1.56 / 1.20 (1.69 / 1.32), 1536x576 1.77 / 1.58 (2.06 / 1.63), 4096x4096 1.35 / 1.01
 // (1.46 / 1.11); at 16-64 rows the tile path 1.15-1.57 on the SmolLM2 shapes and 0.96-1.31 on 4096x4096
 // (int4 values 0.93-1.91), the sparse kernel 0.25-0.91.
-// Without AMX but with AVX512-BF16 (Zen 4) the same panels run on vdpbf16ps (bf16_dot.h), up to kDotMaxRows
-// (where dense blocks take over again; kAmxMaxRows on large layers, see bf16_panels_for), as sparse rows: each
-// column's two kept inputs gathered by vpermw, so the pruned zeros are not multiplied. Against bf16 F.linear (the pruned matrix, dense), cold weights, side by side
-// with the same panels as dense rows (zeros multiplied, which ran at the dense product's speed from ~32 rows):
-// bf16 values on 4096x4096 / 576x1536, 32 rows 1.34x / 1.52x (dense rows 1.08x / 1.23x), 64 rows 1.29x / 1.19x
-// (1.02x / 1.11x), 128-256 rows 1.25-1.42x (0.93-1.00x); int4 values on 4096x4096, 1536x576, 11008x4096, 32-64
-// rows 1.38-1.58x (1.04-1.24x), 256 rows 1.26-1.40x (0.96-0.97x). 4096x11008 at 256 rows runs even (0.98x, dense
-// rows the same): past 64 rows each pass rereads the whole decoded panels, 1 MB at that k.
+// Without AMX but with AVX512-BF16 (Zen 4) the same panels run on vdpbf16ps (bf16_dot.h), up to kDotMaxRows (where
+// dense blocks take over again; kAmxMaxRows on large layers, see bf16_panels_for), as sparse rows: each column's two
+// kept inputs gathered by vpermw, so the pruned zeros are not multiplied. Against bf16 F.linear (the pruned matrix,
+// dense), cold weights, side by side with the same panels as dense rows (zeros multiplied, which ran at the dense
+// product's speed from ~32 rows): bf16 values on 4096x4096 / 576x1536, 32 rows 1.34x / 1.52x (dense rows 1.08x /
+// 1.23x), 64 rows 1.29x / 1.19x (1.02x / 1.11x), 128-256 rows 1.25-1.42x (0.93-1.00x); int4 values on 4096x4096,
+// 1536x576, 11008x4096, 32-64 rows 1.38-1.58x (1.04-1.24x), 256 rows 1.26-1.40x (0.96-0.97x). 4096x11008 at 256 rows
+// runs even (0.98x, dense rows the same): past 64 rows each pass rereads the whole decoded panels, 1 MB at that k.
 // (Against the kernels they replaced, column kernel below 32 rows and row-vector kernel from 32, dense rows
 // measured 8 rows 1.32-1.39x / 1.08-1.22x bf16 F.linear, 64 rows 1.01-1.02x / 0.68-0.75x.)
 // From 512 rows the sparse rows stay ahead of the dense blocks on large layers (kDotLargeWeights and up), against
