@@ -44,23 +44,28 @@ constexpr int64_t kDotTableInputs = 32;
 //     64 rows: at k = 4096 a block's rows all fall in one set of the L1.)
 //   sparse rows: [kk / 32][kDotRows][32] bf16, each row's 32-input stretch one zmm for vpermw, a block's eight
 //     of them in one 512-byte run for the same reason.
-// Either way a block is k / 2 * kDotRows int32.
+// Either way a block is k / 2 * kDotRows int32. The storage is the calling thread's, reused from call to call
+// (a fresh allocation is faulted in again every time) and 64-byte aligned (align64).
 struct DotActivations {
-  std::vector<int32_t> pairs;
+  int32_t* pairs = nullptr;
   int64_t blocks = 0, pairs_per_row = 0;
 
-  const int32_t* block(int64_t b) const { return pairs.data() + b * pairs_per_row * kDotRows; }
+  const int32_t* block(int64_t b) const { return pairs + b * pairs_per_row * kDotRows; }
 };
 
 template <PanelRows ROWS>
 DotActivations dot_activations(const at::BFloat16* x_rows, int64_t m, int64_t k) {
+  thread_local std::vector<int32_t> storage;
   DotActivations x;
   x.blocks = (m + kDotRows - 1) / kDotRows;
   x.pairs_per_row = k / 2;
-  x.pairs.assign(x.blocks * x.pairs_per_row * kDotRows, 0);
+  const int64_t size = x.blocks * x.pairs_per_row * kDotRows;
+  if (static_cast<int64_t>(storage.size()) < size + 16) storage.resize(size + 16);
+  x.pairs = align64(storage.data());
+  std::fill_n(x.pairs, size, 0);
   for (int64_t r = 0; r < m; ++r) {
     const auto* row = reinterpret_cast<const uint16_t*>(x_rows + r * k);
-    int32_t* block = x.pairs.data() + r / kDotRows * x.pairs_per_row * kDotRows;
+    int32_t* block = x.pairs + r / kDotRows * x.pairs_per_row * kDotRows;
     if constexpr (ROWS == PanelRows::kSparse24) {
       constexpr int64_t pairs_per_table = kDotTableInputs / 2;
       for (int64_t t = 0; t < k / kDotTableInputs; ++t)
@@ -103,7 +108,7 @@ COMPTRUST_AVX512_BF16 inline void dot_products(const int32_t* x_block,
       const int64_t kk = kb0 + kSparse24Group * j;
       const int32_t* tables = x_block + kk / kDotTableInputs * kDotRows * (kDotTableInputs / 2);
       COMPTRUST_UNROLL for (int r = 0; r < R; ++r) {
-        const __m512i table = _mm512_loadu_si512(tables + r * (kDotTableInputs / 2));
+        const __m512i table = _mm512_load_si512(tables + r * (kDotTableInputs / 2));
         COMPTRUST_UNROLL for (int p = 0; p < kDotPanels; ++p) {
           const __m512bh inputs = reinterpret_cast<__m512bh>(_mm512_permutexvar_epi16(positions[p], table));
           acc[p][r] = _mm512_dpbf16_ps(acc[p][r], inputs, values[p]);

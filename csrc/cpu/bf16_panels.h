@@ -31,12 +31,14 @@ void run_panel_units(Out* y, int64_t m, int64_t n, int64_t k, int64_t group_size
   constexpr int64_t ld = P * kAmxCols;
   at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
     // Per panel: the whole panel (k * 16 bf16: 128 KB at k = 4096) or two chunks; kept for the next call.
+    // Both 64-byte aligned (align64).
     thread_local std::vector<uint16_t> codes;
-    thread_local std::vector<float> params;  // per panel and group: 16 scales, then 16 zero * scale; 64-byte aligned
+    thread_local std::vector<float> params;  // per panel and group: 16 scales, then 16 zero * scale
     const int64_t code_size = (one_pass ? 2 * kCodeChunk : k) * kAmxCols, param_size = 2 * groups * kAmxCols;
-    if (static_cast<int64_t>(codes.size()) < P * code_size) codes.resize(P * code_size);
+    if (static_cast<int64_t>(codes.size()) < P * code_size + 32) codes.resize(P * code_size + 32);
     if (static_cast<int64_t>(params.size()) < P * param_size + 16) params.resize(P * param_size + 16);
-    float* aligned = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(params.data()) + 63) & ~uintptr_t{63});
+    uint16_t* aligned_codes = align64(codes.data());
+    float* aligned = align64(params.data());
     GroupParams group_params[P];
     alignas(64) float c[kAmxBlocks * kAmxRows * ld];
     for (int64_t u = begin; u < end; ++u) {
@@ -48,7 +50,7 @@ void run_panel_units(Out* y, int64_t m, int64_t n, int64_t k, int64_t group_size
         count[p] = static_cast<int>(std::clamp<int64_t>(tiles - t[p], 0, 2));
         float* scale = aligned + p * param_size;
         group_params[p] = GroupParams{scale, scale + groups * kAmxCols};
-        buffers[p][0] = codes.data() + p * code_size;
+        buffers[p][0] = aligned_codes + p * code_size;
         buffers[p][1] = buffers[p][0] + kCodeChunk * kAmxCols;
         if (count[p]) {
           fill_params(t[p], count[p], scale, scale + groups * kAmxCols);

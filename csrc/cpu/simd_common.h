@@ -42,6 +42,15 @@ inline void for_each_row_block(int64_t m, Run&& run) {
   }
 }
 
+// p rounded up to the next 64-byte boundary, for buffers over-allocated by 64 bytes. Large buffers from malloc are
+// only 16-byte aligned, and 64-byte loads from them split cache lines; worse, whether a buffer happens to be
+// aligned varies from process to process (2:4 bf16 4096x4096 at 64 rows on vdpbf16ps ran 4.8 ms in some
+// processes and 6.4-6.8 ms in others before its buffers were aligned).
+template <class T>
+T* align64(T* p) {
+  return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t{63});
+}
+
 // Software prefetch this far ahead in a tile's weight stream: the hardware prefetcher alone left the batch-1
 // kernels reading DRAM at half the bandwidth (decode and memory time added up instead of overlapping).
 // 2048 bytes (not 1024): side by side on cold 4096x4096 weights at batch 1, 2048-4096 ran int4 (float and int8

@@ -198,8 +198,7 @@ at::Tensor sparse24_row_vectors(const at::Tensor& x, const Kept& kept, const uin
   // and faulting its pages in again cost as much as the transpose (see dense_blocks.h). 64-byte aligned rows.
   thread_local std::vector<float> xt_buffer;
   if (static_cast<int64_t>(xt_buffer.size()) < k * ld + 16) xt_buffer.resize(k * ld + 16);
-  const uintptr_t base = reinterpret_cast<uintptr_t>(xt_buffer.data());
-  float* xtp = reinterpret_cast<float*>((base + 63) & ~uintptr_t{63});  // not xt_buffer inside the workers
+  float* xtp = align64(xt_buffer.data());  // not xt_buffer inside the workers
   for (int64_t i0 = 0; i0 < m; i0 += block_rows) {
     const int64_t rows = std::min(block_rows, m - i0);
     const float* xb = x.data_ptr<float>() + i0 * k;
