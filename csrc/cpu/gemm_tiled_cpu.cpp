@@ -685,13 +685,14 @@ template <int TILES>
 void panel_all(const Problem& p) {
   const int64_t tiles = p.n / kTileCols, panels = (tiles + TILES - 1) / TILES;
   at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> panel(kPanelFloats), spill(kPanelRows * TILES * kTileCols);
+    std::vector<float> buffer(kPanelFloats + 16), spill(kPanelRows * TILES * kTileCols);
+    float* panel = align64(buffer.data());  // the microkernel's 64-byte panel rows each in one cache line
     for (int64_t i = begin; i < end; ++i) {
       const int64_t t = i * TILES;
       const int count = static_cast<int>(std::min<int64_t>(TILES, tiles - t));
-      if (p.bits == 4) panel_run<4, TILES>(p, t, count, panel.data(), spill.data());
-      else if (p.bits == 8) panel_run<8, TILES>(p, t, count, panel.data(), spill.data());
-      else panel_run<3, TILES>(p, t, count, panel.data(), spill.data());
+      if (p.bits == 4) panel_run<4, TILES>(p, t, count, panel, spill.data());
+      else if (p.bits == 8) panel_run<8, TILES>(p, t, count, panel, spill.data());
+      else panel_run<3, TILES>(p, t, count, panel, spill.data());
     }
   });
 }

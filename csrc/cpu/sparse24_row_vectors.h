@@ -164,7 +164,8 @@ COMPTRUST_AVX512 void row_vector_tiles(const Kept& kept, const uint32_t* meta, i
   constexpr int C = RV <= 3 ? kTileCols : kTileCols / 2;  // at most 24 accumulators
   constexpr int64_t ld = 16 * RV;
   const int64_t groups = k / kSparse24Group;
-  std::vector<float> yt(kRowVectorBlockTiles * kTileCols * ld);
+  std::vector<float> yt_buffer(kRowVectorBlockTiles * kTileCols * ld + 16);
+  float* yt = align64(yt_buffer.data());
   alignas(64) float chunk_values[kRowVectorChunkGroups * kSparse24Kept * kTileCols];
   for (int64_t tb = t0; tb < t1; tb += kRowVectorBlockTiles) {
     const int64_t tb_end = std::min(t1, tb + kRowVectorBlockTiles);
@@ -176,13 +177,13 @@ COMPTRUST_AVX512 void row_vector_tiles(const Kept& kept, const uint32_t* meta, i
         const char* next = kept.stream(t + 1, g0);  // a prefetch address: past the end on the last tile is harmless
         _mm_prefetch(reinterpret_cast<const char*>(tm + groups), _MM_HINT_T0);
         const float* xc = xt + kSparse24Group * g0 * ld;
-        float* out = yt.data() + (t - tb) * kTileCols * ld;
+        float* out = yt + (t - tb) * kTileCols * ld;
         row_vector_columns<RV, C, 0>(tm, values, count, xc, out, g0 == 0, next, Kept::kGroupBytes);
         if constexpr (C < kTileCols)
           row_vector_columns<RV, C, C>(tm, values, count, xc, out + C * ld, g0 == 0, next, Kept::kGroupBytes);
       }
     }
-    store_transposed(yt.data(), ld, (tb_end - tb) * kTileCols, rows, y + tb * kTileCols, n);
+    store_transposed(yt, ld, (tb_end - tb) * kTileCols, rows, y + tb * kTileCols, n);
   }
 }
 
