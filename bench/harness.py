@@ -32,8 +32,10 @@ MIN_COLD_BYTES = 256 * MIB
 MAX_COLD_BYTES = 2048 * MIB
 # The read-bandwidth buffer: at least this, and at least as large as the cold-weight set.
 MIN_BANDWIDTH_BYTES = 1024 * MIB
-MIN_TIME = 0.2            # seconds of timed calls per (kernel, shape, batch)
+MIN_TIME = 0.2            # seconds of timed calls per (kernel, shape, batch), over all rounds
 BANDWIDTH_MIN_TIME = 0.5
+# Passes over a shape's kernels; a row's ms is the median of its passes (see _bench_shape).
+ROUNDS = 3
 
 
 def _parse_size(text: str) -> int:
@@ -218,29 +220,42 @@ class Kernel:
 
 
 def _bench_shape(kernels: Sequence[Kernel], anchors: Sequence[str], layer, n: int, k: int, batches: Sequence[int],
-                 cold_bytes: int, min_time: float, row_fields: dict) -> list[dict]:
+                 cold_bytes: int, min_time: float, row_fields: dict, rounds: int = ROUNDS) -> list[dict]:
+    """Every kernel on every batch of one shape, in `rounds` passes over the kernels, each timing every
+    (kernel, batch) for min_time / rounds; a row's ms is the median of its passes (all in ms_rounds).
+    Why passes: this machine's speed drifts within a run (its memory is shared with other tenants), and a
+    kernel timed once, in a slow stretch, showed int3 at 0.74x of int4 in a run where the passes around it
+    gave 1.05-1.18x. Interleaved, each ratio of two rows rests on samples spread over the same stretch.
+    Still one kernel's copies at a time (memory stays near cold_bytes), made again each pass; all batches
+    reuse them."""
     activations = {m: torch.randn(m, k, generator=torch.Generator().manual_seed(m)) for m in batches}
-    rows = {}
-    # Kernel-major: one kernel's copies exist at a time (memory stays near cold_bytes), and all batches reuse them.
-    for kernel in kernels:
-        weights = kernel.weights(layer)
-        if weights is None:
-            continue
-        copies = cold_copies(weights, cold_bytes)
-        weight_bytes = sum(t.numel() * t.element_size() for t in copies[0])
-        for m in batches:
-            x = activations[m].to(kernel.act_dtype)
-            ms = median_ms(lambda i: kernel.call(x, *copies[i]), copies=len(copies), min_time=min_time)
-            nbytes = weight_bytes + x.numel() * x.element_size()
-            rows[(m, kernel.name)] = {
+    weights = {kernel.name: kernel.weights(layer) for kernel in kernels}
+    runnable = [kernel for kernel in kernels if weights[kernel.name] is not None]
+    times = {(m, kernel.name): [] for kernel in runnable for m in batches}
+    copy_counts = {}
+    for _ in range(rounds):
+        for kernel in runnable:
+            copies = cold_copies(weights[kernel.name], cold_bytes)
+            copy_counts[kernel.name] = len(copies)
+            for m in batches:
+                x = activations[m].to(kernel.act_dtype)
+                times[(m, kernel.name)].append(median_ms(lambda i: kernel.call(x, *copies[i]), copies=len(copies),
+                                                         min_time=min_time / rounds))
+            del copies
+    rows = []
+    for m in batches:
+        for kernel in runnable:
+            ms = statistics.median(times[(m, kernel.name)])
+            nbytes = sum(t.numel() * t.element_size() for t in weights[kernel.name])
+            nbytes += m * k * kernel.act_dtype.itemsize
+            rows.append({
                 "kernel": kernel.name, "role": "anchor" if kernel.name in anchors else "ours",
                 "n": n, "k": k, "batch": m, **row_fields, "activation_dtype": str(kernel.act_dtype),
-                "ms": ms, "bytes_read": nbytes, "gb_per_s": nbytes / ms / 1e6,
+                "ms": ms, "ms_rounds": times[(m, kernel.name)], "bytes_read": nbytes, "gb_per_s": nbytes / ms / 1e6,
                 "pct_of_read_bandwidth": None,  # set once the run's bandwidth is known
-                "weight_copies": len(copies),
-            }
-        del copies
-    return [rows[(m, kernel.name)] for m in batches for kernel in kernels if (m, kernel.name) in rows]
+                "weight_copies": copy_counts[kernel.name],
+            })
+    return rows
 
 
 def run_kernel_bench(bench: str, kernels: Sequence[Kernel], anchors: Sequence[str], make_layer: Callable,

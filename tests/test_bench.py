@@ -2,6 +2,7 @@
 agree with the times. Tiny shape, tiny time budget and a tiny cold-copy set: no timing is asserted."""
 import json
 import math
+import statistics
 
 import pytest
 
@@ -15,7 +16,7 @@ TINY = {"min_time": 0.002, "cold_bytes": 1 << 20, "bandwidth_bytes": 1 << 22}
 MACHINE_KEYS = {"cpu_model", "physical_cores", "logical_cpus", "threads", "l3_bytes", "cold_weight_bytes",
                 "read_bandwidth_gb_per_s", "read_bandwidth_method", "read_bandwidth_buffer_bytes", "read_bandwidth_threads_busy", "isa",
                 "cpu_backend_available", "torch", "comptrust"}
-ROW_KEYS = {"kernel", "role", "n", "k", "batch", "group_size", "ms", "bytes_read", "gb_per_s",
+ROW_KEYS = {"kernel", "role", "n", "k", "batch", "group_size", "ms", "ms_rounds", "bytes_read", "gb_per_s",
             "pct_of_read_bandwidth", "weight_copies"}
 
 
@@ -37,6 +38,7 @@ def check_result(result: dict, shapes, batches, bench=bench) -> None:
                 expected_keys = ROW_KEYS | {f"speedup_vs_{a}" for a in bench.ANCHORS}
                 assert expected_keys <= set(row), expected_keys - set(row)
                 assert row["ms"] > 0 and row["bytes_read"] > 0 and row["weight_copies"] >= 1
+                assert len(row["ms_rounds"]) == harness.ROUNDS and row["ms"] == statistics.median(row["ms_rounds"])
                 assert row["role"] == ("anchor" if name in bench.ANCHORS else "ours")
                 assert math.isclose(row["gb_per_s"], row["bytes_read"] / row["ms"] / 1e6, rel_tol=1e-9)
                 assert math.isclose(row["pct_of_read_bandwidth"], 100 * row["gb_per_s"] / bandwidth, rel_tol=1e-9)
@@ -99,6 +101,31 @@ def test_smollm2_shapes_run_with_a_partial_last_group(run, module):
     expected = {kernel.name for kernel in module.KERNELS} - {"torch_int4pack"}
     assert kernels == expected
     assert all(row["ms"] > 0 and row.get("speedup_vs_torch_int4pack") is None for row in result["rows"])
+
+
+def test_kernels_are_timed_in_interleaved_rounds():
+    """Each kernel's time is the median of ROUNDS passes, and the passes alternate between kernels (A's calls,
+    B's, A's, B's, ...), so a slow stretch of a shared machine lands on both; a kernel without weights for
+    the shape has no rows and no calls."""
+    import torch
+
+    calls = []
+
+    def kernel(name, weights=True):
+        def call(x, w):
+            calls.append(name)
+            return x @ w
+        return harness.Kernel(name, torch.float32, lambda layer: (torch.ones(8, 8),) if weights else None, call)
+
+    kernels = [kernel("a"), kernel("b"), kernel("none", weights=False)]
+    rows = harness._bench_shape(kernels, ("a",), None, 8, 8, [1, 2], cold_bytes=4096, min_time=0.003,
+                                row_fields={}, rounds=3)
+    runs = [name for i, name in enumerate(calls) if i == 0 or calls[i - 1] != name]
+    assert runs == ["a", "b"] * 3
+    assert [(r["kernel"], r["batch"]) for r in rows] == [("a", 1), ("b", 1), ("a", 2), ("b", 2)]
+    for row in rows:
+        assert len(row["ms_rounds"]) == 3 and row["ms"] == statistics.median(row["ms_rounds"])
+        assert row["bytes_read"] == 8 * 8 * 4 + row["batch"] * 8 * 4
 
 
 def test_read_bandwidth_is_the_faster_of_its_reads():
