@@ -200,12 +200,16 @@ at::Tensor sparse24_row_vectors(const at::Tensor& x, const Kept& kept, const uin
   thread_local std::vector<float> xt_buffer;
   if (static_cast<int64_t>(xt_buffer.size()) < k * ld + 16) xt_buffer.resize(k * ld + 16);
   float* xtp = align64(xt_buffer.data());  // not xt_buffer inside the workers
+  // Tasks of kRowVectorBlockTiles tiles, fewer where the layer has fewer tiles than that per thread: with 32,
+  // 192x576 (24 tiles) ran on one thread, 1.00x dense fp32 F.linear at 64 rows.
+  const int64_t threads = at::get_num_threads();
+  const int64_t grain = std::clamp<int64_t>((tiles + threads - 1) / threads, 1, kRowVectorBlockTiles);
   for (int64_t i0 = 0; i0 < m; i0 += block_rows) {
     const int64_t rows = std::min(block_rows, m - i0);
     const float* xb = x.data_ptr<float>() + i0 * k;
     float* yb = y.data_ptr<float>() + i0 * n;
     at::parallel_for(0, k, 256, [&](int64_t k0, int64_t k1) { transpose_x(xb, k, rows, ld, k0, k1, xtp); });
-    at::parallel_for(0, tiles, kRowVectorBlockTiles, [&](int64_t t0, int64_t t1) {
+    at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
       switch (rv) {
         case 1: row_vector_tiles<Kept, 1>(kept, meta, k, t0, t1, xtp, rows, yb, n); break;
         case 2: row_vector_tiles<Kept, 2>(kept, meta, k, t0, t1, xtp, rows, yb, n); break;
