@@ -1130,6 +1130,9 @@ void run_dequantized(const Problem& p, const at::Tensor& x, at::Tensor& y, Isa i
 // definition in comptrust.reference.quantize_activations_int8), store the codes in the weight
 // layout's lane order, and sum the dequantized inputs of each group for the zero-point term.
 void quantize_rows(const Problem& p, const float* x, int8_t* x8, float* block_scale, float* group_sum) {
+#ifdef COMPTRUST_X86
+  const bool avx512 = select_isa() == Isa::kAvx512;
+#endif
   at::parallel_for(0, p.m, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const float* xi = x + i * p.k;
@@ -1138,6 +1141,20 @@ void quantize_rows(const Problem& p, const float* x, int8_t* x8, float* block_sc
         float sum = 0.f;
         for (int64_t b = 0, bk = kb; bk < ke; ++b, bk += kActBlock) {
           const int64_t bend = std::min(ke, bk + kActBlock);
+#ifdef COMPTRUST_X86
+          if (avx512 && bend - bk == kActBlock) {  // a whole block in registers, then to the lane order
+            alignas(64) int8_t q[kActBlock];
+            const float scale = quantize_block_int8(xi + bk, q);
+            int32_t isum = 0;
+            for (int j = 0; j < kActBlock; ++j) {
+              x8[i * p.k + a8_lane_position(p.bits, bk + j)] = q[j];
+              isum += q[j];
+            }
+            block_scale[(i * p.groups + g) * p.blocks_per_group + b] = scale;
+            sum += scale * static_cast<float>(isum);
+            continue;
+          }
+#endif
           float amax = 0.f;
           for (int64_t kk = bk; kk < bend; ++kk) amax = std::max(amax, std::fabs(xi[kk]));
           // A true division (not 127 * (1 / amax)): it decides which integer rounding ties go to.
@@ -1145,7 +1162,7 @@ void quantize_rows(const Problem& p, const float* x, int8_t* x8, float* block_sc
           const float scale = amax / 127.f;
           int32_t isum = 0;
           for (int64_t kk = bk; kk < bend; ++kk) {
-            const int32_t q = static_cast<int32_t>(std::nearbyint(xi[kk] * inv));
+            const int32_t q = static_cast<int32_t>(round_int8_range(xi[kk] * inv));
             x8[i * p.k + a8_lane_position(p.bits, kk)] = static_cast<int8_t>(q);
             isum += q;
           }

@@ -723,22 +723,50 @@ bool a8_sparse_usable() {
   return vbmi && avx512_vnni_usable();
 }
 
+// Rows of x per task of the activation loops below: one task for a few rows of a small layer.
+inline int64_t activation_rows_grain(int64_t k) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1)); }
+
 // x8[i, k] (natural order) and block_scale[i, groups * blocks_per_group] for rows of x [m, k].
 void quantize_rows_int8(const float* x, int64_t m, int64_t k, int64_t group_inputs, int8_t* x8, float* block_scale) {
   const int64_t groups = (k + group_inputs - 1) / group_inputs, per_group = (group_inputs + kActBlock - 1) / kActBlock;
-  for (int64_t i = 0; i < m; ++i) {
-    for (int64_t g = 0; g < groups; ++g) {
-      for (int64_t b = 0; b < per_group; ++b) {
-        const int64_t begin = g * group_inputs + b * kActBlock;
-        const int64_t end = std::min({begin + kActBlock, (g + 1) * group_inputs, k});
-        float amax = 0.f;
-        for (int64_t kk = begin; kk < end; ++kk) amax = std::max(amax, std::abs(x[i * k + kk]));
-        const float inv = amax > 0.f ? 127.f / amax : 0.f;  // a true division, as the reference
-        for (int64_t kk = begin; kk < end; ++kk) x8[i * k + kk] = static_cast<int8_t>(std::nearbyint(x[i * k + kk] * inv));
-        block_scale[(i * groups + g) * per_group + b] = amax / 127.f;
+  const bool avx512 = select_isa() == Isa::kAvx512;
+  at::parallel_for(0, m, activation_rows_grain(k), [&](int64_t row_begin, int64_t row_end) {
+    for (int64_t i = row_begin; i < row_end; ++i) {
+      for (int64_t g = 0; g < groups; ++g) {
+        for (int64_t b = 0; b < per_group; ++b) {
+          const int64_t begin = g * group_inputs + b * kActBlock;
+          const int64_t end = std::min({begin + kActBlock, (g + 1) * group_inputs, k});
+          if (avx512 && end - begin == kActBlock) {
+            block_scale[(i * groups + g) * per_group + b] = quantize_block_int8(x + i * k + begin, x8 + i * k + begin);
+            continue;
+          }
+          float amax = 0.f;
+          for (int64_t kk = begin; kk < end; ++kk) amax = std::max(amax, std::abs(x[i * k + kk]));
+          const float inv = amax > 0.f ? 127.f / amax : 0.f;  // a true division, as the reference
+          for (int64_t kk = begin; kk < end; ++kk)
+            x8[i * k + kk] = static_cast<int8_t>(round_int8_range(x[i * k + kk] * inv));
+          block_scale[(i * groups + g) * per_group + b] = amax / 127.f;
+        }
       }
     }
-  }
+  });
+}
+
+// out[m, k] = x8 times its block scales (quantize_rows_int8's layouts): the int8 activations as the float
+// kernels take them (the fallback where the CPU lacks VNNI or VBMI).
+void dequantize_rows_int8(const int8_t* x8, const float* block_scale, int64_t m, int64_t k, int64_t group_inputs,
+                          float* out) {
+  const int64_t groups = (k + group_inputs - 1) / group_inputs, per_group = (group_inputs + kActBlock - 1) / kActBlock;
+  at::parallel_for(0, m, activation_rows_grain(k), [&](int64_t row_begin, int64_t row_end) {
+    for (int64_t i = row_begin; i < row_end; ++i)
+      for (int64_t g = 0; g < groups; ++g)
+        for (int64_t b = 0; b < per_group; ++b) {
+          const int64_t begin = g * group_inputs + b * kActBlock;
+          const int64_t end = std::min({begin + kActBlock, (g + 1) * group_inputs, k});
+          const float scale = block_scale[(i * groups + g) * per_group + b];
+          for (int64_t kk = begin; kk < end; ++kk) out[i * k + kk] = static_cast<float>(x8[i * k + kk]) * scale;
+        }
+  });
 }
 
 // x8[i * kLimbs + l, k] (natural order) and block_scale[i * kLimbs + l, groups * blocks_per_group]: limb l of
@@ -1053,13 +1081,9 @@ at::Tensor run_int4_int8(Sparse24Problem& p, const at::Tensor& x, bool limbs) {
   }
 #endif
   TORCH_CHECK(!limbs, "sparse24_int4_gemm_tiled: int8 limbs need AVX-512 VNNI and VBMI");  // callers check
-  const at::Tensor scale_per_input = block_scale.view({p.m, p.groups, per_group, 1})
-                                         .expand({p.m, p.groups, per_group, kActBlock})
-                                         .reshape({p.m, p.groups, per_group * kActBlock})
-                                         .narrow(2, 0, group_inputs)
-                                         .reshape({p.m, p.groups * group_inputs})
-                                         .narrow(1, 0, p.k);
-  const at::Tensor dequantized = (x8.to(at::kFloat) * scale_per_input).contiguous();
+  at::Tensor dequantized = at::empty({p.m, p.k}, xf.options());
+  dequantize_rows_int8(x8.data_ptr<int8_t>(), block_scale.data_ptr<float>(), p.m, p.k, group_inputs,
+                       dequantized.data_ptr<float>());
   const at::Tensor y = run_kind<Int4Values>(p, dequantized);
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
