@@ -30,7 +30,7 @@
 // activations would saturate vpmaddubsw's int16 pairs.
 // Work split: tiles (8 output columns) are the tasks of at::parallel_for, so each thread streams a
 // contiguous stretch of the weight; at batch 1 on large layers the a8 kernels run four tile pairs at once
-// (eight weight streams per thread: more of the memory bandwidth).
+// (eight weight streams per thread: more of the memory bandwidth), on more rows two (pairs_per_unit).
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
@@ -446,40 +446,48 @@ COMPTRUST_AVX512_VNNI void a8_avx512(const Problem& p, int64_t t, int64_t i0) {
           COMPTRUST_UNROLL for (int c = 0; c < C; ++c) dot[q][v][c] = _mm512_setzero_si512();
       if constexpr (BITS == 4) {
         for (int64_t row = bk / 8; row < bend / 8; ++row) {
-          __m512i x_even[V], x_odd[V];
-          COMPTRUST_UNROLL for (int v = 0; v < V; ++v) {
-            x_even[v] = x8_lanes4(x8 + v * p.k + row * 8);
-            x_odd[v] = x8_lanes4(x8 + v * p.k + row * 8 + 4);
-          }
+          __m512i even[P], odd[P];
           COMPTRUST_UNROLL for (int q = 0; q < P; ++q) {
             tiles[q].prefetch(row * kTileCols, 1);
             const __m512i words = tiles[q].words(row * kTileCols);
-            const __m512i even = _mm512_and_si512(words, nibbles);
-            const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(words, 4), nibbles);
-            COMPTRUST_UNROLL for (int v = 0; v < V; ++v) {
-              dot[q][v][0] = _mm512_dpbusd_epi32(dot[q][v][0], even, x_even[v]);
-              dot[q][v][C - 1] = _mm512_dpbusd_epi32(dot[q][v][C - 1], odd, x_odd[v]);
+            even[q] = _mm512_and_si512(words, nibbles);
+            odd[q] = _mm512_and_si512(_mm512_srli_epi32(words, 4), nibbles);
+          }
+          // Row by row, each row's two broadcasts feeding every pair: two x registers live, not 2V.
+          COMPTRUST_UNROLL for (int v = 0; v < V; ++v) {
+            const __m512i x_even = x8_lanes4(x8 + v * p.k + row * 8), x_odd = x8_lanes4(x8 + v * p.k + row * 8 + 4);
+            COMPTRUST_UNROLL for (int q = 0; q < P; ++q) {
+              dot[q][v][0] = dpbusd(dot[q][v][0], even[q], x_even);
+              dot[q][v][C - 1] = dpbusd(dot[q][v][C - 1], odd[q], x_odd);
             }
           }
         }
       } else {
         const int64_t offset = (bk / kInt3BlockRows) * kInt3BlockPlanes * kTileCols;
+        __m512i high[P];
         COMPTRUST_UNROLL for (int q = 0; q < P; ++q) {
-          const TilePair& pair = tiles[q];
-          pair.prefetch(offset, 2);  // a block is 96 bytes
-          const __m512i high = pair.words(offset + 2 * kTileCols);
-          COMPTRUST_UNROLL for (int plane = 0; plane < 2; ++plane) {
-            const __m512i low = pair.words(offset + plane * kTileCols);
-            const __m512i high_nibbles = _mm512_and_si512(plane ? _mm512_srli_epi16(high, 4) : high, nibbles);
-            COMPTRUST_UNROLL for (int i = 0; i < 4; ++i) {
-              const __m512i bit_i_times_4 = _mm512_broadcast_i64x4(
-                  _mm256_load_si256(reinterpret_cast<const __m256i*>(kHighBitTimes4.table[i])));
-              // (low >> 2i) & 3 | table bits: vpternlogd truth table of A & B | C is 0xEA (A, B, C = 0xF0, 0xCC, 0xAA).
-              const __m512i codes = _mm512_ternarylogic_epi32(i ? _mm512_srli_epi16(low, 2 * i) : low, _mm512_set1_epi8(3),
-                                                              _mm512_shuffle_epi8(bit_i_times_4, high_nibbles), 0xEA);
-              COMPTRUST_UNROLL for (int v = 0; v < V; ++v)
-                dot[q][v][plane % C] = _mm512_dpbusd_epi32(dot[q][v][plane % C], codes,
-                                                       x8_lanes4(x8 + v * p.k + bk + plane * 16 + i * 4));
+          tiles[q].prefetch(offset, 2);  // a block is 96 bytes
+          high[q] = tiles[q].words(offset + 2 * kTileCols);
+        }
+        COMPTRUST_UNROLL for (int plane = 0; plane < 2; ++plane) {
+          __m512i low[P], high_nibbles[P];
+          COMPTRUST_UNROLL for (int q = 0; q < P; ++q) {
+            low[q] = tiles[q].words(offset + plane * kTileCols);
+            high_nibbles[q] = _mm512_and_si512(plane ? _mm512_srli_epi16(high[q], 4) : high[q], nibbles);
+          }
+          COMPTRUST_UNROLL for (int i = 0; i < 4; ++i) {
+            const __m512i bit_i_times_4 = _mm512_broadcast_i64x4(
+                _mm256_load_si256(reinterpret_cast<const __m256i*>(kHighBitTimes4.table[i])));
+            __m512i codes[P];
+            // (low >> 2i) & 3 | table bits: vpternlogd truth table of A & B | C is 0xEA (A, B, C = 0xF0, 0xCC, 0xAA).
+            COMPTRUST_UNROLL for (int q = 0; q < P; ++q)
+              codes[q] = _mm512_ternarylogic_epi32(i ? _mm512_srli_epi16(low[q], 2 * i) : low[q], _mm512_set1_epi8(3),
+                                                   _mm512_shuffle_epi8(bit_i_times_4, high_nibbles[q]), 0xEA);
+            // Each row's broadcast inputs feed every pair, one x register live.
+            COMPTRUST_UNROLL for (int v = 0; v < V; ++v) {
+              const __m512i xv = x8_lanes4(x8 + v * p.k + bk + plane * 16 + i * 4);
+              COMPTRUST_UNROLL for (int q = 0; q < P; ++q)
+                dot[q][v][plane % C] = dpbusd(dot[q][v][plane % C], codes[q], xv);
             }
           }
         }
@@ -511,14 +519,30 @@ COMPTRUST_AVX512_VNNI void a8_rows_avx512(const Problem& p, int64_t u) {
 // would split unevenly between the threads).
 constexpr int kStreamPairs = 4;
 constexpr int64_t kStreamPairsMin = 64;
+// More rows, on layers of at least kRowBlockPairsMin pairs: kRowBlockPairs pairs at a time, so each row's
+// broadcast inputs feed both pairs and the decoded codes of a pair every row of the block.
+constexpr int kRowBlockPairs = 2;
+constexpr int64_t kRowBlockPairsMin = 8;
 
-// Tile pairs first_pair .. first_pair + kStreamPairs - 1 at batch 1. fp32 x's limbs too (12 int32 sums, one chain
+// Tile pairs taken together as one unit of work (1: single pairs).
+int pairs_per_unit(int64_t m, int64_t pairs) {
+  if (m == 1) return pairs >= kStreamPairsMin ? kStreamPairs : 1;
+  return pairs >= kRowBlockPairsMin ? kRowBlockPairs : 1;
+}
+
+// The unit of pairs_per_unit pairs from first_pair. At batch 1, fp32 x's limbs too (12 int32 sums, one chain
 // each): cold, side by side, 6-9% faster on the Zen 4 than two pairs twice (4 streams), int4 and int3 on
 // 4096x4096, 11008x4096 and 4096x11008.
 template <int BITS>
-COMPTRUST_AVX512_VNNI void a8_stream_pairs_avx512(const Problem& p, int64_t first_pair) {
-  if (p.limbs == kLimbs) a8_avx512<BITS, 1, kStreamPairs, kLimbs>(p, 2 * first_pair, 0);
-  else a8_avx512<BITS, 1, kStreamPairs>(p, 2 * first_pair, 0);
+COMPTRUST_AVX512_VNNI void a8_pair_unit_avx512(const Problem& p, int64_t first_pair) {
+  if (p.m == 1) {
+    if (p.limbs == kLimbs) a8_avx512<BITS, 1, kStreamPairs, kLimbs>(p, 2 * first_pair, 0);
+    else a8_avx512<BITS, 1, kStreamPairs>(p, 2 * first_pair, 0);
+    return;
+  }
+  for_each_row_block(p.m, [&](auto rows, int64_t i0) {
+    a8_avx512<BITS, decltype(rows)::value, kRowBlockPairs>(p, 2 * first_pair, i0);
+  });
 }
 
 // ------------------------------------------------------------------------ AVX2 panel (float x)
@@ -1036,16 +1060,17 @@ void run_bf16_panels(const Problem& p, const at::BFloat16* x, at::BFloat16* y) {
 constexpr int64_t kMinTaskMacs = 1 << 17;
 
 #ifdef COMPTRUST_X86
-// The AVX-512 two-tile kernels' work split: at batch 1 on layers of at least kStreamPairsMin tile pairs,
-// units of kStreamPairs pairs (stream_pairs(first pair)), the rest (and every other case) single pairs
+// The a8 kernels' work split: units of pairs_per_unit tile pairs (unit(first pair)), the rest single pairs
 // (pair(u)); the last pair, which may hold one tile, always alone. grain: tiles per task (kMinTaskMacs).
-template <class StreamPairs, class Pair>
-void for_each_pair_unit(const Problem& p, int64_t grain, StreamPairs&& stream_pairs, Pair&& pair) {
+template <class Unit, class Pair>
+void for_each_pair_unit(const Problem& p, int64_t grain, Unit&& unit, Pair&& pair) {
   const int64_t pairs = (p.n / kTileCols + 1) / 2;
-  const int64_t groups = p.m == 1 && pairs >= kStreamPairsMin ? (pairs - 1) / kStreamPairs : 0;
-  const int64_t units = groups + pairs - groups * kStreamPairs;
-  at::parallel_for(0, units, groups ? 1 : (grain + 1) / 2, [&](int64_t begin, int64_t end) {
-    for (int64_t u = begin; u < end; ++u) u < groups ? stream_pairs(u * kStreamPairs) : pair(u + groups * (kStreamPairs - 1));
+  const int per_unit = pairs_per_unit(p.m, pairs);
+  const int64_t groups = per_unit > 1 ? (pairs - 1) / per_unit : 0;
+  const int64_t units = groups + pairs - groups * per_unit;
+  const int64_t tiles_per_unit = 2 * (groups ? per_unit : 1);
+  at::parallel_for(0, units, (grain + tiles_per_unit - 1) / tiles_per_unit, [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) u < groups ? unit(u * per_unit) : pair(u + groups * (per_unit - 1));
   });
 }
 #endif
@@ -1062,7 +1087,7 @@ void run(const Problem& p, bool a8, Isa isa) {
     if ((a8 || p.limbs == kLimbs) && avx512_vnni_usable()) {
       for_each_pair_unit(
           p, grain,
-          [&](int64_t first) { p.bits == 4 ? a8_stream_pairs_avx512<4>(p, first) : a8_stream_pairs_avx512<3>(p, first); },
+          [&](int64_t first) { p.bits == 4 ? a8_pair_unit_avx512<4>(p, first) : a8_pair_unit_avx512<3>(p, first); },
           [&](int64_t u) { p.bits == 4 ? a8_rows_avx512<4>(p, u) : a8_rows_avx512<3>(p, u); });
       return;
     }
@@ -1132,6 +1157,9 @@ void run_dequantized(const Problem& p, const at::Tensor& x, at::Tensor& y, Isa i
 void quantize_rows(const Problem& p, const float* x, int8_t* x8, float* block_scale, float* group_sum) {
 #ifdef COMPTRUST_X86
   const bool avx512 = select_isa() == Isa::kAvx512;
+  static const LimbOrder kOrder[2] = {limb_order([](int j) { return a8_lane_position(4, j); }),
+                                      limb_order([](int j) { return a8_lane_position(3, j); })};
+  const int32_t* lane_from = kOrder[p.bits == 3].from.data();  // a whole block's lane order (32 = 4 int4 units)
 #endif
   at::parallel_for(0, p.m, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
@@ -1142,14 +1170,11 @@ void quantize_rows(const Problem& p, const float* x, int8_t* x8, float* block_sc
         for (int64_t b = 0, bk = kb; bk < ke; ++b, bk += kActBlock) {
           const int64_t bend = std::min(ke, bk + kActBlock);
 #ifdef COMPTRUST_X86
-          if (avx512 && bend - bk == kActBlock) {  // a whole block in registers, then to the lane order
-            alignas(64) int8_t q[kActBlock];
-            const float scale = quantize_block_int8(xi + bk, q);
+          // A block starts at a multiple of 8 (int4) or 32 (int3) inputs, as groups are multiples of those units
+          // (check_args): a whole block's lane order is always lane_from.
+          if (avx512 && bend - bk == kActBlock) {
             int32_t isum = 0;
-            for (int j = 0; j < kActBlock; ++j) {
-              x8[i * p.k + a8_lane_position(p.bits, bk + j)] = q[j];
-              isum += q[j];
-            }
+            const float scale = quantize_block_int8(xi + bk, x8 + i * p.k + bk, lane_from, &isum);
             block_scale[(i * p.groups + g) * p.blocks_per_group + b] = scale;
             sum += scale * static_cast<float>(isum);
             continue;

@@ -125,17 +125,34 @@ COMPTRUST_AVX512 inline __m512i two_tiles(const int32_t* tile0, const int32_t* t
                             _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile1)), 1);
 }
 
+// acc + u8 . s8 per 32-bit lane (vpdpbusd), as _mm512_dpbusd_epi32 but in inline asm: GCC 12 kept the intrinsic's
+// loop-carried sums both in registers and on the stack, with a store and two moves per product (a8_avx512<4, 4, 1>:
+// 4 stores and 12 moves per 8 products in its inner loop).
+COMPTRUST_AVX512_VNNI inline __m512i dpbusd(__m512i acc, __m512i u8, __m512i s8) {
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u8), "v"(s8));
+  return acc;
+}
+
 // One whole block of kActBlock fp32 inputs as int8, the a8 kernels' activations (as
 // comptrust.reference.quantize_activations_int8): q = x * (127 / amax), a true division, rounded to nearest even
-// by vcvtps2dq as std::nearbyint would, in natural order; returns the block's scale amax / 127. The scalar
-// loops cost ~1 ns per input, more than the 2:4 product after them at 64 x 576.
-COMPTRUST_AVX512 inline float quantize_block_int8(const float* x, int8_t* q) {
-  const __m512 x0 = _mm512_loadu_ps(x), x1 = _mm512_loadu_ps(x + 16);
+// by vcvtps2dq as std::nearbyint would; returns the block's scale amax / 127. The scalar loops cost ~1 ns per
+// input, more than the 2:4 product after them at 64 x 576. With `from` (kActBlock indices, 64-byte aligned),
+// q[j] is the code of x[from[j]]: stored straight in a kernel's lane order (the per-input scatter it replaced
+// took a third of an int4 a8 call at 64 x 576); code_sum, where given, receives the sum of the codes.
+COMPTRUST_AVX512 inline float quantize_block_int8(const float* x, int8_t* q, const int32_t* from = nullptr,
+                                                  int32_t* code_sum = nullptr) {
+  __m512 x0 = _mm512_loadu_ps(x), x1 = _mm512_loadu_ps(x + 16);
+  if (from != nullptr) {
+    const __m512 natural0 = x0;
+    x0 = _mm512_permutex2var_ps(natural0, _mm512_load_si512(from), x1);
+    x1 = _mm512_permutex2var_ps(natural0, _mm512_load_si512(from + 16), x1);
+  }
   const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
   const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(x0, inv))));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16),
-                   _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(x1, inv))));
+  const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(x0, inv)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(x1, inv));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtepi32_epi8(q0));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16), _mm512_cvtepi32_epi8(q1));
+  if (code_sum != nullptr) *code_sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
   return amax / 127.f;
 }
 
