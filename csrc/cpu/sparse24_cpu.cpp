@@ -862,8 +862,8 @@ COMPTRUST_AVX512_VNNI_VBMI void a8_int4_avx512(const Sparse24Problem& p, const i
               std::memcpy(&inputs, xr + v * p.k + kSparse24Group * g, sizeof inputs);
               const __m512i kept_x = _mm512_shuffle_epi8(_mm512_set1_epi64(inputs), control);
               const int s = q * V + v;
-              dot[s][h % C] = _mm512_dpbusd_epi32(dot[s][h % C], codes, kept_x);
-              xsum[s][h % C] = _mm512_dpbusd_epi32(xsum[s][h % C], ones, kept_x);
+              dot[s][h % C] = dpbusd(dot[s][h % C], codes, kept_x);
+              xsum[s][h % C] = dpbusd(xsum[s][h % C], ones, kept_x);
             }
           }
         }
