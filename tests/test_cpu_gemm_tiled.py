@@ -193,25 +193,29 @@ def test_amx_fp32_activations_lose_no_bit(bits, monkeypatch):
 
 
 @pytest.mark.parametrize("bits", [4, 3])
-def test_batch_one_fp32_as_int8_limbs_keeps_fp32_accuracy(bits, monkeypatch):
-    """At batch 1 with VNNI (int3 always, int4 from 2^22 weights) fp32 x runs on the int8 kernels as three
-    int8 limbs per block of 32 inputs, leaving at most 2^-23 of the block's largest input. Wide-range inputs
-    (a dropped third limb: 4e-5 relative error), groups that cut blocks short (int4 g24), bf16 x; and against the
-    other ISAs' fp32 kernels."""
-    for n, k, group in ((1024, 4096, 128), (1024, 4096, 24), (64, 224, 32), (576, 1536, 128)):
+def test_fp32_as_int8_limbs_keeps_fp32_accuracy(bits, monkeypatch):
+    """With VNNI, fp32 x runs on the int8 kernels as three int8 limbs per block of 32 inputs, leaving at most
+    2^-23 of the block's largest input: at batch 1 (int3 always, int4 from 2^22 weights), on layers of 2^22+
+    weights up to 255 rows, on layers of 2^18+ from 8 rows (int3: 2) to 63. Wide-range inputs (a dropped third
+    limb: 4e-5 relative error), groups that cut blocks short (int4 g24), odd row counts (the kernels take rows
+    in pairs), bf16 x; and against the other ISAs' fp32 kernels."""
+    for n, k, group in ((1024, 4096, 128), (1024, 4096, 24), (64, 224, 32), (576, 1536, 128), (512, 512, 64)):
         if bits == 3 and group % 32:
             continue
         packed = AMX_RANDOM[bits](n, k, group, seed=n + group)[0]
         ref_op = AMX_REFERENCE[bits]
-        for seed in range(3):
-            x = wide_range_rows(1, k, seed=seed)
+        for m in (1, 2, 3, 8, 17, 63, 64, 255):
+            if n * k < 1 << 22 and m > 64:
+                continue  # small layers leave the limbs at 64 rows; the other paths have their own tests
+            x = wide_range_rows(m, k, seed=m)
             ref = ref_op(x, packed.qweight, packed.qzeros, packed.scales, group)
             y = ops.gemm_tiled(x, tile(packed))
-            assert rel_err(y, ref) < 2e-6, (n, k, group, rel_err(y, ref))
-            for isa in available_isas():
-                monkeypatch.setenv("COMPTRUST_CPU_ISA", isa)
-                assert rel_err(ops.gemm_tiled(x, tile(packed)), ref) < 2e-6, (n, k, group, isa)
-            monkeypatch.delenv("COMPTRUST_CPU_ISA")
+            assert rel_err(y, ref) < 2e-6, (n, k, group, m, rel_err(y, ref))
+            if m in (1, 17):
+                for isa in available_isas():
+                    monkeypatch.setenv("COMPTRUST_CPU_ISA", isa)
+                    assert rel_err(ops.gemm_tiled(x, tile(packed)), ref) < 2e-6, (n, k, group, m, isa)
+                monkeypatch.delenv("COMPTRUST_CPU_ISA")
         xb = x.bfloat16()
         ref = ref_op(xb, packed.qweight, packed.qzeros, packed.scales, group)
         assert rel_err(ops.gemm_tiled(xb, tile(packed)), ref) < 8e-3

@@ -20,9 +20,9 @@
 //   * a8 (int8 activations, any batch; int4/int3 weights): x is quantized per row and per block of 32
 //     inputs, the codes are unpacked into u8 lanes and multiplied with vpdpbusd where the CPU has AVX-512
 //     VNNI (64 u8 x s8 products per instruction), else vpmaddubsw/vpmaddwd (16 per pair), the integer
-//     block sums scaled once per block. With VNNI, fp32 x at batch 1 (int3, and int4 on large layers) runs
-//     there too, as three int8 limbs per block that hold x to 2^-23 of the block's largest input
-//     (quantize_limbs): fp32 accuracy, in place of the direct kernel.
+//     block sums scaled once per block. With VNNI, fp32 x runs there too where that is faster (limbs_for:
+//     batch 1, and up to 255 rows on larger layers), as three int8 limbs per block that hold x to 2^-23 of the
+//     block's largest input (quantize_limbs): fp32 accuracy, in place of the direct and panel kernels.
 // Each kernel has an AVX2 path and a portable scalar one (the BLAS path a scalar dequantization); direct,
 // a8 and the panel also an AVX-512 one (isa.h picks). The AVX-512 int4/int3 direct and a8 kernels take two
 // neighbouring tiles per register (16 output columns for the same inputs).
@@ -509,7 +509,9 @@ COMPTRUST_AVX512_VNNI void a8_avx512(const Problem& p, int64_t t, int64_t i0) {
 template <int BITS>
 COMPTRUST_AVX512_VNNI void a8_rows_avx512(const Problem& p, int64_t u) {
   if (p.limbs == kLimbs) {
-    for (int64_t i = 0; i < p.m; ++i) a8_avx512<BITS, 1, 1, kLimbs>(p, 2 * u, i);
+    int64_t i = 0;
+    for (; i + 2 <= p.m; i += 2) a8_avx512<BITS, 2, 1, kLimbs>(p, 2 * u, i);
+    if (i < p.m) a8_avx512<BITS, 1, 1, kLimbs>(p, 2 * u, i);
     return;
   }
   for_each_row_block(p.m, [&](auto rows, int64_t i0) { a8_avx512<BITS, decltype(rows)::value, 1>(p, 2 * u, i0); });
@@ -538,6 +540,12 @@ COMPTRUST_AVX512_VNNI void a8_pair_unit_avx512(const Problem& p, int64_t first_p
   if (p.m == 1) {
     if (p.limbs == kLimbs) a8_avx512<BITS, 1, kStreamPairs, kLimbs>(p, 2 * first_pair, 0);
     else a8_avx512<BITS, 1, kStreamPairs>(p, 2 * first_pair, 0);
+    return;
+  }
+  if (p.limbs == kLimbs) {
+    int64_t i = 0;
+    for (; i + 2 <= p.m; i += 2) a8_avx512<BITS, 2, kRowBlockPairs, kLimbs>(p, 2 * first_pair, i);
+    if (i < p.m) a8_avx512<BITS, 1, kRowBlockPairs, kLimbs>(p, 2 * first_pair, i);
     return;
   }
   for_each_row_block(p.m, [&](auto rows, int64_t i0) {
@@ -1080,7 +1088,7 @@ void run(const Problem& p, bool a8, Isa isa) {
   const int64_t grain = std::max<int64_t>(1, kMinTaskMacs / (p.m * p.k * kTileCols));
 #ifdef COMPTRUST_X86
   if (isa != Isa::kScalar) {
-    if (!a8 && p.m >= kPanelMinRows) {
+    if (!a8 && p.limbs != kLimbs && p.m >= kPanelMinRows) {
       isa == Isa::kAvx512 ? panel_all<4>(p) : panel_all<2>(p);
       return;
     }
@@ -1201,23 +1209,38 @@ void quantize_rows(const Problem& p, const float* x, int8_t* x8, float* block_sc
 }
 
 #ifdef COMPTRUST_X86
-// fp32 x at batch 1 on the VNNI kernels (a8_avx512 with LIMBS = 3): each row as three int8 limbs per block
-// of kActBlock inputs (int8_limbs.h), blocks restarting at every group as in quantize_rows; x8 rows (3 per
-// row of x) in the layout's lane order, block_scale [m * 3][groups * blocks_per_group].
-// Against the fp32 direct kernels, batch 1, cold weights, side by side: int3 1.1-1.25x on the SmolLM2 shapes and
-// 1.6-1.8x on 4096x4096, 11008x4096 and 4096x11008; int4 1.1-1.35x on those three, but 0.83-0.9x on the
-// SmolLM2 shapes, where the int4 direct kernel (cheaper to decode than int3's) stays.
+// fp32 x on the VNNI kernels (a8_avx512 with LIMBS = 3): each row as three int8 limbs per block of kActBlock
+// inputs (int8_limbs.h), blocks restarting at every group as in quantize_rows; x8 rows (3 per row of x) in the
+// layout's lane order, block_scale [m * 3][groups * blocks_per_group]. Three vpdpbusd of 64 products each do
+// the work of 12 fp32 FMAs, so where the CPU has VNNI this beats the fp32 kernels wherever they are
+// compute-bound. Side by side (warm, against bf16 F.linear; limbs / the fp32 path they replace):
+//   * batch 1, cold weights, against the fp32 direct kernel: int3 1.1-1.25x on the SmolLM2 shapes and 1.6-1.8x
+//     on 4096x4096, 11008x4096 and 4096x11008; int4 1.1-1.35x on those three, but 0.83-0.9x on the SmolLM2
+//     shapes, where the int4 direct kernel (cheaper to decode than int3's) stays;
+//   * layers of 2^22+ weights, 2 to 255 rows (then the BLAS path): int4 4096x4096 5.1 / 3.3 at 2 rows,
+//     1.76 / 0.94 at 8, 1.11 / 0.75 at 16, 0.65 / 0.51 at 64, 0.61 / 0.48 at 128; 11008x4096 alike;
+//   * smaller layers of 2^18+ weights: from kPanelMinRows (int3: 2) to 63 rows, where the fp32 panel is weakest
+//     (1536x576 int4 at 8 rows 1.20 / 0.79, at 32 0.68 / 0.60; int3 at 2 rows 2.40 / 1.69). Below 8 rows int4's
+//     direct kernel keeps up (576x576 at 4 rows 1.70 / 1.79), from 64 rows the panel (576x1536 even), and on
+//     the smallest layers (192x576) the fixed cost of the limbs loses (1.72 / 2.09 at 4 rows).
 constexpr int64_t kLimbsMinInt4Weights = int64_t{1} << 22;
+constexpr int64_t kLimbsMinWeights = int64_t{1} << 18;
+constexpr int64_t kLimbsMaxSmallRows = 64;
 
-bool limbs_at_batch_one(int bits, int64_t n, int64_t k, Isa isa) {
-  return (bits == 3 || (bits == 4 && n * k >= kLimbsMinInt4Weights)) && isa == Isa::kAvx512 && avx512_vnni_usable();
+bool limbs_for(int bits, int64_t m, int64_t n, int64_t k, Isa isa) {
+  if (bits == 8 || isa != Isa::kAvx512 || !avx512_vnni_usable()) return false;
+  const int64_t weights = n * k;
+  if (m == 1) return bits == 3 || weights >= kLimbsMinInt4Weights;
+  if (weights >= kLimbsMinInt4Weights) return m < kBlasMinRowsAvx512;
+  return weights >= kLimbsMinWeights && m < kLimbsMaxSmallRows && (bits == 3 || m >= kPanelMinRows);
 }
 
 void quantize_limbs(const Problem& p, const float* x, int8_t* x8, float* block_scale) {
   static const LimbOrder kOrder[2] = {limb_order([](int j) { return a8_lane_position(4, j); }),
                                       limb_order([](int j) { return a8_lane_position(3, j); })};
   const LimbOrder& order = kOrder[p.bits == 3];
-  for (int64_t i = 0; i < p.m; ++i) {
+  at::parallel_for(0, p.m, 1, [&](int64_t row_begin, int64_t row_end) {
+  for (int64_t i = row_begin; i < row_end; ++i) {
     const float* xi = x + i * p.k;
     for (int64_t g = 0; g < p.groups; ++g) {
       const int64_t kb = g * p.group_size, ke = p.group_end(g);
@@ -1230,6 +1253,7 @@ void quantize_limbs(const Problem& p, const float* x, int8_t* x8, float* block_s
       }
     }
   }
+  });
 }
 #endif  // COMPTRUST_X86
 
@@ -1314,7 +1338,7 @@ at::Tensor gemm_tiled_2d(const at::Tensor& x, const at::Tensor& weight, const at
   p.y = y.data_ptr<float>();
   at::Tensor group_sum;
 #ifdef COMPTRUST_X86
-  const bool limbs = act_bits == 0 && m == 1 && limbs_at_batch_one(p.bits, n, k, isa);
+  const bool limbs = act_bits == 0 && limbs_for(p.bits, m, n, k, isa);
 #else
   constexpr bool limbs = false;
 #endif
@@ -1380,7 +1404,7 @@ std::vector<at::Tensor> gemm_tiled_many_cpu(const at::Tensor& x, at::TensorList 
 #ifdef COMPTRUST_X86
   const Isa isa = select_isa();
   fused = x2.size(0) == 1 && act_bits == 0 && x2.scalar_type() == at::kFloat && isa == Isa::kAvx512 && bits != 8;
-  for (const at::Tensor& w : weights) fused = fused && !limbs_at_batch_one(bits, w.size(0) * kTileCols, k, isa);
+  for (const at::Tensor& w : weights) fused = fused && !limbs_for(bits, 1, w.size(0) * kTileCols, k, isa);
 #endif
   std::vector<at::Tensor> outputs;
   if (!fused) {
