@@ -82,27 +82,52 @@ class _Layer:
     down: Callable
 
 
-def _shared_input(modules: list[torch.nn.Module]) -> Callable[[torch.Tensor], list[torch.Tensor]]:
+def _gemv_weight(module: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor | None:
+    """The weight of a plain bias-free nn.Linear of the model's dtype that ops.dense_gemv can take one row of x
+    through (on the CPU, the C++ ops built), else None."""
+    if type(module) is not torch.nn.Linear or module.bias is not None or not ops.cpu_kernels_available():
+        return None
+    weight = module.weight
+    usable = weight.device.type == "cpu" and weight.dtype == dtype and weight.is_contiguous()
+    return weight if usable else None
+
+
+def _linear_call(module: torch.nn.Module, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x -> the layer's output. A plain fp32/bf16 nn.Linear runs one-row x (decode steps) on ops.dense_gemv:
+    torch's MKL sgemv ran the embedded model's layers and its 49152 x 576 output projection on one thread here
+    (11 GB/s; the projection alone was 9.7 ms of an int4 token's 15.4), and dense layers, the output projection
+    and every compressed model's uncompressed layers all go the same way. Otherwise the module's own forward."""
+    weight = _gemv_weight(module, dtype)
+    if weight is None:
+        return module.forward
+    k = weight.shape[1]
+    return lambda x: ops.dense_gemv(x, weight) if x.numel() == k else F.linear(x, weight)
+
+
+def _shared_input(modules: list[torch.nn.Module], dtype: torch.dtype) -> Callable[[torch.Tensor], list[torch.Tensor]]:
     fused = shared_input_call(modules)
     if fused is not None:
         return fused
-    forwards = [module.forward for module in modules]
-    return lambda x: [forward(x) for forward in forwards]
+    calls = [_linear_call(module, dtype) for module in modules]
+    return lambda x: [call(x) for call in calls]
 
 
-def _layer(layer: torch.nn.Module) -> _Layer:
+def _layer(layer: torch.nn.Module, dtype: torch.dtype) -> _Layer:
     attn, mlp = layer.self_attn, layer.mlp
     return _Layer(layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
-                  _shared_input([attn.q_proj, attn.k_proj, attn.v_proj]), _shared_input([mlp.gate_proj, mlp.up_proj]),
-                  attn.o_proj.forward, mlp.down_proj.forward)
+                  _shared_input([attn.q_proj, attn.k_proj, attn.v_proj], dtype),
+                  _shared_input([mlp.gate_proj, mlp.up_proj], dtype),
+                  _linear_call(attn.o_proj, dtype), _linear_call(mlp.down_proj, dtype))
 
 
-def _program_linear(program, part: str, module: torch.nn.Module) -> bool:
-    """Add `module` to the program's `part` as the call its forward makes; False if it has no such call."""
+def _program_linear(program, part: str, module: torch.nn.Module, dtype: torch.dtype) -> bool:
+    """Add `module` to the program's `part` as the call the Python loop makes for it at a decode step; False if it
+    has no such call."""
     if type(module) is torch.nn.Linear:
-        if module.bias is not None or module.weight.device.type != "cpu":
+        weight = _gemv_weight(module, dtype)
+        if weight is None:
             return False
-        program.add_dense(part, module.weight)
+        program.add_dense(part, weight)
         return True
     # A tiled layer whose forward is TiledLinear's (not act-order's, which permutes x first), tiled on CPU.
     if not isinstance(module, TiledLinear) or type(module).forward is not TiledLinear.forward:
@@ -119,9 +144,9 @@ def _program_linear(program, part: str, module: torch.nn.Module) -> bool:
     return True
 
 
-def decode_program(layers: list[torch.nn.Module], eps: float, scale: float):
-    """A DecodeProgram (csrc/cpu/decode_program.cpp) for these decoder layers, or None when a linear is not
-    one it can call exactly as its module does, or the C++ ops are not built."""
+def decode_program(layers: list[torch.nn.Module], eps: float, scale: float, dtype: torch.dtype):
+    """A DecodeProgram (csrc/cpu/decode_program.cpp) for these decoder layers of a model of `dtype`, or None when
+    a linear is not one it can call exactly as the Python loop does, or the C++ ops are not built."""
     if not ops.cpu_kernels_available():
         return None
     program = torch.classes.comptrust.DecodeProgram(eps, scale)
@@ -135,7 +160,7 @@ def decode_program(layers: list[torch.nn.Module], eps: float, scale: float):
                 tiles, act_bits = shared
                 program.add_many(part, [t.weight for t in tiles], [t.zeros for t in tiles],
                                  [t.scales for t in tiles], tiles[0].bits, tiles[0].group_size, act_bits)
-            elif not all(_program_linear(program, part, module) for module in modules):
+            elif not all(_program_linear(program, part, module, dtype) for module in modules):
                 return None
     return program
 
@@ -164,12 +189,12 @@ class LeanDecoder:
         self._embed = decoder.embed_tokens.forward
         self._rotary = decoder.rotary_emb
         self._final_norm = decoder.norm.weight
-        self._lm_head = model.lm_head.forward
-        self.layers = [_layer(layer) for layer in decoder.layers]
         weight = decoder.embed_tokens.weight
+        self._lm_head = _linear_call(model.lm_head, weight.dtype)
+        self.layers = [_layer(layer, weight.dtype) for layer in decoder.layers]
         self.program = None  # decode steps' C++ program, where every linear fits (decode_program)
         if use_program and weight.device.type == "cpu":
-            self.program = decode_program(list(decoder.layers), self.eps, self.head_dim ** -0.5)
+            self.program = decode_program(list(decoder.layers), self.eps, self.head_dim ** -0.5, weight.dtype)
         shape = (len(self.layers), self.kv_heads, max_positions, self.head_dim)
         self.keys = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
         self.values = torch.zeros(shape, dtype=weight.dtype, device=weight.device)

@@ -242,6 +242,14 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_cach
     return reference.decode_attention(q, k, v, key_cache, value_cache, cos, sin, position, scale)
 
 
+def dense_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [..., k] holding one row times a dense weight [n, k] of x's dtype: y [..., n], summed in fp32 with the
+    rows shared among threads (schema in csrc/ops.cpp); F.linear where the C++ op does not serve."""
+    if x.device.type == "cpu" and _compiled():
+        return torch.ops.comptrust.dense_gemv(x, weight)
+    return torch.nn.functional.linear(x, weight)
+
+
 def _check_same_device(name: str, tensors: dict[str, torch.Tensor], shape_note: str) -> None:
     devices = {t.device for t in tensors.values()}
     if len(devices) != 1:

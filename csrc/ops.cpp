@@ -47,6 +47,9 @@ TORCH_LIBRARY(comptrust, m) {
   // positions 0..position of its KV head (heads / kv_heads queries share one). Returns q's shape.
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) key_cache, Tensor(b!) value_cache, Tensor cos, "
         "Tensor sin, int position, float scale) -> Tensor");
+  // y [..., n] = x @ weight^T for x holding one row [..., k] and a dense weight [n, k] of x's dtype, summed in
+  // fp32, the rows shared among threads (the vocabulary projection of a decoding step).
+  m.def("dense_gemv(Tensor x, Tensor weight) -> Tensor");
   // GPTQ / SparseGPT: the error-feedback pass over one block of columns (comptrust/compress/hessian.py).
   // w [n, B] is overwritten with the quantized / pruned values. Column i: prune it where mask says so
   // (with prune_n > 0, the prune_n of each prune_m columns with the smallest w^2 / hinv[j, j]^2 are marked

@@ -108,3 +108,44 @@ def test_ops_wrappers_take_the_reference_off_the_compiled_path():
     """ops.* falls back to the reference where the compiled ops do not serve (here: a meta tensor's shape)."""
     hidden = torch.randn(1, 4, device="meta")
     assert ops.residual_rms_norm(hidden, None, torch.ones(4, device="meta"), 1e-6).shape == (1, 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n, k", [(49152, 576), (576, 1536), (1003, 37), (5, 16), (3, 1), (1, 2049)])
+def test_dense_gemv_matches_float64_product(dtype, n, k):
+    """One row by a dense weight [n, k]: four rows at a time, then single rows, with k's tail past the last 16
+    inputs summed one by one; summed in fp32 whatever the weight's dtype, so within the dtype's rounding."""
+    gen = torch.Generator().manual_seed(n + k)
+    weight = torch.randn(n, k, generator=gen).to(dtype)
+    for shape in ((1, k), (1, 1, k), (k,)):
+        x = torch.randn(shape, generator=gen).to(dtype)
+        y = ops.dense_gemv(x, weight)
+        assert y.shape == (*shape[:-1], n) and y.dtype == dtype
+        # against the sum of the products' magnitudes, the scale of a dot product's rounding error
+        _close(y, x.double() @ weight.double().T, dtype, (x.double().abs() @ weight.double().abs().T).max().item())
+
+
+def test_dense_gemv_is_the_same_on_one_thread_and_two():
+    """Each output's sum runs on one thread in a fixed order: the thread count does not change a bit."""
+    weight, x = torch.randn(4099, 576), torch.randn(1, 576)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.dense_gemv(x, weight)
+        torch.set_num_threads(2)
+        assert torch.equal(ops.dense_gemv(x, weight), one)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("x, weight, message", [
+    (torch.randn(2, 8), torch.randn(3, 8), r"x must be one row of k=8 inputs"),
+    (torch.randn(1, 7), torch.randn(3, 8), r"x must be one row of k=8 inputs"),
+    (torch.randn(1, 8), torch.randn(24), r"weight must be \[n, k\]"),
+    (torch.randn(1, 8), torch.randn(3, 8).bfloat16(), "weight is BFloat16, expected Float"),
+    (torch.randn(1, 8).double(), torch.randn(3, 8).double(), "is not float32, bfloat16 or float16"),
+    (torch.randn(1, 8), torch.randn(8, 3).T, "weight must be contiguous"),
+])
+def test_dense_gemv_refuses_bad_calls(x, weight, message):
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.comptrust.dense_gemv(x, weight)

@@ -173,7 +173,7 @@ class _Doubled(torch.nn.Module):
 def test_layers_the_program_cannot_call_keep_the_python_loop(tiny_llama):
     model = copy.deepcopy(tiny_llama)
     model.model.layers[1].mlp.down_proj = _Doubled(model.model.layers[1].mlp.down_proj)
-    assert decode_program(list(model.model.layers), 1e-6, 1.0) is None
+    assert decode_program(list(model.model.layers), 1e-6, 1.0, torch.float32) is None
     decoder = LeanDecoder(model, 16)
     assert decoder.program is None
     chunks = _greedy_chunks(model, torch.randint(0, 49152, (1, 5)), 3)
@@ -182,7 +182,7 @@ def test_layers_the_program_cannot_call_keep_the_python_loop(tiny_llama):
     compress_(act_order, config_from_tag("rtn-w4g128"), progress=False)
     linear = act_order.model.layers[0].self_attn.o_proj
     linear.__class__ = type("Subclassed", (type(linear),), {"forward": lambda self, x: type(linear).forward(self, x)})
-    assert decode_program(list(act_order.model.layers), 1e-6, 1.0) is None  # an overridden forward is not called
+    assert decode_program(list(act_order.model.layers), 1e-6, 1.0, torch.float32) is None  # an overridden forward is not called
 
 
 def test_program_rejects_bad_use_with_clear_errors(tiny_llama):

@@ -5,7 +5,8 @@
 // dispatcher work, about a third of the token (perf, embedded model). This class holds the stack's program
 // (norm weights and, per linear, the op and arguments its module would call) and runs the same ops in the
 // same order through the dispatcher, so its results are bit-identical to the Python loop's. Dense layers
-// run at::linear (as nn.Linear does); compressed ones their own tiled op, named by schema and called boxed.
+// run comptrust::dense_gemv (as the loop's decode steps do), compressed ones their own tiled op, each named by
+// schema and called boxed.
 #include <torch/extension.h>
 
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -21,11 +22,6 @@ namespace {
 // One linear layer (or several of one input, through gemm_tiled_many): x -> outputs.
 class LinearCall {
  public:
-  static LinearCall dense(at::Tensor weight) {
-    LinearCall call;
-    call.dense_weight_ = std::move(weight);
-    return call;
-  }
   // op_name's schema must read (Tensor x, <the tensors>, <the ints>): the tiled ops' do.
   static LinearCall boxed(const std::string& op_name, std::vector<at::Tensor> tensors, std::vector<int64_t> ints) {
     LinearCall call;
@@ -57,10 +53,6 @@ class LinearCall {
   int64_t outputs() const { return outputs_; }
 
   void run(const at::Tensor& x, std::vector<at::Tensor>& out) const {
-    if (dense_weight_.defined()) {
-      out.push_back(at::linear(x, dense_weight_));
-      return;
-    }
     torch::jit::Stack stack;
     stack.reserve(1 + arguments_.size());
     stack.emplace_back(x);
@@ -74,7 +66,6 @@ class LinearCall {
   }
 
  private:
-  at::Tensor dense_weight_;
   std::optional<c10::OperatorHandle> op_;
   std::vector<c10::IValue> arguments_;
   int64_t outputs_ = 1;
@@ -102,7 +93,9 @@ class DecodeProgram : public torch::CustomClassHolder {
   void add_layer(at::Tensor attn_norm, at::Tensor mlp_norm) { layers_.push_back({attn_norm, mlp_norm, {}, {}, {}, {}}); }
 
   // part: "qkv", "o", "gate_up" or "down" of the last layer added.
-  void add_dense(const std::string& part, at::Tensor weight) { slot(part).push_back(LinearCall::dense(std::move(weight))); }
+  void add_dense(const std::string& part, at::Tensor weight) {
+    slot(part).push_back(LinearCall::boxed("comptrust::dense_gemv", {std::move(weight)}, {}));
+  }
   void add_op(const std::string& part, const std::string& op_name, std::vector<at::Tensor> tensors,
               std::vector<int64_t> ints) {
     slot(part).push_back(LinearCall::boxed(op_name, std::move(tensors), std::move(ints)));
