@@ -98,7 +98,9 @@ def _efficiency_table(rows: list[dict]) -> list[str]:
 
 def _speed_note(rows: list[dict]) -> str:
     note = ("Decode tok/s: greedy batch-1 decoding on comptrust's lean runtime (the model's own layers and kernels, "
-            "a preallocated KV cache, none of transformers' per-layer bookkeeping); HF decode tok/s: the same "
+            "a preallocated KV cache, none of transformers' per-layer bookkeeping; plain fp32/bf16 linears, the "
+            "output projection of every configuration among them, on comptrust's row-parallel dense_gemv, as "
+            "torch's MKL sgemv ran them on one thread); HF decode tok/s: the same "
             "through the model's transformers forward, the speed generate() gives. ")
     reasons = sorted({row["efficiency"].get("runtime_note") or "not recorded" for row in rows
                       if row["efficiency"].get("runtime") != "lean"})

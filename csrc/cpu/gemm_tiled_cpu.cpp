@@ -505,13 +505,22 @@ COMPTRUST_AVX512_VNNI void a8_avx512(const Problem& p, int64_t t, int64_t i0) {
   COMPTRUST_UNROLL for (int q = 0; q < P; ++q) tiles[q].template store<R>(i0, out[q]);
 }
 
+// fp32 x's rows as limbs two at a time (six int8 rows: with two tile pairs, 12 int32 sums beside the fp32 ones
+// fill the registers), then the odd one: run(std::integral_constant<int, R>{}, first_row).
+template <class Run>
+void for_each_limbs_row_block(int64_t m, Run&& run) {
+  int64_t i0 = 0;
+  for (; i0 + 2 <= m; i0 += 2) run(std::integral_constant<int, 2>{}, i0);
+  if (i0 < m) run(std::integral_constant<int, 1>{}, i0);
+}
+
 // Tiles 2u and 2u + 1.
 template <int BITS>
 COMPTRUST_AVX512_VNNI void a8_rows_avx512(const Problem& p, int64_t u) {
   if (p.limbs == kLimbs) {
-    int64_t i = 0;
-    for (; i + 2 <= p.m; i += 2) a8_avx512<BITS, 2, 1, kLimbs>(p, 2 * u, i);
-    if (i < p.m) a8_avx512<BITS, 1, 1, kLimbs>(p, 2 * u, i);
+    for_each_limbs_row_block(p.m, [&](auto rows, int64_t i0) {
+      a8_avx512<BITS, decltype(rows)::value, 1, kLimbs>(p, 2 * u, i0);
+    });
     return;
   }
   for_each_row_block(p.m, [&](auto rows, int64_t i0) { a8_avx512<BITS, decltype(rows)::value, 1>(p, 2 * u, i0); });
@@ -543,9 +552,9 @@ COMPTRUST_AVX512_VNNI void a8_pair_unit_avx512(const Problem& p, int64_t first_p
     return;
   }
   if (p.limbs == kLimbs) {
-    int64_t i = 0;
-    for (; i + 2 <= p.m; i += 2) a8_avx512<BITS, 2, kRowBlockPairs, kLimbs>(p, 2 * first_pair, i);
-    if (i < p.m) a8_avx512<BITS, 1, kRowBlockPairs, kLimbs>(p, 2 * first_pair, i);
+    for_each_limbs_row_block(p.m, [&](auto rows, int64_t i0) {
+      a8_avx512<BITS, decltype(rows)::value, kRowBlockPairs, kLimbs>(p, 2 * first_pair, i0);
+    });
     return;
   }
   for_each_row_block(p.m, [&](auto rows, int64_t i0) {
