@@ -64,6 +64,34 @@ def test_decode_attention_long_context_uses_both_threads_and_agrees():
     _close(got, expected, torch.float32, scale=values.abs().max().item())
 
 
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(9, 3, 64), (10, 2, 48), (16, 2, 80), (4, 1, 256), (3, 3, 16)])
+@pytest.mark.parametrize("position", [0, 3, 62, 63, 64, 127, 128, 250])
+def test_fp32_decode_attention_in_parts_matches_sdpa(heads, kv_heads, head_dim, position):
+    """fp32 caches with head_dim a multiple of 16 take the AVX-512 path where the CPU has it: positions in parts
+    of 64 merged afterwards, up to four query heads per pass over a kv head (groups of 5 and 8 here: passes of
+    4 + 1 and 4 + 4), head_dim in 64-column steps then 16 (48, 80); lengths at and around the part boundaries."""
+    q, k, v, (keys, values), cos, sin = _attention_case(heads, kv_heads, head_dim, 256, position, torch.float32,
+                                                        position + head_dim)
+    ref_keys, ref_values = keys.clone(), values.clone()
+    expected = reference.decode_attention(q, k, v, ref_keys, ref_values, cos, sin, position, head_dim ** -0.5)
+    got = torch.ops.comptrust.decode_attention(q, k, v, keys, values, cos, sin, position, head_dim ** -0.5)
+    _close(got, expected, torch.float32, scale=values.abs().max().item())
+    assert torch.equal(values, ref_values)
+
+
+def test_decode_attention_is_the_same_on_one_thread_and_two():
+    """The parts depend on the length alone and merge in order: the thread count does not change a bit."""
+    q, k, v, (keys, values), cos, sin = _attention_case(9, 3, 64, 400, 300, torch.float32)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.ops.comptrust.decode_attention(q, k, v, keys, values, cos, sin, 300, 0.125)
+        torch.set_num_threads(2)
+        assert torch.equal(torch.ops.comptrust.decode_attention(q, k, v, keys, values, cos, sin, 300, 0.125), one)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda a: a.update(position=100), "position 100 is outside the cache's 100 positions"),
     (lambda a: a.update(position=-1), "position -1 is outside"),
