@@ -49,6 +49,25 @@ def test_matches_transformers_prefill_and_decode(tiny_llama):
     _assert_close(_lean_logits(tiny_llama, chunks), _transformers_logits(tiny_llama, chunks), 1e-5)
 
 
+@pytest.mark.parametrize("rope", [None, {"rope_type": "linear", "factor": 2.0}, {"rope_type": "llama3", "factor": 8.0,
+                                  "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}])
+def test_rotary_table_rows_are_the_modules_own_angles(tiny_llama, rope):
+    """The decoder's table of rotary angles holds, bit for bit, what the model's rotary module returns for each
+    position on its own (the call a step would make), for the rope types it runs (dynamic and longrope, whose
+    frequencies change with the length reached, are refused: test_unsupported_configs_fall_back_to_transformers)."""
+    model = tiny_llama
+    if rope is not None:
+        config = copy.deepcopy(tiny_llama.config)
+        config.rope_parameters = {**config.rope_parameters, **rope}
+        model = LlamaForCausalLM(config).eval()
+    decoder = LeanDecoder(model, 300)
+    probe = torch.empty(1, 1, 1)
+    for position in (0, 1, 17, 299):
+        cos, sin = model.model.rotary_emb(probe, torch.tensor([[position]]))
+        assert torch.equal(decoder._cos_sin[0][:, position:position + 1], cos)
+        assert torch.equal(decoder._cos_sin[1][:, position:position + 1], sin)
+
+
 def test_chunks_after_earlier_tokens_are_causal(tiny_llama):
     """A chunk of several tokens after a prefill sees the earlier tokens and none after itself."""
     torch.manual_seed(2)
