@@ -14,7 +14,8 @@ exactly (the caller then uses transformers); tests hold its logits to transforme
 Decode steps (one token) go further where every linear is one C++ can call as its module would (a bias-free
 nn.Linear, or a tiled compressed layer's own op): the whole layer stack runs as one call of a DecodeProgram
 (csrc/cpu/decode_program.cpp), the same ops in the same order, bit-identical to the Python loop, without
-the ~9 Python-level op calls per layer that were a third of an int4 token's time.
+the ~9 Python-level op calls per layer that were a third of an int4 token's time; greedy steps (next_token,
+steps) also take the embedding, final norm, output projection and argmax into that call.
 """
 from __future__ import annotations
 
@@ -165,12 +166,25 @@ def decode_program(layers: list[torch.nn.Module], eps: float, scale: float, dtyp
     return program
 
 
+def _program_head(program, model: torch.nn.Module, dtype: torch.dtype) -> bool:
+    """Give the program the rest of a greedy step (DecodeProgram.greedy): the embedding table, the final norm
+    and the output projection as the call LeanDecoder.forward makes for it; False where it has no such call."""
+    decoder = model.model
+    if type(decoder.embed_tokens) is not torch.nn.Embedding or not decoder.embed_tokens.weight.is_contiguous():
+        return False
+    if not _program_linear(program, "head", model.lm_head, dtype):
+        return False
+    program.set_embedding(decoder.embed_tokens.weight, decoder.norm.weight)
+    return True
+
+
 class LeanDecoder:
     """Greedy decoding state for one sequence (batch 1) of at most `max_positions` tokens.
 
-    `forward(ids)` appends ids [1, T] to the sequence and returns the logits [1, vocab] after its last token.
-    `reset()` starts a new sequence, keeping the cache's memory. `use_program=False` keeps decode steps in the
-    Python loop (the tests compare the two).
+    `forward(ids)` appends ids [1, T] to the sequence and returns the logits [1, vocab] after its last token;
+    `next_token(id)` appends one token and returns the greedy choice after it (one C++ call where the program
+    has the whole step). `reset()` starts a new sequence, keeping the cache's memory. `use_program=False` keeps
+    decode steps in the Python loop (the tests compare the two).
     """
 
     def __init__(self, model: torch.nn.Module, max_positions: int, use_program: bool = True):
@@ -198,8 +212,10 @@ class LeanDecoder:
         self._lm_head = _linear_call(model.lm_head, weight.dtype)
         self.layers = [_layer(layer, weight.dtype) for layer in decoder.layers]
         self.program = None  # decode steps' C++ program, where every linear fits (decode_program)
+        self._greedy_in_program = False  # whole greedy steps in one call (DecodeProgram.greedy)
         if use_program and weight.device.type == "cpu":
             self.program = decode_program(list(decoder.layers), self.eps, self.head_dim ** -0.5, weight.dtype)
+            self._greedy_in_program = self.program is not None and _program_head(self.program, model, weight.dtype)
         shape = (len(self.layers), self.kv_heads, max_positions, self.head_dim)
         self.keys = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
         self.values = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
@@ -264,13 +280,33 @@ class LeanDecoder:
         """[1, T, heads * head_dim] -> [1, heads, T, head_dim]"""
         return states.view(1, states.shape[1], heads, self.head_dim).transpose(1, 2)
 
+    def next_token(self, token: int) -> int:
+        """Append `token` and return the greedy choice after it: one DecodeProgram.greedy call where the program
+        has the whole step, else forward and argmax (the same ops either way, so the same token)."""
+        if not self._greedy_in_program:
+            return int(self.forward(torch.tensor([[token]], device=self.keys.device)).argmax(-1))
+        if self.position >= self.max_positions:
+            raise ValueError(f"the sequence would reach {self.position + 1} tokens; this decoder holds "
+                             f"{self.max_positions}")
+        token = self.program.greedy(token, self.keys, self.values, *self._cos_sin, self.position)
+        self.position += 1
+        return token
+
+    def greedy_tokens(self, prompt_ids: torch.Tensor, count: int) -> list[int]:
+        """A new sequence: the prompt, then greedy steps until `count` tokens are chosen; those tokens."""
+        self.reset()
+        tokens = [int(self.forward(prompt_ids).argmax(-1))]
+        while len(tokens) < count:
+            tokens.append(self.next_token(tokens[-1]))
+        return tokens
+
     def steps(self, prompt_ids: torch.Tensor, decode_tokens: int) -> tuple[float, float]:
         """A new sequence: the prompt's forward, then `decode_tokens` greedy steps; (prefill s, decode s)."""
         self.reset()
         start = time.perf_counter()
-        token = self.forward(prompt_ids).argmax(-1, keepdim=True)
+        token = int(self.forward(prompt_ids).argmax(-1))
         prefill = time.perf_counter() - start
         start = time.perf_counter()
         for _ in range(decode_tokens):
-            token = self.forward(token).argmax(-1, keepdim=True)
+            token = self.next_token(token)
         return prefill, time.perf_counter() - start

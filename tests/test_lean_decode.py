@@ -178,6 +178,62 @@ def test_program_is_bit_identical_in_bf16(tiny_llama):
     assert got[-1].dtype == torch.bfloat16 and all(torch.equal(a, b) for a, b in zip(got, expected))
 
 
+def _program_and_loop_tokens(model, prompt, count, max_positions=64):
+    """Greedy tokens (and the caches after them) with whole steps in the program and with forward + argmax."""
+    with_program, without = LeanDecoder(model, max_positions), LeanDecoder(model, max_positions, use_program=False)
+    assert with_program._greedy_in_program and not without._greedy_in_program
+    got, expected = with_program.greedy_tokens(prompt, count), without.greedy_tokens(prompt, count)
+    assert torch.equal(with_program.keys, without.keys) and torch.equal(with_program.values, without.values)
+    assert with_program.position == without.position == prompt.shape[1] + count - 1
+    return got, expected
+
+
+@pytest.mark.parametrize("tag", [None, "rtn-w4g128", "rtn-w3g128-a8", "mag-24", "rtn-w4g128-head"])
+def test_whole_greedy_steps_choose_the_python_loops_tokens(tiny_llama, tag):
+    """DecodeProgram.greedy (embedding, layers, final norm, output projection, argmax in one call) against
+    LeanDecoder.forward + torch's argmax: the same tokens and bit-identical caches, with a dense or an int4 output
+    projection ("-head")."""
+    model = copy.deepcopy(tiny_llama)
+    if tag:
+        compress_(model, config_from_tag(tag), progress=False)
+    got, expected = _program_and_loop_tokens(model, torch.randint(0, 49152, (1, 9)), 12)
+    assert got == expected
+
+
+def test_whole_greedy_steps_break_ties_and_nans_as_torch_argmax(tiny_llama):
+    """Equal logits: the first index, as torch.argmax; a NaN logit: its index (torch counts NaN as the largest)."""
+    model = copy.deepcopy(tiny_llama)
+    model.config.tie_word_embeddings = False
+    head = torch.nn.Linear(96, 49152, bias=False)
+    head.weight.data.zero_()  # every logit 0 ...
+    head.weight.data[3::5] = model.lm_head.weight.data[3]  # ... but rows 3, 8, 13, ...: one other value, repeated
+    model.lm_head = head
+    prompt = torch.randint(0, 49152, (1, 5))
+    got, expected = _program_and_loop_tokens(model, prompt, 4)
+    assert got == expected and set(got[1:]) <= {0, 3}  # the first of whichever tie is larger
+    head.weight.data[40000] = float("nan")
+    head.weight.data[45000] = float("nan")
+    got, expected = _program_and_loop_tokens(model, prompt, 3)
+    assert got == expected == [40000, 40000, 40000]
+
+
+def test_whole_greedy_steps_refuse_bad_calls(tiny_llama):
+    decoder = LeanDecoder(tiny_llama, 6)
+    decoder.greedy_tokens(torch.randint(0, 49152, (1, 4)), 3)
+    with pytest.raises(ValueError, match="would reach 7 tokens; this decoder holds 6"):
+        decoder.next_token(5)
+    cos, sin = decoder._cos_sin
+    with pytest.raises(RuntimeError, match="token 49152 is outside the vocabulary of 49152"):
+        decoder.program.greedy(49152, decoder.keys, decoder.values, cos, sin, 0)
+    with pytest.raises(RuntimeError, match="position 6 is outside the rotary tables"):
+        decoder.program.greedy(1, decoder.keys, decoder.values, cos, sin, 6)
+    bare = torch.classes.comptrust.DecodeProgram(1e-6, 1.0)
+    with pytest.raises(RuntimeError, match="needs set_embedding and one output projection"):
+        bare.greedy(0, decoder.keys, decoder.values, cos, sin, 0)
+    with pytest.raises(RuntimeError, match=r"embedding must be contiguous \[vocab, d\]"):
+        bare.set_embedding(torch.zeros(4, 8), torch.ones(7))
+
+
 class _Doubled(torch.nn.Module):
     """A linear the program has no call for: its forward is not nn.Linear's nor a tiled op's."""
 

@@ -11,6 +11,7 @@
 
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <cmath>
 #include <optional>
 #include <string>
 #include <utility>
@@ -92,6 +93,17 @@ class DecodeProgram : public torch::CustomClassHolder {
 
   void add_layer(at::Tensor attn_norm, at::Tensor mlp_norm) { layers_.push_back({attn_norm, mlp_norm, {}, {}, {}, {}}); }
 
+  // The rest of a greedy step (greedy): the token embeddings [vocab, d] and the final norm's weight; the output
+  // projection is the "head" part (add_dense / add_op).
+  void set_embedding(at::Tensor embedding, at::Tensor final_norm) {
+    TORCH_CHECK(embedding.dim() == 2 && embedding.is_contiguous() && final_norm.dim() == 1 &&
+                    final_norm.size(0) == embedding.size(1),
+                "DecodeProgram.set_embedding: embedding must be contiguous [vocab, d] and final_norm [d], got ",
+                embedding.sizes(), " and ", final_norm.sizes());
+    embedding_ = std::move(embedding);
+    final_norm_ = std::move(final_norm);
+  }
+
   // part: "qkv", "o", "gate_up" or "down" of the last layer added.
   void add_dense(const std::string& part, at::Tensor weight) {
     slot(part).push_back(LinearCall::boxed("comptrust::dense_gemv", {std::move(weight)}, {}));
@@ -103,6 +115,28 @@ class DecodeProgram : public torch::CustomClassHolder {
   void add_many(const std::string& part, std::vector<at::Tensor> weights, std::vector<at::Tensor> zeros,
                 std::vector<at::Tensor> scales, int64_t bits, int64_t group_size, int64_t act_bits) {
     slot(part).push_back(LinearCall::many(std::move(weights), std::move(zeros), std::move(scales), bits, group_size, act_bits));
+  }
+
+  // A whole greedy decode step from the token id at `position`: what LeanDecoder.forward and the argmax after it
+  // compute (embedding row, rotary row of the tables [1, max_positions, head_dim], the layers, final norm, output
+  // projection; the same ops in the same order), without the ~10 Python-level calls per token, which ran at
+  // 70-100 us each here with the caches cold from the weights' stream. Returns the next token's id.
+  int64_t greedy(int64_t token, at::Tensor keys, at::Tensor values, const at::Tensor& cos_table,
+                 const at::Tensor& sin_table, int64_t position) const {
+    TORCH_CHECK(embedding_.defined() && head_.size() == 1,
+                "DecodeProgram.greedy: needs set_embedding and one output projection (the \"head\" part)");
+    TORCH_CHECK(token >= 0 && token < embedding_.size(0), "DecodeProgram.greedy: token ", token,
+                " is outside the vocabulary of ", embedding_.size(0));
+    TORCH_CHECK(cos_table.dim() == 3 && sin_table.sizes() == cos_table.sizes() && position >= 0 &&
+                    position < cos_table.size(1),
+                "DecodeProgram.greedy: position ", position, " is outside the rotary tables ", cos_table.sizes());
+    const at::Tensor hidden = embedding_.select(0, token).clone().view({1, 1, embedding_.size(1)});
+    const at::Tensor pending = step(hidden, std::move(keys), std::move(values), cos_table.narrow(1, position, 1),
+                                    sin_table.narrow(1, position, 1), position);
+    const at::Tensor last = norm_.call(hidden.select(1, 0), pending.select(1, 0), final_norm_, eps_);
+    std::vector<at::Tensor> out;
+    head_[0].run(last, out);
+    return first_argmax(out[0]);
   }
 
   // One token through every layer: hidden [1, 1, d] (the embedded token; updated in place as the residual
@@ -137,14 +171,25 @@ class DecodeProgram : public torch::CustomClassHolder {
   }
 
  private:
+  // torch.argmax's answer for one row of logits: the first largest value, or the first NaN if there is one.
+  static int64_t first_argmax(const at::Tensor& logits) {
+    const at::Tensor row = logits.to(at::kFloat).contiguous();
+    const float* x = row.data_ptr<float>();
+    int64_t best = 0;
+    for (int64_t i = 1; i < row.numel() && !std::isnan(x[best]); ++i)
+      if (std::isnan(x[i]) || x[i] > x[best]) best = i;
+    return best;
+  }
+
   std::vector<LinearCall>& slot(const std::string& part) {
+    if (part == "head") return head_;
     TORCH_CHECK(!layers_.empty(), "DecodeProgram: add_layer before its linears");
     LayerProgram& layer = layers_.back();
     if (part == "qkv") return layer.qkv;
     if (part == "o") return layer.o;
     if (part == "gate_up") return layer.gate_up;
     if (part == "down") return layer.down;
-    TORCH_CHECK(false, "DecodeProgram: unknown part '", part, "' (qkv, o, gate_up or down)");
+    TORCH_CHECK(false, "DecodeProgram: unknown part '", part, "' (qkv, o, gate_up, down or head)");
   }
 
   static void run_all(const std::vector<LinearCall>& calls, const at::Tensor& x, std::vector<at::Tensor>& out,
@@ -157,6 +202,8 @@ class DecodeProgram : public torch::CustomClassHolder {
 
   double eps_, scale_;
   std::vector<LayerProgram> layers_;
+  std::vector<LinearCall> head_;  // the output projection
+  at::Tensor embedding_, final_norm_;
   c10::TypedOperatorHandle<NormOp> norm_;
   c10::TypedOperatorHandle<AttentionOp> attention_;
 };
@@ -172,5 +219,7 @@ TORCH_LIBRARY_FRAGMENT(comptrust, m) {
       .def("add_dense", &DecodeProgram::add_dense)
       .def("add_op", &DecodeProgram::add_op)
       .def("add_many", &DecodeProgram::add_many)
-      .def("step", &DecodeProgram::step);
+      .def("set_embedding", &DecodeProgram::set_embedding)
+      .def("step", &DecodeProgram::step)
+      .def("greedy", &DecodeProgram::greedy);
 }
