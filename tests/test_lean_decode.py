@@ -217,6 +217,30 @@ def test_whole_greedy_steps_break_ties_and_nans_as_torch_argmax(tiny_llama):
     assert got == expected == [40000, 40000, 40000]
 
 
+def test_first_argmax_is_torch_argmax(isa):
+    """The greedy step's argmax (two AVX-512 passes, or a scalar loop) on each ISA against torch.argmax: odd lengths (vector
+    tails), ties, -0 against +0, all -inf, NaNs anywhere (torch takes the first NaN), bf16 logits."""
+    first_argmax = torch.classes.comptrust.DecodeProgram.first_argmax
+    gen = torch.Generator().manual_seed(5)
+    cases = []
+    for n in (1, 5, 16, 17, 31, 1003, 49152):
+        x = torch.randn(n, generator=gen)
+        cases += [x, x.round(), torch.zeros(n), torch.full((n,), float("-inf")), x.bfloat16()]
+        for at in {0, n // 2, n - 1}:
+            nan = x.clone()
+            nan[at] = float("nan")
+            cases.append(nan)
+        if n > 1:
+            zeros = torch.zeros(n)
+            zeros[0] = -0.0
+            cases.append(zeros)
+            cases.append(torch.cat([x[:-1], x.max().reshape(1) + 1]))
+    for logits in cases:
+        assert first_argmax(logits.view(1, -1)) == int(logits.view(1, -1).argmax(-1)), logits
+    with pytest.raises(RuntimeError, match="no logits"):
+        first_argmax(torch.zeros(1, 0))
+
+
 def test_whole_greedy_steps_refuse_bad_calls(tiny_llama):
     decoder = LeanDecoder(tiny_llama, 6)
     decoder.greedy_tokens(torch.randint(0, 49152, (1, 4)), 3)
