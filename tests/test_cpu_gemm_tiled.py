@@ -192,6 +192,25 @@ def test_amx_fp32_activations_lose_no_bit(bits, monkeypatch):
         assert rel_err(ops.gemm_tiled(x, tile(packed)), ref) < 1e-6
 
 
+def test_one_int4_row_in_one_weight_stream_keeps_fp32_accuracy(monkeypatch):
+    """One fp32 row on a small int4 layer whose k and group size are multiples of 16 takes the single-stream VNNI
+    kernel (two word rows of a tile per load, x as three int8 limbs): a tile alone and odd tile counts (the
+    two-tile work units), blocks of 32 inputs cut short by the group (g16, g48, g80) and by k (k = 48), wide-range
+    inputs; against the reference, on every ISA (the others keep their kernels), and as one layer or several of
+    one x (gemm_tiled_many: the same kernel, so bit-identical)."""
+    for n, k, group in ((8, 16, 16), (24, 48, 48), (40, 160, 80), (200, 96, 96), (1536, 576, 128), (576, 1536, 128),
+                        (72, 208, 16)):
+        layers = [random_int4(n, k, group, seed=n + k + i)[0] for i in range(2)]
+        x = wide_range_rows(1, k, seed=k)
+        for isa in available_isas():
+            monkeypatch.setenv("COMPTRUST_CPU_ISA", isa)
+            outputs = ops.gemm_tiled_many(x, [tile(packed) for packed in layers])
+            for packed, y in zip(layers, outputs):
+                ref = reference.int4_gemm(x, packed.qweight, packed.qzeros, packed.scales, group)
+                assert rel_err(y, ref) < 2e-6, (n, k, group, isa, rel_err(y, ref))
+                assert torch.equal(y, ops.gemm_tiled(x, tile(packed))), (n, k, group, isa)
+
+
 @pytest.mark.parametrize("bits", [4, 3])
 def test_fp32_as_int8_limbs_keeps_fp32_accuracy(bits, monkeypatch):
     """With VNNI, fp32 x runs on the int8 kernels as three int8 limbs per block of 32 inputs, leaving at most

@@ -11,6 +11,7 @@ from comptrust.compress import config_from_tag
 from comptrust.efficiency import measure_speed
 from comptrust.lean_decode import LeanDecoder, decode_program, unsupported_reason
 from comptrust.models import cache_keyword, load_model
+from quant_cases import available_isas
 
 
 def _transformers_logits(model, chunks):
@@ -284,6 +285,22 @@ def test_layers_the_program_cannot_call_keep_the_python_loop(tiny_llama):
     assert decode_program(list(act_order.model.layers), 1e-6, 1.0, torch.float32) is None  # an overridden forward is not called
 
 
+@pytest.mark.parametrize("tag", [None, "rtn-w4g128"])
+def test_program_binds_its_fp32_linears(tiny_llama, tag):
+    """Where an fp32 row can take a product bound once to its weights (bound_gemv.h: dense rows; tiled layers on
+    the AVX-512 kernels), the program runs it without the dispatcher, and the dense q/k/v and gate/up of a layer
+    become one call (one parallel region) as the tiled ones already are. A bf16 model keeps the ops."""
+    model = copy.deepcopy(tiny_llama)
+    if tag:
+        compress_(model, config_from_tag(tag), progress=False)
+    how = "bound" if tag is None or "avx512" in available_isas() else "op"
+    expected = [line for i in range(2) for line in (f"layer {i} qkv: 3 {how}", f"layer {i} o: 1 {how}",
+                                                     f"layer {i} gate_up: 2 {how}", f"layer {i} down: 1 {how}")]
+    assert LeanDecoder(model, 16).program.describe() == expected + ["head: 1 bound"]
+    bf16 = LeanDecoder(copy.deepcopy(tiny_llama).to(torch.bfloat16), 16).program.describe()
+    assert bf16[:4] == ["layer 0 qkv: 3 op", "layer 0 o: 1 op", "layer 0 gate_up: 2 op", "layer 0 down: 1 op"]
+
+
 def test_program_rejects_bad_use_with_clear_errors(tiny_llama):
     program = torch.classes.comptrust.DecodeProgram(1e-6, 1.0)
     with pytest.raises(RuntimeError, match="add_layer before its linears"):
@@ -297,6 +314,9 @@ def test_program_rejects_bad_use_with_clear_errors(tiny_llama):
         program.add_op("o", "comptrust::sparse24_gemm_tiled", [torch.zeros(1)], [3])
     with pytest.raises(RuntimeError, match="comptrust::no_such_op"):
         program.add_op("o", "comptrust::no_such_op", [], [])
+    with pytest.raises(RuntimeError, match=r"gemm_tiled: zeros is \[2, 1, 8\], expected \[2, 2, 8\]"):
+        program.add_many("qkv", [torch.zeros(2, 4, 8, dtype=torch.int32)], [torch.zeros(2, 1, 8, dtype=torch.uint8)],
+                         [torch.zeros(2, 1, 8, dtype=torch.float16)], 4, 16, 0)
     with pytest.raises(RuntimeError, match="missing a linear"):
         program.step(torch.zeros(1, 1, 4), torch.zeros(1, 1, 8, 4), torch.zeros(1, 1, 8, 4), torch.ones(1, 1, 4),
                      torch.zeros(1, 1, 4), 0)

@@ -4,10 +4,12 @@
 // time was Python: ~270 op calls per token (9 per layer), each a few microseconds of interpreter and
 // dispatcher work, about a third of the token (perf, embedded model). This class holds the stack's program
 // (norm weights and, per linear, the op and arguments its module would call) and runs the same ops in the
-// same order through the dispatcher, so its results are bit-identical to the Python loop's. Dense layers
-// run comptrust::dense_gemv (as the loop's decode steps do), compressed ones their own tiled op, each named by
-// schema and called boxed. Given the embedding table and the output projection too, `greedy` runs a whole
-// greedy step, token id in, next token id out.
+// same order, so its results are bit-identical to the Python loop's. Dense layers run comptrust::dense_gemv (as
+// the loop's decode steps do), compressed ones their own tiled op, each named by schema and called boxed, except
+// where an fp32 row can take the same product bound once to its weights (bound_gemv.h: dense rows, tiled layers
+// on the AVX-512 kernels), which skips the dispatcher's per-call work; a layer's dense q/k/v (gate/up) are bound
+// together, one parallel region, as the tiled ones already run through gemm_tiled_many. Given the embedding
+// table and the output projection too, `greedy` runs a whole greedy step, token id in, next token id out.
 #include <torch/extension.h>
 
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -18,6 +20,7 @@
 #include <utility>
 #include <vector>
 
+#include "cpu/bound_gemv.h"
 #include "cpu/isa.h"
 #include "cpu/simd_common.h"
 
@@ -56,7 +59,9 @@ COMPTRUST_AVX512 int64_t first_argmax_avx512(const float* x, int64_t n) {
 }
 #endif
 
-// One linear layer (or several of one input, through gemm_tiled_many): x -> outputs.
+// One linear layer, or several of one input: x -> outputs. Each keeps the boxed op calls the Python loop makes
+// (one per layer, or one gemm_tiled_many) and, where the product can be bound (bound_gemv.h), runs an fp32 row
+// through that instead: the same kernel over the same tiles, without the dispatcher's per-call work.
 class LinearCall {
  public:
   // op_name's schema must read (Tensor x, <the tensors>, <the ints>): the tiled ops' do.
@@ -72,8 +77,21 @@ class LinearCall {
       TORCH_CHECK(*arguments[i].type() == *expected, "DecodeProgram: ", op_name, "'s argument ", arguments[i].name(),
                   " is ", arguments[i].type()->str(), ", not the ", tensor ? "Tensor" : "int", " given there");
     }
-    for (auto& t : tensors) call.arguments_.emplace_back(std::move(t));
-    for (int64_t i : ints) call.arguments_.emplace_back(i);
+    // gemm_tiled(x, weight, zeros, scales, bits, group_size, act_bits) with float activations can be bound
+    if (op_name == "comptrust::gemm_tiled" && tensors.size() == 3 && ints.size() == 3 && ints[2] == 0)
+      call.bound_ = bind_tiled_gemv({tensors[0]}, {tensors[1]}, {tensors[2]}, ints[0], ints[1]);
+    std::vector<c10::IValue> arguments_of_call(tensors.begin(), tensors.end());
+    for (int64_t i : ints) arguments_of_call.emplace_back(i);
+    call.calls_.push_back(std::move(arguments_of_call));
+    return call;
+  }
+  // dense_gemv for each weight; bound together (one parallel region) where they are fp32.
+  static LinearCall dense(std::vector<at::Tensor> weights) {
+    LinearCall call;
+    call.op_ = c10::Dispatcher::singleton().findSchemaOrThrow("comptrust::dense_gemv", "");
+    for (const at::Tensor& w : weights) call.calls_.push_back({c10::IValue(w)});
+    call.dense_weights_ = std::move(weights);
+    call.bound_ = bind_dense_gemv(call.dense_weights_);
     return call;
   }
   // gemm_tiled_many: one x, several tiled weights of one format.
@@ -81,31 +99,55 @@ class LinearCall {
                          std::vector<at::Tensor> scales, int64_t bits, int64_t group_size, int64_t act_bits) {
     LinearCall call;
     call.op_ = c10::Dispatcher::singleton().findSchemaOrThrow("comptrust::gemm_tiled_many", "");
-    call.outputs_ = static_cast<int64_t>(weights.size());
-    call.arguments_ = {c10::IValue(std::move(weights)), c10::IValue(std::move(zeros)), c10::IValue(std::move(scales)),
-                       c10::IValue(bits), c10::IValue(group_size), c10::IValue(act_bits)};
+    call.list_outputs_ = static_cast<int64_t>(weights.size());
+    if (act_bits == 0) call.bound_ = bind_tiled_gemv(weights, zeros, scales, bits, group_size);
+    call.calls_.push_back({c10::IValue(std::move(weights)), c10::IValue(std::move(zeros)),
+                           c10::IValue(std::move(scales)), c10::IValue(bits), c10::IValue(group_size),
+                           c10::IValue(act_bits)});
     return call;
   }
 
-  int64_t outputs() const { return outputs_; }
+  // The dense weights of a dense call (extended by DecodeProgram::add_dense), else empty.
+  const std::vector<at::Tensor>& dense_weights() const { return dense_weights_; }
+  // "<layers> bound" or "<layers> op": how many layers this call computes, and whether an fp32 row takes the
+  // bound product (DecodeProgram.describe).
+  std::string describe() const {
+    const size_t layers = list_outputs_ ? static_cast<size_t>(list_outputs_) : calls_.size();
+    return std::to_string(layers) + (bound_ ? " bound" : " op");
+  }
 
   void run(const at::Tensor& x, std::vector<at::Tensor>& out) const {
-    torch::jit::Stack stack;
-    stack.reserve(1 + arguments_.size());
-    stack.emplace_back(x);
-    stack.insert(stack.end(), arguments_.begin(), arguments_.end());
-    op_->callBoxed(stack);
-    if (outputs_ == 1) {
-      out.push_back(std::move(stack[0]).toTensor());
-    } else {
-      for (auto& y : std::move(stack[0]).toTensorVector()) out.push_back(std::move(y));
+    if (bound_ && x.scalar_type() == at::kFloat && x.is_contiguous() && x.numel() == bound_->k()) {
+      std::vector<float*> y;
+      for (int64_t n : bound_->widths()) {
+        std::vector<int64_t> sizes = x.sizes().vec();
+        sizes.back() = n;
+        out.push_back(at::empty(sizes, x.options()));
+        y.push_back(out.back().data_ptr<float>());
+      }
+      bound_->run(x.data_ptr<float>(), y.data());
+      return;
+    }
+    for (const std::vector<c10::IValue>& arguments : calls_) {
+      torch::jit::Stack stack;
+      stack.reserve(1 + arguments.size());
+      stack.emplace_back(x);
+      stack.insert(stack.end(), arguments.begin(), arguments.end());
+      op_->callBoxed(stack);
+      if (list_outputs_ == 0) {
+        out.push_back(std::move(stack[0]).toTensor());
+      } else {
+        for (auto& y : std::move(stack[0]).toTensorVector()) out.push_back(std::move(y));
+      }
     }
   }
 
  private:
   std::optional<c10::OperatorHandle> op_;
-  std::vector<c10::IValue> arguments_;
-  int64_t outputs_ = 1;
+  std::vector<std::vector<c10::IValue>> calls_;  // each boxed call's arguments after x
+  int64_t list_outputs_ = 0;  // gemm_tiled_many: how many tensors its one call returns
+  std::vector<at::Tensor> dense_weights_;
+  std::shared_ptr<const BoundGemv> bound_;
 };
 
 struct LayerProgram {
@@ -141,8 +183,16 @@ class DecodeProgram : public torch::CustomClassHolder {
   }
 
   // part: "qkv", "o", "gate_up" or "down" of the last layer added.
+  // Dense layers added to one part one after another (q, k, v) become one call, bound together where they can be.
   void add_dense(const std::string& part, at::Tensor weight) {
-    slot(part).push_back(LinearCall::boxed("comptrust::dense_gemv", {std::move(weight)}, {}));
+    std::vector<LinearCall>& calls = slot(part);
+    if (!calls.empty() && !calls.back().dense_weights().empty()) {
+      std::vector<at::Tensor> weights = calls.back().dense_weights();
+      weights.push_back(std::move(weight));
+      calls.back() = LinearCall::dense(std::move(weights));
+    } else {
+      calls.push_back(LinearCall::dense({std::move(weight)}));
+    }
   }
   void add_op(const std::string& part, const std::string& op_name, std::vector<at::Tensor> tensors,
               std::vector<int64_t> ints) {
@@ -173,6 +223,19 @@ class DecodeProgram : public torch::CustomClassHolder {
     std::vector<at::Tensor> out;
     head_[0].run(last, out);
     return first_argmax(out[0]);
+  }
+
+  // One line per linear call, in the order they run: "layer <i> <part>: <layers> bound|op", then "head: ...".
+  std::vector<std::string> describe() const {
+    std::vector<std::string> lines;
+    for (size_t i = 0; i < layers_.size(); ++i) {
+      const LayerProgram& layer = layers_[i];
+      for (const auto& [part, calls] : {std::pair<const char*, const std::vector<LinearCall>*>{"qkv", &layer.qkv},
+                                        {"o", &layer.o}, {"gate_up", &layer.gate_up}, {"down", &layer.down}})
+        for (const LinearCall& call : *calls) lines.push_back("layer " + std::to_string(i) + " " + part + ": " + call.describe());
+    }
+    for (const LinearCall& call : head_) lines.push_back("head: " + call.describe());
+    return lines;
   }
 
   // torch.argmax's answer for one row of logits: the first largest value, or the first NaN if there is one
@@ -259,5 +322,6 @@ TORCH_LIBRARY_FRAGMENT(comptrust, m) {
       .def("set_embedding", &DecodeProgram::set_embedding)
       .def("step", &DecodeProgram::step)
       .def("greedy", &DecodeProgram::greedy)
+      .def("describe", &DecodeProgram::describe)
       .def_static("first_argmax", &DecodeProgram::first_argmax);
 }

@@ -4,7 +4,9 @@
 //   * direct (batch < kPanelMinRows, float activations): codes are decoded in registers and feed up to
 //     kRowBlock rows at once. Per group we accumulate sum_k x*q and apply zero and scale once:
 //       sum_k x*(q - z)*s = s * (sum_k x*q - z * sum_k x),   sum_k x precomputed per (row, group).
-//     Batch 1 is memory-bound, so this is the path that must run at DRAM speed.
+//     Batch 1 is memory-bound, so this is the path that must run at DRAM speed. One fp32 row on small int4
+//     layers (TiledGemv, also the decode program's bound product) reads each thread's tiles as one stream
+//     with x as int8 limbs on VNNI where k and the group size are multiples of 16 (stream_vnni_avx512).
 //   * panel (kPanelMinRows <= batch < kBlasMinRows, float activations): two tiles (four with AVX-512) are
 //     dequantized once into an L1-resident fp32 panel, then a 6x16 (6x32) register-blocked microkernel runs
 //     every row over it (the decode cost is paid once per weight instead of once per row block).
@@ -44,6 +46,7 @@
 #include <vector>
 
 #include "bf16_panels.h"
+#include "bound_gemv.h"
 #include "comptrust/cpu_tiles.h"
 #include "dense_blocks.h"
 #include "int8_limbs.h"
@@ -819,6 +822,99 @@ COMPTRUST_AVX512 void direct_rows_avx512(const Problem& p, int64_t u) {
   for_each_row_block(p.m, [&](auto rows, int64_t i0) { direct_avx512<BITS, decltype(rows)::value>(p, 2 * u, i0); });
 }
 
+// -------------------------------------------- AVX-512 VNNI, int4, one row of fp32 x, one weight stream
+// The two-tile kernels (direct_avx512, a8_avx512) read tiles t and t + 1 side by side: two streams of 32-byte
+// rows (2.3 KB apart at k = 576), more with P > 1. At batch 1 on the embedded model's layers, cold, that read
+// pattern and the fp32 kernel's decoding (a shift, a vpermps and a multiply-add per 16 products) held them to
+// 12-14 GB/s in place, where the dense rows (one stream per thread) read 25-30. This kernel reads one tile at
+// a time, two word rows (16 inputs of its 8 columns) per 64-byte load, so a thread's stretch of tiles is one
+// sequential stream; x is three int8 limbs per block of 32 inputs (int8_limbs.h: fp32 accuracy), multiplied
+// with vpdpbusd: per 64 bytes of weights one vpermd, three mask/shift instructions and six vpdpbusd.
+// The vpermd puts word row 2v's column c in lane 2c and row 2v + 1's in lane 2c + 1 (inputs 16v..16v+7 and
+// 16v+8..16v+15); a lane's low nibbles are its even inputs, the high nibbles its odd ones. So the activation
+// operand of the low nibbles is 4 int8 of inputs 16v + {0,2,4,6} in even lanes and 16v + {8,10,12,14} in odd
+// ones: one 8-byte broadcast (vpbroadcastq, a plain load), as is the high nibbles' ({1,3,5,7}, {9,11,13,15}).
+// Each block's integer sums are scaled by its limb steps; per group the lane pairs are added before the zero
+// point and scale are applied. Needs k and the group size to be multiples of 16 (stream_fits).
+constexpr int kStreamInputs = 16;
+
+inline bool stream_fits(int bits, int64_t k, int64_t group_size) {
+  return bits == 4 && k % kStreamInputs == 0 && group_size % kStreamInputs == 0;
+}
+
+// The activations of one fp32 row for stream_vnni_avx512: codes[(l * k / 16 + v) * 16 ..] the 16 int8 of limb
+// l for inputs 16v..16v+15 as {0,2,4,6}, {8,10,12,14}, {1,3,5,7}, {9,11,13,15}; steps[(l * groups + g) *
+// blocks_per_group + b] the limb steps of each block.
+struct StreamLimbs {
+  std::vector<int8_t> codes;
+  std::vector<float> steps;
+};
+
+COMPTRUST_AVX512 void stream_limbs(const Problem& p, const float* x, StreamLimbs& out) {
+  static const LimbOrder kOrder = limb_order([](int j) {
+    const int v = j / kStreamInputs, r = j % kStreamInputs, half = r / 8, i = r % 8;
+    return v * kStreamInputs + (i % 2) * 8 + half * 4 + i / 2;
+  });
+  out.codes.resize(kLimbs * p.k);
+  out.steps.resize(kLimbs * p.groups * p.blocks_per_group);
+  for (int64_t g = 0; g < p.groups; ++g) {
+    const int64_t ke = p.group_end(g);
+    for (int64_t b = 0, bk = g * p.group_size; bk < ke; ++b, bk += kActBlock) {
+      int8_t* const limbs[kLimbs] = {out.codes.data() + bk, out.codes.data() + p.k + bk,
+                                     out.codes.data() + 2 * p.k + bk};
+      float steps[kLimbs];
+      limbs_of_block(x + bk, std::min<int64_t>(ke - bk, kActBlock), kOrder, limbs, steps);
+      for (int l = 0; l < kLimbs; ++l) out.steps[(l * p.groups + g) * p.blocks_per_group + b] = steps[l];
+    }
+  }
+}
+
+COMPTRUST_AVX512_VNNI void stream_vnni_avx512(const Problem& p, const StreamLimbs& x, int64_t t) {
+  const int32_t* tw = p.tile_w(t);
+  const uint8_t* tz = p.tile_zeros(t);
+  const at::Half* ts = p.tile_scales(t);
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  const __m512i interleave = _mm512_setr_epi32(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
+  const __m512i swap_pairs = _mm512_setr_epi32(1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  const __m512i twice = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+  __m512 out = _mm512_setzero_ps();
+  for (int64_t g = 0; g < p.groups; ++g) {
+    const int64_t v_end = p.group_end(g) / kStreamInputs;
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t b = 0, v = g * p.group_size / kStreamInputs; v < v_end; ++b) {
+      __m512i acc[kLimbs] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+      for (const int64_t block_end = std::min(v_end, v + kActBlock / kStreamInputs); v < block_end; ++v) {
+        const int32_t* rows = tw + v * 2 * kTileCols;
+        prefetch_ahead(rows);
+        const __m512i words = _mm512_permutexvar_epi32(interleave, _mm512_loadu_si512(rows));
+        const __m512i even = _mm512_and_si512(words, nibble), odd = _mm512_and_si512(_mm512_srli_epi32(words, 4), nibble);
+        for (int l = 0; l < kLimbs; ++l) {
+          const int8_t* codes = x.codes.data() + l * p.k + v * kStreamInputs;
+          int64_t low, high;
+          std::memcpy(&low, codes, sizeof low);
+          std::memcpy(&high, codes + 8, sizeof high);
+          acc[l] = dpbusd(acc[l], even, _mm512_set1_epi64(low));
+          acc[l] = dpbusd(acc[l], odd, _mm512_set1_epi64(high));
+        }
+      }
+      for (int l = 0; l < kLimbs; ++l)
+        sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[l]),
+                              _mm512_set1_ps(x.steps[(l * p.groups + g) * p.blocks_per_group + b]), sum);
+    }
+    sum = _mm512_add_ps(sum, _mm512_permutexvar_ps(swap_pairs, sum));  // both lanes of a pair: the column's sum
+    const __m512 zero = _mm512_permutexvar_ps(twice, _mm512_castps256_ps512(load_zeros(tz + g * kTileCols)));
+    const __m512 scale = _mm512_permutexvar_ps(twice, _mm512_castps256_ps512(load_scales(ts + g * kTileCols)));
+    out = _mm512_fmadd_ps(scale, _mm512_fnmadd_ps(zero, _mm512_set1_ps(p.x_group_sum[g]), sum), out);
+  }
+  const __m512i even_lanes = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 0, 2, 4, 6, 8, 10, 12, 14);
+  _mm256_storeu_ps(p.y + t * kTileCols, _mm512_castps512_ps256(_mm512_permutexvar_ps(even_lanes, out)));
+}
+
+// Tiles 2u and 2u + 1 (the work units of the two-tile kernels), one after the other.
+COMPTRUST_AVX512_VNNI void stream_vnni_pair(const Problem& p, const StreamLimbs& x, int64_t u) {
+  for (int64_t t = 2 * u, last = std::min(2 * u + 2, p.n / kTileCols); t < last; ++t) stream_vnni_avx512(p, x, t);
+}
+
 // ------------------------------------------------------------- AVX-512 direct (float x, int8)
 // The int8 word row holds 4 inputs of the tile's 8 columns; as for int4, one zmm takes two of them (input
 // 4r + 2q in lanes 0..7, 4r + 2q + 1 in lanes 8..15), so a word row costs two shift/mask/convert/subtract/
@@ -1306,6 +1402,73 @@ void check_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor&
                 groups, ", 8] for n=", tiles * kTileCols, ", k=", k, ", group_size=", group_size);
 }
 
+#ifdef COMPTRUST_X86
+// Several layers' products of one fp32 row (a decoder's q/k/v, gate/up at a decode step) in one parallel region,
+// the layers' tile pairs shared out together (SmolLM2's layers at batch 1, side by side: q, k, v 61-78 us as
+// three calls and 31-39 us as one; gate, up 91-118 us as two and 71-95 us as one), on stream_vnni_avx512 where
+// it fits, else the two-tile direct kernel.
+// Bound once (BoundGemv) by DecodeProgram; per call by gemm_tiled_many, and by gemm_tiled at one row.
+class TiledGemv final : public BoundGemv {
+ public:
+  // Layers already checked (check_args) and fit for the direct kernel (direct_many_fits).
+  TiledGemv(const std::vector<at::Tensor>& weights, const std::vector<at::Tensor>& zeros,
+            const std::vector<at::Tensor>& scales, int bits, int64_t k, int64_t group_size) {
+    k_ = k;
+    const int64_t groups = (k + group_size - 1) / group_size;
+    first_pair_.push_back(0);
+    for (size_t i = 0; i < weights.size(); ++i) {
+      kept_.insert(kept_.end(), {weights[i].contiguous(), zeros[i].contiguous(), scales[i].contiguous()});
+      const at::Tensor* t = &kept_[kept_.size() - 3];
+      Problem p{bits, nullptr, nullptr, nullptr, nullptr, t[0].data_ptr<int32_t>(), t[1].data_ptr<uint8_t>(),
+                t[2].data_ptr<at::Half>(), nullptr, 1, weights[i].size(0) * kTileCols, k, group_size, groups,
+                (group_size + kActBlock - 1) / kActBlock};
+      problems_.push_back(p);
+      widths_.push_back(p.n);
+      first_pair_.push_back(first_pair_.back() + (weights[i].size(0) + 1) / 2);
+    }
+    grain_ = std::max<int64_t>(1, (kMinTaskMacs / (k * kTileCols) + 1) / 2);
+    stream_ = stream_fits(bits, k, group_size) && avx512_vnni_usable();
+  }
+
+  void run(const float* x, float* const* y) const override {
+    const Problem& first = problems_[0];
+    c10::SmallVector<float, 64> group_sum(first.groups);
+    group_sums_fp32(first, x, group_sum.data());
+    StreamLimbs limbs;
+    if (stream_) stream_limbs(first, x, limbs);
+    c10::SmallVector<Problem, 4> problems(problems_.begin(), problems_.end());
+    for (size_t i = 0; i < problems.size(); ++i) {
+      problems[i].x = x;
+      problems[i].x_group_sum = group_sum.data();
+      problems[i].y = y[i];
+    }
+    at::parallel_for(0, first_pair_.back(), grain_, [&](int64_t begin, int64_t end) {
+      size_t layer = 0;
+      for (int64_t u = begin; u < end; ++u) {
+        while (u >= first_pair_[layer + 1]) ++layer;
+        const int64_t pair = u - first_pair_[layer];
+        if (stream_) stream_vnni_pair(problems[layer], limbs, pair);
+        else first.bits == 4 ? direct_rows_avx512<4>(problems[layer], pair) : direct_rows_avx512<3>(problems[layer], pair);
+      }
+    });
+  }
+
+ private:
+  std::vector<at::Tensor> kept_;  // contiguous weights, zeros and scales, alive as long as the problems
+  std::vector<Problem> problems_;
+  std::vector<int64_t> first_pair_;  // pair units (direct_rows_avx512: tiles 2u, 2u + 1) before each layer
+  int64_t grain_ = 1;
+  bool stream_ = false;  // stream_vnni_avx512, else the two-tile direct kernel
+};
+
+// Whether layers of `bits` with these weights' widths and input width k take the direct kernel at one fp32 row.
+bool direct_many_fits(at::TensorList weights, int64_t bits, int64_t k, Isa isa) {
+  bool fits = isa == Isa::kAvx512 && bits != 8;
+  for (const at::Tensor& w : weights) fits = fits && !limbs_for(bits, 1, w.size(0) * kTileCols, k, isa);
+  return fits;
+}
+#endif
+
 at::Tensor gemm_tiled_2d(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& zeros,
                          const at::Tensor& scales, int64_t bits, int64_t group_size, int64_t act_bits) {
   check_args(x, weight, zeros, scales, bits, group_size, act_bits);
@@ -1375,6 +1538,12 @@ at::Tensor gemm_tiled_2d(const at::Tensor& x, const at::Tensor& weight, const at
     quantize_rows(p, p.x, x8, block_scale, sums);
 #endif
   } else {
+#ifdef COMPTRUST_X86
+    if (m == 1 && act_bits == 0 && direct_many_fits(weight, bits, k, isa)) {  // one row: TiledGemv, as gemm_tiled_many
+      TiledGemv(std::vector<at::Tensor>{w}, {z}, {s}, p.bits, k, group_size).run(p.x, &p.y);
+      return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+    }
+#endif
     group_sum = at::empty({m, groups}, xf.options());
     group_sums_fp32(p, p.x, group_sum.data_ptr<float>());
     p.x_group_sum = group_sum.data_ptr<float>();
@@ -1394,11 +1563,8 @@ at::Tensor gemm_tiled_cpu(const at::Tensor& x, const at::Tensor& weight, const a
   return y.view(sizes);
 }
 
-// Several layers' products of one x at batch 1 (a decoder's q/k/v, gate/up): one call and one parallel
-// region, the layers' tile pairs shared out together. SmolLM2's layers at batch 1, fp32 x, side by side:
-// q, k, v 61-78 us as three calls and 31-39 us as one; gate, up 91-118 us as two and 71-95 us as one.
-// Where the layers would not all take the fp32 direct kernel (other batch sizes, int8 activations, the limbs
-// path, no AVX-512) they run one gemm_tiled after another.
+// Several layers' products of one x: at one fp32 row on AVX-512 (act_bits 0) a TiledGemv's one parallel region;
+// otherwise (other batch sizes, int8 activations, the limbs path, no AVX-512) one gemm_tiled after another.
 std::vector<at::Tensor> gemm_tiled_many_cpu(const at::Tensor& x, at::TensorList weights, at::TensorList zeros,
                                             at::TensorList scales, int64_t bits, int64_t group_size,
                                             int64_t act_bits) {
@@ -1409,62 +1575,48 @@ std::vector<at::Tensor> gemm_tiled_many_cpu(const at::Tensor& x, at::TensorList 
   const at::Tensor x2 = x.dim() == 1 ? x.unsqueeze(0) : x.flatten(0, -2);
   for (size_t i = 0; i < weights.size(); ++i) check_args(x2, weights[i], zeros[i], scales[i], bits, group_size, act_bits);
   const int64_t k = x2.size(1);
-  bool fused = false;
-#ifdef COMPTRUST_X86
-  const Isa isa = select_isa();
-  fused = x2.size(0) == 1 && act_bits == 0 && x2.scalar_type() == at::kFloat && isa == Isa::kAvx512 && bits != 8;
-  for (const at::Tensor& w : weights) fused = fused && !limbs_for(bits, 1, w.size(0) * kTileCols, k, isa);
-#endif
   std::vector<at::Tensor> outputs;
-  if (!fused) {
-    for (size_t i = 0; i < weights.size(); ++i)
-      outputs.push_back(gemm_tiled_cpu(x, weights[i], zeros[i], scales[i], bits, group_size, act_bits));
+#ifdef COMPTRUST_X86
+  if (x2.size(0) == 1 && act_bits == 0 && x2.scalar_type() == at::kFloat &&
+      direct_many_fits(weights, bits, k, select_isa())) {
+    const TiledGemv bound(weights.vec(), zeros.vec(), scales.vec(), static_cast<int>(bits), k, group_size);
+    const at::Tensor xf = x2.contiguous();
+    std::vector<float*> y;
+    for (int64_t n : bound.widths()) {
+      std::vector<int64_t> sizes = x.sizes().vec();
+      sizes.back() = n;
+      outputs.push_back(at::empty(sizes, xf.options()));
+      y.push_back(outputs.back().data_ptr<float>());
+    }
+    bound.run(xf.data_ptr<float>(), y.data());
     return outputs;
   }
-#ifdef COMPTRUST_X86
-  const int64_t groups = (k + group_size - 1) / group_size;
-  const at::Tensor xf = x2.contiguous();
-  at::Tensor group_sum = at::empty({groups}, xf.options());
-  Problem shared{static_cast<int>(bits), xf.data_ptr<float>(), nullptr, nullptr, group_sum.data_ptr<float>(),
-                 nullptr, nullptr, nullptr, nullptr, 1, 0, k, group_size, groups,
-                 (group_size + kActBlock - 1) / kActBlock};
-  group_sums_fp32(shared, shared.x, group_sum.data_ptr<float>());
-  std::vector<Problem> problems;
-  std::vector<at::Tensor> kept;  // contiguous copies, alive until the products are done
-  std::vector<int64_t> first_pair{0};  // pair units (direct_rows_avx512: tiles 2u, 2u + 1) before each layer
-  for (size_t i = 0; i < weights.size(); ++i) {
-    Problem p = shared;
-    kept.push_back(weights[i].contiguous());
-    p.w = kept.back().data_ptr<int32_t>();
-    kept.push_back(zeros[i].contiguous());
-    p.zeros = kept.back().data_ptr<uint8_t>();
-    kept.push_back(scales[i].contiguous());
-    p.scales = kept.back().data_ptr<at::Half>();
-    p.n = weights[i].size(0) * kTileCols;
-    std::vector<int64_t> sizes = x.sizes().vec();
-    if (x.dim() == 1) sizes.insert(sizes.begin(), 1);
-    sizes.back() = p.n;
-    outputs.push_back(at::empty(sizes, xf.options()));
-    p.y = outputs.back().data_ptr<float>();
-    problems.push_back(p);
-    first_pair.push_back(first_pair.back() + (weights[i].size(0) + 1) / 2);
-  }
-  const int64_t grain = std::max<int64_t>(1, (kMinTaskMacs / (k * kTileCols) + 1) / 2);
-  at::parallel_for(0, first_pair.back(), grain, [&](int64_t begin, int64_t end) {
-    size_t layer = 0;
-    for (int64_t u = begin; u < end; ++u) {
-      while (u >= first_pair[layer + 1]) ++layer;
-      const int64_t pair = u - first_pair[layer];
-      bits == 4 ? direct_rows_avx512<4>(problems[layer], pair) : direct_rows_avx512<3>(problems[layer], pair);
-    }
-  });
-  if (x.dim() == 1)
-    for (at::Tensor& y : outputs) y = y.squeeze(0);
 #endif
+  for (size_t i = 0; i < weights.size(); ++i)
+    outputs.push_back(gemm_tiled_cpu(x, weights[i], zeros[i], scales[i], bits, group_size, act_bits));
   return outputs;
 }
 
 }  // namespace
+
+std::shared_ptr<const BoundGemv> bind_tiled_gemv(const std::vector<at::Tensor>& weights,
+                                                 const std::vector<at::Tensor>& zeros,
+                                                 const std::vector<at::Tensor>& scales, int64_t bits,
+                                                 int64_t group_size) {
+  TORCH_CHECK(!weights.empty() && zeros.size() == weights.size() && scales.size() == weights.size(),
+              "bind_tiled_gemv: needs one or more weights and as many zeros and scales");
+#ifdef COMPTRUST_X86
+  if (bits != 3 && bits != 4) return nullptr;
+  const int64_t k = weights[0].dim() > 1 ? weights[0].size(1) * (bits == 4 ? 8 : kInt3BlockRows) : 0;
+  const at::Tensor x = at::empty({1, k});  // what check_args reads of x: its shape, dtype and device
+  for (size_t i = 0; i < weights.size(); ++i) check_args(x, weights[i], zeros[i], scales[i], bits, group_size, 0);
+  if (!direct_many_fits(weights, bits, k, select_isa())) return nullptr;
+  return std::make_shared<TiledGemv>(weights, zeros, scales, static_cast<int>(bits), k, group_size);
+#else
+  return nullptr;
+#endif
+}
+
 }  // namespace comptrust::cpu
 
 TORCH_LIBRARY_IMPL(comptrust, CPU, m) {
