@@ -4,9 +4,9 @@
 //   * direct (batch < kPanelMinRows, float activations): codes are decoded in registers and feed up to
 //     kRowBlock rows at once. Per group we accumulate sum_k x*q and apply zero and scale once:
 //       sum_k x*(q - z)*s = s * (sum_k x*q - z * sum_k x),   sum_k x precomputed per (row, group).
-//     Batch 1 is memory-bound, so this is the path that must run at DRAM speed. One fp32 row on small int4
-//     layers (TiledGemv, also the decode program's bound product) reads each thread's tiles as one stream
-//     with x as int8 limbs on VNNI where k and the group size are multiples of 16 (stream_vnni_avx512).
+//     Batch 1 is memory-bound, so this is the path that must run at DRAM speed. One fp32 row on int4 layers
+//     (TiledGemv, also the decode program's bound product) reads each thread's tiles as one stream with x as
+//     int8 limbs on VNNI where k <= 4096 and k and the group size are multiples of 16 (stream_vnni_avx512).
 //   * panel (kPanelMinRows <= batch < kBlasMinRows, float activations): two tiles (four with AVX-512) are
 //     dequantized once into an L1-resident fp32 panel, then a 6x16 (6x32) register-blocked microkernel runs
 //     every row over it (the decode cost is paid once per weight instead of once per row block).
@@ -838,6 +838,11 @@ COMPTRUST_AVX512 void direct_rows_avx512(const Problem& p, int64_t u) {
 // point and scale are applied. Needs k and the group size to be multiples of 16 (stream_fits).
 constexpr int kStreamInputs = 16;
 
+// Layers take it up to this k, where x's limbs (3k bytes) stay well inside L1, at any size: 4096 x 4096 and
+// 11008 x 4096 read 3-10% and 14-17% faster than on the two-tile limb kernel (a8_avx512), 4096 x 11008 20% slower
+// (cold, alternated in one process); SmolLM2's layers (k = 576, 1536) 20-50% faster than on the two-tile fp32 one.
+constexpr int64_t kStreamMaxInputs = 4096;
+
 inline bool stream_fits(int bits, int64_t k, int64_t group_size) {
   return bits == 4 && k % kStreamInputs == 0 && group_size % kStreamInputs == 0;
 }
@@ -1461,9 +1466,13 @@ class TiledGemv final : public BoundGemv {
   bool stream_ = false;  // stream_vnni_avx512, else the two-tile direct kernel
 };
 
-// Whether layers of `bits` with these weights' widths and input width k take the direct kernel at one fp32 row.
-bool direct_many_fits(at::TensorList weights, int64_t bits, int64_t k, Isa isa) {
-  bool fits = isa == Isa::kAvx512 && bits != 8;
+// Whether layers of `bits` with these weights' widths and input width k take TiledGemv at one fp32 row: int4
+// layers on stream_vnni_avx512 up to k = kStreamMaxInputs whatever their size, others on the two-tile direct
+// kernel where they are too small for the int8-limb kernel (limbs_for).
+bool direct_many_fits(at::TensorList weights, int64_t bits, int64_t k, Isa isa, int64_t group_size) {
+  if (isa != Isa::kAvx512 || bits == 8) return false;
+  if (stream_fits(bits, k, group_size) && k <= kStreamMaxInputs && avx512_vnni_usable()) return true;
+  bool fits = true;
   for (const at::Tensor& w : weights) fits = fits && !limbs_for(bits, 1, w.size(0) * kTileCols, k, isa);
   return fits;
 }
@@ -1508,6 +1517,12 @@ at::Tensor gemm_tiled_2d(const at::Tensor& x, const at::Tensor& weight, const at
   }
   p.x = xf.data_ptr<float>();
   p.y = y.data_ptr<float>();
+#ifdef COMPTRUST_X86
+  if (m == 1 && act_bits == 0 && direct_many_fits(weight, bits, k, isa, group_size)) {  // as gemm_tiled_many
+    TiledGemv(std::vector<at::Tensor>{w}, {z}, {s}, p.bits, k, group_size).run(p.x, &p.y);
+    return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+  }
+#endif
   at::Tensor group_sum;
 #ifdef COMPTRUST_X86
   const bool limbs = act_bits == 0 && limbs_for(p.bits, m, n, k, isa);
@@ -1538,12 +1553,6 @@ at::Tensor gemm_tiled_2d(const at::Tensor& x, const at::Tensor& weight, const at
     quantize_rows(p, p.x, x8, block_scale, sums);
 #endif
   } else {
-#ifdef COMPTRUST_X86
-    if (m == 1 && act_bits == 0 && direct_many_fits(weight, bits, k, isa)) {  // one row: TiledGemv, as gemm_tiled_many
-      TiledGemv(std::vector<at::Tensor>{w}, {z}, {s}, p.bits, k, group_size).run(p.x, &p.y);
-      return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
-    }
-#endif
     group_sum = at::empty({m, groups}, xf.options());
     group_sums_fp32(p, p.x, group_sum.data_ptr<float>());
     p.x_group_sum = group_sum.data_ptr<float>();
@@ -1578,7 +1587,7 @@ std::vector<at::Tensor> gemm_tiled_many_cpu(const at::Tensor& x, at::TensorList 
   std::vector<at::Tensor> outputs;
 #ifdef COMPTRUST_X86
   if (x2.size(0) == 1 && act_bits == 0 && x2.scalar_type() == at::kFloat &&
-      direct_many_fits(weights, bits, k, select_isa())) {
+      direct_many_fits(weights, bits, k, select_isa(), group_size)) {
     const TiledGemv bound(weights.vec(), zeros.vec(), scales.vec(), static_cast<int>(bits), k, group_size);
     const at::Tensor xf = x2.contiguous();
     std::vector<float*> y;
@@ -1610,7 +1619,7 @@ std::shared_ptr<const BoundGemv> bind_tiled_gemv(const std::vector<at::Tensor>& 
   const int64_t k = weights[0].dim() > 1 ? weights[0].size(1) * (bits == 4 ? 8 : kInt3BlockRows) : 0;
   const at::Tensor x = at::empty({1, k});  // what check_args reads of x: its shape, dtype and device
   for (size_t i = 0; i < weights.size(); ++i) check_args(x, weights[i], zeros[i], scales[i], bits, group_size, 0);
-  if (!direct_many_fits(weights, bits, k, select_isa())) return nullptr;
+  if (!direct_many_fits(weights, bits, k, select_isa(), group_size)) return nullptr;
   return std::make_shared<TiledGemv>(weights, zeros, scales, static_cast<int>(bits), k, group_size);
 #else
   return nullptr;
