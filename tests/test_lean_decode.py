@@ -173,6 +173,20 @@ def test_program_is_bit_identical_to_the_python_loop(tiny_llama, tag):
         assert torch.equal(a, b), f"{tag} step {step}"
 
 
+@pytest.mark.parametrize("tag", ["mag-24", "mag-24-w4g64", "rtn-w4g128"])
+def test_program_is_bit_identical_on_wide_layers(tag):
+    """gate/up 1048 wide (131 tiles of 8): the ops run fp32 2:4 layers of 128+ tiles four tiles per task, which the
+    program's bound products must match bit for bit tile by tile, the odd tiles at the end included."""
+    torch.manual_seed(2)
+    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=1048, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config).eval()
+    compress_(model, config_from_tag(tag), progress=False)
+    got, expected = _program_and_loop_logits(model, torch.randint(0, 49152, (1, 5)), 3)
+    for step, (a, b) in enumerate(zip(got, expected)):
+        assert torch.equal(a, b), f"{tag} step {step}"
+
+
 def test_program_is_bit_identical_in_bf16(tiny_llama):
     model = copy.deepcopy(tiny_llama).to(torch.bfloat16)
     got, expected = _program_and_loop_logits(model, torch.randint(0, 49152, (1, 7)), 4)
@@ -285,11 +299,11 @@ def test_layers_the_program_cannot_call_keep_the_python_loop(tiny_llama):
     assert decode_program(list(act_order.model.layers), 1e-6, 1.0, torch.float32) is None  # an overridden forward is not called
 
 
-@pytest.mark.parametrize("tag", [None, "rtn-w4g128"])
+@pytest.mark.parametrize("tag", [None, "rtn-w4g128", "mag-24", "mag-24-w4g64"])
 def test_program_binds_its_fp32_linears(tiny_llama, tag):
-    """Where an fp32 row can take a product bound once to its weights (bound_gemv.h: dense rows; tiled layers on
-    the AVX-512 kernels), the program runs it without the dispatcher, and the dense q/k/v and gate/up of a layer
-    become one call (one parallel region) as the tiled ones already are. A bf16 model keeps the ops."""
+    """Where an fp32 row can take a product bound once to its weights (bound_gemv.h: dense rows; tiled and 2:4
+    layers on the AVX-512 kernels), the program runs it without the dispatcher, and the q/k/v and gate/up of a
+    layer become one call (one parallel region). A bf16 model keeps the ops."""
     model = copy.deepcopy(tiny_llama)
     if tag:
         compress_(model, config_from_tag(tag), progress=False)

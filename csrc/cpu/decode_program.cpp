@@ -6,8 +6,8 @@
 // (norm weights and, per linear, the op and arguments its module would call) and runs the same ops in the
 // same order, so its results are bit-identical to the Python loop's. Dense layers run comptrust::dense_gemv (as
 // the loop's decode steps do), compressed ones their own tiled op, each named by schema and called boxed, except
-// where an fp32 row can take the same product bound once to its weights (bound_gemv.h: dense rows, tiled layers
-// on the AVX-512 kernels), which skips the dispatcher's per-call work; a layer's dense q/k/v (gate/up) are bound
+// where an fp32 row can take the same product bound once to its weights (bound_gemv.h: dense rows, tiled and 2:4
+// layers on the AVX-512 kernels), which skips the dispatcher's per-call work; a layer's q/k/v (gate/up) are bound
 // together, one parallel region, as the tiled ones already run through gemm_tiled_many. Given the embedding
 // table and the output projection too, `greedy` runs a whole greedy step, token id in, next token id out.
 #include <torch/extension.h>
@@ -77,13 +77,27 @@ class LinearCall {
       TORCH_CHECK(*arguments[i].type() == *expected, "DecodeProgram: ", op_name, "'s argument ", arguments[i].name(),
                   " is ", arguments[i].type()->str(), ", not the ", tensor ? "Tensor" : "int", " given there");
     }
-    // gemm_tiled(x, weight, zeros, scales, bits, group_size, act_bits) with float activations can be bound
-    if (op_name == "comptrust::gemm_tiled" && tensors.size() == 3 && ints.size() == 3 && ints[2] == 0)
-      call.bound_ = bind_tiled_gemv({tensors[0]}, {tensors[1]}, {tensors[2]}, ints[0], ints[1]);
     std::vector<c10::IValue> arguments_of_call(tensors.begin(), tensors.end());
     for (int64_t i : ints) arguments_of_call.emplace_back(i);
     call.calls_.push_back(std::move(arguments_of_call));
+    call.op_name_ = op_name;
+    call.layer_tensors_.push_back(std::move(tensors));
+    call.ints_ = std::move(ints);
+    call.bound_ = bind(call.op_name_, call.layer_tensors_, call.ints_);
     return call;
+  }
+  // Takes `next` (the next layer of the same input) into this call where both are boxed calls of one op and ints
+  // that bind together: one parallel region for both. False, changing nothing, otherwise.
+  bool absorb(const LinearCall& next) {
+    if (op_name_.empty() || next.op_name_ != op_name_ || next.ints_ != ints_ || !bound_ || !next.bound_) return false;
+    std::vector<std::vector<at::Tensor>> layers = layer_tensors_;
+    layers.insert(layers.end(), next.layer_tensors_.begin(), next.layer_tensors_.end());
+    std::shared_ptr<const BoundGemv> bound = bind(op_name_, layers, ints_);
+    if (!bound) return false;
+    layer_tensors_ = std::move(layers);
+    calls_.insert(calls_.end(), next.calls_.begin(), next.calls_.end());
+    bound_ = std::move(bound);
+    return true;
   }
   // dense_gemv for each weight; bound together (one parallel region) where they are fp32.
   static LinearCall dense(std::vector<at::Tensor> weights) {
@@ -116,6 +130,25 @@ class LinearCall {
     return std::to_string(layers) + (bound_ ? " bound" : " op");
   }
 
+  // The bound product of these layers' boxed calls (each (x, layer_tensors[i]..., ints...)), where there is one:
+  // float activations through gemm_tiled (bits, group_size, act_bits 0), sparse24_gemm_tiled, and
+  // sparse24_int4_gemm_tiled (group_size, act_bits 0).
+  static std::shared_ptr<const BoundGemv> bind(const std::string& op_name,
+                                               const std::vector<std::vector<at::Tensor>>& layer_tensors,
+                                               const std::vector<int64_t>& ints) {
+    const size_t count = layer_tensors[0].size();
+    std::vector<std::vector<at::Tensor>> by_argument(count);
+    for (const std::vector<at::Tensor>& tensors : layer_tensors)
+      for (size_t a = 0; a < count; ++a) by_argument[a].push_back(tensors[a]);
+    if (op_name == "comptrust::gemm_tiled" && count == 3 && ints.size() == 3 && ints[2] == 0)
+      return bind_tiled_gemv(by_argument[0], by_argument[1], by_argument[2], ints[0], ints[1]);
+    if (op_name == "comptrust::sparse24_gemm_tiled" && count == 2 && ints.empty())
+      return bind_sparse24_gemv(by_argument[0], by_argument[1]);
+    if (op_name == "comptrust::sparse24_int4_gemm_tiled" && count == 4 && ints.size() == 2 && ints[1] == 0)
+      return bind_sparse24_int4_gemv(by_argument[0], by_argument[1], by_argument[2], by_argument[3], ints[0]);
+    return nullptr;
+  }
+
   void run(const at::Tensor& x, std::vector<at::Tensor>& out) const {
     if (bound_ && x.scalar_type() == at::kFloat && x.is_contiguous() && x.numel() == bound_->k()) {
       std::vector<float*> y;
@@ -145,6 +178,9 @@ class LinearCall {
  private:
   std::optional<c10::OperatorHandle> op_;
   std::vector<std::vector<c10::IValue>> calls_;  // each boxed call's arguments after x
+  std::string op_name_;                                 // boxed: the op, each layer's tensors, the ints
+  std::vector<std::vector<at::Tensor>> layer_tensors_;
+  std::vector<int64_t> ints_;
   int64_t list_outputs_ = 0;  // gemm_tiled_many: how many tensors its one call returns
   std::vector<at::Tensor> dense_weights_;
   std::shared_ptr<const BoundGemv> bound_;
@@ -194,9 +230,12 @@ class DecodeProgram : public torch::CustomClassHolder {
       calls.push_back(LinearCall::dense({std::move(weight)}));
     }
   }
+  // Op calls added to one part one after another (q, k, v) become one call where they bind together.
   void add_op(const std::string& part, const std::string& op_name, std::vector<at::Tensor> tensors,
               std::vector<int64_t> ints) {
-    slot(part).push_back(LinearCall::boxed(op_name, std::move(tensors), std::move(ints)));
+    std::vector<LinearCall>& calls = slot(part);
+    LinearCall call = LinearCall::boxed(op_name, std::move(tensors), std::move(ints));
+    if (calls.empty() || !calls.back().absorb(call)) calls.push_back(std::move(call));
   }
   void add_many(const std::string& part, std::vector<at::Tensor> weights, std::vector<at::Tensor> zeros,
                 std::vector<at::Tensor> scales, int64_t bits, int64_t group_size, int64_t act_bits) {

@@ -31,6 +31,7 @@
 #include <type_traits>
 
 #include "bf16_panels.h"
+#include "bound_gemv.h"
 #include "comptrust/sparse24_tiles.h"
 #include "dense_blocks.h"
 #include "int8_limbs.h"
@@ -1107,8 +1108,9 @@ at::Tensor on_rows(const char* op, const at::Tensor& x, Op&& run_2d) {
   return y.view(sizes);
 }
 
-at::Tensor sparse24_gemm_tiled_2d(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta) {
-  const char* op = "sparse24_gemm_tiled";
+// Both ops' checks of (x, tensors) and their problem over x's rows, pointing into the tensors (which the caller
+// keeps alive: the ops pass contiguous copies, bind_sparse24_* require contiguous tensors).
+Sparse24Problem float_problem(const char* op, const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta) {
   check_cpu(op, {&x, &values, &meta});
   const int64_t tiles = check_x_and_meta(op, x, meta), k = x.size(1);
   const auto kind = values.scalar_type();
@@ -1118,22 +1120,17 @@ at::Tensor sparse24_gemm_tiled_2d(const at::Tensor& x, const at::Tensor& values,
                   values.size(2) == kSparse24Kept && values.size(3) == kTileCols,
               op, ": values is ", values.sizes(), ", expected [", tiles, ", ", k / kSparse24Group, ", 2, 8] for n=",
               tiles * kTileCols, ", k=", k);
-  const at::Tensor v = values.contiguous(), mt = meta.contiguous();
-  Sparse24Problem p{nullptr, v.data_ptr(), reinterpret_cast<const uint32_t*>(mt.data_ptr<int32_t>()), nullptr, nullptr,
-                    nullptr, x.size(0), tiles * kTileCols, k, k / kSparse24Kept, 1};
-  return run_problem(p, x, kind);
+  return Sparse24Problem{nullptr, values.data_ptr(), reinterpret_cast<const uint32_t*>(meta.data_ptr<int32_t>()),
+                         nullptr, nullptr, nullptr, x.size(0), tiles * kTileCols, k, k / kSparse24Kept, 1};
 }
 
-at::Tensor sparse24_int4_gemm_tiled_2d(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& meta,
-                                       const at::Tensor& zeros, const at::Tensor& scales, int64_t group_size,
-                                       int64_t act_bits) {
-  const char* op = "sparse24_int4_gemm_tiled";
+Sparse24Problem int4_problem(const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& meta,
+                             const at::Tensor& zeros, const at::Tensor& scales, int64_t group_size) {
   check_cpu(op, {&x, &weight, &meta, &zeros, &scales});
   const int64_t tiles = check_x_and_meta(op, x, meta), k = x.size(1);
   TORCH_CHECK(k % 16 == 0, op, ": k=", k, " must be a multiple of 16 (k/2 kept values, 8 per int32 word)");
   TORCH_CHECK(group_size > 0 && group_size % 8 == 0, op, ": group_size=", group_size,
               " (kept values) must be a positive multiple of 8");
-  TORCH_CHECK(act_bits == 0 || act_bits == 8, op, ": act_bits=", act_bits, " must be 0 (float activations) or 8");
   TORCH_CHECK(weight.scalar_type() == at::kInt, op, ": weight must be int32, got ", weight.scalar_type());
   TORCH_CHECK(weight.dim() == 3 && weight.size(0) == tiles && weight.size(1) == k / 16 && weight.size(2) == kTileCols,
               op, ": weight is ", weight.sizes(), ", expected [", tiles, ", ", k / 16, ", 8] for k=", k);
@@ -1144,10 +1141,24 @@ at::Tensor sparse24_int4_gemm_tiled_2d(const at::Tensor& x, const at::Tensor& we
     TORCH_CHECK(t->dim() == 3 && t->size(0) == tiles && t->size(1) == groups && t->size(2) == kTileCols, op, ": ",
                 (t == &zeros ? "zeros" : "scales"), " is ", t->sizes(), ", expected [", tiles, ", ", groups,
                 ", 8] for k=", k, ", group_size=", group_size);
+  return Sparse24Problem{nullptr, weight.data_ptr(), reinterpret_cast<const uint32_t*>(meta.data_ptr<int32_t>()),
+                         zeros.data_ptr<uint8_t>(), scales.data_ptr<at::Half>(), nullptr, x.size(0), tiles * kTileCols,
+                         k, group_size, groups};
+}
+
+at::Tensor sparse24_gemm_tiled_2d(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta) {
+  const at::Tensor v = values.contiguous(), mt = meta.contiguous();
+  Sparse24Problem p = float_problem("sparse24_gemm_tiled", x, v, mt);
+  return run_problem(p, x, v.scalar_type());
+}
+
+at::Tensor sparse24_int4_gemm_tiled_2d(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& meta,
+                                       const at::Tensor& zeros, const at::Tensor& scales, int64_t group_size,
+                                       int64_t act_bits) {
+  TORCH_CHECK(act_bits == 0 || act_bits == 8, "sparse24_int4_gemm_tiled: act_bits=", act_bits,
+              " must be 0 (float activations) or 8");
   const at::Tensor w = weight.contiguous(), mt = meta.contiguous(), z = zeros.contiguous(), s = scales.contiguous();
-  Sparse24Problem p{nullptr, w.data_ptr(), reinterpret_cast<const uint32_t*>(mt.data_ptr<int32_t>()),
-                    z.data_ptr<uint8_t>(), s.data_ptr<at::Half>(), nullptr, x.size(0), tiles * kTileCols, k, group_size,
-                    groups};
+  Sparse24Problem p = int4_problem("sparse24_int4_gemm_tiled", x, w, mt, z, s, group_size);
   if (act_bits == 8) return run_int4_int8(p, x, false);
   return run_problem(p, x, at::kInt);
 }
@@ -1164,7 +1175,108 @@ at::Tensor sparse24_int4_gemm_tiled_cpu(const at::Tensor& x, const at::Tensor& w
   });
 }
 
+#ifdef COMPTRUST_X86
+// One fp32 row through 2:4 layers of one input, bound once (bound_gemv.h): all the layers' tiles shared out in one
+// parallel region, each tile on the kernel the ops run it on at m == 1 (the float values' kStreamTiles kernel
+// computes each of its tiles exactly as the one-tile kernel does), so the outputs are bit-identical to the ops'.
+// V: the kept values' storage (float kinds or Int4Values).
+template <class V>
+class Sparse24Gemv final : public BoundGemv {
+ public:
+  Sparse24Gemv(std::vector<at::Tensor> tensors, std::vector<Sparse24Problem> problems)
+      : tensors_(std::move(tensors)), problems_(std::move(problems)) {
+    k_ = problems_[0].k;
+    first_tile_.push_back(0);
+    for (const Sparse24Problem& p : problems_) {
+      widths_.push_back(p.n);
+      first_tile_.push_back(first_tile_.back() + p.n / kTileCols);
+    }
+  }
+
+  void run(const float* x, float* const* y) const override {
+    const int64_t grain = std::max<int64_t>(1, kMinTaskMacs / ((k_ / kSparse24Kept) * kTileCols));
+    at::parallel_for(0, first_tile_.back(), grain, [&](int64_t begin, int64_t end) {
+      for (size_t i = 0; i < problems_.size(); ++i) {
+        const int64_t first = std::max(begin, first_tile_[i]), last = std::min(end, first_tile_[i + 1]);
+        Sparse24Problem p = problems_[i];
+        p.x = x;
+        p.y = y[i];
+        for (int64_t t = first - first_tile_[i]; t < last - first_tile_[i]; ++t) {
+          if constexpr (std::is_same_v<V, Int4Values>) direct_int4_avx512<1>(p, t, 0);
+          else direct_float_avx512<V, 1>(p, t, 0);
+        }
+      }
+    });
+  }
+
+ private:
+  std::vector<at::Tensor> tensors_;  // what the problems point into
+  std::vector<Sparse24Problem> problems_;
+  std::vector<int64_t> first_tile_;  // the layers' tiles numbered one after another
+};
+#endif
+
+// Whether every tensor is a contiguous CPU one (what a bound product reads without copying).
+bool bindable(const std::vector<at::Tensor>& tensors) {
+  return std::all_of(tensors.begin(), tensors.end(),
+                     [](const at::Tensor& t) { return t.device().is_cpu() && t.is_contiguous(); });
+}
+
 }  // namespace
+
+std::shared_ptr<const BoundGemv> bind_sparse24_gemv(const std::vector<at::Tensor>& values,
+                                                    const std::vector<at::Tensor>& meta) {
+  TORCH_CHECK(!values.empty() && meta.size() == values.size(),
+              "bind_sparse24_gemv: needs one or more values and as many meta");
+#ifdef COMPTRUST_X86
+  if (select_isa() != Isa::kAvx512 || !bindable(values) || !bindable(meta)) return nullptr;
+  const auto kind = values[0].scalar_type();
+  const int64_t k = meta[0].dim() == 2 ? meta[0].size(1) * kSparse24Group : 0;
+  const at::Tensor x = at::empty({1, k});  // what the checks read of x: its shape, dtype and device
+  std::vector<Sparse24Problem> problems;
+  for (size_t i = 0; i < values.size(); ++i) {
+    problems.push_back(float_problem("sparse24_gemm_tiled", x, values[i], meta[i]));
+    if (values[i].scalar_type() != kind) return nullptr;
+  }
+  std::vector<at::Tensor> tensors(values);
+  tensors.insert(tensors.end(), meta.begin(), meta.end());
+  switch (kind) {
+    case at::kFloat: return std::make_shared<Sparse24Gemv<float>>(std::move(tensors), std::move(problems));
+    case at::kBFloat16: return std::make_shared<Sparse24Gemv<at::BFloat16>>(std::move(tensors), std::move(problems));
+    default: return std::make_shared<Sparse24Gemv<at::Half>>(std::move(tensors), std::move(problems));
+  }
+#else
+  return nullptr;
+#endif
+}
+
+std::shared_ptr<const BoundGemv> bind_sparse24_int4_gemv(const std::vector<at::Tensor>& weights,
+                                                         const std::vector<at::Tensor>& meta,
+                                                         const std::vector<at::Tensor>& zeros,
+                                                         const std::vector<at::Tensor>& scales, int64_t group_size) {
+  TORCH_CHECK(!weights.empty() && meta.size() == weights.size() && zeros.size() == weights.size() &&
+                  scales.size() == weights.size(),
+              "bind_sparse24_int4_gemv: needs one or more weights and as many meta, zeros and scales");
+#ifdef COMPTRUST_X86
+  if (select_isa() != Isa::kAvx512) return nullptr;
+  for (const auto* tensors : {&weights, &meta, &zeros, &scales})
+    if (!bindable(*tensors)) return nullptr;
+  const int64_t k = meta[0].dim() == 2 ? meta[0].size(1) * kSparse24Group : 0;
+  const at::Tensor x = at::empty({1, k});
+  std::vector<Sparse24Problem> problems;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    problems.push_back(int4_problem("sparse24_int4_gemm_tiled", x, weights[i], meta[i], zeros[i], scales[i], group_size));
+    // where run_kind takes int8 limbs instead (large layers)
+    if (problems.back().n * k >= kLimbsMinWeights && a8_sparse_usable()) return nullptr;
+  }
+  std::vector<at::Tensor> tensors;
+  for (const auto* list : {&weights, &meta, &zeros, &scales}) tensors.insert(tensors.end(), list->begin(), list->end());
+  return std::make_shared<Sparse24Gemv<Int4Values>>(std::move(tensors), std::move(problems));
+#else
+  return nullptr;
+#endif
+}
+
 }  // namespace comptrust::cpu
 
 TORCH_LIBRARY_IMPL(comptrust, CPU, m) {
