@@ -250,7 +250,7 @@ class LeanDecoder:
             attended = attend(layer, normed, index, start, cos, sin)
             normed = ops.residual_rms_norm(hidden, layer.o(attended), layer.mlp_norm, self.eps)
             gate, up = layer.gate_up(normed)
-            pending = layer.down(F.silu(gate) * up)
+            pending = layer.down(ops.silu_mul(gate, up))
         return pending
 
     def _attend_one(self, layer: _Layer, normed, index: int, start: int, cos, sin) -> torch.Tensor:

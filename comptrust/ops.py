@@ -242,6 +242,14 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_cach
     return reference.decode_attention(q, k, v, key_cache, value_cache, cos, sin, position, scale)
 
 
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """F.silu(gate) * up in one pass (the Llama MLP's activation; schema in csrc/ops.cpp), each step rounded to
+    the dtype as torch rounds it; contiguous tensors of one shape and float dtype."""
+    if gate.device.type == "cpu" and _compiled():
+        return torch.ops.comptrust.silu_mul(gate, up)
+    return reference.silu_mul(gate, up)
+
+
 def dense_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [..., k] holding one row times a dense weight [n, k] of x's dtype: y [..., n], summed in fp32 with the
     rows shared among threads (schema in csrc/ops.cpp); F.linear where the C++ op does not serve."""
@@ -390,6 +398,10 @@ if _C is not None:
     @torch.library.register_fake("comptrust::residual_rms_norm")
     def _residual_rms_norm_fake(hidden, delta, weight, eps):
         return torch.empty_like(hidden)
+
+    @torch.library.register_fake("comptrust::silu_mul")
+    def _silu_mul_fake(gate, up):
+        return torch.empty_like(gate)
 
     @torch.library.register_fake("comptrust::decode_attention")
     def _decode_attention_fake(q, k, v, key_cache, value_cache, cos, sin, position, scale):

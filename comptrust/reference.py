@@ -130,6 +130,11 @@ def residual_rms_norm(hidden: torch.Tensor, delta: torch.Tensor | None, weight: 
     return weight * x.to(hidden.dtype)
 
 
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The Llama MLP's activation: F.silu(gate) * up."""
+    return torch.nn.functional.silu(gate) * up
+
+
 def rotary(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """transformers' apply_rotary_pos_emb for one tensor: states * cos + rotate_half(states) * sin."""
     half = states.shape[-1] // 2

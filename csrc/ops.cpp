@@ -47,6 +47,8 @@ TORCH_LIBRARY(comptrust, m) {
   // positions 0..position of its KV head (heads / kv_heads queries share one). Returns q's shape.
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) key_cache, Tensor(b!) value_cache, Tensor cos, "
         "Tensor sin, int position, float scale) -> Tensor");
+  // The MLP's F.silu(gate) * up for gate and up of one shape and float dtype.
+  m.def("silu_mul(Tensor gate, Tensor up) -> Tensor");
   // y [..., n] = x @ weight^T for x holding one row [..., k] and a dense weight [n, k] of x's dtype, summed in
   // fp32, the rows shared among threads (the vocabulary projection of a decoding step).
   m.def("dense_gemv(Tensor x, Tensor weight) -> Tensor");

@@ -177,3 +177,35 @@ def test_dense_gemv_is_the_same_on_one_thread_and_two():
 def test_dense_gemv_refuses_bad_calls(x, weight, message):
     with pytest.raises(RuntimeError, match=message):
         torch.ops.comptrust.dense_gemv(x, weight)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 1, 1536), (3, 5, 37), (1,), (2, 16)])
+def test_silu_mul_matches_torch(dtype, shape):
+    torch.manual_seed(sum(shape))
+    gate, up = (torch.randn(shape) * 4).to(dtype), torch.randn(shape).to(dtype)
+    got = torch.ops.comptrust.silu_mul(gate, up)
+    assert got.dtype == dtype and got.shape == gate.shape
+    _close(got, reference.silu_mul(gate, up), dtype)
+
+
+def test_silu_mul_at_the_edges_of_the_float_range():
+    """Large gates of either sign, infinities and NaN (lanes and the scalar tail: 19 values)."""
+    gate = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 20.0, -20.0, 88.0, -88.0, 100.0, -100.0, 1e30, -1e30,
+                         3e38, -3e38, float("inf"), float("-inf"), float("nan"), 0.5, -0.5])
+    up = torch.linspace(-2, 2, gate.numel())
+    got, expected = torch.ops.comptrust.silu_mul(gate, up), reference.silu_mul(gate, up)
+    assert torch.equal(got.isnan(), expected.isnan())
+    finite = ~expected.isnan()
+    assert torch.allclose(got[finite], expected[finite], rtol=2e-6, atol=1e-30)
+
+
+def test_bad_silu_mul_calls_are_refused():
+    with pytest.raises(RuntimeError, match=r"gate is \[2, 8\], up \[2, 7\]"):
+        torch.ops.comptrust.silu_mul(torch.randn(2, 8), torch.randn(2, 7))
+    with pytest.raises(RuntimeError, match="up is BFloat16, expected Float"):
+        torch.ops.comptrust.silu_mul(torch.randn(8), torch.randn(8, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="must be contiguous"):
+        torch.ops.comptrust.silu_mul(torch.randn(8, 2).t(), torch.randn(2, 8))
+    with pytest.raises(RuntimeError, match="is not float32, bfloat16 or float16"):
+        torch.ops.comptrust.silu_mul(torch.randn(8).double(), torch.randn(8).double())

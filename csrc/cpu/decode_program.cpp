@@ -197,13 +197,15 @@ class DecodeProgram : public torch::CustomClassHolder {
   using NormOp = at::Tensor(at::Tensor, const std::optional<at::Tensor>&, const at::Tensor&, double);
   using AttentionOp = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor, at::Tensor,
                                  const at::Tensor&, const at::Tensor&, int64_t, double);
+  using SiluMulOp = at::Tensor(const at::Tensor&, const at::Tensor&);
 
   DecodeProgram(double eps, double scale)
       : eps_(eps),
         scale_(scale),
         norm_(c10::Dispatcher::singleton().findSchemaOrThrow("comptrust::residual_rms_norm", "").typed<NormOp>()),
         attention_(
-            c10::Dispatcher::singleton().findSchemaOrThrow("comptrust::decode_attention", "").typed<AttentionOp>()) {}
+            c10::Dispatcher::singleton().findSchemaOrThrow("comptrust::decode_attention", "").typed<AttentionOp>()),
+        silu_mul_(c10::Dispatcher::singleton().findSchemaOrThrow("comptrust::silu_mul", "").typed<SiluMulOp>()) {}
 
   void add_layer(at::Tensor attn_norm, at::Tensor mlp_norm) { layers_.push_back({attn_norm, mlp_norm, {}, {}, {}, {}}); }
 
@@ -311,7 +313,7 @@ class DecodeProgram : public torch::CustomClassHolder {
       run_all(layer.o, attended, out, 1, i, "o");
       normed = norm_.call(hidden, out[0], layer.mlp_norm, eps_);
       run_all(layer.gate_up, normed, out, 2, i, "gate_up");
-      at::Tensor act = at::silu(out[0]).mul_(out[1]);  // F.silu(gate) * up
+      const at::Tensor act = silu_mul_.call(out[0], out[1]);
       run_all(layer.down, act, out, 1, i, "down");
       pending = out[0];
     }
@@ -345,6 +347,7 @@ class DecodeProgram : public torch::CustomClassHolder {
   at::Tensor embedding_, final_norm_;
   c10::TypedOperatorHandle<NormOp> norm_;
   c10::TypedOperatorHandle<AttentionOp> attention_;
+  c10::TypedOperatorHandle<SiluMulOp> silu_mul_;
 };
 
 }  // namespace

@@ -1,6 +1,6 @@
 // The small per-token steps of batch-1 decoding around the linear layers (comptrust.lean_decode):
-// residual add + RMSNorm, rotary embedding + KV-cache append + single-query attention, and the product of
-// one row by a dense weight (the vocabulary projection).
+// residual add + RMSNorm, rotary embedding + KV-cache append + single-query attention, the MLP's
+// silu(gate) * up, and the product of one row by a dense weight (the vocabulary projection).
 //
 // Why in C++: at batch 1 each is a few thousand flops, and torch spends its time dispatching them:
 // RMSNorm is 7 aten ops, the attention step ~20 (views, rotate_half, cache writes, SDPA), 4-6 us each
@@ -291,6 +291,44 @@ void decode_attention_impl(const T* q, const T* k, const T* v, T* key_cache, T* 
   });
 }
 
+// ------------------------------------------------------------------------------------------ silu(gate) * up
+// silu(g) = g / (1 + e^-g), rounded to T, times up, rounded to T: F.silu(gate) * up's roundings. e^-g is
+// exp_avx512's with its argument capped at 100, past which 1 + e^-g is inf in fp32 and silu -0 (torch: at most
+// a denormal); the lanes agree with torch's to a few ulp (a different exp polynomial), not bit for bit.
+template <typename T>
+float silu_scalar(T g) {
+  const float x = static_cast<float>(g);
+  return x / (1.f + std::exp(-x));
+}
+
+#ifdef COMPTRUST_X86
+COMPTRUST_AVX512 inline __m512 silu_mul16(__m512 g, __m512 u) {
+  const __m512 e = exp_avx512(_mm512_min_ps(_mm512_sub_ps(_mm512_setzero_ps(), g), _mm512_set1_ps(100.f)));
+  return _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), e)), u);
+}
+
+COMPTRUST_AVX512 void silu_mul_avx512(const float* gate, const float* up, float* out, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(out + i, silu_mul16(_mm512_loadu_ps(gate + i), _mm512_loadu_ps(up + i)));
+  if (i < n) {
+    const __mmask16 tail = static_cast<__mmask16>((1u << (n - i)) - 1);
+    _mm512_mask_storeu_ps(out + i, tail,
+                          silu_mul16(_mm512_maskz_loadu_ps(tail, gate + i), _mm512_maskz_loadu_ps(tail, up + i)));
+  }
+}
+#endif
+
+template <typename T>
+void silu_mul_elements(const T* gate, const T* up, T* out, int64_t n) {
+#ifdef COMPTRUST_X86
+  if constexpr (std::is_same_v<T, float>) {
+    if (select_isa() == Isa::kAvx512) return silu_mul_avx512(gate, up, out, n);
+  }
+#endif
+  for (int64_t i = 0; i < n; ++i)
+    out[i] = static_cast<T>(static_cast<float>(static_cast<T>(silu_scalar(gate[i]))) * static_cast<float>(up[i]));
+}
+
 // ------------------------------------------------------------------------------- one row by a dense weight
 // y[j] = weight[j, :] . x for rows j of a row-major weight [n, k], x in fp32, sums in fp32. MKL's sgemv takes
 // the embedded model's vocabulary projection (49152 x 576, 113 MB in fp32) on one thread: 11.3 GB/s here, 9.7 ms
@@ -379,6 +417,20 @@ at::Tensor residual_rms_norm_cpu(at::Tensor hidden, const c10::optional<at::Tens
     residual_rms_norm_rows(hidden.data_ptr<T>(), delta.has_value() ? delta->data_ptr<T>() : nullptr,
                            weight.data_ptr<T>(), out.data_ptr<T>(), hidden.numel() / width, width,
                            static_cast<float>(eps));
+  });
+  return out;
+}
+
+at::Tensor silu_mul_cpu(const at::Tensor& gate, const at::Tensor& up) {
+  constexpr const char* op = "silu_mul";
+  const auto dtype = gate.scalar_type();
+  check_cpu_float(op, "gate", gate, dtype);
+  check_cpu_float(op, "up", up, dtype);
+  TORCH_CHECK(gate.sizes() == up.sizes(), op, ": gate is ", gate.sizes(), ", up ", up.sizes(), " (must match)");
+  at::Tensor out = at::empty_like(gate);
+  dispatch_float(dtype, op, [&](auto tag) {
+    using T = decltype(tag);
+    silu_mul_elements(gate.data_ptr<T>(), up.data_ptr<T>(), out.data_ptr<T>(), gate.numel());
   });
   return out;
 }
@@ -515,5 +567,6 @@ std::shared_ptr<const BoundGemv> bind_dense_gemv(const std::vector<at::Tensor>& 
 TORCH_LIBRARY_IMPL(comptrust, CPU, m) {
   m.impl("residual_rms_norm", &comptrust::cpu::residual_rms_norm_cpu);
   m.impl("decode_attention", &comptrust::cpu::decode_attention_cpu);
+  m.impl("silu_mul", &comptrust::cpu::silu_mul_cpu);
   m.impl("dense_gemv", &comptrust::cpu::dense_gemv_cpu);
 }
