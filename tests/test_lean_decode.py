@@ -310,9 +310,26 @@ def test_program_binds_its_fp32_linears(tiny_llama, tag):
     how = "bound" if tag is None or "avx512" in available_isas() else "op"
     expected = [line for i in range(2) for line in (f"layer {i} qkv: 3 {how}", f"layer {i} o: 1 {how}",
                                                      f"layer {i} gate_up: 2 {how}", f"layer {i} down: 1 {how}")]
-    assert LeanDecoder(model, 16).program.describe() == expected + ["head: 1 bound"]
-    bf16 = LeanDecoder(copy.deepcopy(tiny_llama).to(torch.bfloat16), 16).program.describe()
-    assert bf16[:4] == ["layer 0 qkv: 3 op", "layer 0 o: 1 op", "layer 0 gate_up: 2 op", "layer 0 down: 1 op"]
+    program = LeanDecoder(model, 16).program
+    assert program.describe() == expected + ["head: 1 bound"]
+    assert program.float_steps() == (how == "bound")  # then whole steps run on raw buffers, no op calls
+    bf16 = LeanDecoder(copy.deepcopy(tiny_llama).to(torch.bfloat16), 16).program
+    assert bf16.describe()[:4] == ["layer 0 qkv: 3 op", "layer 0 o: 1 op", "layer 0 gate_up: 2 op", "layer 0 down: 1 op"]
+    assert not bf16.float_steps()
+
+
+def test_float_steps_refuse_caches_and_positions_the_ops_refuse(tiny_llama):
+    """Where the caches or the position do not fit, the step takes the ops, which raise their own errors."""
+    decoder = LeanDecoder(tiny_llama, 8)
+    assert decoder.program.float_steps()
+    hidden, (cos, sin) = torch.randn(1, 1, 96), (table[:, :1] for table in decoder._cos_sin)
+    wide = torch.zeros(2, 2, 8, 26)
+    with pytest.raises(RuntimeError, match="k and v must hold one token's 2 x 26 values"):
+        decoder.program.step(hidden, wide, wide.clone(), cos, sin, 0)
+    with pytest.raises(RuntimeError, match="position 8 is outside the cache's 8 positions"):
+        decoder.program.step(hidden, decoder.keys, decoder.values, cos, sin, 8)
+    with pytest.raises(RuntimeError, match="cos and sin must hold 24 values"):
+        decoder.program.step(hidden, decoder.keys, decoder.values, cos[..., :12], sin[..., :12], 0)
 
 
 def test_program_rejects_bad_use_with_clear_errors(tiny_llama):

@@ -19,14 +19,25 @@
 #include <vector>
 
 #include "cpu/bound_gemv.h"
+#include "cpu/decode_step.h"
 #include "cpu/isa.h"
 #include "cpu/simd_common.h"
+
+#if defined(__GNUC__) && !defined(__clang__)
+#define COMPTRUST_ONE_COPY __attribute__((noipa))
+#else
+#define COMPTRUST_ONE_COPY __attribute__((noinline))
+#endif
 
 namespace comptrust::cpu {
 namespace {
 
+// One compiled copy (as silu_mul_elements and decode_attention_impl) that the ops and the raw entry points
+// (decode_step.h) share: GCC's constant-propagation clone for the raw entry's one row summed the squares in another
+// order than the op's copy (a last-bit difference in the norm), and DecodeProgram's steps must match the ops' bit
+// for bit. noipa keeps GCC from inlining or cloning it.
 template <typename T>
-void residual_rms_norm_rows(T* hidden, const T* delta, const T* weight, T* out, int64_t rows, int64_t width,
+COMPTRUST_ONE_COPY void residual_rms_norm_rows(T* hidden, const T* delta, const T* weight, T* out, int64_t rows, int64_t width,
                             float eps) {
   for (int64_t r = 0; r < rows; ++r) {
     T* h = hidden + r * width;
@@ -254,7 +265,7 @@ void attend_all_f32_avx512(const float* queries, const float* key_cache, const f
 #endif
 
 template <typename T>
-void decode_attention_impl(const T* q, const T* k, const T* v, T* key_cache, T* value_cache, const T* cos,
+COMPTRUST_ONE_COPY void decode_attention_impl(const T* q, const T* k, const T* v, T* key_cache, T* value_cache, const T* cos,
                            const T* sin, int64_t heads, int64_t kv_heads, int64_t max_len, int64_t head_dim,
                            int64_t position, float scale, T* out) {
   for (int64_t g = 0; g < kv_heads; ++g) {
@@ -319,7 +330,7 @@ COMPTRUST_AVX512 void silu_mul_avx512(const float* gate, const float* up, float*
 #endif
 
 template <typename T>
-void silu_mul_elements(const T* gate, const T* up, T* out, int64_t n) {
+COMPTRUST_ONE_COPY void silu_mul_elements(const T* gate, const T* up, T* out, int64_t n) {
 #ifdef COMPTRUST_X86
   if constexpr (std::is_same_v<T, float>) {
     if (select_isa() == Isa::kAvx512) return silu_mul_avx512(gate, up, out, n);
@@ -420,6 +431,20 @@ at::Tensor residual_rms_norm_cpu(at::Tensor hidden, const c10::optional<at::Tens
   });
   return out;
 }
+
+void residual_rms_norm_f32(float* hidden, const float* delta, const float* weight, float* out, int64_t width,
+                           float eps) {
+  residual_rms_norm_rows(hidden, delta, weight, out, 1, width, eps);
+}
+
+void decode_attention_f32(const float* q, const float* k, const float* v, float* key_cache, float* value_cache,
+                          const float* cos, const float* sin, int64_t heads, int64_t kv_heads, int64_t max_len,
+                          int64_t head_dim, int64_t position, float scale, float* out) {
+  decode_attention_impl(q, k, v, key_cache, value_cache, cos, sin, heads, kv_heads, max_len, head_dim, position, scale,
+                        out);
+}
+
+void silu_mul_f32(const float* gate, const float* up, float* out, int64_t n) { silu_mul_elements(gate, up, out, n); }
 
 at::Tensor silu_mul_cpu(const at::Tensor& gate, const at::Tensor& up) {
   constexpr const char* op = "silu_mul";
