@@ -43,7 +43,12 @@ LimbOrder limb_order(Position&& position) {
 COMPTRUST_AVX512 inline void limbs_of_block(const float* x, int64_t count, const LimbOrder& order,
                                             int8_t* const (&out)[kLimbs], float (&steps)[kLimbs]) {
   float amax = 0.f;
-  for (int64_t j = 0; j < count; ++j) amax = std::max(amax, std::fabs(x[j]));
+  if (count == kActBlock) {  // the same maximum, 32 lanes at a time (the scalar loop's chain took ~0.4 us at k = 576)
+    const __m512 top = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(x)), _mm512_abs_ps(_mm512_loadu_ps(x + 16)));
+    amax = _mm512_reduce_max_ps(top);
+  } else {
+    for (int64_t j = 0; j < count; ++j) amax = std::max(amax, std::fabs(x[j]));
+  }
   steps[0] = amax / 127.f;
   steps[1] = steps[0] / 254.f;
   steps[2] = steps[1] / 254.f;
