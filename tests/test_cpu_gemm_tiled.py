@@ -211,10 +211,30 @@ def test_one_int4_row_in_one_weight_stream_keeps_fp32_accuracy(monkeypatch):
                 assert torch.equal(y, ops.gemm_tiled(x, tile(packed))), (n, k, group, isa)
 
 
+def test_one_int3_row_in_one_weight_stream_keeps_fp32_accuracy(monkeypatch):
+    """The int3 twin: one fp32 row on an int3 layer up to k = 4096 whose group size is a multiple of 32 reads each
+    tile's 96-byte blocks as one stream (planes 0 and 1 in one load, the high-bit plane merged per 2-bit field):
+    the fewest tiles the int3 layout allows (n = 32), groups of one block and groups that k cuts short (g96 at
+    k = 160), per-channel (g = k), wide-range inputs; against the reference on every ISA, as one layer and several
+    of one x."""
+    for n, k, group in ((32, 32, 32), (96, 64, 32), (160, 160, 96), (224, 96, 96), (1536, 576, 128), (576, 1536, 128),
+                        (64, 224, 224), (32, 4096, 128)):
+        layers = [random_int3(n, k, group, seed=n + k + i)[0] for i in range(2)]
+        x = wide_range_rows(1, k, seed=k)
+        for isa in available_isas():
+            monkeypatch.setenv("COMPTRUST_CPU_ISA", isa)
+            outputs = ops.gemm_tiled_many(x, [tile(packed) for packed in layers])
+            for packed, y in zip(layers, outputs):
+                ref = reference.int3_gemm(x, packed.qweight, packed.qzeros, packed.scales, group)
+                assert rel_err(y, ref) < 2e-6, (n, k, group, isa, rel_err(y, ref))
+                assert torch.equal(y, ops.gemm_tiled(x, tile(packed))), (n, k, group, isa)
+
+
 @pytest.mark.parametrize("bits", [4, 3])
 def test_fp32_as_int8_limbs_keeps_fp32_accuracy(bits, monkeypatch):
     """With VNNI, fp32 x runs on the int8 kernels as three int8 limbs per block of 32 inputs, leaving at most
-    2^-23 of the block's largest input: at batch 1 (int3 always, int4 from 2^22 weights), on layers of 2^22+
+    2^-23 of the block's largest input: at batch 1 (int3 always; int4 from 2^22 weights where the one-stream kernel
+    does not take it: k past 4096, or k or the group size not a multiple of 16), on layers of 2^22+
     weights up to 255 rows, on layers of 2^18+ from 8 rows (int3: 2) to 63. Wide-range inputs (a dropped third
     limb: 4e-5 relative error), groups that cut blocks short (int4 g24), odd row counts (the kernels take rows
     in pairs), bf16 x; and against the other ISAs' fp32 kernels."""

@@ -4,9 +4,10 @@
 //   * direct (batch < kPanelMinRows, float activations): codes are decoded in registers and feed up to
 //     kRowBlock rows at once. Per group we accumulate sum_k x*q and apply zero and scale once:
 //       sum_k x*(q - z)*s = s * (sum_k x*q - z * sum_k x),   sum_k x precomputed per (row, group).
-//     Batch 1 is memory-bound, so this is the path that must run at DRAM speed. One fp32 row on int4 layers
-//     (TiledGemv, also the decode program's bound product) reads each thread's tiles as one stream with x as
-//     int8 limbs on VNNI where k <= 4096 and k and the group size are multiples of 16 (stream_vnni_avx512).
+//     Batch 1 is memory-bound, so this is the path that must run at DRAM speed. One fp32 row on int4 and int3
+//     layers (TiledGemv, also the decode program's bound product) reads each thread's tiles as one stream with x
+//     as int8 limbs on VNNI where k <= 4096 and k and the group size fit (stream_vnni_avx512,
+//     stream_int3_vnni_avx512).
 //   * panel (kPanelMinRows <= batch < kBlasMinRows, float activations): two tiles (four with AVX-512) are
 //     dequantized once into an L1-resident fp32 panel, then a 6x16 (6x32) register-blocked microkernel runs
 //     every row over it (the decode cost is paid once per weight instead of once per row block).
@@ -841,9 +842,12 @@ constexpr int kStreamInputs = 16;
 // Layers take it up to this k, where x's limbs (3k bytes) stay well inside L1, at any size: 4096 x 4096 and
 // 11008 x 4096 read 3-10% and 14-17% faster than on the two-tile limb kernel (a8_avx512), 4096 x 11008 20% slower
 // (cold, alternated in one process); SmolLM2's layers (k = 576, 1536) 20-50% faster than on the two-tile fp32 one.
+// int3, against the two-tile limb kernel: 11008 x 4096 and 4096 x 4096 1.10x, SmolLM2's 576 x 576, 576 x 1536 and
+// 1536 x 576 1.12x, 1.20x and 1.43x.
 constexpr int64_t kStreamMaxInputs = 4096;
 
 inline bool stream_fits(int bits, int64_t k, int64_t group_size) {
+  if (bits == 3) return group_size % kInt3BlockRows == 0;  // k is a multiple of 32 in the int3 layout
   return bits == 4 && k % kStreamInputs == 0 && group_size % kStreamInputs == 0;
 }
 
@@ -855,11 +859,17 @@ struct StreamLimbs {
   std::vector<float> steps;
 };
 
+// int3: per block of 32 inputs, the 8 bytes [4i, 4i + 8) are x[16p + 4q + i] at 4p + q (stream_int3_vnni_avx512).
 COMPTRUST_AVX512 void stream_limbs(const Problem& p, const float* x, StreamLimbs& out) {
-  static const LimbOrder kOrder = limb_order([](int j) {
+  static const LimbOrder kInt4Order = limb_order([](int j) {
     const int v = j / kStreamInputs, r = j % kStreamInputs, half = r / 8, i = r % 8;
     return v * kStreamInputs + (i % 2) * 8 + half * 4 + i / 2;
   });
+  static const LimbOrder kInt3Order = limb_order([](int j) {
+    const int plane = j / 16, q = j % 16 / 4, i = j % 4;
+    return i * 8 + plane * 4 + q;
+  });
+  const LimbOrder& kOrder = p.bits == 3 ? kInt3Order : kInt4Order;
   out.codes.resize(kLimbs * p.k);
   out.steps.resize(kLimbs * p.groups * p.blocks_per_group);
   for (int64_t g = 0; g < p.groups; ++g) {
@@ -915,9 +925,63 @@ COMPTRUST_AVX512_VNNI void stream_vnni_avx512(const Problem& p, const StreamLimb
   _mm256_storeu_ps(p.y + t * kTileCols, _mm512_castps512_ps256(_mm512_permutexvar_ps(even_lanes, out)));
 }
 
+// int3, one tile at a time as the int4 kernel above: a block (32 inputs of the tile's 8 columns) is 96 contiguous
+// bytes, planes 0 and 1 in one 64-byte load, the high-bit plane in a 32-byte one. vpermd puts plane 0's column c
+// (rows 0-15) in lane 2c and plane 1's (rows 16-31) in lane 2c + 1, the high plane's word c in both; shifting lane
+// 2c + 1's high word right by 4 lines its rows' bits up with lane 2c's. Then code operand i = 0..3 holds, per lane,
+// rows 16p + 4q + i in byte q: the low plane's 2-bit field i, and the high bit moved to bit 2 and merged in by one
+// vpternlogd, ready for vpdpbusd against x's 8 bytes {x[4q + i]}, {x[16 + 4q + i]} (stream_limbs' int3 order):
+// per 96 bytes of weights two vpermd, ~14 shift/mask/merge instructions and twelve vpdpbusd. Needs the group size
+// to be a multiple of 32 (stream_fits), so a limb block is one int3 block.
+COMPTRUST_AVX512_VNNI void stream_int3_vnni_avx512(const Problem& p, const StreamLimbs& x, int64_t t) {
+  const int32_t* tw = p.tile_w(t);
+  const uint8_t* tz = p.tile_zeros(t);
+  const at::Half* ts = p.tile_scales(t);
+  const __m512i interleave = _mm512_setr_epi32(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
+  const __m512i twice = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+  const __m512i swap_pairs = _mm512_setr_epi32(1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  const __m512i odd_lanes_by_4 = _mm512_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4);
+  const __m512i bit2 = _mm512_set1_epi8(0x04), low2 = _mm512_set1_epi8(0x03);
+  __m512 out = _mm512_setzero_ps();
+  for (int64_t g = 0; g < p.groups; ++g) {
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t b = 0, block = g * p.group_size / kInt3BlockRows; block < p.group_end(g) / kInt3BlockRows; ++b, ++block) {
+      const int32_t* bw = tw + block * kInt3BlockPlanes * kTileCols;
+      prefetch_ahead(bw);
+      const __m512i low = _mm512_permutexvar_epi32(interleave, _mm512_loadu_si512(bw));
+      const __m512i high = _mm512_srlv_epi32(
+          _mm512_permutexvar_epi32(twice, _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bw + 2 * kTileCols)))),
+          odd_lanes_by_4);
+      __m512i acc[kLimbs] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+      COMPTRUST_UNROLL for (int i = 0; i < 4; ++i) {
+        const __m512i low_i = i ? _mm512_srli_epi32(low, 2 * i) : low;
+        const __m512i high_i = _mm512_and_si512(i < 2 ? _mm512_slli_epi32(high, 2 - i) : i == 2 ? high : _mm512_srli_epi32(high, 1), bit2);
+        const __m512i codes = _mm512_ternarylogic_epi32(low2, low_i, high_i, 0xCA);  // low2 ? low_i : high_i, bitwise
+        for (int l = 0; l < kLimbs; ++l) {
+          int64_t inputs;
+          std::memcpy(&inputs, x.codes.data() + l * p.k + block * kInt3BlockRows + 8 * i, sizeof inputs);
+          acc[l] = dpbusd(acc[l], codes, _mm512_set1_epi64(inputs));
+        }
+      }
+      for (int l = 0; l < kLimbs; ++l)
+        sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[l]),
+                              _mm512_set1_ps(x.steps[(l * p.groups + g) * p.blocks_per_group + b]), sum);
+    }
+    sum = _mm512_add_ps(sum, _mm512_permutexvar_ps(swap_pairs, sum));  // both lanes of a pair: the column's sum
+    const __m512 zero = _mm512_permutexvar_ps(twice, _mm512_castps256_ps512(load_zeros(tz + g * kTileCols)));
+    const __m512 scale = _mm512_permutexvar_ps(twice, _mm512_castps256_ps512(load_scales(ts + g * kTileCols)));
+    out = _mm512_fmadd_ps(scale, _mm512_fnmadd_ps(zero, _mm512_set1_ps(p.x_group_sum[g]), sum), out);
+  }
+  const __m512i even_lanes = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 0, 2, 4, 6, 8, 10, 12, 14);
+  _mm256_storeu_ps(p.y + t * kTileCols, _mm512_castps512_ps256(_mm512_permutexvar_ps(even_lanes, out)));
+}
+
 // Tiles 2u and 2u + 1 (the work units of the two-tile kernels), one after the other.
 COMPTRUST_AVX512_VNNI void stream_vnni_pair(const Problem& p, const StreamLimbs& x, int64_t u) {
-  for (int64_t t = 2 * u, last = std::min(2 * u + 2, p.n / kTileCols); t < last; ++t) stream_vnni_avx512(p, x, t);
+  for (int64_t t = 2 * u, last = std::min(2 * u + 2, p.n / kTileCols); t < last; ++t) {
+    if (p.bits == 3) stream_int3_vnni_avx512(p, x, t);
+    else stream_vnni_avx512(p, x, t);
+  }
 }
 
 // ------------------------------------------------------------- AVX-512 direct (float x, int8)
@@ -1434,8 +1498,8 @@ void check_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor&
 #ifdef COMPTRUST_X86
 // Several layers' products of one fp32 row (a decoder's q/k/v, gate/up at a decode step) in one parallel region,
 // the layers' tile pairs shared out together (SmolLM2's layers at batch 1, side by side: q, k, v 61-78 us as
-// three calls and 31-39 us as one; gate, up 91-118 us as two and 71-95 us as one), on stream_vnni_avx512 where
-// it fits, else the two-tile direct kernel.
+// three calls and 31-39 us as one; gate, up 91-118 us as two and 71-95 us as one), on the one-stream kernels
+// (stream_vnni_pair) where they fit, else the two-tile direct kernel.
 // Bound once (BoundGemv) by DecodeProgram; per call by gemm_tiled_many, and by gemm_tiled at one row.
 class TiledGemv final : public BoundGemv {
  public:
@@ -1487,11 +1551,11 @@ class TiledGemv final : public BoundGemv {
   std::vector<Problem> problems_;
   std::vector<int64_t> first_pair_;  // pair units (direct_rows_avx512: tiles 2u, 2u + 1) before each layer
   int64_t grain_ = 1;
-  bool stream_ = false;  // stream_vnni_avx512, else the two-tile direct kernel
+  bool stream_ = false;  // stream_vnni_pair's one-stream kernels, else the two-tile direct kernel
 };
 
-// Whether layers of `bits` with these weights' widths and input width k take TiledGemv at one fp32 row: int4
-// layers on stream_vnni_avx512 up to k = kStreamMaxInputs whatever their size, others on the two-tile direct
+// Whether layers of `bits` with these weights' widths and input width k take TiledGemv at one fp32 row: int4 and
+// int3 layers on the one-stream kernels up to k = kStreamMaxInputs whatever their size, others on the two-tile direct
 // kernel where they are too small for the int8-limb kernel (limbs_for).
 bool direct_many_fits(at::TensorList weights, int64_t bits, int64_t k, Isa isa, int64_t group_size) {
   if (isa != Isa::kAvx512 || bits == 8) return false;
