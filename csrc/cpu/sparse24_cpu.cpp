@@ -22,6 +22,8 @@
 // sparse rows that skip the zeros.
 // int8 activations with int4 values run on VNNI (a8_int4_avx512), and there too fp32 ones at batch 1 on large
 // layers, as int8 limbs (int8_limbs.h).
+// DecodeProgram binds one fp32 row's product to its layers once (Sparse24Gemv, bound_gemv.h): the per-tile batch-1
+// kernels above, a layer's q/k/v or gate/up in one parallel region, without the dispatcher's per-call work.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
