@@ -192,40 +192,32 @@ def test_amx_fp32_activations_lose_no_bit(bits, monkeypatch):
         assert rel_err(ops.gemm_tiled(x, tile(packed)), ref) < 1e-6
 
 
-def test_one_int4_row_in_one_weight_stream_keeps_fp32_accuracy(monkeypatch):
-    """One fp32 row on a small int4 layer whose k and group size are multiples of 16 takes the single-stream VNNI
-    kernel (two word rows of a tile per load, x as three int8 limbs): a tile alone and odd tile counts (the
-    two-tile work units), blocks of 32 inputs cut short by the group (g16, g48, g80) and by k (k = 48), wide-range
-    inputs; against the reference, on every ISA (the others keep their kernels), and as one layer or several of
-    one x (gemm_tiled_many: the same kernel, so bit-identical)."""
-    for n, k, group in ((8, 16, 16), (24, 48, 48), (40, 160, 80), (200, 96, 96), (1536, 576, 128), (576, 1536, 128),
-                        (72, 208, 16)):
-        layers = [random_int4(n, k, group, seed=n + k + i)[0] for i in range(2)]
+# (n, k, group) per bits: int4 a tile alone and odd tile counts (the two-tile work units), blocks of 32 inputs cut
+# short by the group (g16, g48, g80) and by k (k = 48); int3 the fewest tiles its layout allows (n = 32), groups of
+# one block, groups that k cuts short (g96 at k = 160), per-channel (g = k), k = 4096.
+ONE_STREAM_CASES = {
+    4: ((8, 16, 16), (24, 48, 48), (40, 160, 80), (200, 96, 96), (1536, 576, 128), (576, 1536, 128), (72, 208, 16)),
+    3: ((32, 32, 32), (96, 64, 32), (160, 160, 96), (224, 96, 96), (1536, 576, 128), (576, 1536, 128), (64, 224, 224),
+        (32, 4096, 128)),
+}
+
+
+@pytest.mark.parametrize("bits", [4, 3])
+def test_one_row_in_one_weight_stream_keeps_fp32_accuracy(bits, monkeypatch):
+    """One fp32 row on an int4 layer whose k and group size are multiples of 16 (int3: group size a multiple of 32)
+    takes a one-stream VNNI kernel (int4: two word rows of a tile per load; int3: a tile's 96-byte blocks, the
+    high-bit plane merged per 2-bit field), x as three int8 limbs; wide-range inputs, against the reference on
+    every ISA (the others keep their kernels), as one layer and several of one x (gemm_tiled_many: the same
+    kernel, so bit-identical)."""
+    random_layer, reference_gemm = AMX_RANDOM[bits], AMX_REFERENCE[bits]
+    for n, k, group in ONE_STREAM_CASES[bits]:
+        layers = [random_layer(n, k, group, seed=n + k + i)[0] for i in range(2)]
         x = wide_range_rows(1, k, seed=k)
         for isa in available_isas():
             monkeypatch.setenv("COMPTRUST_CPU_ISA", isa)
             outputs = ops.gemm_tiled_many(x, [tile(packed) for packed in layers])
             for packed, y in zip(layers, outputs):
-                ref = reference.int4_gemm(x, packed.qweight, packed.qzeros, packed.scales, group)
-                assert rel_err(y, ref) < 2e-6, (n, k, group, isa, rel_err(y, ref))
-                assert torch.equal(y, ops.gemm_tiled(x, tile(packed))), (n, k, group, isa)
-
-
-def test_one_int3_row_in_one_weight_stream_keeps_fp32_accuracy(monkeypatch):
-    """The int3 twin: one fp32 row on an int3 layer up to k = 4096 whose group size is a multiple of 32 reads each
-    tile's 96-byte blocks as one stream (planes 0 and 1 in one load, the high-bit plane merged per 2-bit field):
-    the fewest tiles the int3 layout allows (n = 32), groups of one block and groups that k cuts short (g96 at
-    k = 160), per-channel (g = k), wide-range inputs; against the reference on every ISA, as one layer and several
-    of one x."""
-    for n, k, group in ((32, 32, 32), (96, 64, 32), (160, 160, 96), (224, 96, 96), (1536, 576, 128), (576, 1536, 128),
-                        (64, 224, 224), (32, 4096, 128)):
-        layers = [random_int3(n, k, group, seed=n + k + i)[0] for i in range(2)]
-        x = wide_range_rows(1, k, seed=k)
-        for isa in available_isas():
-            monkeypatch.setenv("COMPTRUST_CPU_ISA", isa)
-            outputs = ops.gemm_tiled_many(x, [tile(packed) for packed in layers])
-            for packed, y in zip(layers, outputs):
-                ref = reference.int3_gemm(x, packed.qweight, packed.qzeros, packed.scales, group)
+                ref = reference_gemm(x, packed.qweight, packed.qzeros, packed.scales, group)
                 assert rel_err(y, ref) < 2e-6, (n, k, group, isa, rel_err(y, ref))
                 assert torch.equal(y, ops.gemm_tiled(x, tile(packed))), (n, k, group, isa)
 

@@ -887,14 +887,36 @@ COMPTRUST_AVX512 void stream_limbs(const Problem& p, const float* x, StreamLimbs
   }
 }
 
-COMPTRUST_AVX512_VNNI void stream_vnni_avx512(const Problem& p, const StreamLimbs& x, int64_t t) {
-  const int32_t* tw = p.tile_w(t);
-  const uint8_t* tz = p.tile_zeros(t);
-  const at::Half* ts = p.tile_scales(t);
-  const __m512i nibble = _mm512_set1_epi8(0x0F);
-  const __m512i interleave = _mm512_setr_epi32(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
+// The one-stream kernels' lanes hold a column's sums in lane pairs (2c, 2c + 1). A group's block sums scaled by
+// their limb steps, added into `sum`:
+COMPTRUST_AVX512 inline __m512 add_limb_blocks(const Problem& p, const StreamLimbs& x, int64_t g, int64_t b,
+                                               const __m512i (&acc)[kLimbs], __m512 sum) {
+  for (int l = 0; l < kLimbs; ++l)
+    sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[l]), _mm512_set1_ps(x.steps[(l * p.groups + g) * p.blocks_per_group + b]),
+                          sum);
+  return sum;
+}
+
+// ... a group's pairs added, its zero point and scale applied, into `out` ...
+COMPTRUST_AVX512 inline __m512 add_group(const Problem& p, int64_t t, int64_t g, __m512 sum, __m512 out) {
   const __m512i swap_pairs = _mm512_setr_epi32(1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
   const __m512i twice = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+  sum = _mm512_add_ps(sum, _mm512_permutexvar_ps(swap_pairs, sum));  // both lanes of a pair: the column's sum
+  const __m512 zero = _mm512_permutexvar_ps(twice, _mm512_castps256_ps512(load_zeros(p.tile_zeros(t) + g * kTileCols)));
+  const __m512 scale = _mm512_permutexvar_ps(twice, _mm512_castps256_ps512(load_scales(p.tile_scales(t) + g * kTileCols)));
+  return _mm512_fmadd_ps(scale, _mm512_fnmadd_ps(zero, _mm512_set1_ps(p.x_group_sum[g]), sum), out);
+}
+
+// ... and the tile's 8 outputs, one per pair, stored.
+COMPTRUST_AVX512 inline void store_pairs(const Problem& p, int64_t t, __m512 out) {
+  const __m512i even_lanes = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 0, 2, 4, 6, 8, 10, 12, 14);
+  _mm256_storeu_ps(p.y + t * kTileCols, _mm512_castps512_ps256(_mm512_permutexvar_ps(even_lanes, out)));
+}
+
+COMPTRUST_AVX512_VNNI void stream_vnni_avx512(const Problem& p, const StreamLimbs& x, int64_t t) {
+  const int32_t* tw = p.tile_w(t);
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  const __m512i interleave = _mm512_setr_epi32(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
   __m512 out = _mm512_setzero_ps();
   for (int64_t g = 0; g < p.groups; ++g) {
     const int64_t v_end = p.group_end(g) / kStreamInputs;
@@ -915,17 +937,11 @@ COMPTRUST_AVX512_VNNI void stream_vnni_avx512(const Problem& p, const StreamLimb
           acc[l] = dpbusd(acc[l], odd, _mm512_set1_epi64(high));
         }
       }
-      for (int l = 0; l < kLimbs; ++l)
-        sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[l]),
-                              _mm512_set1_ps(x.steps[(l * p.groups + g) * p.blocks_per_group + b]), sum);
+      sum = add_limb_blocks(p, x, g, b, acc, sum);
     }
-    sum = _mm512_add_ps(sum, _mm512_permutexvar_ps(swap_pairs, sum));  // both lanes of a pair: the column's sum
-    const __m512 zero = _mm512_permutexvar_ps(twice, _mm512_castps256_ps512(load_zeros(tz + g * kTileCols)));
-    const __m512 scale = _mm512_permutexvar_ps(twice, _mm512_castps256_ps512(load_scales(ts + g * kTileCols)));
-    out = _mm512_fmadd_ps(scale, _mm512_fnmadd_ps(zero, _mm512_set1_ps(p.x_group_sum[g]), sum), out);
+    out = add_group(p, t, g, sum, out);
   }
-  const __m512i even_lanes = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 0, 2, 4, 6, 8, 10, 12, 14);
-  _mm256_storeu_ps(p.y + t * kTileCols, _mm512_castps512_ps256(_mm512_permutexvar_ps(even_lanes, out)));
+  store_pairs(p, t, out);
 }
 
 // int3, one tile at a time as the int4 kernel above: a block (32 inputs of the tile's 8 columns) is 96 contiguous
@@ -938,11 +954,8 @@ COMPTRUST_AVX512_VNNI void stream_vnni_avx512(const Problem& p, const StreamLimb
 // to be a multiple of 32 (stream_fits), so a limb block is one int3 block.
 COMPTRUST_AVX512_VNNI void stream_int3_vnni_avx512(const Problem& p, const StreamLimbs& x, int64_t t) {
   const int32_t* tw = p.tile_w(t);
-  const uint8_t* tz = p.tile_zeros(t);
-  const at::Half* ts = p.tile_scales(t);
   const __m512i interleave = _mm512_setr_epi32(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
   const __m512i twice = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
-  const __m512i swap_pairs = _mm512_setr_epi32(1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
   const __m512i odd_lanes_by_4 = _mm512_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4);
   const __m512i bit2 = _mm512_set1_epi8(0x04), low2 = _mm512_set1_epi8(0x03);
   __m512 out = _mm512_setzero_ps();
@@ -966,17 +979,11 @@ COMPTRUST_AVX512_VNNI void stream_int3_vnni_avx512(const Problem& p, const Strea
           acc[l] = dpbusd(acc[l], codes, _mm512_set1_epi64(inputs));
         }
       }
-      for (int l = 0; l < kLimbs; ++l)
-        sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[l]),
-                              _mm512_set1_ps(x.steps[(l * p.groups + g) * p.blocks_per_group + b]), sum);
+      sum = add_limb_blocks(p, x, g, b, acc, sum);
     }
-    sum = _mm512_add_ps(sum, _mm512_permutexvar_ps(swap_pairs, sum));  // both lanes of a pair: the column's sum
-    const __m512 zero = _mm512_permutexvar_ps(twice, _mm512_castps256_ps512(load_zeros(tz + g * kTileCols)));
-    const __m512 scale = _mm512_permutexvar_ps(twice, _mm512_castps256_ps512(load_scales(ts + g * kTileCols)));
-    out = _mm512_fmadd_ps(scale, _mm512_fnmadd_ps(zero, _mm512_set1_ps(p.x_group_sum[g]), sum), out);
+    out = add_group(p, t, g, sum, out);
   }
-  const __m512i even_lanes = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 0, 2, 4, 6, 8, 10, 12, 14);
-  _mm256_storeu_ps(p.y + t * kTileCols, _mm512_castps512_ps256(_mm512_permutexvar_ps(even_lanes, out)));
+  store_pairs(p, t, out);
 }
 
 // Tiles 2u and 2u + 1 (the work units of the two-tile kernels), one after the other.
