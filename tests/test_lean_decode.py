@@ -330,6 +330,9 @@ def test_float_steps_refuse_caches_and_positions_the_ops_refuse(tiny_llama):
         decoder.program.step(hidden, decoder.keys, decoder.values, cos, sin, 8)
     with pytest.raises(RuntimeError, match="cos and sin must hold 24 values"):
         decoder.program.step(hidden, decoder.keys, decoder.values, cos[..., :12], sin[..., :12], 0)
+    tables = [torch.cat([table, table]) for table in decoder._cos_sin]  # two [max_positions, head_dim] tables
+    with pytest.raises(RuntimeError, match="decode_attention: cos must be contiguous"):  # its rows two tables apart
+        decoder.program.greedy(5, decoder.keys, decoder.values, *tables, 0)
 
 
 def test_program_rejects_bad_use_with_clear_errors(tiny_llama):

@@ -441,7 +441,8 @@ class DecodeProgram : public torch::CustomClassHolder {
     plan.head_dim = keys.size(3);
     const bool shapes = plan.head_dim > 0 && plan.head_dim % 2 == 0 && plan.kv_heads * plan.head_dim == plan.kv_width &&
                         plan.queries % plan.kv_width == 0 && position >= 0 && position < plan.max_len &&
-                        sin.sizes() == cos.sizes() && (greedy ? cos.size(-1) : cos.numel()) == plan.head_dim;
+                        sin.sizes() == cos.sizes() &&
+                        (greedy ? cos.size(0) == 1 && cos.size(2) == plan.head_dim : cos.numel() == plan.head_dim);
     if (!shapes) return std::nullopt;
     plan.heads = plan.queries / plan.head_dim;
     return plan;
