@@ -22,4 +22,8 @@ void decode_attention_f32(const float* q, const float* k, const float* v, float*
 // out = silu(gate) * up over n values.
 void silu_mul_f32(const float* gate, const float* up, float* out, int64_t n);
 
+// out[j] = w[j, :] . x for rows j in [begin, end) of w [n, k]: dense_gemv's fp32 rows (its AVX-512 kernel where
+// avx512, else its scalar one), each row's sum alone, so one row computed again is bit-identical.
+void dense_rows_f32(const float* x, const float* w, int64_t k, float* out, int64_t begin, int64_t end, bool avx512);
+
 }  // namespace comptrust::cpu

@@ -499,9 +499,10 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
 namespace {
 
 // Rows [begin, end) of w [n, k] times x into out[begin, end). Each row's sum is computed alone, so the result does
-// not depend on how the rows are split between threads (or between layers bound together).
+// not depend on how the rows are split between threads (or between layers bound together). One compiled copy: the
+// greedy screen's rescoring (dense_rows_f32) must sum as the full projection does.
 template <typename T>
-void dense_rows(const float* x, const T* w, int64_t k, T* out, int64_t begin, int64_t end, bool avx512) {
+COMPTRUST_ONE_COPY void dense_rows(const float* x, const T* w, int64_t k, T* out, int64_t begin, int64_t end, bool avx512) {
   int64_t j = begin;
 #ifdef COMPTRUST_X86
   if (avx512)
@@ -552,6 +553,10 @@ class DenseGemv final : public BoundGemv {
 };
 
 }  // namespace
+
+void dense_rows_f32(const float* x, const float* w, int64_t k, float* out, int64_t begin, int64_t end, bool avx512) {
+  dense_rows(x, w, k, out, begin, end, avx512);
+}
 
 at::Tensor dense_gemv_cpu(const at::Tensor& x, const at::Tensor& weight) {
   constexpr const char* op = "dense_gemv";
