@@ -85,6 +85,7 @@ class SpeedResult:
     threads: int
     runtime: str               # "lean" (comptrust.lean_decode) or "hf" (transformers' forward with its cache)
     runtime_note: str | None = None  # why "auto" fell back to transformers
+    greedy_head: str | None = None   # lean: "screened" (LeanDecoder.greedy_head) or "full"; None for "hf"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -106,10 +107,12 @@ def measure_speed(model: torch.nn.Module, prompt_ids: torch.Tensor, decode_token
     note = unsupported_reason(model)
     if runtime == "lean" and note is not None:
         raise ValueError(f"the lean runtime cannot run this model: {note}")
+    greedy_head = None
     if runtime == "hf" or note is not None:
         step, runtime = _hf_steps(model), "hf"
     else:
-        step, runtime = LeanDecoder(model, prompt_ids.shape[1] + decode_tokens).steps, "lean"
+        decoder = LeanDecoder(model, prompt_ids.shape[1] + decode_tokens)
+        step, runtime, greedy_head = decoder.steps, "lean", decoder.greedy_head
     prefill_times, decode_rates = [], []
     for attempt in range(repeats + 1):
         prefill, decode = step(prompt_ids, decode_tokens)
@@ -118,7 +121,7 @@ def measure_speed(model: torch.nn.Module, prompt_ids: torch.Tensor, decode_token
             decode_rates.append(decode_tokens / decode)
     return SpeedResult(prompt_ids.shape[1], 1e3 * statistics.median(prefill_times), decode_tokens,
                        statistics.median(decode_rates), torch.get_num_threads(), runtime,
-                       None if runtime == "lean" else note)
+                       None if runtime == "lean" else note, greedy_head)
 
 
 def _hf_steps(model: torch.nn.Module):

@@ -216,6 +216,9 @@ class LeanDecoder:
         if use_program and weight.device.type == "cpu":
             self.program = decode_program(list(decoder.layers), self.eps, self.head_dim ** -0.5, weight.dtype)
             self._greedy_in_program = self.program is not None and _program_head(self.program, model, weight.dtype)
+        # "screened": greedy tokens come from the program's int8 screen of the fp32 output projection and the fp32
+        # rows it leaves (csrc/cpu/screened_argmax.h; the full projection's argmax exactly); "full": every logit.
+        self.greedy_head = "screened" if self._greedy_in_program and self.program.screens_greedy() else "full"
         shape = (len(self.layers), self.kv_heads, max_positions, self.head_dim)
         self.keys = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
         self.values = torch.zeros(shape, dtype=weight.dtype, device=weight.device)

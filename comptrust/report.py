@@ -99,9 +99,16 @@ def _efficiency_table(rows: list[dict]) -> list[str]:
 def _speed_note(rows: list[dict]) -> str:
     note = ("Decode tok/s: greedy batch-1 decoding on comptrust's lean runtime (the model's own layers and kernels, "
             "a preallocated KV cache, none of transformers' per-layer bookkeeping; plain fp32/bf16 linears, the "
-            "output projection of every configuration among them, on comptrust's row-parallel dense_gemv, as "
-            "torch's MKL sgemv ran them on one thread); HF decode tok/s: the same "
-            "through the model's transformers forward, the speed generate() gives. ")
+            "output projection of every configuration among them, on comptrust's row-parallel dense_gemv, where "
+            "torch's MKL sgemv ran them on one thread)")
+    screened = [row["name"] for row in rows if row["efficiency"].get("greedy_head") == "screened"]
+    if screened:
+        which = "every configuration" if len(screened) == len(rows) else ", ".join(screened)
+        note += (f"; for {which}, each greedy token came from an int8 copy of the fp32 output projection with a "
+                 "proven error bound and the few rows it left computed again in fp32: the full projection's "
+                 "argmax exactly, for about a quarter of its bytes (the copy counts in the decode RSS)")
+    note += "; HF decode tok/s: the same through the model's transformers forward, the speed generate() gives. "
+
     reasons = sorted({row["efficiency"].get("runtime_note") or "not recorded" for row in rows
                       if row["efficiency"].get("runtime") != "lean"})
     if reasons:

@@ -2,6 +2,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from comptrust import _C
 from comptrust.efficiency import (current_rss_bytes, measure_speed, peak_rss_bytes, release_memory,
                                   reset_peak_rss, weight_bytes)
 
@@ -32,10 +33,11 @@ def test_measure_speed_on_tiny_model(tiny_llama):
     assert result.prefill_ms > 0 and result.decode_tokens_per_s > 0
     assert result.threads == torch.get_num_threads()
     assert result.runtime == "lean" and result.runtime_note is None  # a Llama: the lean runtime runs it
+    assert result.greedy_head == ("screened" if _C.cpu_avx512_vnni() else "full")  # test_screened_argmax.py
 
 
 def test_measure_speed_through_transformers_on_request(tiny_llama):
     result = measure_speed(tiny_llama, torch.randint(0, 1000, (12,)), decode_tokens=3, repeats=1, runtime="hf")
-    assert result.runtime == "hf" and result.decode_tokens_per_s > 0
+    assert result.runtime == "hf" and result.decode_tokens_per_s > 0 and result.greedy_head is None
     with pytest.raises(ValueError, match="runtime must be one of"):
         measure_speed(tiny_llama, torch.randint(0, 1000, (12,)), runtime="fast")

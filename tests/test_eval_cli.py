@@ -133,6 +133,18 @@ def test_efficiency_table_shows_decode_rss_above_the_no_model_process():
     assert "| int4 | 20.00 | 1.0 | 2 | — | 1.0 | 9.0 | 7.0 |" in markdown(report)
 
 
+def test_efficiency_note_says_which_greedy_tokens_came_through_the_head_screen():
+    dense, int4 = fake_row("dense", []), fake_row("int4", [])
+    report = {"model": {"name": "m"}, "created": "now", "environment": {"torch": "2", "threads": 2, "cpu_backend": "x"},
+              "configs": [dense, int4]}
+    assert "int8 copy of the fp32 output projection" not in markdown(report)  # not recorded: nothing said
+    int4["efficiency"]["greedy_head"] = "screened"
+    dense["efficiency"]["greedy_head"] = "full"
+    assert "; for int4, each greedy token came from an int8 copy of the fp32 output projection" in markdown(report)
+    dense["efficiency"]["greedy_head"] = "screened"
+    assert "; for every configuration, each greedy token came from an int8 copy" in markdown(report)
+
+
 def test_efficiency_table_marks_speeds_taken_through_transformers():
     row = fake_row("dense", [])
     row["efficiency"].update(runtime="hf", runtime_note="model type 'gemma3_text' is not llama",

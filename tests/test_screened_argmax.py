@@ -216,6 +216,8 @@ def test_program_greedy_screens_its_dense_head(tiny_llama, monkeypatch):
     prompt = torch.randint(0, 49152, (1, 6), generator=torch.Generator().manual_seed(5))
     decoder = LeanDecoder(tiny_llama, 40)
     assert decoder.program.describe()[-1].startswith("head: 1 bound, greedy screen (int8 copy, ")
+    assert decoder.greedy_head == "screened"
+    assert LeanDecoder(copy.deepcopy(tiny_llama).to(torch.bfloat16), 40).greedy_head == "full"  # an fp32 head only
     tokens = decoder.greedy_tokens(prompt, 24)
     loop = LeanDecoder(tiny_llama, 40, use_program=False)
     assert tokens == loop.greedy_tokens(prompt, 24)
@@ -226,6 +228,6 @@ def test_program_greedy_screens_its_dense_head(tiny_llama, monkeypatch):
     assert changed.greedy_tokens(prompt, 24) == LeanDecoder(model, 40, use_program=False).greedy_tokens(prompt, 24)
     monkeypatch.setenv("COMPTRUST_CPU_ISA", "avx2")
     unscreened = LeanDecoder(tiny_llama, 40)
-    assert unscreened.program.describe()[-1] == "head: 1 bound"
+    assert unscreened.program.describe()[-1] == "head: 1 bound" and unscreened.greedy_head == "full"
     monkeypatch.delenv("COMPTRUST_CPU_ISA")
     assert unscreened.greedy_tokens(prompt, 24) == tokens

@@ -320,6 +320,10 @@ class DecodeProgram : public torch::CustomClassHolder {
     return plan_->has_value();
   }
 
+  // Whether greedy (given fp32 caches and rotary tables of matching shapes) picks its token through the screen of
+  // the head (screened_argmax.h): an fp32 program on raw buffers whose head is one fp32 dense weight, on AVX-512 VNNI.
+  bool screens_greedy() const { return head_screen_ && float_steps() && (*plan_)->vocab > 0; }
+
   // One line per linear call, in the order they run: "layer <i> <part>: <layers> bound|op", then "head: ...".
   std::vector<std::string> describe() const {
     std::vector<std::string> lines;
@@ -556,5 +560,6 @@ TORCH_LIBRARY_FRAGMENT(comptrust, m) {
       .def("greedy", &DecodeProgram::greedy)
       .def("describe", &DecodeProgram::describe)
       .def("float_steps", &DecodeProgram::float_steps)
+      .def("screens_greedy", &DecodeProgram::screens_greedy)
       .def_static("first_argmax", &DecodeProgram::first_argmax);
 }
