@@ -108,7 +108,6 @@ def _speed_note(rows: list[dict]) -> str:
                  "proven error bound and the few rows it left computed again in fp32: the full projection's "
                  "argmax exactly, for about a quarter of its bytes (the copy counts in the decode RSS)")
     note += "; HF decode tok/s: the same through the model's transformers forward, the speed generate() gives. "
-
     reasons = sorted({row["efficiency"].get("runtime_note") or "not recorded" for row in rows
                       if row["efficiency"].get("runtime") != "lean"})
     if reasons:

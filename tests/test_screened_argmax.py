@@ -47,7 +47,8 @@ def test_embedded_model_head_on_real_text(embedded):
     """The embedded model's tied projection (49152 x 576) on its own final hidden states over real text: every
     position decided by the screen, the fp32 argmax every time, and few rows computed again."""
     model, tokenizer = embedded.model, embedded.tokenizer
-    text = WIKITEXT.read_text(encoding="utf-8")[:6000] if WIKITEXT.is_file() else "The capital of France is Paris. " * 40
+    fallback = "The capital of France is Paris. " * 40
+    text = WIKITEXT.read_text(encoding="utf-8")[:6000] if WIKITEXT.is_file() else fallback
     ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :160]
     with torch.no_grad():
         hidden = model(ids, output_hidden_states=True).hidden_states[-1][0]  # after the final norm

@@ -300,7 +300,8 @@ class DecodeProgram : public torch::CustomClassHolder {
                                           sin_table.data_ptr<float>() + position * plan->head_dim, position);
       residual_rms_norm_f32(hidden, pending, final_norm_.data_ptr<float>(), normed, d, static_cast<float>(eps_));
       if (head_screen_)  // the full projection's argmax from a quarter of its bytes, where it can decide
-        if (const std::optional<ScreenedArgmax::Choice> choice = head_screen_->first_argmax(normed)) return choice->index;
+        if (const std::optional<ScreenedArgmax::Choice> choice = head_screen_->first_argmax(normed))
+          return choice->index;
       head_[0].run_bound(normed, &logits);
       return first_argmax_of(logits, plan->vocab);
     }

@@ -205,7 +205,8 @@ ScreenedArgmax::ScreenedArgmax(const at::Tensor& weight, int64_t padded_k)
       const float scale = amax / 127.f;
       double row_squares = 0, kept_squares = 0, error_squares = 0;
       for (int64_t i = 0; i < k_; ++i) {
-        const double q = scale > 0.f ? std::clamp(std::nearbyint(row[i] / static_cast<double>(scale)), -127.0, 127.0) : 0;
+        const double q =
+            scale > 0.f ? std::clamp(std::nearbyint(row[i] / static_cast<double>(scale)), -127.0, 127.0) : 0.0;
         const double kept = q * scale;  // exact in double
         codes[j * padded_k_ + i] = static_cast<uint8_t>(q + 128);
         row_squares += static_cast<double>(row[i]) * row[i];

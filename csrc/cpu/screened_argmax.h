@@ -8,8 +8,9 @@
 //   |fp32 logit_j - A_j| <= b_j = |x| |w_j - s_j q_j| + |x - x~| |s_j q_j| + rounding terms   (|.|: 2-norms)
 // (Cauchy-Schwarz on the two differences, gamma_k |x| |w_j| for any fp32 summation order of the logit). The row
 // norms are worked out once, in double, rounded up. Only rows whose A_j + b_j reaches max_i (A_i - b_i) can hold
-// the largest logit; those few (SmolLM2 on WikiText-2: median 3, at worst 162 of 49152 over 512 positions) are computed again
-// by the fp32 kernel dense_gemv runs (dense_rows_f32, the same code) and the first largest wins, as torch.argmax.
+// the largest logit; those few (SmolLM2 on WikiText-2: median 3, at worst 162 of 49152 over 512 positions) are
+// computed again by the fp32 kernel dense_gemv runs (dense_rows_f32, the same code) and the first largest wins, as
+// torch.argmax has it.
 // Where too many rows survive, or x is not finite or could overflow, the caller computes every logit instead; so too
 // once the weight has been written in place (its version counter moved: torch's in-place ops, copy_,
 // load_state_dict; writes through .data or numpy do not move it and are not seen).
@@ -17,6 +18,7 @@
 
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <optional>
