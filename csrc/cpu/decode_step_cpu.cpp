@@ -362,8 +362,8 @@ COMPTRUST_AVX512 inline __m512 load16_as_float(const T* p) {
 // 8 KB ahead. Four rows at a time (four streams 2.3 KB apart, each prefetching the next four rows) read the
 // 49152 x 576 projection at 22-28 GB/s alone and this at 26-31 (AMD EPYC, 2 threads, side by side); inside the
 // embedded model's int4 decode step, alternated in one process, the projection went from 4.5 to 2.1-2.3 ms.
-// Into L2, not L1: cold and alternated in one process, 1.06-1.22x over prefetch into L1 4 KB ahead on SmolLM2's and
-// Llama-7B's shapes (the dense embedded model's decode 1.13x): the L1's few miss buffers held the stream back.
+// Into L2, not L1: cold and alternated in one process, 1.06-1.19x over prefetch into L1 4 KB ahead on SmolLM2's and
+// Llama-7B's shapes (the dense embedded model's decode 1.13x at 16 KB): the L1's few miss buffers held the stream back.
 constexpr int kDenseRowPrefetchBytes = 8192;
 
 template <typename T>

@@ -69,7 +69,7 @@ inline void prefetch_ahead(const void* stream) {
   _mm_prefetch(static_cast<const char*>(stream) + kPrefetchBytes, _MM_HINT_T0);
 }
 // Twice as far ahead (4 KB) and into L2, for a stream that only wants bandwidth: the int4 one-stream kernel's codes
-// (cold, alternated in one process on AMD EPYC: 4096x4096 and 11008x4096 at batch 1 5-6% faster, SmolLM2's shapes
+// (cold, alternated in one process on AMD EPYC: 4096x4096 and 11008x4096 at batch 1 4-7% faster, SmolLM2's shapes
 // even). The int3 one ran 20-50% slower that way; the fp32 streams want 8 KB (dense rows, 2:4 values).
 inline void prefetch_ahead_to_l2(const void* stream) {
   _mm_prefetch(static_cast<const char*>(stream) + 2 * kPrefetchBytes, _MM_HINT_T1);
