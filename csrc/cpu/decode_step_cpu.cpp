@@ -373,7 +373,7 @@ COMPTRUST_AVX512 void dot_row_avx512(const float* x, const T* w, int64_t k, T* y
   int64_t i = 0;
   for (; i < full; i += 64) {
     for (int a = 0; a < 4; ++a) {
-      _mm_prefetch(reinterpret_cast<const char*>(w + i + 16 * a) + kDenseRowPrefetchBytes, _MM_HINT_T1);
+      prefetch_to_l2(w + i + 16 * a, kDenseRowPrefetchBytes);
       acc[a] = _mm512_fmadd_ps(load16_as_float(w + i + 16 * a), _mm512_loadu_ps(x + i + 16 * a), acc[a]);
     }
   }

@@ -925,7 +925,7 @@ COMPTRUST_AVX512_VNNI void stream_vnni_avx512(const Problem& p, const StreamLimb
       __m512i acc[kLimbs] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
       for (const int64_t block_end = std::min(v_end, v + kActBlock / kStreamInputs); v < block_end; ++v) {
         const int32_t* rows = tw + v * 2 * kTileCols;
-        prefetch_ahead_to_l2(rows);
+        prefetch_to_l2(rows, 2 * kPrefetchBytes);
         const __m512i words = _mm512_permutexvar_epi32(interleave, _mm512_loadu_si512(rows));
         const __m512i even = _mm512_and_si512(words, nibble), odd = _mm512_and_si512(_mm512_srli_epi32(words, 4), nibble);
         for (int l = 0; l < kLimbs; ++l) {

@@ -76,7 +76,7 @@ COMPTRUST_AVX512_VNNI float screen_rows(const uint8_t* codes, int64_t padded_k, 
       COMPTRUST_UNROLL
       for (int r = 0; r < 4; ++r) {
         const uint8_t* at = rows + r * padded_k + c;
-        _mm_prefetch(reinterpret_cast<const char*>(at) + kScreenPrefetchBytes, _MM_HINT_T1);
+        prefetch_to_l2(at, kScreenPrefetchBytes);
         const __m512i w = _mm512_loadu_si512(at);
         acc[r][0] = dpbusd(acc[r][0], w, x0);
         acc[r][1] = dpbusd(acc[r][1], w, x1);

@@ -68,11 +68,12 @@ constexpr int64_t kPrefetchBytes = 2048;
 inline void prefetch_ahead(const void* stream) {
   _mm_prefetch(static_cast<const char*>(stream) + kPrefetchBytes, _MM_HINT_T0);
 }
-// Twice as far ahead (4 KB) and into L2, for a stream that only wants bandwidth: the int4 one-stream kernel's codes
-// (cold, alternated in one process on AMD EPYC: 4096x4096 and 11008x4096 at batch 1 4-7% faster, SmolLM2's shapes
-// even). The int3 one ran 20-50% slower that way; the fp32 streams want 8 KB (dense rows, 2:4 values).
-inline void prefetch_ahead_to_l2(const void* stream) {
-  _mm_prefetch(static_cast<const char*>(stream) + 2 * kPrefetchBytes, _MM_HINT_T1);
+// Into L2, `bytes` ahead, for a stream that only wants bandwidth: the L1's few miss buffers held such streams back
+// on AMD EPYC (cold, alternated in one process). The int4 one-stream kernel's codes 4 KB ahead (4096x4096 and
+// 11008x4096 at batch 1 4-7% faster, SmolLM2's shapes even; the int3 one ran 20-50% slower that way and keeps
+// prefetch_ahead); fp32 streams 8 KB (dense rows, 2:4 values); the greedy screen's int8 codes 16 KB.
+inline void prefetch_to_l2(const void* stream, int64_t bytes) {
+  _mm_prefetch(static_cast<const char*>(stream) + bytes, _MM_HINT_T1);
 }
 
 COMPTRUST_AVX2 inline __m256 load_scales(const at::Half* s) {

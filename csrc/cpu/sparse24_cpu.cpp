@@ -152,9 +152,6 @@ constexpr int kFloatChains = R == 1 ? 2 : 1;  // groups in flight per step; each
 // (AMD EPYC, cold, alternated in one process): 1.08-1.27x on 4096x4096 and 11008x4096 at batch 1 and 4, AVX-512
 // and AVX2 paths, fp32 and bf16 values; even on SmolLM2's small shapes.
 constexpr int64_t kValuePrefetchBytes = 8192;
-inline void prefetch_values(const void* v) {
-  _mm_prefetch(static_cast<const char*>(v) + kValuePrefetchBytes, _MM_HINT_T1);
-}
 
 template <class V, int R>
 COMPTRUST_AVX2 void direct_float_avx2(const Sparse24Problem& p, int64_t t, int64_t i0) {
@@ -172,7 +169,7 @@ COMPTRUST_AVX2 void direct_float_avx2(const Sparse24Problem& p, int64_t t, int64
     COMPTRUST_UNROLL for (int a = 0; a < A; ++a) {
       const int64_t gg = g + a;
       const V* v = tv + gg * kSparse24Kept * kTileCols;
-      prefetch_values(v);
+      prefetch_to_l2(v, kValuePrefetchBytes);
       const __m256i word = _mm256_set1_epi32(static_cast<int>(tm[gg]));
       const __m256i idx0 = _mm256_srlv_epi32(word, shift0), idx1 = _mm256_srlv_epi32(word, shift1);
       const __m256 v0 = load_values(v), v1 = load_values(v + kTileCols);
@@ -361,7 +358,7 @@ COMPTRUST_AVX512 void direct_float_avx512(const Sparse24Problem& p, int64_t t, i
       COMPTRUST_UNROLL for (int a = 0; a < A; ++a) {
         const int64_t gg = g + a;
         const V* v = tv + gg * kSparse24Kept * kTileCols;
-        prefetch_values(v);
+        prefetch_to_l2(v, kValuePrefetchBytes);
         const __m512i idx = _mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(tm[gg])), shifts);
         const __m512 values = load_values16(v);
         COMPTRUST_UNROLL for (int r = 0; r < R; ++r)
