@@ -107,6 +107,20 @@ def test_batch_one_units_of_four_tile_pairs(isa, bits):
         _check(bits, act_bits, 1, n, 256, 64, seed=n + bits)
 
 
+@pytest.mark.parametrize("bits,k,group_size", [(4, 144, 48), (4, 240, 80), (3, 192, 96), (4, 1024, 128), (3, 1024, "channel")])
+def test_batch_one_int8_activations_on_the_one_stream_kernels(isa, bits, k, group_size):
+    """One row of int8 activations takes the one-stream kernels where the CPU has VNNI (x's a8 codes in their lane
+    order; groups of 48 and 80 inputs end in a block of 16, which the scalar rounding loop places): the result is
+    the reference's, and gemm_tiled_many's one parallel region gives each layer's gemm_tiled bit for bit."""
+    group = k if group_size == "channel" else group_size
+    for n in (8, 40, 96) if bits == 4 else (32, 96):
+        _check(bits, 8, 1, n, k, group, seed=n + k)
+    layers = [tile(_random(bits, n, k, group, seed=n)) for n in (32, 96, 64)]
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(k))
+    for one, many in zip([ops.gemm_tiled(x, t, 8) for t in layers], ops.gemm_tiled_many(x, layers, 8)):
+        assert torch.equal(one, many)
+
+
 @pytest.mark.parametrize("bits", [4, 3])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_activations(isa, bits, dtype):

@@ -319,6 +319,16 @@ def test_program_binds_its_fp32_linears(tiny_llama, tag):
     assert not bf16.float_steps()
 
 
+def test_program_binds_int8_activation_layers_that_fit_the_one_stream_kernels(tiny_llama):
+    """w4a8 layers take the one-stream kernels' bound product (VNNI) where k and the group size are multiples
+    of 16; the tiny model's down projection (k = 200) keeps the op and its two-tile kernel."""
+    model = copy.deepcopy(tiny_llama)
+    compress_(model, config_from_tag("rtn-w4g128-a8"), progress=False)
+    how = "bound" if "avx512" in available_isas() and _C.cpu_avx512_vnni() else "op"
+    assert LeanDecoder(model, 16).program.describe()[:4] == [
+        f"layer 0 qkv: 3 {how}", f"layer 0 o: 1 {how}", f"layer 0 gate_up: 2 {how}", "layer 0 down: 1 op"]
+
+
 def test_float_steps_refuse_caches_and_positions_the_ops_refuse(tiny_llama):
     """Where the caches or the position do not fit, the step takes the ops, which raise their own errors."""
     decoder = LeanDecoder(tiny_llama, 8)

@@ -29,13 +29,14 @@ class BoundGemv {
   std::vector<int64_t> widths_;
 };
 
-// gemm_tiled_many's (and gemm_tiled's) product of one fp32 row with act_bits 0, for tiled layers of one input
-// width and format; nullptr where that product is not the AVX-512 direct kernel (another ISA, int8 codes, or a
-// layer big enough for the int8-limb kernel), so the caller keeps calling the op.
+// gemm_tiled_many's (and gemm_tiled's) product of one fp32 row, for tiled layers of one input width, format and
+// act_bits; nullptr where that product is not the AVX-512 direct or one-stream kernels (another ISA, int8 codes, a
+// layer big enough for the int8-limb kernel, or int8 activations that do not fit the one-stream kernels), so the
+// caller keeps calling the op.
 std::shared_ptr<const BoundGemv> bind_tiled_gemv(const std::vector<at::Tensor>& weights,
                                                  const std::vector<at::Tensor>& zeros,
                                                  const std::vector<at::Tensor>& scales, int64_t bits,
-                                                 int64_t group_size);
+                                                 int64_t group_size, int64_t act_bits);
 
 // sparse24_gemm_tiled's product of one fp32 row, for 2:4 layers of one input width and one kind of float kept
 // values; sparse24_int4_gemm_tiled's (act_bits 0) for int4 kept values of one group size. nullptr without AVX-512,

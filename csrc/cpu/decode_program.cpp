@@ -131,7 +131,7 @@ class LinearCall {
     LinearCall call;
     call.op_ = c10::Dispatcher::singleton().findSchemaOrThrow("comptrust::gemm_tiled_many", "");
     call.list_outputs_ = static_cast<int64_t>(weights.size());
-    if (act_bits == 0) call.bound_ = bind_tiled_gemv(weights, zeros, scales, bits, group_size);
+    call.bound_ = bind_tiled_gemv(weights, zeros, scales, bits, group_size, act_bits);
     call.calls_.push_back({c10::IValue(std::move(weights)), c10::IValue(std::move(zeros)),
                            c10::IValue(std::move(scales)), c10::IValue(bits), c10::IValue(group_size),
                            c10::IValue(act_bits)});
@@ -156,7 +156,7 @@ class LinearCall {
   }
 
   // The bound product of these layers' boxed calls (each (x, layer_tensors[i]..., ints...)), where there is one:
-  // float activations through gemm_tiled (bits, group_size, act_bits 0), sparse24_gemm_tiled, and
+  // gemm_tiled (bits, group_size, act_bits), sparse24_gemm_tiled, and
   // sparse24_int4_gemm_tiled (group_size, act_bits 0).
   static std::shared_ptr<const BoundGemv> bind(const std::string& op_name,
                                                const std::vector<std::vector<at::Tensor>>& layer_tensors,
@@ -165,8 +165,8 @@ class LinearCall {
     std::vector<std::vector<at::Tensor>> by_argument(count);
     for (const std::vector<at::Tensor>& tensors : layer_tensors)
       for (size_t a = 0; a < count; ++a) by_argument[a].push_back(tensors[a]);
-    if (op_name == "comptrust::gemm_tiled" && count == 3 && ints.size() == 3 && ints[2] == 0)
-      return bind_tiled_gemv(by_argument[0], by_argument[1], by_argument[2], ints[0], ints[1]);
+    if (op_name == "comptrust::gemm_tiled" && count == 3 && ints.size() == 3)
+      return bind_tiled_gemv(by_argument[0], by_argument[1], by_argument[2], ints[0], ints[1], ints[2]);
     if (op_name == "comptrust::sparse24_gemm_tiled" && count == 2 && ints.empty())
       return bind_sparse24_gemv(by_argument[0], by_argument[1]);
     if (op_name == "comptrust::sparse24_int4_gemm_tiled" && count == 4 && ints.size() == 2 && ints[1] == 0)

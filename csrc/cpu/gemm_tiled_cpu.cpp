@@ -117,6 +117,26 @@ inline int64_t a8_lane_position(int bits, int64_t kk) {
   return base + plane * 16 + i * 4 + q;
 }
 
+// ... and inside its 16 (int4) or 32 (int3) row unit in the one-stream kernels' lane order (stream_vnni_avx512,
+// stream_int3_vnni_avx512). int4: inputs 16v..16v+15 as {0,2,4,6}, {8,10,12,14}, {1,3,5,7}, {9,11,13,15}; int3:
+// bytes [8i, 8i + 8) of a block are x[16p + 4q + i] at 8i + 4p + q.
+inline int64_t stream_lane_position(int bits, int64_t kk) {
+  if (bits == 4) {
+    const int64_t base = kk - kk % 16, r = kk % 16, half = r / 8, i = r % 8;
+    return base + (i % 2) * 8 + half * 4 + i / 2;
+  }
+  const int64_t base = kk - kk % kInt3BlockRows, r = kk % kInt3BlockRows;
+  const int64_t plane = r / 16, q = (r % 16) / 4, i = r % 4;
+  return base + i * 8 + plane * 4 + q;
+}
+
+// Where a kernel family wants x's int8 codes (quantize_rows): the two-tile kernels' order or the one-stream one.
+enum class Lanes { kTwoTile, kOneStream };
+
+inline int64_t lane_position(Lanes lanes, int bits, int64_t kk) {
+  return lanes == Lanes::kOneStream ? stream_lane_position(bits, kk) : a8_lane_position(bits, kk);
+}
+
 void tile_scalar(const Problem& p, int64_t t, bool a8) {
   const uint8_t* tz = p.tile_zeros(t);
   const at::Half* ts = p.tile_scales(t);
@@ -823,14 +843,18 @@ COMPTRUST_AVX512 void direct_rows_avx512(const Problem& p, int64_t u) {
   for_each_row_block(p.m, [&](auto rows, int64_t i0) { direct_avx512<BITS, decltype(rows)::value>(p, 2 * u, i0); });
 }
 
-// -------------------------------------------- AVX-512 VNNI, int4, one row of fp32 x, one weight stream
+// ------------------------------------------ AVX-512 VNNI, int4 / int3, one row of x, one weight stream
 // The two-tile kernels (direct_avx512, a8_avx512) read tiles t and t + 1 side by side: two streams of 32-byte
 // rows (2.3 KB apart at k = 576), more with P > 1. At batch 1 on the embedded model's layers, cold, that read
 // pattern and the fp32 kernel's decoding (a shift, a vpermps and a multiply-add per 16 products) held them to
 // 12-14 GB/s in place, where the dense rows (one stream per thread) read 25-30. This kernel reads one tile at
 // a time, two word rows (16 inputs of its 8 columns) per 64-byte load, so a thread's stretch of tiles is one
-// sequential stream; x is three int8 limbs per block of 32 inputs (int8_limbs.h: fp32 accuracy), multiplied
-// with vpdpbusd: per 64 bytes of weights one vpermd, three mask/shift instructions and six vpdpbusd.
+// sequential stream; fp32 x is three int8 limbs per block of 32 inputs (int8_limbs.h: fp32 accuracy), multiplied
+// with vpdpbusd: per 64 bytes of weights one vpermd, three mask/shift instructions and six vpdpbusd. With int8
+// activations (act_bits 8) x is one limb, its a8 codes, and two vpdpbusd: then the kernels run at the memory's
+// pace. Against the two-tile a8 kernel it replaced at one row (cold, alternated in one process): 4096 x 4096 and
+// 11008 x 4096 1.20-1.29x (int4 and int3), 4096 x 11008 1.12x / 1.03x, SmolLM2's layers even to 1.08x; the embedded
+// model's w4a8 and w3a8 decode 105 -> 282 and 113 -> 305 tokens/s (the program now binds those layers too).
 // The vpermd puts word row 2v's column c in lane 2c and row 2v + 1's in lane 2c + 1 (inputs 16v..16v+7 and
 // 16v+8..16v+15); a lane's low nibbles are its even inputs, the high nibbles its odd ones. So the activation
 // operand of the low nibbles is 4 int8 of inputs 16v + {0,2,4,6} in even lanes and 16v + {8,10,12,14} in odd
@@ -842,7 +866,8 @@ COMPTRUST_AVX512 void direct_rows_avx512(const Problem& p, int64_t u) {
 // vpdpbusd every two cycles: 12 cycles per 128 weights). Fewer limbs would halve that and lose fp32 accuracy.
 constexpr int kStreamInputs = 16;
 
-// Layers take it up to this k, where x's limbs (3k bytes) stay well inside L1, at any size: 4096 x 4096 and
+// Layers of fp32 x take it up to this k, where x's limbs (3k bytes) stay well inside L1, at any size (int8
+// activations, k bytes, at any k): 4096 x 4096 and
 // 11008 x 4096 read 3-10% and 14-17% faster than on the two-tile limb kernel (a8_avx512), 4096 x 11008 20% slower
 // (cold, alternated in one process); SmolLM2's layers (k = 576, 1536) 20-50% faster than on the two-tile fp32 one.
 // int3, against the two-tile limb kernel: 11008 x 4096 and 4096 x 4096 1.10x, SmolLM2's 576 x 576, 576 x 1536 and
@@ -854,25 +879,29 @@ inline bool stream_fits(int bits, int64_t k, int64_t group_size) {
   return bits == 4 && k % kStreamInputs == 0 && group_size % kStreamInputs == 0;
 }
 
-// The activations of one fp32 row for stream_vnni_avx512: codes[(l * k / 16 + v) * 16 ..] the 16 int8 of limb
-// l for inputs 16v..16v+15 as {0,2,4,6}, {8,10,12,14}, {1,3,5,7}, {9,11,13,15}; steps[(l * groups + g) *
-// blocks_per_group + b] the limb steps of each block.
+// x's int8 codes in a kernel family's lane order (lane_position), as LimbOrder for limbs_of_block and
+// quantize_block_int8.
+const LimbOrder& lane_order(Lanes lanes, int bits) {
+  static const LimbOrder kOrders[2][2] = {
+      {limb_order([](int j) { return a8_lane_position(4, j); }), limb_order([](int j) { return a8_lane_position(3, j); })},
+      {limb_order([](int j) { return stream_lane_position(4, j); }),
+       limb_order([](int j) { return stream_lane_position(3, j); })}};
+  return kOrders[lanes == Lanes::kOneStream][bits == 3];
+}
+
+// The activations of one row for the one-stream kernels, as `limbs` int8 rows in their lane order
+// (stream_lane_position): codes[l * k + kk] limb l of input kk's position, steps[(l * groups + g) *
+// blocks_per_group + b] the step of limb l in block b of group g. fp32 x: kLimbs limbs (stream_limbs, fp32
+// accuracy); int8 activations (act_bits 8): one, x's a8 codes (stream_int8).
 struct StreamLimbs {
+  int limbs = kLimbs;
   std::vector<int8_t> codes;
   std::vector<float> steps;
 };
 
-// int3: per block of 32 inputs, the 8 bytes [4i, 4i + 8) are x[16p + 4q + i] at 4p + q (stream_int3_vnni_avx512).
 COMPTRUST_AVX512 void stream_limbs(const Problem& p, const float* x, StreamLimbs& out) {
-  static const LimbOrder kInt4Order = limb_order([](int j) {
-    const int v = j / kStreamInputs, r = j % kStreamInputs, half = r / 8, i = r % 8;
-    return v * kStreamInputs + (i % 2) * 8 + half * 4 + i / 2;
-  });
-  static const LimbOrder kInt3Order = limb_order([](int j) {
-    const int plane = j / 16, q = j % 16 / 4, i = j % 4;
-    return i * 8 + plane * 4 + q;
-  });
-  const LimbOrder& kOrder = p.bits == 3 ? kInt3Order : kInt4Order;
+  const LimbOrder& order = lane_order(Lanes::kOneStream, p.bits);
+  out.limbs = kLimbs;
   out.codes.resize(kLimbs * p.k);
   out.steps.resize(kLimbs * p.groups * p.blocks_per_group);
   for (int64_t g = 0; g < p.groups; ++g) {
@@ -881,17 +910,18 @@ COMPTRUST_AVX512 void stream_limbs(const Problem& p, const float* x, StreamLimbs
       int8_t* const limbs[kLimbs] = {out.codes.data() + bk, out.codes.data() + p.k + bk,
                                      out.codes.data() + 2 * p.k + bk};
       float steps[kLimbs];
-      limbs_of_block(x + bk, std::min<int64_t>(ke - bk, kActBlock), kOrder, limbs, steps);
+      limbs_of_block(x + bk, std::min<int64_t>(ke - bk, kActBlock), order, limbs, steps);
       for (int l = 0; l < kLimbs; ++l) out.steps[(l * p.groups + g) * p.blocks_per_group + b] = steps[l];
     }
   }
 }
 
 // The one-stream kernels' lanes hold a column's sums in lane pairs (2c, 2c + 1). A group's block sums scaled by
-// their limb steps, added into `sum`:
+// their limb steps (L limbs: x.limbs), added into `sum`:
+template <int L>
 COMPTRUST_AVX512 inline __m512 add_limb_blocks(const Problem& p, const StreamLimbs& x, int64_t g, int64_t b,
-                                               const __m512i (&acc)[kLimbs], __m512 sum) {
-  for (int l = 0; l < kLimbs; ++l)
+                                               const __m512i (&acc)[L], __m512 sum) {
+  for (int l = 0; l < L; ++l)
     sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[l]), _mm512_set1_ps(x.steps[(l * p.groups + g) * p.blocks_per_group + b]),
                           sum);
   return sum;
@@ -913,6 +943,7 @@ COMPTRUST_AVX512 inline void store_pairs(const Problem& p, int64_t t, __m512 out
   _mm256_storeu_ps(p.y + t * kTileCols, _mm512_castps512_ps256(_mm512_permutexvar_ps(even_lanes, out)));
 }
 
+template <int L>
 COMPTRUST_AVX512_VNNI void stream_vnni_avx512(const Problem& p, const StreamLimbs& x, int64_t t) {
   const int32_t* tw = p.tile_w(t);
   const __m512i nibble = _mm512_set1_epi8(0x0F);
@@ -922,13 +953,14 @@ COMPTRUST_AVX512_VNNI void stream_vnni_avx512(const Problem& p, const StreamLimb
     const int64_t v_end = p.group_end(g) / kStreamInputs;
     __m512 sum = _mm512_setzero_ps();
     for (int64_t b = 0, v = g * p.group_size / kStreamInputs; v < v_end; ++b) {
-      __m512i acc[kLimbs] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+      __m512i acc[L];
+      for (__m512i& a : acc) a = _mm512_setzero_si512();
       for (const int64_t block_end = std::min(v_end, v + kActBlock / kStreamInputs); v < block_end; ++v) {
         const int32_t* rows = tw + v * 2 * kTileCols;
         prefetch_to_l2(rows, 2 * kPrefetchBytes);
         const __m512i words = _mm512_permutexvar_epi32(interleave, _mm512_loadu_si512(rows));
         const __m512i even = _mm512_and_si512(words, nibble), odd = _mm512_and_si512(_mm512_srli_epi32(words, 4), nibble);
-        for (int l = 0; l < kLimbs; ++l) {
+        for (int l = 0; l < L; ++l) {
           const int8_t* codes = x.codes.data() + l * p.k + v * kStreamInputs;
           int64_t low, high;
           std::memcpy(&low, codes, sizeof low);
@@ -949,9 +981,14 @@ COMPTRUST_AVX512_VNNI void stream_vnni_avx512(const Problem& p, const StreamLimb
 // (rows 0-15) in lane 2c and plane 1's (rows 16-31) in lane 2c + 1, the high plane's word c in both; shifting lane
 // 2c + 1's high word right by 4 lines its rows' bits up with lane 2c's. Then code operand i = 0..3 holds, per lane,
 // rows 16p + 4q + i in byte q: the low plane's 2-bit field i, and the high bit moved to bit 2 and merged in by one
-// vpternlogd, ready for vpdpbusd against x's 8 bytes {x[4q + i]}, {x[16 + 4q + i]} (stream_limbs' int3 order):
-// per 96 bytes of weights two vpermd, ~14 shift/mask/merge instructions and twelve vpdpbusd. Needs the group size
-// to be a multiple of 32 (stream_fits), so a limb block is one int3 block.
+// vpternlogd, ready for vpdpbusd against x's 8 bytes {x[4q + i]}, {x[16 + 4q + i]} (stream_lane_position):
+// per 96 bytes of weights two vpermd, ~14 shift/mask/merge instructions and twelve vpdpbusd (four with int8
+// activations). Needs the group size to be a multiple of 32 (stream_fits), so a limb block is one int3 block.
+// With fp32 x it is compute-bound: warm in cache, 0.76-0.87x the int4 kernel's weights per second (per 256
+// weights ~35 vector instructions against int4's ~26, Zen 4 issuing about two zmm ones per cycle), so cold it
+// ran 0.81-1.22x as fast as int4 in quick benchmark runs where its bytes would allow 1.3x; with int8 activations
+// it reads at the memory's pace (4096 x 4096 cold: 1.30x as fast as int4 a8).
+template <int L>
 COMPTRUST_AVX512_VNNI void stream_int3_vnni_avx512(const Problem& p, const StreamLimbs& x, int64_t t) {
   const int32_t* tw = p.tile_w(t);
   const __m512i interleave = _mm512_setr_epi32(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
@@ -968,12 +1005,13 @@ COMPTRUST_AVX512_VNNI void stream_int3_vnni_avx512(const Problem& p, const Strea
       const __m512i high = _mm512_srlv_epi32(
           _mm512_permutexvar_epi32(twice, _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bw + 2 * kTileCols)))),
           odd_lanes_by_4);
-      __m512i acc[kLimbs] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+      __m512i acc[L];
+      for (__m512i& a : acc) a = _mm512_setzero_si512();
       COMPTRUST_UNROLL for (int i = 0; i < 4; ++i) {
         const __m512i low_i = i ? _mm512_srli_epi32(low, 2 * i) : low;
         const __m512i high_i = _mm512_and_si512(i < 2 ? _mm512_slli_epi32(high, 2 - i) : i == 2 ? high : _mm512_srli_epi32(high, 1), bit2);
         const __m512i codes = _mm512_ternarylogic_epi32(low2, low_i, high_i, 0xCA);  // low2 ? low_i : high_i, bitwise
-        for (int l = 0; l < kLimbs; ++l) {
+        for (int l = 0; l < L; ++l) {
           int64_t inputs;
           std::memcpy(&inputs, x.codes.data() + l * p.k + block * kInt3BlockRows + 8 * i, sizeof inputs);
           acc[l] = dpbusd(acc[l], codes, _mm512_set1_epi64(inputs));
@@ -987,11 +1025,16 @@ COMPTRUST_AVX512_VNNI void stream_int3_vnni_avx512(const Problem& p, const Strea
 }
 
 // Tiles 2u and 2u + 1 (the work units of the two-tile kernels), one after the other.
+template <int L>
 COMPTRUST_AVX512_VNNI void stream_vnni_pair(const Problem& p, const StreamLimbs& x, int64_t u) {
   for (int64_t t = 2 * u, last = std::min(2 * u + 2, p.n / kTileCols); t < last; ++t) {
-    if (p.bits == 3) stream_int3_vnni_avx512(p, x, t);
-    else stream_vnni_avx512(p, x, t);
+    if (p.bits == 3) stream_int3_vnni_avx512<L>(p, x, t);
+    else stream_vnni_avx512<L>(p, x, t);
   }
+}
+
+COMPTRUST_AVX512_VNNI void stream_vnni_pair(const Problem& p, const StreamLimbs& x, int64_t u) {
+  x.limbs == 1 ? stream_vnni_pair<1>(p, x, u) : stream_vnni_pair<kLimbs>(p, x, u);
 }
 
 // ------------------------------------------------------------- AVX-512 direct (float x, int8)
@@ -1370,12 +1413,10 @@ void run_dequantized(const Problem& p, const at::Tensor& x, at::Tensor& y, Isa i
 // Quantize each row to int8 per block of kActBlock inputs, blocks restarting at every group (the
 // definition in comptrust.reference.quantize_activations_int8), store the codes in the weight
 // layout's lane order, and sum the dequantized inputs of each group for the zero-point term.
-void quantize_rows(const Problem& p, const float* x, int8_t* x8, float* block_scale, float* group_sum) {
+void quantize_rows(const Problem& p, const float* x, int8_t* x8, float* block_scale, float* group_sum, Lanes lanes) {
 #ifdef COMPTRUST_X86
   const bool avx512 = select_isa() == Isa::kAvx512;
-  static const LimbOrder kOrder[2] = {limb_order([](int j) { return a8_lane_position(4, j); }),
-                                      limb_order([](int j) { return a8_lane_position(3, j); })};
-  const int32_t* lane_from = kOrder[p.bits == 3].from.data();  // a whole block's lane order (32 = 4 int4 units)
+  const int32_t* lane_from = avx512 ? lane_order(lanes, p.bits).from.data() : nullptr;  // a whole block's lane order
 #endif
   at::parallel_for(0, p.m, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
@@ -1386,8 +1427,9 @@ void quantize_rows(const Problem& p, const float* x, int8_t* x8, float* block_sc
         for (int64_t b = 0, bk = kb; bk < ke; ++b, bk += kActBlock) {
           const int64_t bend = std::min(ke, bk + kActBlock);
 #ifdef COMPTRUST_X86
-          // A block starts at a multiple of 8 (int4) or 32 (int3) inputs, as groups are multiples of those units
-          // (check_args): a whole block's lane order is always lane_from.
+          // A block starts at a multiple of 8 or 16 (int4's two-tile and one-stream units) or 32 (int3) inputs, as
+          // groups are multiples of those units (check_args, stream_fits): a whole block's lane order is always
+          // lane_from.
           if (avx512 && bend - bk == kActBlock) {
             int32_t isum = 0;
             const float scale = quantize_block_int8(xi + bk, x8 + i * p.k + bk, lane_from, &isum);
@@ -1404,7 +1446,7 @@ void quantize_rows(const Problem& p, const float* x, int8_t* x8, float* block_sc
           int32_t isum = 0;
           for (int64_t kk = bk; kk < bend; ++kk) {
             const int32_t q = static_cast<int32_t>(round_int8_range(xi[kk] * inv));
-            x8[i * p.k + a8_lane_position(p.bits, kk)] = static_cast<int8_t>(q);
+            x8[i * p.k + lane_position(lanes, p.bits, kk)] = static_cast<int8_t>(q);
             isum += q;
           }
           block_scale[(i * p.groups + g) * p.blocks_per_group + b] = scale;
@@ -1444,9 +1486,7 @@ bool limbs_for(int bits, int64_t m, int64_t n, int64_t k, Isa isa) {
 }
 
 void quantize_limbs(const Problem& p, const float* x, int8_t* x8, float* block_scale) {
-  static const LimbOrder kOrder[2] = {limb_order([](int j) { return a8_lane_position(4, j); }),
-                                      limb_order([](int j) { return a8_lane_position(3, j); })};
-  const LimbOrder& order = kOrder[p.bits == 3];
+  const LimbOrder& order = lane_order(Lanes::kTwoTile, p.bits);
   at::parallel_for(0, p.m, 1, [&](int64_t row_begin, int64_t row_end) {
   for (int64_t i = row_begin; i < row_end; ++i) {
     const float* xi = x + i * p.k;
@@ -1506,17 +1546,29 @@ void check_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor&
 }
 
 #ifdef COMPTRUST_X86
+// The one fp32 row of int8 activations (act_bits 8) for the one-stream kernels: one limb, x's a8 codes (as
+// quantize_rows makes them for the two-tile kernels, in the one-stream lane order), and the group sums of the
+// dequantized codes.
+void stream_int8(const Problem& p, const float* x, StreamLimbs& out, float* group_sum) {
+  out.limbs = 1;
+  out.codes.resize(p.k);
+  out.steps.resize(p.groups * p.blocks_per_group);
+  quantize_rows(p, x, out.codes.data(), out.steps.data(), group_sum, Lanes::kOneStream);
+}
+
 // Several layers' products of one fp32 row (a decoder's q/k/v, gate/up at a decode step) in one parallel region,
 // the layers' tile pairs shared out together (SmolLM2's layers at batch 1, side by side: q, k, v 61-78 us as
 // three calls and 31-39 us as one; gate, up 91-118 us as two and 71-95 us as one), on the one-stream kernels
-// (stream_vnni_pair) where they fit, else the two-tile direct kernel.
+// (stream_vnni_pair) where they fit, else the two-tile direct kernel. With int8 activations (act_bits 8) always
+// on the one-stream kernels, x as one limb of a8 codes (stream_int8).
 // Bound once (BoundGemv) by DecodeProgram; per call by gemm_tiled_many, and by gemm_tiled at one row.
 class TiledGemv final : public BoundGemv {
  public:
-  // Layers already checked (check_args) and fit for the direct kernel (direct_many_fits).
+  // Layers already checked (check_args) and fit for the direct kernel (direct_many_fits with these act_bits).
   TiledGemv(const std::vector<at::Tensor>& weights, const std::vector<at::Tensor>& zeros,
-            const std::vector<at::Tensor>& scales, int bits, int64_t k, int64_t group_size) {
+            const std::vector<at::Tensor>& scales, int bits, int64_t k, int64_t group_size, int64_t act_bits) {
     k_ = k;
+    a8_ = act_bits == 8;
     const int64_t groups = (k + group_size - 1) / group_size;
     first_pair_.push_back(0);
     for (size_t i = 0; i < weights.size(); ++i) {
@@ -1531,14 +1583,19 @@ class TiledGemv final : public BoundGemv {
     }
     grain_ = std::max<int64_t>(1, (kMinTaskMacs / (k * kTileCols) + 1) / 2);
     stream_ = stream_fits(bits, k, group_size) && avx512_vnni_usable();
+    TORCH_INTERNAL_ASSERT(stream_ || !a8_, "TiledGemv: int8 activations need the one-stream kernels");
   }
 
   void run(const float* x, float* const* y) const override {
     const Problem& first = problems_[0];
     c10::SmallVector<float, 64> group_sum(first.groups);
-    group_sums_fp32(first, x, group_sum.data());
     StreamLimbs limbs;
-    if (stream_) stream_limbs(first, x, limbs);
+    if (a8_) {
+      stream_int8(first, x, limbs, group_sum.data());
+    } else {
+      group_sums_fp32(first, x, group_sum.data());
+      if (stream_) stream_limbs(first, x, limbs);
+    }
     c10::SmallVector<Problem, 4> problems(problems_.begin(), problems_.end());
     for (size_t i = 0; i < problems.size(); ++i) {
       problems[i].x = x;
@@ -1562,14 +1619,17 @@ class TiledGemv final : public BoundGemv {
   std::vector<int64_t> first_pair_;  // pair units (direct_rows_avx512: tiles 2u, 2u + 1) before each layer
   int64_t grain_ = 1;
   bool stream_ = false;  // stream_vnni_pair's one-stream kernels, else the two-tile direct kernel
+  bool a8_ = false;      // int8 activations (act_bits 8)
 };
 
 // Whether layers of `bits` with these weights' widths and input width k take TiledGemv at one fp32 row: int4 and
-// int3 layers on the one-stream kernels up to k = kStreamMaxInputs whatever their size, others on the two-tile direct
-// kernel where they are too small for the int8-limb kernel (limbs_for).
-bool direct_many_fits(at::TensorList weights, int64_t bits, int64_t k, Isa isa, int64_t group_size) {
+// int3 layers on the one-stream kernels up to k = kStreamMaxInputs whatever their size (with int8 activations at
+// any k), others on the two-tile direct kernel where they are too small for the int8-limb kernel (limbs_for).
+bool direct_many_fits(at::TensorList weights, int64_t bits, int64_t k, Isa isa, int64_t group_size, int64_t act_bits) {
   if (isa != Isa::kAvx512 || bits == 8) return false;
-  if (stream_fits(bits, k, group_size) && k <= kStreamMaxInputs && avx512_vnni_usable()) return true;
+  const bool stream = stream_fits(bits, k, group_size) && avx512_vnni_usable();
+  if (act_bits == 8) return stream;
+  if (stream && k <= kStreamMaxInputs) return true;
   bool fits = true;
   for (const at::Tensor& w : weights) fits = fits && !limbs_for(bits, 1, w.size(0) * kTileCols, k, isa);
   return fits;
@@ -1616,8 +1676,8 @@ at::Tensor gemm_tiled_2d(const at::Tensor& x, const at::Tensor& weight, const at
   p.x = xf.data_ptr<float>();
   p.y = y.data_ptr<float>();
 #ifdef COMPTRUST_X86
-  if (m == 1 && act_bits == 0 && direct_many_fits(weight, bits, k, isa, group_size)) {  // as gemm_tiled_many
-    TiledGemv(std::vector<at::Tensor>{w}, {z}, {s}, p.bits, k, group_size).run(p.x, &p.y);
+  if (m == 1 && direct_many_fits(weight, bits, k, isa, group_size, act_bits)) {  // as gemm_tiled_many
+    TiledGemv(std::vector<at::Tensor>{w}, {z}, {s}, p.bits, k, group_size, act_bits).run(p.x, &p.y);
     return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
   }
 #endif
@@ -1645,10 +1705,10 @@ at::Tensor gemm_tiled_2d(const at::Tensor& x, const at::Tensor& weight, const at
       quantize_limbs(p, p.x, x8, block_scale);
       group_sums_fp32(p, p.x, sums);
     } else {
-      quantize_rows(p, p.x, x8, block_scale, sums);
+      quantize_rows(p, p.x, x8, block_scale, sums, Lanes::kTwoTile);
     }
 #else
-    quantize_rows(p, p.x, x8, block_scale, sums);
+    quantize_rows(p, p.x, x8, block_scale, sums, Lanes::kTwoTile);
 #endif
   } else {
     group_sum = at::empty({m, groups}, xf.options());
@@ -1684,9 +1744,9 @@ std::vector<at::Tensor> gemm_tiled_many_cpu(const at::Tensor& x, at::TensorList 
   const int64_t k = x2.size(1);
   std::vector<at::Tensor> outputs;
 #ifdef COMPTRUST_X86
-  if (x2.size(0) == 1 && act_bits == 0 && x2.scalar_type() == at::kFloat &&
-      direct_many_fits(weights, bits, k, select_isa(), group_size)) {
-    const TiledGemv bound(weights.vec(), zeros.vec(), scales.vec(), static_cast<int>(bits), k, group_size);
+  if (x2.size(0) == 1 && x2.scalar_type() == at::kFloat &&
+      direct_many_fits(weights, bits, k, select_isa(), group_size, act_bits)) {
+    const TiledGemv bound(weights.vec(), zeros.vec(), scales.vec(), static_cast<int>(bits), k, group_size, act_bits);
     const at::Tensor xf = x2.contiguous();
     std::vector<float*> y;
     for (int64_t n : bound.widths()) {
@@ -1709,16 +1769,16 @@ std::vector<at::Tensor> gemm_tiled_many_cpu(const at::Tensor& x, at::TensorList 
 std::shared_ptr<const BoundGemv> bind_tiled_gemv(const std::vector<at::Tensor>& weights,
                                                  const std::vector<at::Tensor>& zeros,
                                                  const std::vector<at::Tensor>& scales, int64_t bits,
-                                                 int64_t group_size) {
+                                                 int64_t group_size, int64_t act_bits) {
   TORCH_CHECK(!weights.empty() && zeros.size() == weights.size() && scales.size() == weights.size(),
               "bind_tiled_gemv: needs one or more weights and as many zeros and scales");
 #ifdef COMPTRUST_X86
   if (bits != 3 && bits != 4) return nullptr;
   const int64_t k = weights[0].dim() > 1 ? weights[0].size(1) * (bits == 4 ? 8 : kInt3BlockRows) : 0;
   const at::Tensor x = at::empty({1, k});  // what check_args reads of x: its shape, dtype and device
-  for (size_t i = 0; i < weights.size(); ++i) check_args(x, weights[i], zeros[i], scales[i], bits, group_size, 0);
-  if (!direct_many_fits(weights, bits, k, select_isa(), group_size)) return nullptr;
-  return std::make_shared<TiledGemv>(weights, zeros, scales, static_cast<int>(bits), k, group_size);
+  for (size_t i = 0; i < weights.size(); ++i) check_args(x, weights[i], zeros[i], scales[i], bits, group_size, act_bits);
+  if (!direct_many_fits(weights, bits, k, select_isa(), group_size, act_bits)) return nullptr;
+  return std::make_shared<TiledGemv>(weights, zeros, scales, static_cast<int>(bits), k, group_size, act_bits);
 #else
   return nullptr;
 #endif
