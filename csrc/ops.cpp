@@ -73,6 +73,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "(COMPTRUST_CPU_BF16=0 turns it off).");
   module.def("cpu_avx512_vnni", &comptrust::cpu::avx512_vnni_usable,
              "Whether int8 activations (act_bits=8) run on the AVX-512 VNNI kernels here.");
+  module.def("cpu_avx512_vnni_vbmi", &comptrust::cpu::avx512_vnni_vbmi_usable,
+             "Whether 2:4 int4 kept values run int8 activations (and fp32 ones as int8 limbs at batch 1) on the "
+             "AVX-512 VNNI + VBMI kernel here.");
 #ifdef COMPTRUST_WITH_CUDA
   module.attr("cuda_built") = true;
 #else

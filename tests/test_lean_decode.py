@@ -162,9 +162,11 @@ def _program_and_loop_logits(model, prompt, steps):
     return got, expected
 
 
-@pytest.mark.parametrize("tag", [None, "rtn-w4g128", "rtn-w3g128-a8", "mag-24", "mag-24-w4g64"])
+@pytest.mark.parametrize("tag", [None, "rtn-w4g128", "rtn-w4g128-a8", "rtn-w3g128-a8", "mag-24", "mag-24-w4g64",
+                                 "mag-24-w4g64-a8"])
 def test_program_is_bit_identical_to_the_python_loop(tiny_llama, tag):
-    """Dense (nn.Linear), int4/int3 tiled layers through gemm_tiled_many, 2:4 float and int4 layers one op each."""
+    """Dense (nn.Linear), int4/int3 tiled layers through gemm_tiled_many, 2:4 float and int4 layers one op each;
+    float and int8 activations."""
     model = copy.deepcopy(tiny_llama)
     if tag:
         compress_(model, config_from_tag(tag), progress=False)
@@ -173,10 +175,11 @@ def test_program_is_bit_identical_to_the_python_loop(tiny_llama, tag):
         assert torch.equal(a, b), f"{tag} step {step}"
 
 
-@pytest.mark.parametrize("tag", ["mag-24", "mag-24-w4g64", "rtn-w4g128"])
+@pytest.mark.parametrize("tag", ["mag-24", "mag-24-w4g64", "mag-24-w4g64-a8", "rtn-w4g128", "rtn-w4g128-a8"])
 def test_program_is_bit_identical_on_wide_layers(tag):
-    """gate/up 1048 wide (131 tiles of 8): the ops run fp32 2:4 layers of 128+ tiles four tiles per task, which the
-    program's bound products must match bit for bit tile by tile, the odd tiles at the end included."""
+    """gate/up 1048 wide (131 tiles of 8): the ops run fp32 2:4 layers of 128+ tiles four tiles per task (int4 values
+    on int8 activations two tile pairs per task), which the program's bound products must match bit for bit tile by
+    tile, the odd tiles at the end included."""
     torch.manual_seed(2)
     config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=1048, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
@@ -319,14 +322,20 @@ def test_program_binds_its_fp32_linears(tiny_llama, tag):
     assert not bf16.float_steps()
 
 
-def test_program_binds_int8_activation_layers_that_fit_the_one_stream_kernels(tiny_llama):
+def test_program_binds_int8_activation_layers(tiny_llama):
     """w4a8 layers take the one-stream kernels' bound product (VNNI) where k and the group size are multiples
-    of 16; the tiny model's down projection (k = 200) keeps the op and its two-tile kernel."""
+    of 16; the tiny model's down projection (k = 200) keeps the op and its two-tile kernel. 2:4 int4 layers on
+    int8 activations take the a8 kernel's bound product (VNNI and VBMI), every layer."""
     model = copy.deepcopy(tiny_llama)
     compress_(model, config_from_tag("rtn-w4g128-a8"), progress=False)
     how = "bound" if "avx512" in available_isas() and _C.cpu_avx512_vnni() else "op"
     assert LeanDecoder(model, 16).program.describe()[:4] == [
         f"layer 0 qkv: 3 {how}", f"layer 0 o: 1 {how}", f"layer 0 gate_up: 2 {how}", "layer 0 down: 1 op"]
+    sparse = copy.deepcopy(tiny_llama)
+    compress_(sparse, config_from_tag("mag-24-w4g64-a8"), progress=False)
+    how = "bound" if "avx512" in available_isas() and _C.cpu_avx512_vnni_vbmi() else "op"
+    assert LeanDecoder(sparse, 16).program.describe()[:4] == [
+        f"layer 0 qkv: 3 {how}", f"layer 0 o: 1 {how}", f"layer 0 gate_up: 2 {how}", f"layer 0 down: 1 {how}"]
 
 
 def test_float_steps_refuse_caches_and_positions_the_ops_refuse(tiny_llama):

@@ -39,14 +39,16 @@ std::shared_ptr<const BoundGemv> bind_tiled_gemv(const std::vector<at::Tensor>& 
                                                  int64_t group_size, int64_t act_bits);
 
 // sparse24_gemm_tiled's product of one fp32 row, for 2:4 layers of one input width and one kind of float kept
-// values; sparse24_int4_gemm_tiled's (act_bits 0) for int4 kept values of one group size. nullptr without AVX-512,
-// for non-contiguous tensors, mixed value dtypes, or an int4 layer big enough for the int8-limb kernel.
+// values; sparse24_int4_gemm_tiled's for int4 kept values of one group size and act_bits. nullptr without AVX-512
+// (act_bits 8: without VNNI and VBMI), for non-contiguous tensors, mixed value dtypes, or (act_bits 0) an int4
+// layer big enough for the int8-limb kernel.
 std::shared_ptr<const BoundGemv> bind_sparse24_gemv(const std::vector<at::Tensor>& values,
                                                     const std::vector<at::Tensor>& meta);
 std::shared_ptr<const BoundGemv> bind_sparse24_int4_gemv(const std::vector<at::Tensor>& weights,
                                                          const std::vector<at::Tensor>& meta,
                                                          const std::vector<at::Tensor>& zeros,
-                                                         const std::vector<at::Tensor>& scales, int64_t group_size);
+                                                         const std::vector<at::Tensor>& scales, int64_t group_size,
+                                                         int64_t act_bits);
 
 // dense_gemv's product of one fp32 row with fp32 weights [n_i, k] of one k; nullptr for other dtypes.
 std::shared_ptr<const BoundGemv> bind_dense_gemv(const std::vector<at::Tensor>& weights);

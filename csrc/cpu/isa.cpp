@@ -105,4 +105,13 @@ bool avx512_vnni_usable() {
 #endif
 }
 
+bool avx512_vnni_vbmi_usable() {
+#ifdef COMPTRUST_X86
+  static const bool vbmi = __builtin_cpu_supports("avx512vbmi");
+  return vbmi && avx512_vnni_usable();
+#else
+  return false;
+#endif
+}
+
 }  // namespace comptrust::cpu

@@ -723,10 +723,6 @@ void run_bf16_panels(const Sparse24Problem& p, const AmxActivations& x, Out* y) 
 // vpmultishiftqb puts the kept codes in bytes, and vpdpbusd adds q0 x0 + q1 x1 per column into int32; a
 // second vpdpbusd with weights 1 adds x0 + x1, for the zero point: sum (q - z) x = sum q x - z sum x.
 // Two groups per step: 8 vector instructions per 64 multiply-adds, against 8 per 16 for float x.
-bool a8_sparse_usable() {
-  static const bool vbmi = __builtin_cpu_supports("avx512vbmi");
-  return vbmi && avx512_vnni_usable();
-}
 
 // Rows of x per task of the activation loops below: one task for a few rows of a small layer.
 inline int64_t activation_rows_grain(int64_t k) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1)); }
@@ -976,6 +972,23 @@ void run_expanded(const Sparse24Problem& p, const at::Tensor& x, at::Tensor& y, 
 at::Tensor run_int4_int8(Sparse24Problem& p, const at::Tensor& x, bool limbs);
 constexpr int64_t kLimbsMinWeights = int64_t{1} << 22;
 
+#ifdef COMPTRUST_X86
+// One row of int8 x (or of fp32 x's limbs) through int4 values on the a8 kernel: on layers of at least
+// kStreamTilesMin tiles the first a8_row_units(p) work units are kStreamA8Pairs tile pairs each, then (and on
+// smaller layers every unit is) one pair, the last of which may hold one tile.
+inline int64_t a8_row_units(const Sparse24Problem& p) {
+  const int64_t pairs = (p.n / kTileCols + 1) / 2;
+  return 2 * pairs >= kStreamTilesMin ? (pairs - 1) / kStreamA8Pairs : 0;
+}
+
+template <int LIMBS>
+COMPTRUST_AVX512_VNNI_VBMI void a8_int4_row_unit(const Sparse24Problem& p, const int8_t* x8, const float* block_scale,
+                                                 int64_t u, int64_t units) {
+  if (u < units) a8_int4_avx512<1, kStreamA8Pairs, LIMBS>(p, x8, block_scale, 2 * kStreamA8Pairs * u, 0);
+  else a8_int4_avx512<1, 1, LIMBS>(p, x8, block_scale, 2 * (u + units * (kStreamA8Pairs - 1)), 0);
+}
+#endif
+
 template <class V>
 at::Tensor run_kind(Sparse24Problem& p, const at::Tensor& x) {
   const Isa isa = select_isa();
@@ -985,7 +998,7 @@ at::Tensor run_kind(Sparse24Problem& p, const at::Tensor& x) {
   // kernel: 4096x4096 5.78x / 4.79x, 11008x4096 5.68x / 5.01x, 4096x11008 6.17x / 4.53x; on the SmolLM2 shapes
   // 0.77-1.16x the float kernel's speed, which stays there.
   if constexpr (std::is_same_v<V, Int4Values>)
-    if (p.m == 1 && p.n * p.k >= kLimbsMinWeights && isa == Isa::kAvx512 && a8_sparse_usable())
+    if (p.m == 1 && p.n * p.k >= kLimbsMinWeights && isa == Isa::kAvx512 && avx512_vnni_vbmi_usable())
       return run_int4_int8(p, x, true);
 #endif
 #ifdef COMPTRUST_X86
@@ -1039,12 +1052,13 @@ at::Tensor run_kind(Sparse24Problem& p, const at::Tensor& x) {
 }
 
 // int4 values on the VNNI kernel (a8_int4_avx512): int8 activations (act_bits = 8), or at batch 1 fp32 ones as
-// int8 limbs (limbs, where a8_sparse_usable()). Without VNNI + VBMI, int8 activations run the float kernels on
-// the dequantized int8 x (the same product, as the reference computes it).
+// int8 limbs (limbs, where avx512_vnni_vbmi_usable()). Without VNNI + VBMI, int8 activations run the float
+// kernels on the dequantized int8 x (the same product, as the reference computes it).
 at::Tensor run_int4_int8(Sparse24Problem& p, const at::Tensor& x, bool limbs) {
   if (p.m == 0) return at::empty({0, p.n}, x.options());
   const at::Tensor xf = x.to(at::kFloat).contiguous();
   const int64_t group_inputs = 2 * p.group_size, per_group = (group_inputs + kActBlock - 1) / kActBlock;
+  TORCH_INTERNAL_ASSERT(!limbs || p.m == 1, "sparse24_int4_gemm_tiled: int8 limbs at batch 1 only");
   const int64_t rows = p.m * (limbs ? kLimbs : 1);
   at::Tensor x8 = at::empty({rows, p.k}, xf.options().dtype(at::kChar));
   at::Tensor block_scale = at::empty({rows, p.groups * per_group}, xf.options());
@@ -1055,30 +1069,22 @@ at::Tensor run_int4_int8(Sparse24Problem& p, const at::Tensor& x, bool limbs) {
 #endif
     quantize_rows_int8(xf.data_ptr<float>(), p.m, p.k, group_inputs, x8.data_ptr<int8_t>(), block_scale.data_ptr<float>());
 #ifdef COMPTRUST_X86
-  if (a8_sparse_usable()) {
+  if (avx512_vnni_vbmi_usable()) {
     at::Tensor y = at::empty({p.m, p.n}, xf.options());
     p.y = y.data_ptr<float>();
     const int64_t pairs = (p.n / kTileCols + 1) / 2;
     const int64_t grain = std::max<int64_t>(1, kMinTaskMacs / (p.m * p.k * kTileCols));  // pairs per task
     const int8_t* x8_data = x8.data_ptr<int8_t>();
     const float* x_scales = block_scale.data_ptr<float>();
-    // Batch 1 on layers of at least kStreamTilesMin tiles: kStreamA8Pairs pairs per task (the last pair, which
-    // may hold one tile, alone).
-    const int64_t units = p.m == 1 && 2 * pairs >= kStreamTilesMin ? (pairs - 1) / kStreamA8Pairs : 0;
+    const int64_t units = p.m == 1 ? a8_row_units(p) : 0;
     at::parallel_for(0, units + pairs - units * kStreamA8Pairs, units ? 1 : grain, [&](int64_t begin, int64_t end) {
       for (int64_t u = begin; u < end; ++u) {
-        if (u < units) {
-          if (limbs) a8_int4_avx512<1, kStreamA8Pairs, kLimbs>(p, x8_data, x_scales, 2 * kStreamA8Pairs * u, 0);
-          else a8_int4_avx512<1, kStreamA8Pairs>(p, x8_data, x_scales, 2 * kStreamA8Pairs * u, 0);
-          continue;
-        }
-        const int64_t pair = u + units * (kStreamA8Pairs - 1);
-        if (limbs) {
-          for (int64_t i = 0; i < p.m; ++i) a8_int4_avx512<1, 1, kLimbs>(p, x8_data, x_scales, 2 * pair, i);
+        if (p.m == 1) {
+          limbs ? a8_int4_row_unit<kLimbs>(p, x8_data, x_scales, u, units) : a8_int4_row_unit<1>(p, x8_data, x_scales, u, units);
           continue;
         }
         for_each_row_block(p.m, [&](auto rows, int64_t i0) {
-          a8_int4_avx512<decltype(rows)::value>(p, x8_data, x_scales, 2 * pair, i0);
+          a8_int4_avx512<decltype(rows)::value>(p, x8_data, x_scales, 2 * u, i0);
         });
       }
     });
@@ -1220,6 +1226,49 @@ class Sparse24Gemv final : public BoundGemv {
 };
 #endif
 
+#ifdef COMPTRUST_X86
+// One fp32 row of int8 activations (act_bits 8) through 2:4 int4 layers of one input and group size, bound once:
+// x quantized once for all of them (quantize_rows_int8), their work units (a8_int4_row_unit, as the op splits a
+// layer at m == 1) shared out in one parallel region, so the outputs are bit-identical to the op's.
+class Sparse24Int4A8Gemv final : public BoundGemv {
+ public:
+  Sparse24Int4A8Gemv(std::vector<at::Tensor> tensors, std::vector<Sparse24Problem> problems)
+      : tensors_(std::move(tensors)), problems_(std::move(problems)) {
+    k_ = problems_[0].k;
+    first_unit_.push_back(0);
+    for (const Sparse24Problem& p : problems_) {
+      widths_.push_back(p.n);
+      const int64_t pairs = (p.n / kTileCols + 1) / 2;
+      pair_units_.push_back(a8_row_units(p));
+      first_unit_.push_back(first_unit_.back() + pair_units_.back() + pairs - pair_units_.back() * kStreamA8Pairs);
+    }
+  }
+
+  void run(const float* x, float* const* y) const override {
+    const Sparse24Problem& first = problems_[0];
+    const int64_t group_inputs = 2 * first.group_size, per_group = (group_inputs + kActBlock - 1) / kActBlock;
+    std::vector<int8_t> x8(k_);
+    std::vector<float> block_scale(first.groups * per_group);
+    quantize_rows_int8(x, 1, k_, group_inputs, x8.data(), block_scale.data());
+    at::parallel_for(0, first_unit_.back(), 1, [&](int64_t begin, int64_t end) {
+      size_t layer = 0;
+      for (int64_t u = begin; u < end; ++u) {
+        while (u >= first_unit_[layer + 1]) ++layer;
+        Sparse24Problem p = problems_[layer];
+        p.y = y[layer];
+        a8_int4_row_unit<1>(p, x8.data(), block_scale.data(), u - first_unit_[layer], pair_units_[layer]);
+      }
+    });
+  }
+
+ private:
+  std::vector<at::Tensor> tensors_;  // what the problems point into
+  std::vector<Sparse24Problem> problems_;
+  std::vector<int64_t> first_unit_;  // the layers' work units numbered one after another
+  std::vector<int64_t> pair_units_;  // each layer's units of kStreamA8Pairs pairs (a8_row_units)
+};
+#endif
+
 // Whether every tensor is a contiguous CPU one (what a bound product reads without copying).
 bool bindable(const std::vector<at::Tensor>& tensors) {
   return std::all_of(tensors.begin(), tensors.end(),
@@ -1257,12 +1306,14 @@ std::shared_ptr<const BoundGemv> bind_sparse24_gemv(const std::vector<at::Tensor
 std::shared_ptr<const BoundGemv> bind_sparse24_int4_gemv(const std::vector<at::Tensor>& weights,
                                                          const std::vector<at::Tensor>& meta,
                                                          const std::vector<at::Tensor>& zeros,
-                                                         const std::vector<at::Tensor>& scales, int64_t group_size) {
+                                                         const std::vector<at::Tensor>& scales, int64_t group_size,
+                                                         int64_t act_bits) {
   TORCH_CHECK(!weights.empty() && meta.size() == weights.size() && zeros.size() == weights.size() &&
                   scales.size() == weights.size(),
               "bind_sparse24_int4_gemv: needs one or more weights and as many meta, zeros and scales");
+  TORCH_CHECK(act_bits == 0 || act_bits == 8, "bind_sparse24_int4_gemv: act_bits=", act_bits, " must be 0 or 8");
 #ifdef COMPTRUST_X86
-  if (select_isa() != Isa::kAvx512) return nullptr;
+  if (select_isa() != Isa::kAvx512 || (act_bits == 8 && !avx512_vnni_vbmi_usable())) return nullptr;
   for (const auto* tensors : {&weights, &meta, &zeros, &scales})
     if (!bindable(*tensors)) return nullptr;
   const int64_t k = meta[0].dim() == 2 ? meta[0].size(1) * kSparse24Group : 0;
@@ -1270,11 +1321,12 @@ std::shared_ptr<const BoundGemv> bind_sparse24_int4_gemv(const std::vector<at::T
   std::vector<Sparse24Problem> problems;
   for (size_t i = 0; i < weights.size(); ++i) {
     problems.push_back(int4_problem("sparse24_int4_gemm_tiled", x, weights[i], meta[i], zeros[i], scales[i], group_size));
-    // where run_kind takes int8 limbs instead (large layers)
-    if (problems.back().n * k >= kLimbsMinWeights && a8_sparse_usable()) return nullptr;
+    // fp32 x where run_kind takes int8 limbs instead (large layers)
+    if (act_bits == 0 && problems.back().n * k >= kLimbsMinWeights && avx512_vnni_vbmi_usable()) return nullptr;
   }
   std::vector<at::Tensor> tensors;
   for (const auto* list : {&weights, &meta, &zeros, &scales}) tensors.insert(tensors.end(), list->begin(), list->end());
+  if (act_bits == 8) return std::make_shared<Sparse24Int4A8Gemv>(std::move(tensors), std::move(problems));
   return std::make_shared<Sparse24Gemv<Int4Values>>(std::move(tensors), std::move(problems));
 #else
   return nullptr;
