@@ -33,15 +33,21 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def _proc_status_kib(field: str) -> int | None:
+def _proc_status_kib(field: str, path: str = "/proc/self/status") -> int | None:
     try:
-        with open("/proc/self/status") as status:
+        with open(path) as status:
             for line in status:
                 if line.startswith(field + ":"):
                     return int(line.split()[1])
     except OSError:
         return None
     return None
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable: what the system can give this process without swapping; None where unknown."""
+    kib = _proc_status_kib("MemAvailable", "/proc/meminfo")
+    return None if kib is None else kib * 1024
 
 
 def current_rss_bytes() -> int | None:
@@ -100,19 +106,9 @@ def measure_speed(model: torch.nn.Module, prompt_ids: torch.Tensor, decode_token
     transformers' per-layer machinery), "hf" with the model's forward and a DynamicCache, "auto" with lean
     where it computes the model exactly and transformers otherwise (the reason in `runtime_note`).
     """
-    if runtime not in RUNTIMES:
-        raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
     if prompt_ids.dim() == 1:
         prompt_ids = prompt_ids.unsqueeze(0)
-    note = unsupported_reason(model)
-    if runtime == "lean" and note is not None:
-        raise ValueError(f"the lean runtime cannot run this model: {note}")
-    greedy_head = None
-    if runtime == "hf" or note is not None:
-        step, runtime = _hf_steps(model), "hf"
-    else:
-        decoder = LeanDecoder(model, prompt_ids.shape[1] + decode_tokens)
-        step, runtime, greedy_head = decoder.steps, "lean", decoder.greedy_head
+    step, runtime, note, greedy_head = _speed_steps(model, prompt_ids.shape[1] + decode_tokens, runtime)
     prefill_times, decode_rates = [], []
     for attempt in range(repeats + 1):
         prefill, decode = step(prompt_ids, decode_tokens)
@@ -122,6 +118,42 @@ def measure_speed(model: torch.nn.Module, prompt_ids: torch.Tensor, decode_token
     return SpeedResult(prompt_ids.shape[1], 1e3 * statistics.median(prefill_times), decode_tokens,
                        statistics.median(decode_rates), torch.get_num_threads(), runtime,
                        None if runtime == "lean" else note, greedy_head)
+
+
+def _speed_steps(model: torch.nn.Module, positions: int, runtime: str):
+    """(step, runtime, runtime_note, greedy_head) for measure_speed's `runtime`; step(prompt, n) -> (prefill
+    seconds, seconds for n greedy steps), over at most `positions` positions."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+    note = unsupported_reason(model)
+    if runtime == "lean" and note is not None:
+        raise ValueError(f"the lean runtime cannot run this model: {note}")
+    if runtime == "hf" or note is not None:
+        return _hf_steps(model), "hf", note, None
+    decoder = LeanDecoder(model, positions)
+    return decoder.steps, "lean", None, decoder.greedy_head
+
+
+@torch.inference_mode()
+def measure_speeds_side_by_side(models: list[torch.nn.Module], prompt_ids: torch.Tensor, decode_tokens: int = 32,
+                                rounds: int = 5) -> list[float]:
+    """Decode tokens/s of several models at batch 1 (each on the runtime measure_speed's "auto" picks), their
+    greedy runs interleaved: one run of each model per round, `rounds` rounds after a warm-up one, the median of
+    each model's. This machine's memory bandwidth drifts over seconds to minutes, and measured one model after
+    another the drift lands in the ratios between them (one `make run`: int4/dense 3.4x timed in turn, 3.8x
+    interleaved; another day 4.6x in turn against 3.9x); interleaved, a slow stretch falls on every model alike."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, got {rounds}")
+    if prompt_ids.dim() == 1:
+        prompt_ids = prompt_ids.unsqueeze(0)
+    steps = [_speed_steps(model, prompt_ids.shape[1] + decode_tokens, "auto")[0] for model in models]
+    rates = [[] for _ in models]
+    for round_index in range(rounds + 1):
+        for step, model_rates in zip(steps, rates):
+            _, decode = step(prompt_ids, decode_tokens)
+            if round_index > 0:  # the first round warms caches and lazy initialisation
+                model_rates.append(decode_tokens / decode)
+    return [statistics.median(model_rates) for model_rates in rates]
 
 
 def _hf_steps(model: torch.nn.Module):

@@ -62,7 +62,7 @@ def markdown(report: dict) -> str:
     lines = [f"# comptrust report — {report['model']['name']}", "",
              f"Created {report['created']}; torch {report['environment']['torch']}, "
              f"{report['environment']['threads']} threads; CPU backend: {report['environment']['cpu_backend']}.", ""]
-    lines += _efficiency_table(rows)
+    lines += _efficiency_table(rows) + _side_by_side_table(rows)
     dimensions = [r["dimension"] for r in rows[0]["results"] if r["dimension"] != "perplexity"]
     if dimensions:
         lines += _trust_table(rows, dimensions) + _sub_scores(rows, dimensions)
@@ -94,6 +94,32 @@ def _efficiency_table(rows: list[dict]) -> list[str]:
         notes.append(f"; in brackets, the part above the {baseline / MIB:.0f} MiB the process held once its last "
                      "model was freed (interpreter, torch, transformers)")
     return lines + ["", _speed_note(rows) + "".join(notes) + ".", ""]
+
+
+def _side_by_side_table(rows: list[dict]) -> list[str]:
+    """The decode speeds measured again with every model in memory and their runs interleaved (run.py), as
+    ratios to the first such row (dense where it is there): the ratios to compare."""
+    measured = [row for row in rows if row["efficiency"].get("side_by_side_decode_tokens_per_s")]
+    if not measured:
+        notes = sorted({row["efficiency"]["side_by_side_note"] for row in rows
+                        if row["efficiency"].get("side_by_side_note")})
+        return [f"Side-by-side decode speeds {notes[0]}.", ""] if notes else []
+    first = measured[0]
+    base = first["efficiency"]["side_by_side_decode_tokens_per_s"]
+    lines = [f"| config | decode tok/s side by side | × {first['name']} |", "|---|---|---|"]
+    for row in measured:
+        rate = row["efficiency"]["side_by_side_decode_tokens_per_s"]
+        lines.append(f"| {row['name']} | {rate:.1f} | {rate / base:.2f} |")
+    rounds = first["efficiency"].get("side_by_side_rounds")
+    note = ("Side by side: once every configuration was evaluated, their models were loaded again all at once "
+            "(compressed ones from checkpoints written for this) and their greedy batch-1 decode runs interleaved, "
+            f"one run of each per round{f' ({rounds} rounds after a warm-up one; medians)' if rounds else ''}, so a "
+            "drift in the machine's memory bandwidth falls on all of them alike: compare these ratios (decode tok/s "
+            "above times each configuration alone, in turn)")
+    missing = [row["name"] for row in rows if row not in measured]
+    if missing:
+        note += f"; not in it (no checkpoint form to load again): {', '.join(missing)}"
+    return lines + ["", note + ".", ""]
 
 
 def _speed_note(rows: list[dict]) -> str:

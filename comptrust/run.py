@@ -1,15 +1,18 @@
 """comptrust.run: load a model, evaluate it dense and compressed, measure efficiency, write one report."""
 from __future__ import annotations
 
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from comptrust.checkpoint import save_compressed
 from comptrust.compress import calibration_tokens, compress_, config_from_tag, is_calibrated
-from comptrust.efficiency import (current_rss_bytes, measure_speed, peak_rss_bytes, release_memory,
-                                  reset_peak_rss, weight_bytes)
+from comptrust.efficiency import (available_memory_bytes, current_rss_bytes, measure_speed,
+                                  measure_speeds_side_by_side, peak_rss_bytes, release_memory, reset_peak_rss,
+                                  weight_bytes)
 from comptrust.evals import DIMENSIONS, LanguageModel, perplexity
 from comptrust.evals.cache import OutputCache
 from comptrust.evals.perplexity import builtin_text, read_text_file
@@ -31,6 +34,10 @@ class RunConfig:
     prompt_tokens: int = 128            # prefill length for the speed measurement
     decode_tokens: int = 32
     speed_repeats: int = 3
+    # After every variant is evaluated, their decode runs again, interleaved round by round with every model in
+    # memory at once (compressed ones reloaded from checkpoints written to a temporary folder), so bandwidth drift
+    # does not land in the ratios between them (efficiency.measure_speeds_side_by_side); 0 turns that off.
+    side_by_side_rounds: int = 5
     online: bool = False
     progress: bool = True
     # Calibration data for gptq / sparsegpt / wanda tags (comptrust.compress.calibration_tokens).
@@ -50,6 +57,8 @@ class RunConfig:
     checkpoints: tuple[str, ...] = ()
 
     def __post_init__(self):
+        if self.side_by_side_rounds < 0:
+            raise ValueError(f"side_by_side_rounds must be 0 (off) or more, got {self.side_by_side_rounds}")
         unknown = [d for d in self.dimensions if d not in DIMENSIONS]
         if unknown:
             raise ValueError(f"unknown dimensions {unknown}; known: {', '.join(DIMENSIONS)}")
@@ -120,6 +129,9 @@ def run(config: RunConfig | None = None) -> RunOutput:
     text = read_text_file(config.ppl_file) if config.ppl_file else builtin_text()
     rows, all_samples, reference, model_info = [], [], {}, None
     cache = OutputCache(config.cache) if config.cache else None
+    side_by_side = config.side_by_side_rounds > 0 and len(variants(config)) > 1
+    scratch = tempfile.TemporaryDirectory(prefix="comptrust-speed-") if side_by_side else None
+    sources = []  # where each row's model loads from again for the side-by-side speeds (None: it cannot)
     try:
         for variant in variants(config):
             release_memory()
@@ -138,10 +150,16 @@ def run(config: RunConfig | None = None) -> RunOutput:
             row["seconds"] = {"load": load_seconds, **row["seconds"]}
             rows.append(row)
             all_samples += samples
+            if scratch is not None:
+                sources.append(_reloadable(loaded, variant, Path(scratch.name) / str(len(rows))))
             del loaded
+        if scratch is not None:
+            _side_by_side_speeds(rows, sources, config, text)
     finally:
         if cache is not None:
             cache.close()
+        if scratch is not None:
+            scratch.cleanup()
     # The process with no model left (interpreter, torch, transformers and the model code they imported, the
     # tokenizer): measured after the last model is freed, since loading the first one imports much of it.
     release_memory()
@@ -212,6 +230,52 @@ def _evaluate_variant(loaded, variant: Variant, config: RunConfig, text: str, te
            "results": [r.as_dict() for r in results], "efficiency": efficiency,
            "sample": _sample_answer(loaded), "seconds": seconds}
     return row, samples
+
+
+def _reloadable(loaded, variant: Variant, folder: Path) -> str | None:
+    """Where this variant's model loads from again: its own source, or for a compression applied here a
+    checkpoint written to `folder` (None where the model has no checkpoint form, e.g. mixed int4 and 2:4 layers)."""
+    if variant.compression is None:
+        return variant.model
+    try:
+        save_compressed(loaded.model, loaded.tokenizer, folder, config_from_tag(variant.compression))
+    except (ValueError, OSError):  # no checkpoint form, or no room for it: the row just stays out of the phase
+        return None
+    return str(folder)
+
+
+def _side_by_side_speeds(rows: list[dict], sources: list[str | None], config: RunConfig, text: str) -> None:
+    """Every reloadable row's decode tokens/s again, all models in memory and their runs interleaved
+    (efficiency.measure_speeds_side_by_side), into efficiency["side_by_side_decode_tokens_per_s"]; skipped,
+    with the reason in efficiency["side_by_side_note"], where the models would take more than half the
+    available memory."""
+    chosen = [(row, source) for row, source in zip(rows, sources) if source is not None]
+    needed = sum(row["efficiency"]["weight_bytes"] for row, _ in chosen)
+    available = available_memory_bytes()
+    if len(chosen) < 2 or (available is not None and 2 * needed > available):
+        note = (f"not measured: the {len(chosen)} models' {needed / 2 ** 20:.0f} MiB of weights would take more than "
+                f"half the {available / 2 ** 20:.0f} MiB available" if len(chosen) >= 2 else
+                "not measured: fewer than two models load again (no checkpoint form)")
+        for row in rows:
+            row["efficiency"]["side_by_side_note"] = note
+        return
+    release_memory()
+    clock = time.perf_counter()
+    try:
+        loaded = [load_model(source, online=config.online) for _, source in chosen]
+        prompt_ids = loaded[0].tokenizer(text, return_tensors="pt")["input_ids"][0, :config.prompt_tokens]
+        rates = measure_speeds_side_by_side([each.model for each in loaded], prompt_ids, config.decode_tokens,
+                                            config.side_by_side_rounds)
+    except (OSError, RuntimeError) as exc:  # ModelLoadError among them; the evaluations stand without this phase
+        for row in rows:
+            row["efficiency"]["side_by_side_note"] = f"not measured: {exc}"
+        return
+    seconds = time.perf_counter() - clock  # the whole phase (loading included), shared by every row in it
+    for (row, _), rate in zip(chosen, rates):
+        row["efficiency"].update(side_by_side_decode_tokens_per_s=rate, side_by_side_rounds=config.side_by_side_rounds,
+                                 side_by_side_phase_seconds=seconds)
+    del loaded
+    release_memory()
 
 
 def _architecture(model) -> dict:

@@ -1,8 +1,11 @@
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
 
-from comptrust import _C
+from comptrust import _C, compress_, efficiency
+from comptrust.compress import config_from_tag
 from comptrust.efficiency import (current_rss_bytes, measure_speed, peak_rss_bytes, release_memory,
                                   reset_peak_rss, weight_bytes)
 
@@ -41,3 +44,32 @@ def test_measure_speed_through_transformers_on_request(tiny_llama):
     assert result.runtime == "hf" and result.decode_tokens_per_s > 0 and result.greedy_head is None
     with pytest.raises(ValueError, match="runtime must be one of"):
         measure_speed(tiny_llama, torch.randint(0, 1000, (12,)), runtime="fast")
+
+
+def test_side_by_side_speeds_interleave_the_models_runs(tiny_llama, monkeypatch):
+    """One run of each model per round, a warm-up round first, then each model's median over the rounds: a slow
+    stretch (here round 2) falls on every model alike, so the ratio stays the true one."""
+    calls = []
+    seconds = {"a": [9.0, 1.0, 5.0, 1.0], "b": [9.0, 2.0, 10.0, 2.0]}  # per round; round 0 is the warm-up
+
+    def fake_steps(model, positions, runtime):
+        def step(prompt_ids, decode_tokens):
+            calls.append(model)
+            return 0.0, seconds[model][sum(1 for c in calls if c == model) - 1]
+        return step, "lean", None, None
+
+    monkeypatch.setattr(efficiency, "_speed_steps", fake_steps)
+    rates = efficiency.measure_speeds_side_by_side(["a", "b"], torch.zeros(4, dtype=torch.long), decode_tokens=10,
+                                                   rounds=3)
+    assert calls == ["a", "b"] * 4
+    assert rates == [10.0, 5.0]  # medians of 10/1, 10/5, 10/1 and of 10/2, 10/10, 10/2: the ratio 2.0
+    with pytest.raises(ValueError, match="rounds must be at least 1"):
+        efficiency.measure_speeds_side_by_side(["a"], torch.zeros(4, dtype=torch.long), rounds=0)
+
+
+def test_side_by_side_speeds_of_real_models(tiny_llama):
+    int4 = copy.deepcopy(tiny_llama)
+    compress_(int4, config_from_tag("rtn-w4g128"), progress=False)
+    rates = efficiency.measure_speeds_side_by_side([tiny_llama, int4], torch.randint(0, 1000, (12,)), decode_tokens=4,
+                                                   rounds=2)
+    assert len(rates) == 2 and all(rate > 0 for rate in rates)

@@ -32,6 +32,11 @@ def test_report_has_dense_int4_and_2_4_rows(report):
             assert 0 < eff["process_baseline_rss_bytes"] < eff["decode_peak_rss_bytes"] <= eff["peak_rss_bytes"]
     md = open(output.paths["markdown"]).read()
     assert "| dense |" in md and "| rtn-w4g128 |" in md and "| mag-24 |" in md
+    # Every model loaded again from its source or a checkpoint, their decode runs interleaved
+    side_by_side = {row["name"]: row["efficiency"]["side_by_side_decode_tokens_per_s"] for row in data["configs"]}
+    print("side-by-side decode tok/s:", side_by_side)
+    assert all(rate > 0 for rate in side_by_side.values())
+    assert "| config | decode tok/s side by side | × dense |" in md and "| rtn-w4g128 | " in md
     samples = [json.loads(line) for line in open(output.paths["samples"])]
     assert len(samples) == 3 * 240
 

@@ -9,6 +9,8 @@ from comptrust.cli import main as cli_main
 from comptrust.evals import DIMENSIONS, EvalContext
 from comptrust.evals.schema import MetricResult
 from comptrust.report import markdown
+from comptrust.models import ModelLoadError
+from comptrust.run import RunConfig
 
 DECODINGTRUST_ORDER = ["toxicity", "stereotype", "adversarial_robustness", "ood_robustness", "adv_demonstration",
                        "privacy", "machine_ethics", "fairness"]
@@ -32,6 +34,8 @@ def test_evaluation_settings_are_checked(tmp_path):
         EvalContext(data_dir=tmp_path / "missing")
     with pytest.raises(ValueError, match="missing.*DecodingTrust data layout"):
         EvalContext(data_dir=tmp_path).official("fairness/fairness_data/adult.jsonl")
+    with pytest.raises(ValueError, match="side_by_side_rounds must be 0"):
+        RunConfig(side_by_side_rounds=-1)
 
 
 def save_tiny(model, tokenizer, folder):
@@ -143,6 +147,56 @@ def test_efficiency_note_says_which_greedy_tokens_came_through_the_head_screen()
     assert "; for int4, each greedy token came from an int8 copy of the fp32 output projection" in markdown(report)
     dense["efficiency"]["greedy_head"] = "screened"
     assert "; for every configuration, each greedy token came from an int8 copy" in markdown(report)
+
+
+def test_side_by_side_table_gives_the_interleaved_speeds_as_ratios():
+    dense, int4, mixed = fake_row("dense", []), fake_row("int4", []), fake_row("mixed", [])
+    report = {"model": {"name": "m"}, "created": "now", "environment": {"torch": "2", "threads": 2, "cpu_backend": "x"},
+              "configs": [dense, int4, mixed]}
+    assert "side by side" not in markdown(report).lower()  # not measured (a report from before): nothing said
+    for row, rate in ((dense, 60.0), (int4, 240.0)):
+        row["efficiency"].update(side_by_side_decode_tokens_per_s=rate, side_by_side_rounds=5)
+    text = markdown(report)
+    assert "| config | decode tok/s side by side | × dense |" in text
+    assert "| dense | 60.0 | 1.00 |" in text and "| int4 | 240.0 | 4.00 |" in text
+    assert "(5 rounds after a warm-up one; medians)" in text
+    assert "not in it (no checkpoint form to load again): mixed." in text
+    for row in (dense, int4, mixed):
+        row["efficiency"] = {k: v for k, v in row["efficiency"].items() if not k.startswith("side_by_side")}
+        row["efficiency"]["side_by_side_note"] = "not measured: too big"
+    assert "Side-by-side decode speeds not measured: too big." in markdown(report)
+
+
+def test_side_by_side_phase_is_skipped_with_a_reason_and_loses_nothing(monkeypatch):
+    """Too little memory for every model at once, a row with no checkpoint form, or a model that fails to load
+    again: the rows keep their evaluations and say why the phase did not run."""
+    from comptrust import run as run_module
+
+    def rows():
+        return [fake_row("dense", []), fake_row("int4", [])]
+
+    config = RunConfig(side_by_side_rounds=2, progress=False)
+    monkeypatch.setattr(run_module, "available_memory_bytes", lambda: 3 * 2 ** 20)  # weights: 1 MiB each
+    few = rows()
+    run_module._side_by_side_speeds(few, ["a", "b"], config, "text")
+    assert few[0]["efficiency"]["side_by_side_note"] == ("not measured: the 2 models' 2 MiB of weights would take "
+                                                          "more than half the 3 MiB available")
+    one = rows()
+    run_module._side_by_side_speeds(one, ["a", None], config, "text")
+    assert "fewer than two models load again" in one[1]["efficiency"]["side_by_side_note"]
+
+    def fail(source, online=False):
+        raise ModelLoadError(f"{source}: truncated")
+
+    monkeypatch.setattr(run_module, "available_memory_bytes", lambda: None)
+    monkeypatch.setattr(run_module, "load_model", fail)
+    broken = rows()
+    run_module._side_by_side_speeds(broken, ["a", "b"], config, "text")
+    assert broken[1]["efficiency"]["side_by_side_note"] == "not measured: a: truncated"
+    assert "side_by_side_decode_tokens_per_s" not in broken[0]["efficiency"]
+    assert "Side-by-side decode speeds not measured: a: truncated." in markdown(
+        {"model": {"name": "m"}, "created": "now", "environment": {"torch": "2", "threads": 2, "cpu_backend": "x"},
+         "configs": broken})
 
 
 def test_efficiency_table_marks_speeds_taken_through_transformers():
