@@ -136,8 +136,6 @@ def save_quantized(model: nn.Module, tokenizer, out_dir, config=None, overwrite:
     from the layers. Refuses a non-empty out_dir unless overwrite=True (files of the same names are
     replaced; others are left alone).
     """
-    from safetensors.torch import save_file
-
     out = Path(out_dir)
     check_out_dir(out, overwrite)
     layers = _quant_layers(model)
@@ -174,6 +172,17 @@ def save_quantized(model: nn.Module, tokenizer, out_dir, config=None, overwrite:
     model_config.quantization_config = gptq_quantization_config(
         bits, group_size, symmetric, desc_act, lm_head=any(n.split(".")[-1] == "lm_head" for n in layers), ours=ours)
 
+    files = _write_checkpoint(out, tensors, model_config, model, tokenizer)
+    return SavedCheckpoint(str(out), files, sorted(layers), kept_dense)
+
+
+def _write_checkpoint(out: Path, tensors: dict[str, torch.Tensor], model_config, model: nn.Module,
+                      tokenizer) -> dict[str, int]:
+    """model.safetensors, config.json, the model's generation config and the tokenizer's files into `out`, by our
+    own writer rather than save_pretrained (which refuses a model loaded from GGUF, the embedded default);
+    {file name: bytes} of what was written."""
+    from safetensors.torch import save_file
+
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
     model_config.save_pretrained(out)
@@ -183,23 +192,18 @@ def save_quantized(model: nn.Module, tokenizer, out_dir, config=None, overwrite:
     tokenizer_files = tokenizer.save_pretrained(str(out)) if tokenizer is not None else ()
     written = [WEIGHTS_NAME, "config.json"] + (["generation_config.json"] if generation_config is not None else [])
     written += [Path(f).name for f in tokenizer_files if Path(f).is_file()]
-    files = {name: (out / name).stat().st_size for name in dict.fromkeys(written)}
-    return SavedCheckpoint(str(out), files, sorted(layers), kept_dense)
+    return {name: (out / name).stat().st_size for name in dict.fromkeys(written)}
 
 
 def _save_dense(model: nn.Module, tokenizer, out: Path, config, overwrite: bool) -> SavedCheckpoint:
     """A pruned model whose layers stayed nn.Linear: an ordinary safetensors model with its zeros, plus a
     "comptrust_compression" entry in config.json saying what made them."""
     check_out_dir(out, overwrite)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(out))
-    config_file = out / "config.json"
-    raw = json.loads(config_file.read_text())
-    raw["comptrust_compression"] = {"method": getattr(config, "method", None), "tag": getattr(config, "tag", None)}
-    config_file.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
-    files = {f.name: f.stat().st_size for f in sorted(out.iterdir()) if f.is_file()}
+    model_config = copy.deepcopy(model.config)
+    if hasattr(model_config, "quantization_config"):  # how the source was stored (e.g. GGUF), not these weights
+        del model_config.quantization_config
+    model_config.comptrust_compression = {"method": getattr(config, "method", None), "tag": getattr(config, "tag", None)}
+    files = _write_checkpoint(out, _dense_tensors(model, set()), model_config, model, tokenizer)
     kept = {name: "dense layer" for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     return SavedCheckpoint(str(out), files, [], kept)
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from comptrust import compress_
-from comptrust.checkpoint import save_quantized
+from comptrust.checkpoint import save_compressed, save_quantized
 from comptrust.compress import config_from_tag
 from comptrust.efficiency import weight_bytes
 from comptrust.models import load_model
@@ -33,3 +33,23 @@ def test_smollm2_int4_checkpoint_generates_like_the_in_memory_model(tmp_path):
     assert weights < 0.35 * dense_bytes
     print(f"\nSmolLM2-135M rtn-w4g128 checkpoint: {saved.total_bytes / MIB:.1f} MiB on disk "
           f"(model.safetensors {weights / MIB:.1f} MiB) vs {dense_bytes / MIB:.1f} MiB dense fp32 weights")
+
+
+@pytest.mark.slow
+def test_smollm2_unstructured_pruning_saves_as_a_dense_checkpoint(tmp_path):
+    """The embedded model is read from GGUF, whose models transformers' save_pretrained refuses to write: a pruned
+    model that keeps its nn.Linear layers is written by our own writer, and comes back bit for bit, the
+    embedding still tied to the output projection."""
+    loaded = load_model("default")
+    config = config_from_tag("mag-50")
+    compress_(loaded.model, config, progress=False)
+    saved = save_compressed(loaded.model, loaded.tokenizer, tmp_path / "ckpt", config)
+    assert saved.quantized == [] and len(saved.kept_dense) == 30 * 7 + 1  # every linear, lm_head too
+    reloaded = load_model(str(tmp_path / "ckpt")).model
+    expected, got = loaded.model.state_dict(), reloaded.state_dict()
+    assert set(got) == set(expected) and all(torch.equal(got[k], expected[k]) for k in expected)
+    assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()
+    assert "quantization_config" not in (tmp_path / "ckpt" / "config.json").read_text()
+    ids = torch.randint(0, 49152, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        assert torch.equal(reloaded(ids).logits, loaded.model(ids).logits)
