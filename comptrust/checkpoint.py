@@ -25,6 +25,7 @@ from comptrust.formats.awq import from_awq_tensors
 from comptrust.formats.gptq import from_gptq_tensors, read_bias, to_gptq_tensors
 from comptrust.models import LoadedModel, ModelLoadError, ModelNotFoundError, finish_loading
 from comptrust.nn.act_order_linear import ActOrderQuantLinear
+from comptrust.nn.bitmap_sparse_linear import BitmapSparseLinear, bitmap_unsuited
 from comptrust.nn.quant_linear import QuantLinear
 from comptrust.quant_config import OUR_KEY, CheckpointQuantization, gptq_quantization_config, parse_quantization_config
 
@@ -204,7 +205,8 @@ def _save_dense(model: nn.Module, tokenizer, out: Path, config, overwrite: bool)
         del model_config.quantization_config
     model_config.comptrust_compression = {"method": getattr(config, "method", None), "tag": getattr(config, "tag", None)}
     files = _write_checkpoint(out, _dense_tensors(model, set()), model_config, model, tokenizer)
-    kept = {name: "dense layer" for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    kept = {name: "dense layer" if isinstance(m, nn.Linear) else "saved dense (runs on the bitmap kernel)"
+            for name, m in model.named_modules() if isinstance(m, (nn.Linear, BitmapSparseLinear))}
     return SavedCheckpoint(str(out), files, [], kept)
 
 
@@ -289,6 +291,20 @@ def _read_config(path: Path) -> dict:
     if not isinstance(config, dict):
         raise ModelLoadError(f"{config_file}: expected a JSON object")
     return config
+
+
+def sparsify_pruned_checkpoint(model: nn.Module, path) -> list[str]:
+    """For a pruned model saved dense by save_compressed (config.json has a comptrust_compression entry and no packed
+    layers): its linears go back onto the bitmap kernel where that beats dense here, as they ran when pruned
+    (comptrust.nn.bitmap_sparse_linear.bitmap_unsuited; lm_head stays). Returns the layers converted."""
+    from comptrust.nn.swap import replace_linears
+
+    entry = _read_config(Path(path)).get("comptrust_compression")
+    if not isinstance(entry, dict) or "format" in entry:  # not ours, or a packed layout (2:4)
+        return []
+    converted, _ = replace_linears(model, lambda name, linear: BitmapSparseLinear.from_linear(linear),
+                                   eligible=lambda name, linear: bitmap_unsuited(linear.weight), progress=False)
+    return converted
 
 
 def read_checkpoint_quantization(path) -> CheckpointQuantization | None:

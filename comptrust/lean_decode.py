@@ -12,7 +12,7 @@ so every kernel is the one the model really runs. `unsupported_reason` says why 
 exactly (the caller then uses transformers); tests hold its logits to transformers' forward.
 
 Decode steps (one token) go further where every linear is one C++ can call as its module would (a bias-free
-nn.Linear, or a tiled compressed layer's own op): the whole layer stack runs as one call of a DecodeProgram
+nn.Linear, a bitmap sparse layer, or a tiled compressed layer's own op): the whole layer stack runs as one call of a DecodeProgram
 (csrc/cpu/decode_program.cpp), the same ops in the same order, bit-identical to the Python loop, without
 the ~9 Python-level op calls per layer that were a third of an int4 token's time; greedy steps (next_token,
 steps) also take the embedding, final norm, output projection and argmax into that call.
@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from comptrust import ops, reference
+from comptrust.nn.bitmap_sparse_linear import BitmapSparseLinear
 from comptrust.nn.quant_linear import shared_input_call, shared_input_tiles
 from comptrust.nn.tiled_linear import TiledLinear
 
@@ -129,6 +130,12 @@ def _program_linear(program, part: str, module: torch.nn.Module, dtype: torch.dt
         if weight is None:
             return False
         program.add_dense(part, weight)
+        return True
+    if isinstance(module, BitmapSparseLinear):
+        if module.bias is not None or module.values.device.type != "cpu" or dtype != torch.float32:
+            return False
+        program.add_op(part, "comptrust::bitmap_sparse_gemm", [module.values, module.mask, module.row_start],
+                       [module.in_features])
         return True
     # A tiled layer whose forward is TiledLinear's (not act-order's, which permutes x first), tiled on CPU.
     if not isinstance(module, TiledLinear) or type(module).forward is not TiledLinear.forward:

@@ -255,6 +255,10 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, on
 
             return load_quantized(checkpoint_dir, dtype, trust_remote_code, name=spec)
         model, tokenizer = _load_pretrained(spec, dtype, online, trust_remote_code)
+        if os.path.isdir(spec):
+            from comptrust.checkpoint import sparsify_pruned_checkpoint
+
+            sparsify_pruned_checkpoint(model, spec)  # pruned and saved dense: back onto the bitmap kernel
         name, source = spec, os.path.abspath(spec) if os.path.isdir(spec) else spec
 
     return finish_loading(model, tokenizer, name, source)

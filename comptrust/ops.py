@@ -12,6 +12,7 @@ import os
 import torch
 
 from comptrust import reference
+from comptrust.formats.bitmap_sparse import BitmapPacked, unpack_bitmap
 from comptrust.formats.cpu_tiles import TiledSparse24, TiledWeight, tile_int3, tile_int4, tile_sparse24, tile_sparse24_int4
 from comptrust.formats.int3 import Int3Packed
 from comptrust.formats.int4 import Int4Packed
@@ -33,6 +34,12 @@ def _compiled() -> bool:
 def cpu_kernels_available() -> bool:
     """True when the compiled CPU kernels (gemm_tiled and friends) can run here."""
     return _C is not None
+
+
+def cpu_isa() -> str | None:
+    """The SIMD path the CPU kernels take here ('avx512', 'avx2', 'scalar'; COMPTRUST_CPU_ISA forces one), None
+    without the compiled kernels."""
+    return _C.cpu_isa() if _C is not None else None
 
 
 def cpu_amx_bf16() -> bool:
@@ -188,6 +195,19 @@ def sparse24_int4_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Ten
     if _serves(x.device):
         return torch.ops.comptrust.sparse24_int4_gemm(x, qweight, qzeros, scales, meta, group_size)
     return reference.sparse24_int4_gemm(x, qweight, qzeros, scales, meta, group_size)
+
+
+def bitmap_sparse_gemm(x: torch.Tensor, packed: BitmapPacked) -> torch.Tensor:
+    """y [..., n] = x [..., k] @ W^T for an unstructured sparse weight in the bitmap layout
+    (comptrust.formats.bitmap_sparse): the C++ kernel for fp32 x on the CPU, else F.linear on the unpacked weight."""
+    if x.dim() == 0 or x.shape[-1] != packed.in_features:
+        raise ValueError(f"bitmap_sparse_gemm: x must be [..., k={packed.in_features}], got {tuple(x.shape)}")
+    if x.device.type == "cpu" and x.dtype == torch.float32 and packed.values.device.type == "cpu" and _compiled():
+        return torch.ops.comptrust.bitmap_sparse_gemm(x, packed.values, packed.mask, packed.row_start,
+                                                      packed.in_features)
+    if x.device != packed.values.device:
+        raise ValueError(f"bitmap_sparse_gemm: x is on {x.device} but the weight is on {packed.values.device}")
+    return torch.nn.functional.linear(x, unpack_bitmap(packed).to(x.dtype))
 
 
 def hessian_block_update(w: torch.Tensor, hinv: torch.Tensor, scales: torch.Tensor | None = None,
@@ -410,6 +430,10 @@ if _C is not None:
     @torch.library.register_fake("comptrust::gemm_tiled_many")
     def _gemm_tiled_many_fake(x, weights, zeros, scales, bits, group_size, act_bits):
         return [x.new_empty((*x.shape[:-1], w.shape[0] * 8)) for w in weights]
+
+    @torch.library.register_fake("comptrust::bitmap_sparse_gemm")
+    def _bitmap_sparse_gemm_fake(x, values, mask, row_start, k):
+        return x.new_empty((*x.shape[:-1], mask.shape[0]))
 
     @torch.library.register_fake("comptrust::sparse24_gemm")
     def _sparse24_gemm_fake(x, values, meta):

@@ -39,6 +39,10 @@ TORCH_LIBRARY(comptrust, m) {
   // inputs (comptrust.reference.quantize_activations_int8), for the int8 dot-product kernel.
   m.def("sparse24_int4_gemm_tiled(Tensor x, Tensor weight, Tensor meta, Tensor zeros, Tensor scales, "
         "int group_size, int act_bits=0) -> Tensor");
+  // Unstructured sparse fp32 weights in the bitmap layout (comptrust/formats/bitmap_sparse.py): kept values [nnz]
+  // row by row, mask [n, ceil(k/16)] int16 (bit i of word j: input 16j + i kept), row_start [n + 1] int64.
+  // y = x @ W^T for fp32 x [..., k]; a mask that disagrees with row_start is refused, naming the row.
+  m.def("bitmap_sparse_gemm(Tensor x, Tensor values, Tensor mask, Tensor row_start, int k) -> Tensor");
   // Batch-1 decoding steps around the linears (comptrust.lean_decode; torch versions in comptrust.reference).
   // hidden += delta (when given) in place, then LlamaRMSNorm of each row: weight * (h / rms(h)).
   m.def("residual_rms_norm(Tensor(a!) hidden, Tensor? delta, Tensor weight, float eps) -> Tensor");

@@ -12,7 +12,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from comptrust.compress import (KNOWN_TAGS, AWQConfig, GPTQConfig, MagnitudeConfig, SparseGPTConfig, WandaConfig, calibration_tokens,
                                 compress_, config_from_tag)
 from comptrust.compress.calibration import _block_inputs, _input_groups, _run_block, calibration_text, decoder_layers
+from comptrust import ops
 from comptrust.nn.act_order_linear import ActOrderQuantLinear
+from comptrust.nn.bitmap_sparse_linear import BitmapSparseLinear
 from comptrust.nn.quant_linear import QuantLinear
 from comptrust.nn.sparse24_linear import Sparse24Int4Linear, Sparse24Linear
 
@@ -121,10 +123,10 @@ def test_input_groups_follow_the_llama_block():
     (SparseGPTConfig(pattern="2:4"), Sparse24Linear),
     (SparseGPTConfig(pattern="2:4", bits=4, group_size=16), Sparse24Int4Linear),
     (SparseGPTConfig(pattern="2:4", bits=4, group_size=16, act_bits=8), Sparse24Int4Linear),
-    (SparseGPTConfig(pattern="unstructured", sparsity=0.5), nn.Linear),
+    (SparseGPTConfig(pattern="unstructured", sparsity=0.5), "bitmap"),
     (WandaConfig(pattern="2:4"), Sparse24Linear),
     (WandaConfig(pattern="2:4", bits=4, group_size=16, act_bits=8), Sparse24Int4Linear),
-    (WandaConfig(pattern="4:8"), nn.Linear),
+    (WandaConfig(pattern="4:8"), "bitmap"),
 ])
 def test_calibrated_methods_compress_every_block_linear(config, layer_type):
     model = tiny_llama()
@@ -134,6 +136,8 @@ def test_calibrated_methods_compress_every_block_linear(config, layer_type):
     summary = compress_(model, config, ids, progress=False)
     assert len(summary.replaced) == 14  # 7 linears in each of the 2 blocks
     assert summary.kept_dense == {"lm_head": "outside the decoder blocks (not calibrated)"}
+    if layer_type == "bitmap":  # unstructured / 4:8: the bitmap kernel where it beats dense here (AVX-512)
+        layer_type = BitmapSparseLinear if ops.cpu_isa() == "avx512" else nn.Linear
     for name in summary.replaced:
         module = model.get_submodule(name)
         assert type(module) is layer_type
@@ -225,6 +229,8 @@ def test_magnitude_patterns_prune_the_smallest_weights(tag, zero_share):
     compress_(model, config_from_tag(tag), progress=False)
     layer = model.model.layers[0].mlp.up_proj
     weight = layer.weight if isinstance(layer, nn.Linear) else None
+    if isinstance(layer, BitmapSparseLinear):  # unstructured and 4:8 on the bitmap kernel
+        weight = layer.dense_weight()
     if weight is None:  # 2:4 runs on the sparse kernels
         from comptrust.formats.sparse24 import unpack_sparse24
         weight = unpack_sparse24(layer.packed())

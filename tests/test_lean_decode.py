@@ -163,7 +163,7 @@ def _program_and_loop_logits(model, prompt, steps):
 
 
 @pytest.mark.parametrize("tag", [None, "rtn-w4g128", "rtn-w4g128-a8", "rtn-w3g128-a8", "mag-24", "mag-24-w4g64",
-                                 "mag-24-w4g64-a8"])
+                                 "mag-24-w4g64-a8", "mag-50"])
 def test_program_is_bit_identical_to_the_python_loop(tiny_llama, tag):
     """Dense (nn.Linear), int4/int3 tiled layers through gemm_tiled_many, 2:4 float and int4 layers one op each;
     float and int8 activations."""
@@ -206,7 +206,7 @@ def _program_and_loop_tokens(model, prompt, count, max_positions=64):
     return got, expected
 
 
-@pytest.mark.parametrize("tag", [None, "rtn-w4g128", "rtn-w3g128-a8", "mag-24", "rtn-w4g128-head"])
+@pytest.mark.parametrize("tag", [None, "rtn-w4g128", "rtn-w3g128-a8", "mag-24", "rtn-w4g128-head", "mag-50"])
 def test_whole_greedy_steps_choose_the_python_loops_tokens(tiny_llama, tag):
     """DecodeProgram.greedy (embedding, layers, final norm, output projection, argmax in one call) against
     LeanDecoder.forward + torch's argmax: the same tokens and bit-identical caches, with a dense or an int4 output
@@ -302,7 +302,7 @@ def test_layers_the_program_cannot_call_keep_the_python_loop(tiny_llama):
     assert decode_program(list(act_order.model.layers), 1e-6, 1.0, torch.float32) is None  # an overridden forward is not called
 
 
-@pytest.mark.parametrize("tag", [None, "rtn-w4g128", "mag-24", "mag-24-w4g64"])
+@pytest.mark.parametrize("tag", [None, "rtn-w4g128", "mag-24", "mag-24-w4g64", "mag-50"])
 def test_program_binds_its_fp32_linears(tiny_llama, tag):
     """Where an fp32 row can take a product bound once to its weights (bound_gemv.h: dense rows; tiled and 2:4
     layers on the AVX-512 kernels), the program runs it without the dispatcher, and the q/k/v and gate/up of a
@@ -310,7 +310,7 @@ def test_program_binds_its_fp32_linears(tiny_llama, tag):
     model = copy.deepcopy(tiny_llama)
     if tag:
         compress_(model, config_from_tag(tag), progress=False)
-    how = "bound" if tag is None or "avx512" in available_isas() else "op"
+    how = "bound" if tag in (None, "mag-50") or "avx512" in available_isas() else "op"  # mag-50: bitmap or dense
     expected = [line for i in range(2) for line in (f"layer {i} qkv: 3 {how}", f"layer {i} o: 1 {how}",
                                                      f"layer {i} gate_up: 2 {how}", f"layer {i} down: 1 {how}")]
     program = LeanDecoder(model, 16).program

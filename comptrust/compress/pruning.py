@@ -2,8 +2,9 @@
 weight becomes.
 
 Patterns: "2:4" runs on the 2:4 sparse kernels (Sparse24Linear, or Sparse24Int4Linear with int4 kept
-values); "4:8" and unstructured ("50%", any rate) have no sparse kernel here, so they stay nn.Linear with
-zeros in it, and the report's bytes and speed say so (they are those of the dense model).
+values); "4:8" and unstructured ("50%", any rate) run on the bitmap kernel (BitmapSparseLinear: kept values and a
+bit per weight) where it beats dense here (fp32, AVX-512, at least 25% pruned: bitmap_unsuited), and otherwise stay
+nn.Linear with zeros in it, so the report's bytes and speed are the dense model's.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from comptrust.nn.bitmap_sparse_linear import BitmapSparseLinear, bitmap_unsuited
 from comptrust.nn.sparse24_linear import Sparse24Int4Linear, Sparse24Linear
 
 _NM = re.compile(r"(?P<n>\d+):(?P<m>\d+)")
@@ -91,12 +93,14 @@ def pruned_linear(name: str, linear: nn.Linear, weight: torch.Tensor, pattern: S
                   act_bits: int | None = None) -> nn.Module:
     """The module a pruned weight runs as: 2:4 on the sparse kernels (int4 kept values with bits=4,
     RTN-quantized in groups of group_size kept values; act_bits=8 runs them on int8 activations), other
-    patterns as a dense nn.Linear."""
+    patterns as a BitmapSparseLinear where that is faster here, else a dense nn.Linear."""
     weight = weight.to(linear.weight.dtype)
     if pattern.is_24:
         if bits == 4:
             return Sparse24Int4Linear.from_weight(weight, group_size, linear.bias, symmetric, name, act_bits)
         return Sparse24Linear.from_weight(weight, linear.bias, name=name)
+    if bitmap_unsuited(weight) is None:
+        return BitmapSparseLinear.from_weight(weight, linear.bias)
     dense = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None,
                       dtype=linear.weight.dtype, device=linear.weight.device)
     dense.weight.data.copy_(weight)

@@ -1,6 +1,8 @@
 """Packed weight formats. int4, int3 and int8 follow the GPTQ v1 checkpoint layout (int4.py, int3.py, int8.py);
 gptq.py / awq.py import checkpoint tensors into them, act_order.py handles GPTQ's g_idx; sparse24.py is the
-2:4 semi-structured layout (values + 4-bit-per-group metadata), alone or with int4 kept values."""
+2:4 semi-structured layout (values + 4-bit-per-group metadata), alone or with int4 kept values; bitmap_sparse.py
+holds unstructured sparsity (kept values + a bit per weight)."""
+from comptrust.formats.bitmap_sparse import BitmapPacked, check_bitmap, pack_bitmap, unpack_bitmap
 from comptrust.formats.int4 import (
     Int4Packed,
     pack_int4,
@@ -57,4 +59,5 @@ __all__ = [
     "Sparse24Packed", "Sparse24Int4Packed", "check_sparse24_weight", "check_sparse24_int4_shapes",
     "pack_sparse24", "unpack_sparse24", "prune_magnitude_24", "pack_sparse24_int4", "dequantize_sparse24_int4",
     "to_torch_semi_structured", "from_torch_semi_structured",
+    "BitmapPacked", "check_bitmap", "pack_bitmap", "unpack_bitmap",
 ]

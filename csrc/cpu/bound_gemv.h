@@ -50,6 +50,12 @@ std::shared_ptr<const BoundGemv> bind_sparse24_int4_gemv(const std::vector<at::T
                                                          const std::vector<at::Tensor>& scales, int64_t group_size,
                                                          int64_t act_bits);
 
+// bitmap_sparse_gemm's product of one fp32 row, for bitmap layers of `k` inputs (every layer's bitmap is checked
+// whole here, so a corrupt one raises at binding).
+std::shared_ptr<const BoundGemv> bind_bitmap_sparse_gemv(const std::vector<at::Tensor>& values,
+                                                         const std::vector<at::Tensor>& mask,
+                                                         const std::vector<at::Tensor>& row_start, int64_t k);
+
 // dense_gemv's product of one fp32 row with fp32 weights [n_i, k] of one k; nullptr for other dtypes.
 std::shared_ptr<const BoundGemv> bind_dense_gemv(const std::vector<at::Tensor>& weights);
 

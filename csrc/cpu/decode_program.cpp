@@ -156,8 +156,8 @@ class LinearCall {
   }
 
   // The bound product of these layers' boxed calls (each (x, layer_tensors[i]..., ints...)), where there is one:
-  // gemm_tiled (bits, group_size, act_bits), sparse24_gemm_tiled, and
-  // sparse24_int4_gemm_tiled (group_size, act_bits).
+  // gemm_tiled (bits, group_size, act_bits), sparse24_gemm_tiled, sparse24_int4_gemm_tiled (group_size,
+  // act_bits) and bitmap_sparse_gemm (k).
   static std::shared_ptr<const BoundGemv> bind(const std::string& op_name,
                                                const std::vector<std::vector<at::Tensor>>& layer_tensors,
                                                const std::vector<int64_t>& ints) {
@@ -169,6 +169,8 @@ class LinearCall {
       return bind_tiled_gemv(by_argument[0], by_argument[1], by_argument[2], ints[0], ints[1], ints[2]);
     if (op_name == "comptrust::sparse24_gemm_tiled" && count == 2 && ints.empty())
       return bind_sparse24_gemv(by_argument[0], by_argument[1]);
+    if (op_name == "comptrust::bitmap_sparse_gemm" && count == 3 && ints.size() == 1)
+      return bind_bitmap_sparse_gemv(by_argument[0], by_argument[1], by_argument[2], ints[0]);
     if (op_name == "comptrust::sparse24_int4_gemm_tiled" && count == 4 && ints.size() == 2)
       return bind_sparse24_int4_gemv(by_argument[0], by_argument[1], by_argument[2], by_argument[3], ints[0], ints[1]);
     return nullptr;
