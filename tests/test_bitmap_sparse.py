@@ -140,6 +140,11 @@ def test_kernel_refuses_corrupt_bitmaps_naming_the_row(m):
         with pytest.raises(RuntimeError, match=f"row {row}'s mask has"):
             torch.ops.comptrust.bitmap_sparse_gemm(x, *(_flip_bit(packed, row).__dict__[f] for f in
                                                          ("values", "mask", "row_start")), 100)
+    kept_bit = (int(packed.mask[3, 0]) & 0xFFFF).bit_length() - 1
+    assert kept_bit >= 0
+    past_k = _flip_bit(_flip_bit(packed, 3, word=0, bit=kept_bit), 3, word=6, bit=9)  # same count, one bit past k
+    with pytest.raises(RuntimeError, match="a row's mask sets bits past k=100"):
+        torch.ops.comptrust.bitmap_sparse_gemm(x, past_k.values, past_k.mask, past_k.row_start, 100)
     starts = packed.row_start.clone()
     starts[5] = starts[6] + 1
     with pytest.raises(RuntimeError, match="row_start decreases at row 5"):

@@ -275,7 +275,7 @@ BitmapProblem problem_of(const at::Tensor& values, const at::Tensor& mask, const
     if (!p.row_consistent(r))
       TORCH_CHECK(false, op, ": row ", r, "'s mask has ", p.row_count(r), " kept weights but row_start gives it ",
                   p.row_start[r + 1] - p.row_start[r], " (corrupt bitmap)");
-  TORCH_CHECK(false, op, ": inconsistent bitmap");
+  TORCH_CHECK(false, op, ": a row's mask sets bits past k=", p.k, " (corrupt bitmap)");
 }
 
 at::Tensor bitmap_sparse_gemm_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& mask,
