@@ -12,8 +12,8 @@ so every kernel is the one the model really runs. `unsupported_reason` says why 
 exactly (the caller then uses transformers); tests hold its logits to transformers' forward.
 
 Decode steps (one token) go further where every linear is one C++ can call as its module would (a bias-free
-nn.Linear, a bitmap sparse layer, or a tiled compressed layer's own op): the whole layer stack runs as one call of a DecodeProgram
-(csrc/cpu/decode_program.cpp), the same ops in the same order, bit-identical to the Python loop, without
+nn.Linear, a bitmap sparse layer, or a tiled compressed layer's own op): the whole layer stack runs as one call of a
+DecodeProgram (csrc/cpu/decode_program.cpp), the same ops in the same order, bit-identical to the Python loop, without
 the ~9 Python-level op calls per layer that were a third of an int4 token's time; greedy steps (next_token,
 steps) also take the embedding, final norm, output projection and argmax into that call.
 """

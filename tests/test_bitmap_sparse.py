@@ -177,7 +177,8 @@ def test_layer_runs_saves_and_loads_as_the_dense_layer_would():
     x = torch.randn(2, 5, 72)
     torch.testing.assert_close(layer(x), dense(x), rtol=1e-5, atol=1e-5)
     state = layer.state_dict()
-    assert set(state) == {"weight", "bias"} and torch.equal(state["weight"], weight) and torch.equal(state["bias"], bias)
+    assert set(state) == {"weight", "bias"}
+    assert torch.equal(state["weight"], weight) and torch.equal(state["bias"], bias)
     assert weight_bytes(layer) == layer.packed().nbytes() + 48 * 4 < weight.numel() * 4 * 0.6
 
     other = BitmapSparseLinear.from_weight(_pruned(48, 72, 0.3, seed=5), torch.zeros(48))

@@ -8,8 +8,9 @@ Layout of a weight W [n, k] (contiguous tensors on one device):
                               row_start[n] = nnz.
 "Kept" is every non-zero weight; zeros of either sign are pruned and come back as +0.0, so dense -> bitmap -> dense
 is bit-exact for every non-zero weight and equal in value for the rest (a -0.0 weight, e.g. from `w * mask` with
-w < 0, adds nothing to a product either way, and keeping it would cost 4 bytes). Bytes per weight: 4 x density + 1/8, plus 8 per row: 2.13 at 50% against 4 dense,
-so a memory-bound product can run up to 1.88x faster there (2:4 reads 2.5, 1.6x).
+w < 0, adds nothing to a product either way, and keeping it would cost 4 bytes).
+Bytes per weight: 4 x density + 1/8, plus 8 per row: 2.13 at 50% against 4 dense, so a memory-bound product can run
+up to 1.88x faster there (2:4 reads 2.5, 1.6x).
 """
 from __future__ import annotations
 
@@ -41,10 +42,6 @@ class BitmapPacked:
     @property
     def nnz(self) -> int:
         return self.values.numel()
-
-    @property
-    def density(self) -> float:
-        return self.nnz / (self.out_features * self.in_features)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.values, self.mask, self.row_start))
