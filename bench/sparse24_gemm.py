@@ -1,4 +1,5 @@
-"""2:4 sparse GEMM/GEMV benchmark: comptrust's CPU 2:4 kernels against anchors timed in the same run.
+"""Sparse GEMM/GEMV benchmark: comptrust's CPU 2:4 and bitmap (unstructured) kernels against anchors timed in the
+same run.
 
     comptrust bench sparse [--quick] [--json FILE]       (or python -m comptrust.bench.sparse24_gemm ...)
     from comptrust.bench.sparse24_gemm import run_sparse_bench; result = run_sparse_bench(quick=True)
@@ -6,8 +7,11 @@
 Ours: the tiled 2:4 kernels as Sparse24Linear / Sparse24Int4Linear run them (tiled once), with fp32 kept
 values and fp32 activations, bf16 values and bf16 activations, and int4 kept values (group of 64 kept
 values, i.e. 128 inputs, the span of a dense g128 group) with fp32 and with bf16 activations, and with
-fp32 activations quantized to int8 in the kernel (act_bits=8, the VNNI dot-product kernel). Anchors on the same shapes:
-F.linear fp32 and bf16 on the dense (pruned) weight, and our dense int4 g128 kernel. (Which 2:4 kernel runs
+fp32 activations quantized to int8 in the kernel (act_bits=8, the VNNI dot-product kernel); and the bitmap kernel
+(BitmapSparseLinear's) on the same weight pruned 50% unstructured instead (the smallest half of each row).
+Anchors on the same shapes: F.linear fp32 and bf16 on the dense (pruned) weight, comptrust's dense fp32 product as
+the decode runs it (dense_gemv at one row, which shares the rows between threads where MKL's sgemv used one
+thread here; F.linear from two), and our dense int4 g128 kernel. (Which 2:4 kernel runs
 depends on the rows: on AVX-512, fp32 activations from 32 rows run the row-vector kernel, int4 values on
 the large layers from 64; bf16 activations from 8 rows, and fp32 ones with int4 values below that, run on the
 AMX tile unit where the CPU has it (bf16 activations from 8 to 511 rows, 1023 on layers of 2^22+ weights, on
@@ -25,7 +29,9 @@ import torch.nn.functional as F
 
 from comptrust.bench import harness
 from comptrust.bench.harness import Kernel
+from comptrust.compress.pruning import SparsityPattern, prune_by_score
 from comptrust.compress.rtn import quantize_rtn
+from comptrust.formats.bitmap_sparse import pack_bitmap
 from comptrust.formats.cpu_tiles import tile, tile_sparse24, tile_sparse24_int4
 from comptrust.formats.sparse24 import pack_sparse24, pack_sparse24_int4, prune_magnitude_24
 
@@ -33,12 +39,18 @@ from comptrust.bench.int4_gemm import BATCHES, QUICK_BATCHES, QUICK_SHAPES, SHAP
 
 INT4_GROUP = 128          # dense int4 anchor: inputs per group
 SPARSE_INT4_GROUP = 64    # 2:4+int4: kept values per group (= 128 inputs)
-ANCHORS = ("torch_fp32", "torch_bf16", "comptrust_int4_fp32")
+ANCHORS = ("torch_fp32", "torch_bf16", "comptrust_dense_fp32", "comptrust_int4_fp32")
+UNSTRUCTURED = SparsityPattern.parse("unstructured", 0.5)
 
 
 @dataclass
 class _Layer:
     pruned: torch.Tensor  # the dense fp32 2:4 weight [n, k]
+    unstructured: torch.Tensor  # the same weight pruned 50% unstructured instead
+
+    def bitmap(self) -> tuple[torch.Tensor, ...]:
+        packed = pack_bitmap(self.unstructured)
+        return packed.values, packed.mask, packed.row_start
 
     def sparse(self, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         tiled = tile_sparse24(pack_sparse24(self.pruned.to(dtype)))
@@ -55,7 +67,7 @@ class _Layer:
 
 def _layer(n: int, k: int) -> _Layer:
     weight = torch.randn(n, k, generator=torch.Generator().manual_seed(0)) * 0.02
-    return _Layer(prune_magnitude_24(weight))
+    return _Layer(prune_magnitude_24(weight), prune_by_score(weight, weight.abs(), UNSTRUCTURED))
 
 
 def _sparse24(x, values, meta):
@@ -70,6 +82,14 @@ def _sparse24_int4_a8(x, weight, meta, zeros, scales):
     return torch.ops.comptrust.sparse24_int4_gemm_tiled(x, weight, meta, zeros, scales, SPARSE_INT4_GROUP, 8)
 
 
+def _bitmap(x, values, mask, row_start):
+    return torch.ops.comptrust.bitmap_sparse_gemm(x, values, mask, row_start, x.shape[-1])
+
+
+def _dense(x, weight):
+    return torch.ops.comptrust.dense_gemv(x, weight) if x.shape[0] == 1 else F.linear(x, weight)
+
+
 def _int4(x, weight, zeros, scales):
     return torch.ops.comptrust.gemm_tiled(x, weight, zeros, scales, 4, INT4_GROUP, 0)
 
@@ -80,7 +100,9 @@ KERNELS = [
     Kernel("comptrust_24_int4_fp32", torch.float32, _Layer.sparse_int4, _sparse24_int4),
     Kernel("comptrust_24_int4_bf16", torch.bfloat16, _Layer.sparse_int4, _sparse24_int4),
     Kernel("comptrust_24_int4_a8", torch.float32, _Layer.sparse_int4, _sparse24_int4_a8),
+    Kernel("comptrust_bitmap50_fp32", torch.float32, _Layer.bitmap, _bitmap),
     Kernel("comptrust_int4_fp32", torch.float32, _Layer.dense_int4, _int4),
+    Kernel("comptrust_dense_fp32", torch.float32, lambda layer: (layer.pruned,), _dense),
     Kernel("torch_fp32", torch.float32, lambda layer: (layer.pruned,), F.linear),
     Kernel("torch_bf16", torch.bfloat16, lambda layer: (layer.pruned.to(torch.bfloat16),), F.linear),
 ]

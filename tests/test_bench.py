@@ -162,6 +162,9 @@ def test_sparse_bench_rows_and_bytes():
     assert row[("comptrust_24_int4_fp32", 1)]["bytes_read"] == n * k // 4 + n * k // 8 + n * k // 128 * 3 + k * 4
     assert row[("comptrust_24_int4_bf16", 1)]["bytes_read"] == n * k // 4 + n * k // 8 + n * k // 128 * 3 + k * 2
     assert row[("comptrust_24_int4_a8", 1)]["bytes_read"] == n * k // 4 + n * k // 8 + n * k // 128 * 3 + k * 4
+    # bitmap at 50% unstructured: half the values, a bit per weight, a row start per row (and one more)
+    assert row[("comptrust_bitmap50_fp32", 1)]["bytes_read"] == n * k // 2 * 4 + n * k // 8 + (n + 1) * 8 + k * 4
+    assert row[("comptrust_dense_fp32", 1)]["bytes_read"] == row[("torch_fp32", 1)]["bytes_read"] == n * k * 4 + k * 4
 
 
 def test_cli_bench_sparse_writes_json(tmp_path, tiny_defaults, capsys):
