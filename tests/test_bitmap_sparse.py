@@ -105,9 +105,11 @@ def test_kernel_rows_are_dense_gemvs_bit_for_bit(isa, n, k, m):
 
 
 @needs_kernels
-@pytest.mark.parametrize("n,k,m", [(7, 33, 16), (200, 96, 17), (576, 1536, 32), (1100, 64, 64), (3, 5, 70)])
+@pytest.mark.parametrize("n,k,m", [(37, 130, 10), (7, 33, 16), (200, 96, 17), (576, 1536, 32), (1100, 64, 64),
+                                   (3, 5, 70), (64, 577, 100), (40, 100, 255), (40, 100, 256), (9, 200, 300)])
 def test_kernel_batches_match_f_linear(isa, n, k, m):
-    """From 16 rows, blocks of rows expand densely and torch's GEMM multiplies (the last block partial)."""
+    """On AVX-512, 10 to 255 rows run the row-vector kernel (x transposed in blocks of up to 64 rows, the last one
+    short), from 256 dense blocks and torch's GEMM (without AVX-512 from 16 rows)."""
     weight = _pruned(n, k, 0.4, seed=m)
     x = torch.randn(2, m // 2, k) if m % 2 == 0 else torch.randn(m, k)
     y = ops.bitmap_sparse_gemm(x, pack_bitmap(weight))
@@ -117,11 +119,12 @@ def test_kernel_batches_match_f_linear(isa, n, k, m):
 
 @needs_kernels
 def test_randomized_sweep_finds_no_mismatch():
-    """1,200 seeded random shapes, densities and batches (both kernel paths) against F.linear."""
+    """1,200 seeded random shapes, densities and batches (every kernel path) against F.linear."""
     generator = torch.Generator().manual_seed(1234)
     for case in range(1200):
         n, k = (int(torch.randint(1, hi, (1,), generator=generator)) for hi in (70, 300))
-        m = int(torch.randint(1, 24, (1,), generator=generator))
+        m = int(torch.randint(1, 300, (1,), generator=generator)) if case % 4 == 0 else \
+            int(torch.randint(1, 24, (1,), generator=generator))
         keep = float(torch.rand(1, generator=generator))
         weight = _pruned(n, k, keep, seed=case)
         x = torch.randn(m, k, generator=generator)
@@ -130,10 +133,10 @@ def test_randomized_sweep_finds_no_mismatch():
 
 
 @needs_kernels
-@pytest.mark.parametrize("m", [1, 20])
+@pytest.mark.parametrize("m", [1, 12, 20, 300])
 def test_kernel_refuses_corrupt_bitmaps_naming_the_row(m):
     """A mask that disagrees with row_start is an error naming the row, never a read outside the values, also in
-    the last row (where reading first could run past the end) and on the dense-block path."""
+    the last row (where reading first could run past the end), on every path (rows, row vectors, dense blocks)."""
     packed = pack_bitmap(_pruned(40, 100, 0.5))
     x = torch.randn(m, 100)
     for row in (0, 17, 39):

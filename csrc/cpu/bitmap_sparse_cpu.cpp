@@ -5,18 +5,20 @@
 // dense nn.Linear layers full of zeros, read and multiplied at dense cost. Batch 1 is memory-bound, and the bitmap
 // reads 4 x density + 1/8 bytes per weight (2.13 at 50%) against 4.
 //
-// Batch 1 (and up to kDenseMinRows rows): per row and 16 inputs, AVX-512's vexpandps loads the word's popcount
-// values from the stream into the lanes its mask bits name (zeros elsewhere), and one FMA adds their products.
-// No software prefetch (dense_gemv's rows prefetch 8 KB ahead into L2): alternated in one process it cost
-// 12-21% here (50% pruned, 4096x4096 1.51x -> 1.65-1.76x of dense_gemv without it, 576x576 1.02-1.24x -> 1.27-1.46x). The
-// sums go in dense_gemv's order (four accumulators over 64-input blocks, leftover 16-blocks into the first, then the
-// horizontal sum, then the inputs past the last 16 one by one), and a pruned weight's lane adds 0 * x = 0 exactly,
-// so for finite x and k a multiple of 16 one row's result is bit-identical to dense_gemv on the dense weight
-// (tested; the last k % 16 inputs' sums are ordered as the compiler picks), and in every batch below kDenseMinRows
-// the same as alone.
-// From kDenseMinRows rows, blocks of rows expand into a dense scratch and torch's GEMM runs (dense_blocks.h's idea):
-// there the product is compute-bound and BLAS multiplies faster than this kernel skips.
-// A portable scalar twin (the same order as dense_gemv's scalar rows) runs without AVX-512.
+// Batch 1 (and below kRowVectorMinRows rows; below kDenseMinRows without AVX-512): per row and 16 inputs, AVX-512's
+// vexpandps loads the word's popcount values from the stream into the lanes its mask bits name (zeros elsewhere),
+// and one FMA adds their products. The sums go in dense_gemv's order (four accumulators over 64-input blocks,
+// leftover 16-blocks into the first, then the horizontal sum, then the inputs past the last 16 one by one), and a
+// pruned weight's lane adds 0 * x = 0 exactly, so for finite x and k a multiple of 16 one row's result is
+// bit-identical to dense_gemv on the dense weight (tested; the last k % 16 inputs' sums are ordered as the compiler
+// picks), and the same in any batch this kernel runs as alone. No software prefetch (dense_gemv's rows prefetch 8 KB
+// ahead into L2): alternated in one process it cost 12-21% here (50% pruned: 4096x4096 1.51x of dense_gemv with it,
+// 1.65-1.76x without; 576x576 1.02-1.24x, 1.27-1.46x).
+// From kRowVectorMinRows to kRowVectorMaxRows rows on AVX-512, the row-vector kernel (sparse24_row_vectors.h's
+// idea): x transposed, each kept weight one broadcast and a fused multiply-add per 16 rows of x, so only the kept
+// weights are multiplied. Beyond (and from kDenseMinRows without AVX-512), blocks of rows expand into a dense scratch
+// and torch's GEMM runs (dense_blocks.h's idea): there BLAS multiplies faster than these kernels skip.
+// A portable scalar twin of the first kernel (the same order as dense_gemv's scalar rows) runs without AVX-512.
 //
 // Safety: every row's count of mask bits is compared with row_start (after reading it, or before where reading could
 // run past the end of `values`: row_readable), so a corrupt mask or row_start is an error naming the row, never a
@@ -31,6 +33,7 @@
 #include "bound_gemv.h"
 #include "isa.h"
 #include "simd_common.h"
+#include "sparse24_row_vectors.h"  // transpose_x
 
 namespace comptrust::cpu {
 namespace {
@@ -40,6 +43,14 @@ constexpr int64_t kWordInputs = 16;
 constexpr int64_t kDenseMinRows = 16;
 // x rows one pass over a weight row serves (their accumulators: 4 per row, 16 registers).
 constexpr int64_t kRowChunk = 4;
+// On AVX-512, rows of x from which the row-vector kernel runs (bitmap_row_vectors), and from which dense blocks do.
+// Against dense fp32 F.linear, cold, 50% pruned, on 4096x4096 / 576x1536 / 1536x576, row vectors / the kernel below
+// it (the row kernel up to 15 rows, dense blocks from 16): 9 rows 1.11-1.89x / 1.13-1.91x, 12 rows 1.08-1.39x /
+// 0.92-1.15x, 16 rows 1.19-1.57x / 0.37-0.87x, 32 rows 1.24-1.48x / 0.45-0.90x, 64 rows 1.11-1.24x / 0.57-0.92x,
+// 128 rows 0.92-1.05x / 0.70-0.97x, 256 rows 0.88-0.98x / 0.78-1.04x, 511 rows 0.81-0.96x / 0.89-1.02x.
+constexpr int64_t kRowVectorMinRows = 10;
+constexpr int64_t kRowVectorMaxRows = 256;
+constexpr int64_t kRowVectorBlock = 64;  // x rows per transposed block: 4 registers of 16
 constexpr int64_t kDenseBlockBytes = 8 << 20;
 
 // The AVX-512 kernels count mask bits with the popcnt instruction (every AVX-512 CPU has it; the base x86-64
@@ -226,6 +237,82 @@ bool expand_rows(const BitmapProblem& p, int64_t begin, int64_t end, float* out,
   return expand_rows_scalar(p, begin, end, out);
 }
 
+#ifdef COMPTRUST_X86
+// Rows [begin, end) of the weight against `rows` rows of x given transposed (xt[i][0..ld), zero past rows), into y
+// (rows n apart): each kept weight w at input i is one broadcast and RV fused multiply-adds against xt[i], two
+// accumulator sets taking alternate kept weights (one set's chains would wait on the FMA latency at 16-32 rows).
+// False where a row's mask and row_start disagree (checked as bitmap_rows does; bits past k are never read).
+template <int RV>
+COMPTRUST_AVX512_POPCNT bool bitmap_row_vectors(const BitmapProblem& p, const float* xt, int64_t ld, int64_t rows,
+                                                float* y, int64_t n, int64_t begin, int64_t end) {
+  alignas(64) float out[16 * RV];
+  for (int64_t r = begin; r < end; ++r) {
+    if (!row_readable(p, r, true)) return false;
+    const uint16_t* words = p.row_mask(r);
+    const float* const start = p.values + p.row_start[r];
+    const float* v = start;
+    __m512 a0[RV], a1[RV];
+    for (int j = 0; j < RV; ++j) a0[j] = a1[j] = _mm512_setzero_ps();
+    for (int64_t w0 = 0; w0 < p.words; w0 += 4) {
+      uint64_t bits = 0;
+      for (int64_t w = w0; w < std::min(w0 + 4, p.words); ++w) bits |= uint64_t{words[w]} << (16 * (w - w0));
+      const int64_t inputs = p.k - w0 * kWordInputs;  // inputs of this chunk inside k
+      if (inputs < 64) bits &= (uint64_t{1} << inputs) - 1;
+      const float* xc = xt + w0 * kWordInputs * ld;
+      while (bits) {
+        const float* x0 = xc + __builtin_ctzll(bits) * ld;
+        bits &= bits - 1;
+        const __m512 w_0 = _mm512_set1_ps(v[0]);
+        if (bits) {
+          const float* x1 = xc + __builtin_ctzll(bits) * ld;
+          bits &= bits - 1;
+          const __m512 w_1 = _mm512_set1_ps(v[1]);
+          v += 2;
+          for (int j = 0; j < RV; ++j) {
+            a0[j] = _mm512_fmadd_ps(w_0, _mm512_load_ps(x0 + 16 * j), a0[j]);
+            a1[j] = _mm512_fmadd_ps(w_1, _mm512_load_ps(x1 + 16 * j), a1[j]);
+          }
+        } else {
+          v += 1;
+          for (int j = 0; j < RV; ++j) a0[j] = _mm512_fmadd_ps(w_0, _mm512_load_ps(x0 + 16 * j), a0[j]);
+        }
+      }
+    }
+    if (v - start != p.row_start[r + 1] - p.row_start[r]) return false;
+    for (int j = 0; j < RV; ++j) _mm512_store_ps(out + 16 * j, _mm512_add_ps(a0[j], a1[j]));
+    for (int64_t b = 0; b < rows; ++b) y[b * n + r] = out[b];
+  }
+  return true;
+}
+
+// y [m, n] = x [m, k] @ W^T by row vectors, x in blocks of up to kRowVectorBlock rows transposed once each.
+bool bitmap_by_row_vectors(const BitmapProblem& p, const float* x, int64_t m, float* y) {
+  const int64_t blocks = (m + kRowVectorBlock - 1) / kRowVectorBlock;
+  const int64_t block_rows = (m + blocks - 1) / blocks;  // even blocks: 80 rows as 40 + 40, not 64 + 16
+  const int64_t rv = (block_rows + 15) / 16, ld = 16 * rv;
+  thread_local std::vector<float> xt_buffer;  // reused, as the dense blocks' scratch
+  if (static_cast<int64_t>(xt_buffer.size()) < p.k * ld + 16) xt_buffer.resize(p.k * ld + 16);
+  float* xt = align64(xt_buffer.data());  // not xt_buffer inside the workers
+  std::atomic<bool> ok{true};
+  for (int64_t i0 = 0; i0 < m && ok; i0 += block_rows) {
+    const int64_t rows = std::min(block_rows, m - i0);
+    const float* xb = x + i0 * p.k;
+    at::parallel_for(0, p.k, 256, [&](int64_t k0, int64_t k1) { transpose_x(xb, p.k, rows, ld, k0, k1, xt); });
+    at::parallel_for(0, p.n, 16, [&](int64_t begin, int64_t end) {
+      bool done = false;
+      switch (rv) {
+        case 1: done = bitmap_row_vectors<1>(p, xt, ld, rows, y + i0 * p.n, p.n, begin, end); break;
+        case 2: done = bitmap_row_vectors<2>(p, xt, ld, rows, y + i0 * p.n, p.n, begin, end); break;
+        case 3: done = bitmap_row_vectors<3>(p, xt, ld, rows, y + i0 * p.n, p.n, begin, end); break;
+        default: done = bitmap_row_vectors<4>(p, xt, ld, rows, y + i0 * p.n, p.n, begin, end); break;
+      }
+      if (!done) ok = false;
+    });
+  }
+  return ok;
+}
+#endif
+
 // Tasks of at least 2^17 multiply-adds, as dense_gemv's.
 int64_t row_grain(int64_t k) { return std::max<int64_t>(16, (int64_t{1} << 17) / k); }
 
@@ -295,6 +382,12 @@ at::Tensor bitmap_sparse_gemm_cpu(const at::Tensor& x, const at::Tensor& values,
   const BitmapProblem p = problem_of(values, mask, row_start, k);
   std::atomic<bool> ok{true};
   const bool avx512 = bitmap_avx512();
+#ifdef COMPTRUST_X86
+  if (avx512 && m >= kRowVectorMinRows && m < kRowVectorMaxRows) {
+    if (!bitmap_by_row_vectors(p, x2.data_ptr<float>(), m, y2.data_ptr<float>())) fail_rows(op, p);
+    return y;
+  }
+#endif
   if (m < kDenseMinRows) {
     const float* xf = x2.data_ptr<float>();
     float* yf = y2.data_ptr<float>();
