@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from comptrust import ops, reference
+from quant_cases import available_isas
 
 pytestmark = pytest.mark.skipif(not ops.cpu_kernels_available(), reason="needs the compiled CPU ops")
 
@@ -138,11 +139,13 @@ def test_ops_wrappers_take_the_reference_off_the_compiled_path():
     assert ops.residual_rms_norm(hidden, None, torch.ones(4, device="meta"), 1e-6).shape == (1, 4)
 
 
+@pytest.mark.parametrize("isa", available_isas())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n, k", [(49152, 576), (576, 1536), (1003, 37), (5, 16), (3, 1), (1, 2049)])
-def test_dense_gemv_matches_float64_product(dtype, n, k):
-    """One row by a dense weight [n, k]: four rows at a time, then single rows, with k's tail past the last 16
-    inputs summed one by one; summed in fp32 whatever the weight's dtype, so within the dtype's rounding."""
+def test_dense_gemv_matches_float64_product(dtype, n, k, isa, monkeypatch):
+    """One row by a dense weight [n, k] on each SIMD path (AVX-512: 64-input blocks, AVX2: 32, scalar), with k's
+    tail summed one by one; summed in fp32 whatever the weight's dtype, so within the dtype's rounding."""
+    monkeypatch.setenv("COMPTRUST_CPU_ISA", isa)
     gen = torch.Generator().manual_seed(n + k)
     weight = torch.randn(n, k, generator=gen).to(dtype)
     for shape in ((1, k), (1, 1, k), (k,)):

@@ -18,7 +18,11 @@
 // idea): x transposed, each kept weight one broadcast and a fused multiply-add per 16 rows of x, so only the kept
 // weights are multiplied. Beyond (and from kDenseMinRows without AVX-512), blocks of rows expand into a dense scratch
 // and torch's GEMM runs (dense_blocks.h's idea): there BLAS multiplies faster than these kernels skip.
-// A portable scalar twin of the first kernel (the same order as dense_gemv's scalar rows) runs without AVX-512.
+// Without AVX-512 the first kernel has an AVX2 twin (a masked load and vpermps in place of vexpandps, in dense_gemv's
+// AVX2 order, bit-identical to it as above) and a portable scalar one (dense_gemv's scalar order). The AVX2 twin is
+// slower than dense_gemv's AVX2 rows (forced to AVX2 here, 50% pruned: 0.48-0.74x at one row; 1.4-1.9x F.linear at 4
+// rows, 0.7-0.97x from 16 on dense blocks), so pruning keeps layers dense on such CPUs (bitmap_unsuited); it serves
+// direct calls of the op there.
 //
 // Safety: every row's count of mask bits is compared with row_start (after reading it, or before where reading could
 // run past the end of `values`: row_readable), so a corrupt mask or row_start is an error naming the row, never a
@@ -53,12 +57,12 @@ constexpr int64_t kRowVectorMaxRows = 256;
 constexpr int64_t kRowVectorBlock = 64;  // x rows per transposed block: 4 registers of 16
 constexpr int64_t kDenseBlockBytes = 8 << 20;
 
-// The AVX-512 kernels count mask bits with the popcnt instruction (every AVX-512 CPU has it; the base x86-64
-// target does not, and without it each count is a dozen instructions).
+// The vector kernels count mask bits with the popcnt instruction (every AVX2 CPU has it; the base x86-64 target
+// does not, and without it each count is a dozen instructions).
 #ifdef COMPTRUST_X86
+#define COMPTRUST_POPCNT __attribute__((target("popcnt")))
+#define COMPTRUST_AVX2_POPCNT __attribute__((target("avx2,fma,f16c,popcnt")))
 #define COMPTRUST_AVX512_POPCNT __attribute__((target("avx512f,avx2,fma,f16c,popcnt")))
-#else
-#define COMPTRUST_AVX512_POPCNT
 #endif
 
 struct BitmapProblem {
@@ -80,7 +84,7 @@ struct BitmapProblem {
 
 #ifdef COMPTRUST_X86
 // row_consistent with popcnt, four words at a time.
-COMPTRUST_AVX512_POPCNT bool row_consistent_popcnt(const BitmapProblem& p, int64_t r) {
+COMPTRUST_POPCNT bool row_consistent_popcnt(const BitmapProblem& p, int64_t r) {
   const uint16_t* w = p.row_mask(r);
   int64_t count = 0, j = 0;
   for (; j + 4 <= p.words; j += 4) {
@@ -93,9 +97,9 @@ COMPTRUST_AVX512_POPCNT bool row_consistent_popcnt(const BitmapProblem& p, int64
 }
 #endif
 
-bool row_consistent(const BitmapProblem& p, int64_t r, bool avx512) {
+bool row_consistent(const BitmapProblem& p, int64_t r, Isa isa) {
 #ifdef COMPTRUST_X86
-  if (avx512) return row_consistent_popcnt(p, r);
+  if (isa != Isa::kScalar) return row_consistent_popcnt(p, r);
 #endif
   return p.row_consistent(r);
 }
@@ -163,30 +167,96 @@ COMPTRUST_AVX512_POPCNT int64_t bitmap_row_avx512(const BitmapProblem& p, int64_
 }
 #endif
 
+#ifdef COMPTRUST_X86
+// AVX2 has no expand instruction: per 8 inputs, a masked load takes the byte's popcount values and vpermps spreads
+// them, a table giving each kept lane its value's position (pruned lanes read lane 7, which the masked load leaves
+// zero whenever some lane is pruned).
+struct Avx2ExpandTables {
+  alignas(32) int32_t position[256][8];
+  alignas(32) int32_t first[9][8];  // load masks: the first c lanes
+  Avx2ExpandTables() {
+    for (int lanes = 0; lanes < 256; ++lanes)
+      for (int l = 0, c = 0; l < 8; ++l) position[lanes][l] = (lanes >> l & 1) ? c++ : 7;
+    for (int c = 0; c <= 8; ++c)
+      for (int l = 0; l < 8; ++l) first[c][l] = l < c ? -1 : 0;
+  }
+};
+const Avx2ExpandTables kExpand;
+
+// The 8 weights of mask byte `lanes` from the value stream v (advanced past them).
+COMPTRUST_AVX2_POPCNT inline __m256 expand8(unsigned lanes, const float*& v) {
+  const int count = __builtin_popcount(lanes);
+  const __m256 kept = _mm256_maskload_ps(v, _mm256_load_si256(reinterpret_cast<const __m256i*>(kExpand.first[count])));
+  v += count;
+  return _mm256_permutevar8x32_ps(kept, _mm256_load_si256(reinterpret_cast<const __m256i*>(kExpand.position[lanes])));
+}
+
+// bitmap_row_avx512 on AVX2, in dense_gemv's AVX2 order (dot_row_avx2: four sums of 8 over 32-input blocks, leftover
+// 8-blocks into the first, reduce_add8, then the inputs past the last 8 one by one).
+template <int Rows>
+COMPTRUST_AVX2_POPCNT int64_t bitmap_row_avx2(const BitmapProblem& p, int64_t r, const float* x, int64_t ldx, float* y,
+                                              int64_t ldy) {
+  const int64_t full = p.k / 32 * 32, full8 = p.k / 8 * 8;
+  const uint16_t* words = p.row_mask(r);
+  const uint8_t* bytes = reinterpret_cast<const uint8_t*>(words);  // byte j: inputs 8j..8j+7 (little-endian words)
+  const float* const start = p.values + p.row_start[r];
+  const float* v = start;
+  __m256 acc[Rows][4];
+  for (int b = 0; b < Rows; ++b)
+    for (int a = 0; a < 4; ++a) acc[b][a] = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i < full; i += 32) {
+    __m256 w[4];
+    for (int a = 0; a < 4; ++a) w[a] = expand8(bytes[i / 8 + a], v);
+    for (int b = 0; b < Rows; ++b)
+      for (int a = 0; a < 4; ++a)
+        acc[b][a] = _mm256_fmadd_ps(w[a], _mm256_loadu_ps(x + b * ldx + i + 8 * a), acc[b][a]);
+  }
+  for (; i < full8; i += 8) {
+    const __m256 w = expand8(bytes[i / 8], v);
+    for (int b = 0; b < Rows; ++b) acc[b][0] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + b * ldx + i), acc[b][0]);
+  }
+  const float* tail = v;
+  for (int b = 0; b < Rows; ++b) {
+    float sum = reduce_add8(_mm256_add_ps(_mm256_add_ps(acc[b][0], acc[b][1]), _mm256_add_ps(acc[b][2], acc[b][3])));
+    tail = v;
+    for (int64_t t = i; t < p.k; ++t)
+      if (words[t / kWordInputs] >> (t % kWordInputs) & 1) sum += *tail++ * x[b * ldx + t];
+    y[b * ldy] = sum;
+  }
+  return tail - start;
+}
+#endif
+
 // Whether row r may be read before its count is known to match: a row reads at most k values from row_start[r], so
 // only where that could run past the end of `values` (the last rows) is its mask counted first; every other row's
 // count is compared after, and a wrong one has read only inside `values`.
-bool row_readable(const BitmapProblem& p, int64_t r, bool avx512) {
-  return p.row_start[r] + p.k <= p.nnz || row_consistent(p, r, avx512);
+bool row_readable(const BitmapProblem& p, int64_t r, Isa isa) {
+  return p.row_start[r] + p.k <= p.nnz || row_consistent(p, r, isa);
 }
 
 // Rows [begin, end) of the weight times `rows` rows of x (ldx apart) into y (rows ldy apart, column r for weight
 // row r). check: false where a row's mask and row_start disagree (its outputs are then garbage: the caller raises).
 bool bitmap_rows(const BitmapProblem& p, const float* x, int64_t ldx, int64_t rows, float* y, int64_t ldy,
-                 int64_t begin, int64_t end, bool avx512, bool check) {
+                 int64_t begin, int64_t end, Isa isa, bool check) {
   bool ok = true;
   for (int64_t r = begin; r < end; ++r) {
-    if (check && !row_readable(p, r, avx512)) {
+    if (check && !row_readable(p, r, isa)) {
       ok = false;
       continue;
     }
     int64_t used = 0;
 #ifdef COMPTRUST_X86
-    if (avx512) {
+    if (isa == Isa::kAvx512) {
       int64_t b = 0;
       for (; b + kRowChunk <= rows; b += kRowChunk)
         used = bitmap_row_avx512<kRowChunk>(p, r, x + b * ldx, ldx, y + b * ldy + r, ldy);
       for (; b < rows; ++b) used = bitmap_row_avx512<1>(p, r, x + b * ldx, ldx, y + b * ldy + r, ldy);
+    } else if (isa == Isa::kAvx2) {
+      int64_t b = 0;
+      for (; b + kRowChunk <= rows; b += kRowChunk)
+        used = bitmap_row_avx2<kRowChunk>(p, r, x + b * ldx, ldx, y + b * ldy + r, ldy);
+      for (; b < rows; ++b) used = bitmap_row_avx2<1>(p, r, x + b * ldx, ldx, y + b * ldy + r, ldy);
     } else
 #endif
       used = bitmap_row_scalar(p, r, x, ldx, rows, y + r, ldy);
@@ -198,7 +268,7 @@ bool bitmap_rows(const BitmapProblem& p, const float* x, int64_t ldx, int64_t ro
 // Weight rows [begin, end) written densely into out ([end - begin, k], rows k apart).
 bool expand_rows_scalar(const BitmapProblem& p, int64_t begin, int64_t end, float* out) {
   for (int64_t r = begin; r < end; ++r) {
-    if (!row_readable(p, r, false)) return false;
+    if (!row_readable(p, r, Isa::kScalar)) return false;
     const uint16_t* words = p.row_mask(r);
     const float* v = p.values + p.row_start[r];
     float* row = out + (r - begin) * p.k;
@@ -212,7 +282,7 @@ bool expand_rows_scalar(const BitmapProblem& p, int64_t begin, int64_t end, floa
 COMPTRUST_AVX512_POPCNT bool expand_rows_avx512(const BitmapProblem& p, int64_t begin, int64_t end, float* out) {
   const int64_t full16 = p.k / kWordInputs * kWordInputs;
   for (int64_t r = begin; r < end; ++r) {
-    if (!row_readable(p, r, true)) return false;
+    if (!row_readable(p, r, Isa::kAvx512)) return false;
     const uint16_t* words = p.row_mask(r);
     const float* v = p.values + p.row_start[r];
     float* row = out + (r - begin) * p.k;
@@ -227,12 +297,29 @@ COMPTRUST_AVX512_POPCNT bool expand_rows_avx512(const BitmapProblem& p, int64_t 
   }
   return true;
 }
+
+COMPTRUST_AVX2_POPCNT bool expand_rows_avx2(const BitmapProblem& p, int64_t begin, int64_t end, float* out) {
+  const int64_t full8 = p.k / 8 * 8;
+  for (int64_t r = begin; r < end; ++r) {
+    if (!row_readable(p, r, Isa::kAvx2)) return false;
+    const uint16_t* words = p.row_mask(r);
+    const uint8_t* bytes = reinterpret_cast<const uint8_t*>(words);
+    const float* v = p.values + p.row_start[r];
+    float* row = out + (r - begin) * p.k;
+    int64_t i = 0;
+    for (; i < full8; i += 8) _mm256_storeu_ps(row + i, expand8(bytes[i / 8], v));
+    for (; i < p.k; ++i) row[i] = (words[i / kWordInputs] >> (i % kWordInputs) & 1) ? *v++ : 0.f;
+    if (v - p.values != p.row_start[r + 1]) return false;
+  }
+  return true;
+}
 #endif
 
 // Weight rows [begin, end) into out; false where a row's mask and row_start disagree (checked as bitmap_rows does).
-bool expand_rows(const BitmapProblem& p, int64_t begin, int64_t end, float* out, bool avx512) {
+bool expand_rows(const BitmapProblem& p, int64_t begin, int64_t end, float* out, Isa isa) {
 #ifdef COMPTRUST_X86
-  if (avx512) return expand_rows_avx512(p, begin, end, out);
+  if (isa == Isa::kAvx512) return expand_rows_avx512(p, begin, end, out);
+  if (isa == Isa::kAvx2) return expand_rows_avx2(p, begin, end, out);
 #endif
   return expand_rows_scalar(p, begin, end, out);
 }
@@ -247,7 +334,7 @@ COMPTRUST_AVX512_POPCNT bool bitmap_row_vectors(const BitmapProblem& p, const fl
                                                 float* y, int64_t n, int64_t begin, int64_t end) {
   alignas(64) float out[16 * RV];
   for (int64_t r = begin; r < end; ++r) {
-    if (!row_readable(p, r, true)) return false;
+    if (!row_readable(p, r, Isa::kAvx512)) return false;
     const uint16_t* words = p.row_mask(r);
     const float* const start = p.values + p.row_start[r];
     const float* v = start;
@@ -316,11 +403,11 @@ bool bitmap_by_row_vectors(const BitmapProblem& p, const float* x, int64_t m, fl
 // Tasks of at least 2^17 multiply-adds, as dense_gemv's.
 int64_t row_grain(int64_t k) { return std::max<int64_t>(16, (int64_t{1} << 17) / k); }
 
-bool bitmap_avx512() {
+Isa bitmap_isa() {
 #ifdef COMPTRUST_X86
-  return select_isa() == Isa::kAvx512;
+  return select_isa();
 #else
-  return false;
+  return Isa::kScalar;
 #endif
 }
 
@@ -381,9 +468,9 @@ at::Tensor bitmap_sparse_gemm_cpu(const at::Tensor& x, const at::Tensor& values,
   at::Tensor y2 = y.view({m, n});
   const BitmapProblem p = problem_of(values, mask, row_start, k);
   std::atomic<bool> ok{true};
-  const bool avx512 = bitmap_avx512();
+  const Isa isa = bitmap_isa();
 #ifdef COMPTRUST_X86
-  if (avx512 && m >= kRowVectorMinRows && m < kRowVectorMaxRows) {
+  if (isa == Isa::kAvx512 && m >= kRowVectorMinRows && m < kRowVectorMaxRows) {
     if (!bitmap_by_row_vectors(p, x2.data_ptr<float>(), m, y2.data_ptr<float>())) fail_rows(op, p);
     return y;
   }
@@ -392,7 +479,7 @@ at::Tensor bitmap_sparse_gemm_cpu(const at::Tensor& x, const at::Tensor& values,
     const float* xf = x2.data_ptr<float>();
     float* yf = y2.data_ptr<float>();
     at::parallel_for(0, n, std::max<int64_t>(1, row_grain(k) / m), [&](int64_t begin, int64_t end) {
-      if (!bitmap_rows(p, xf, k, m, yf, n, begin, end, avx512, true)) ok = false;
+      if (!bitmap_rows(p, xf, k, m, yf, n, begin, end, isa, true)) ok = false;
     });
   } else {
     const int64_t block_rows = std::clamp<int64_t>(kDenseBlockBytes / (k * 4), 1, n);
@@ -402,7 +489,7 @@ at::Tensor bitmap_sparse_gemm_cpu(const at::Tensor& x, const at::Tensor& values,
     for (int64_t r0 = 0; r0 < n && ok; r0 += block_rows) {
       const int64_t rows = std::min(block_rows, n - r0);
       at::parallel_for(r0, r0 + rows, 1, [&](int64_t begin, int64_t end) {
-        if (!expand_rows(p, begin, end, scratch + (begin - r0) * k, avx512)) ok = false;
+        if (!expand_rows(p, begin, end, scratch + (begin - r0) * k, isa)) ok = false;
       });
       if (!ok) break;
       at::Tensor y_block = y2.narrow(1, r0, rows);  // rows n apart: BLAS writes in place
@@ -418,7 +505,7 @@ at::Tensor bitmap_sparse_gemm_cpu(const at::Tensor& x, const at::Tensor& values,
 class BitmapSparseGemv final : public BoundGemv {
  public:
   BitmapSparseGemv(std::vector<at::Tensor> tensors, std::vector<BitmapProblem> layers)
-      : tensors_(std::move(tensors)), layers_(std::move(layers)), avx512_(bitmap_avx512()) {
+      : tensors_(std::move(tensors)), layers_(std::move(layers)), isa_(bitmap_isa()) {
     k_ = layers_[0].k;
     first_row_.push_back(0);
     for (const BitmapProblem& p : layers_) {
@@ -432,7 +519,7 @@ class BitmapSparseGemv final : public BoundGemv {
       for (size_t i = 0; i < layers_.size(); ++i) {
         const int64_t first = std::max(begin, first_row_[i]), last = std::min(end, first_row_[i + 1]);
         if (first < last)
-          bitmap_rows(layers_[i], x, k_, 1, y[i], 0, first - first_row_[i], last - first_row_[i], avx512_, false);
+          bitmap_rows(layers_[i], x, k_, 1, y[i], 0, first - first_row_[i], last - first_row_[i], isa_, false);
       }
     });
   }
@@ -441,7 +528,7 @@ class BitmapSparseGemv final : public BoundGemv {
   std::vector<at::Tensor> tensors_;  // keeps the bound storage alive
   std::vector<BitmapProblem> layers_;
   std::vector<int64_t> first_row_;
-  bool avx512_;
+  Isa isa_;
 };
 
 }  // namespace

@@ -85,6 +85,15 @@ COMPTRUST_AVX2 inline __m256 load_zeros(const uint8_t* z) {
 // Eight dequantized weights to out[0..7], as fp32 or rounded to bf16 (nearest, ties to even, as
 // c10::BFloat16 rounds; weights are finite, so no NaN case).
 COMPTRUST_AVX2 inline void store8(float* out, __m256 v) { _mm256_storeu_ps(out, v); }
+
+// The sum of 8 lanes in one fixed order (halves, then pairs, then the last two): kernels that must match each
+// other bit for bit (dense_gemv's AVX2 rows, the bitmap kernel's) reduce through this one.
+COMPTRUST_AVX2 inline float reduce_add8(__m256 v) {
+  __m128 sum = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  sum = _mm_add_ps(sum, _mm_movehl_ps(sum, sum));
+  sum = _mm_add_ss(sum, _mm_movehdup_ps(sum));
+  return _mm_cvtss_f32(sum);
+}
 // Eight floats rounded to bf16, in the low 128 bits.
 COMPTRUST_AVX2 inline __m128i to_bf16x8(__m256 v) {
   const __m256i bits = _mm256_castps_si256(v);
