@@ -104,6 +104,15 @@ bool row_consistent(const BitmapProblem& p, int64_t r, Isa isa) {
   return p.row_consistent(r);
 }
 
+// sum + the kept weights of a row's inputs [from, k) times x, one by one in input order (values from `tail`,
+// advanced past them): the scalar kernel's whole row, the vector kernels' inputs past their last block.
+inline float add_kept(const BitmapProblem& p, const uint16_t* words, int64_t from, const float*& tail, const float* x,
+                      float sum) {
+  for (int64_t t = from; t < p.k; ++t)
+    if (words[t / kWordInputs] >> (t % kWordInputs) & 1) sum += *tail++ * x[t];
+  return sum;
+}
+
 // y[b] (rows b of x, `rows` of them, ldx apart) = row r . x[b], in dense_gemv's scalar order; returns how many
 // values the row took.
 int64_t bitmap_row_scalar(const BitmapProblem& p, int64_t r, const float* x, int64_t ldx, int64_t rows, float* y,
@@ -113,11 +122,7 @@ int64_t bitmap_row_scalar(const BitmapProblem& p, int64_t r, const float* x, int
   const float* v = start;
   for (int64_t b = 0; b < rows; ++b) {
     v = start;
-    const float* xb = x + b * ldx;
-    float sum = 0.f;
-    for (int64_t i = 0; i < p.k; ++i)
-      if (words[i / kWordInputs] >> (i % kWordInputs) & 1) sum += *v++ * xb[i];
-    y[b * ldy] = sum;
+    y[b * ldy] = add_kept(p, words, 0, v, x + b * ldx, 0.f);
   }
   return v - start;
 }
@@ -156,12 +161,10 @@ COMPTRUST_AVX512_POPCNT int64_t bitmap_row_avx512(const BitmapProblem& p, int64_
   }
   const float* tail = v;
   for (int b = 0; b < Rows; ++b) {
-    float sum = _mm512_reduce_add_ps(
+    const float sum = _mm512_reduce_add_ps(
         _mm512_add_ps(_mm512_add_ps(acc[b][0], acc[b][1]), _mm512_add_ps(acc[b][2], acc[b][3])));
     tail = v;
-    for (int64_t t = i; t < p.k; ++t)
-      if (words[t / kWordInputs] >> (t % kWordInputs) & 1) sum += *tail++ * x[b * ldx + t];
-    y[b * ldy] = sum;
+    y[b * ldy] = add_kept(p, words, i, tail, x + b * ldx, sum);
   }
   return tail - start;
 }
@@ -218,11 +221,10 @@ COMPTRUST_AVX2_POPCNT int64_t bitmap_row_avx2(const BitmapProblem& p, int64_t r,
   }
   const float* tail = v;
   for (int b = 0; b < Rows; ++b) {
-    float sum = reduce_add8(_mm256_add_ps(_mm256_add_ps(acc[b][0], acc[b][1]), _mm256_add_ps(acc[b][2], acc[b][3])));
+    const float sum =
+        reduce_add8(_mm256_add_ps(_mm256_add_ps(acc[b][0], acc[b][1]), _mm256_add_ps(acc[b][2], acc[b][3])));
     tail = v;
-    for (int64_t t = i; t < p.k; ++t)
-      if (words[t / kWordInputs] >> (t % kWordInputs) & 1) sum += *tail++ * x[b * ldx + t];
-    y[b * ldy] = sum;
+    y[b * ldy] = add_kept(p, words, i, tail, x + b * ldx, sum);
   }
   return tail - start;
 }
