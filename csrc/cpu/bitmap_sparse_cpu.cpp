@@ -405,14 +405,6 @@ bool bitmap_by_row_vectors(const BitmapProblem& p, const float* x, int64_t m, fl
 // Tasks of at least 2^17 multiply-adds, as dense_gemv's.
 int64_t row_grain(int64_t k) { return std::max<int64_t>(16, (int64_t{1} << 17) / k); }
 
-Isa bitmap_isa() {
-#ifdef COMPTRUST_X86
-  return select_isa();
-#else
-  return Isa::kScalar;
-#endif
-}
-
 // Shapes and dtypes of one bitmap weight of `k` inputs; its output width n. The per-row counts are checked where the
 // rows are read (bitmap_rows), row_start's order and ends here.
 int64_t check_bitmap_weight(const char* op, const at::Tensor& values, const at::Tensor& mask,
@@ -470,7 +462,7 @@ at::Tensor bitmap_sparse_gemm_cpu(const at::Tensor& x, const at::Tensor& values,
   at::Tensor y2 = y.view({m, n});
   const BitmapProblem p = problem_of(values, mask, row_start, k);
   std::atomic<bool> ok{true};
-  const Isa isa = bitmap_isa();
+  const Isa isa = select_isa();
 #ifdef COMPTRUST_X86
   if (isa == Isa::kAvx512 && m >= kRowVectorMinRows && m < kRowVectorMaxRows) {
     if (!bitmap_by_row_vectors(p, x2.data_ptr<float>(), m, y2.data_ptr<float>())) fail_rows(op, p);
@@ -507,7 +499,7 @@ at::Tensor bitmap_sparse_gemm_cpu(const at::Tensor& x, const at::Tensor& values,
 class BitmapSparseGemv final : public BoundGemv {
  public:
   BitmapSparseGemv(std::vector<at::Tensor> tensors, std::vector<BitmapProblem> layers)
-      : tensors_(std::move(tensors)), layers_(std::move(layers)), isa_(bitmap_isa()) {
+      : tensors_(std::move(tensors)), layers_(std::move(layers)), isa_(select_isa()) {
     k_ = layers_[0].k;
     first_row_.push_back(0);
     for (const BitmapProblem& p : layers_) {

@@ -551,18 +551,10 @@ COMPTRUST_ONE_COPY void dense_rows(const float* x, const T* w, int64_t k, T* out
 // Tasks of at least 2^17 multiply-adds: fewer cost more to hand to a second thread than they save.
 int64_t dense_grain(int64_t k) { return std::max<int64_t>(16, (int64_t{1} << 17) / k); }
 
-Isa dense_isa() {
-#ifdef COMPTRUST_X86
-  return select_isa();
-#else
-  return Isa::kScalar;
-#endif
-}
-
 // Several fp32 dense layers of one input (BoundGemv): their rows shared out in one parallel region.
 class DenseGemv final : public BoundGemv {
  public:
-  explicit DenseGemv(const std::vector<at::Tensor>& weights) : weights_(weights), isa_(dense_isa()) {
+  explicit DenseGemv(const std::vector<at::Tensor>& weights) : weights_(weights), isa_(select_isa()) {
     k_ = weights[0].size(1);
     first_row_.push_back(0);
     for (const at::Tensor& w : weights_) {
@@ -610,7 +602,7 @@ at::Tensor dense_gemv_cpu(const at::Tensor& x, const at::Tensor& weight) {
   at::Tensor y = at::empty(sizes, x.options());
   const at::Tensor x32 = x.to(at::kFloat).contiguous();
   const float* xf = x32.data_ptr<float>();
-  const Isa isa = dense_isa();
+  const Isa isa = select_isa();
   dispatch_float(dtype, op, [&](auto tag) {
     using T = decltype(tag);
     const T* w = weight.data_ptr<T>();
