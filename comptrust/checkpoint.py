@@ -16,6 +16,7 @@ import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -197,13 +198,15 @@ def _write_checkpoint(out: Path, tensors: dict[str, torch.Tensor], model_config,
 
 
 def _save_dense(model: nn.Module, tokenizer, out: Path, config, overwrite: bool) -> SavedCheckpoint:
-    """A pruned model whose layers stayed nn.Linear: an ordinary safetensors model with its zeros, plus a
-    "comptrust_compression" entry in config.json saying what made them."""
+    """A model whose layers are nn.Linear (or bitmap layers, saved dense): an ordinary safetensors model, for a
+    pruned one (`config` given) with a "comptrust_compression" entry in config.json saying what made its zeros."""
     check_out_dir(out, overwrite)
     model_config = copy.deepcopy(model.config)
     if hasattr(model_config, "quantization_config"):  # how the source was stored (e.g. GGUF), not these weights
         del model_config.quantization_config
-    model_config.comptrust_compression = {"method": getattr(config, "method", None), "tag": getattr(config, "tag", None)}
+    if config is not None:
+        model_config.comptrust_compression = {"method": getattr(config, "method", None),
+                                              "tag": getattr(config, "tag", None)}
     files = _write_checkpoint(out, _dense_tensors(model, set()), model_config, model, tokenizer)
     kept = {name: "dense layer" if isinstance(m, nn.Linear) else "saved dense (runs on the bitmap kernel)"
             for name, m in model.named_modules() if isinstance(m, (nn.Linear, BitmapSparseLinear))}
@@ -213,7 +216,8 @@ def _save_dense(model: nn.Module, tokenizer, out: Path, config, overwrite: bool)
 def save_compressed(model: nn.Module, tokenizer, out_dir, config=None, overwrite: bool = False) -> SavedCheckpoint:
     """Save a compressed model as its layers allow: QuantLinear layers as a GPTQ v1 checkpoint
     (save_quantized), 2:4 layers in our 2:4 layout (comptrust.checkpoint_sparse24), pruning that kept
-    nn.Linear layers (unstructured, 4:8) as a dense safetensors model. Mixing packed kinds is refused."""
+    nn.Linear layers (unstructured, 4:8) as a dense safetensors model, and a dense model (config None) as a plain
+    one. Mixing packed kinds is refused."""
     from comptrust.checkpoint_sparse24 import save_sparse24, sparse24_layers
 
     quantized, sparse = _quant_layers(model), sparse24_layers(model)
@@ -430,23 +434,17 @@ def _check_complete(model: nn.Module, path: Path) -> None:
         raise ModelLoadError(f"{path}: the checkpoint is missing tensors: {listed}{more}")
 
 
-def load_quantized(path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
-                   name: str | None = None) -> LoadedModel:
-    """Load a GPTQ v1 or AWQ GEMM checkpoint directory onto comptrust's packed kernels.
-
-    Dense tensors (embeddings, norms, layers left unquantized) are converted to `dtype`; the packed
-    layers keep their fp16 scales. Errors name the file or tensor at fault (ModelNotFoundError for a
-    missing directory/config, ModelLoadError for everything the files get wrong or we do not support).
-    """
-    path = Path(path)
-    if not path.is_dir():
-        raise ModelNotFoundError(f"checkpoint directory {str(path)!r} does not exist")
+def quantized_model(path: Path, skeleton: Callable[[], nn.Module]):
+    """(model, quantization, quantized layer names) of a GPTQ v1 / AWQ GEMM checkpoint directory: `skeleton()`
+    (parameters on the meta device, of the dtype the dense tensors take) with the dense tensors in place, each
+    quantized nn.Linear swapped for a QuantLinear built from its packed tensors, ties made and every tensor checked
+    present."""
     quant = read_checkpoint_quantization(path)
     if quant is None:
         raise ModelLoadError(f"{path}/config.json has no quantization_config: not a quantized checkpoint "
                              "(load it with comptrust.load_model)")
     weights = _Weights(path)
-    model = _build_skeleton(path, dtype, trust_remote_code)
+    model = skeleton()
     quantized = _quantized_layers(weights.keys(), model, path)
     if not quantized:
         raise ModelLoadError(f"{path}: config.json says {quant.quant_method}, but no tensor ends in .qweight")
@@ -465,7 +463,33 @@ def load_quantized(path, dtype: torch.dtype = torch.float32, trust_remote_code: 
         except ValueError as exc:
             raise ModelLoadError(f"{path}: {exc}") from None
         setattr(parent, child, layer)
-    tokenizer = finish_checkpoint(model, path, present, set(quantized), trust_remote_code)
+    complete_tensors(model, path, present, set(quantized))
+    return model, quant, quantized
+
+
+def load_dense_tensors(path: Path, skeleton: Callable[[], nn.Module]) -> nn.Module:
+    """`skeleton()` filled from a checkpoint without packed layers (dense, or pruned and saved dense: those layers
+    go back onto the bitmap kernel, sparsify_pruned_checkpoint), ties made and every tensor checked present."""
+    weights = _Weights(path)
+    model = skeleton()
+    complete_tensors(model, path, _load_dense(model, weights, set(), path), set())
+    sparsify_pruned_checkpoint(model, path)
+    return model
+
+
+def load_quantized(path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+                   name: str | None = None) -> LoadedModel:
+    """Load a GPTQ v1 or AWQ GEMM checkpoint directory onto comptrust's packed kernels.
+
+    Dense tensors (embeddings, norms, layers left unquantized) are converted to `dtype`; the packed
+    layers keep their fp16 scales. Errors name the file or tensor at fault (ModelNotFoundError for a
+    missing directory/config, ModelLoadError for everything the files get wrong or we do not support).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelNotFoundError(f"checkpoint directory {str(path)!r} does not exist")
+    model, quant, quantized = quantized_model(path, lambda: _build_skeleton(path, dtype, trust_remote_code))
+    tokenizer = finish_checkpoint(model, path, trust_remote_code)
     kept = {n: "not quantized in the checkpoint" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     # The report's row for this model: the layers listed once (in `quantized`), not again in the config.
     config = {key: value for key, value in quant.raw.items() if key != OUR_KEY}
@@ -477,11 +501,15 @@ def load_quantized(path, dtype: torch.dtype = torch.float32, trust_remote_code: 
                           compression=summary)
 
 
-def finish_checkpoint(model: nn.Module, path: Path, present: set[str], packed: set[str], trust_remote_code: bool):
-    """What every checkpoint load ends with once its packed layers are in: ties, the completeness check,
-    the generation config; returns the tokenizer."""
+def complete_tensors(model: nn.Module, path: Path, present: set[str], packed: set[str]) -> None:
+    """Ties, then the check that no tensor was left on the meta device: how every checkpoint load ends."""
     _tie(model, present, packed)
     _check_complete(model, path)
+
+
+def finish_checkpoint(model: nn.Module, path: Path, trust_remote_code: bool):
+    """What a checkpoint load for transformers ends with once complete_tensors is done: the generation config;
+    returns the tokenizer."""
     generation_file = path / "generation_config.json"
     if generation_file.is_file():
         from transformers import GenerationConfig

@@ -18,12 +18,14 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
 
 from comptrust.checkpoint import (WEIGHTS_NAME, SavedCheckpoint, _build_skeleton, _dense_tensors, _load_dense,
-                                  _module_of, _read_config, _tied_pairs, _Weights, check_out_dir, finish_checkpoint)
+                                  _module_of, _read_config, _tied_pairs, _Weights, check_out_dir, complete_tensors,
+                                  finish_checkpoint)
 from comptrust.compress import CompressionSummary
 from comptrust.formats.int4 import Int4Packed
 from comptrust.formats.sparse24 import Sparse24Int4Packed, Sparse24Packed, _decode_meta
@@ -117,18 +119,16 @@ def _layer(name: str, linear: nn.Linear, entry: dict, weights: _Weights, path: P
     return layer
 
 
-def load_sparse24(path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
-                  name: str | None = None) -> LoadedModel:
-    """Load a directory written by save_sparse24 onto the 2:4 kernels (dense tensors converted to dtype)."""
-    path = Path(path)
-    if not path.is_dir():
-        raise ModelNotFoundError(f"checkpoint directory {str(path)!r} does not exist")
+def sparse24_model(path: Path, skeleton: Callable[[], nn.Module]) -> tuple[nn.Module, dict]:
+    """(model, comptrust_compression entry) of a directory written by save_sparse24: `skeleton()` (parameters on the
+    meta device) with the dense tensors in place and its listed layers on the 2:4 kernels, ties made and every
+    tensor checked present."""
     entry = read_sparse24_entry(path)
     if entry is None or not isinstance(entry.get("layers"), dict):
         raise ModelLoadError(f"{path}/config.json has no {KEY} entry of format {FORMAT!r} with its layers")
     _read_config(path)
     weights = _Weights(path)
-    model = _build_skeleton(path, dtype, trust_remote_code)
+    model = skeleton()
     listed = entry["layers"]
     for layer_name in listed:
         try:
@@ -142,7 +142,19 @@ def load_sparse24(path, dtype: torch.dtype = torch.float32, trust_remote_code: b
         parent_name, _, child = layer_name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, _layer(layer_name, getattr(parent, child), layer_entry, weights, path))
-    tokenizer = finish_checkpoint(model, path, present, set(listed), trust_remote_code)
+    complete_tensors(model, path, present, set(listed))
+    return model, entry
+
+
+def load_sparse24(path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+                  name: str | None = None) -> LoadedModel:
+    """Load a directory written by save_sparse24 onto the 2:4 kernels (dense tensors converted to dtype)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelNotFoundError(f"checkpoint directory {str(path)!r} does not exist")
+    model, entry = sparse24_model(path, lambda: _build_skeleton(path, dtype, trust_remote_code))
+    listed = entry["layers"]
+    tokenizer = finish_checkpoint(model, path, trust_remote_code)
     kept = {n: "dense in the checkpoint" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     tag = entry.get("tag") or "sparse24"
     summary = CompressionSummary(tag, {"checkpoint": str(path.resolve()), KEY: {k: v for k, v in entry.items()

@@ -103,7 +103,7 @@ def _print_layer_losses(stats: dict[str, dict]) -> None:
 def _cmd_compress(args) -> int:
     from comptrust.checkpoint import check_out_dir, save_compressed
     from comptrust.compress import calibration_tokens, compress_, is_calibrated
-    from comptrust.efficiency import weight_bytes
+    from comptrust.memory import weight_bytes
     from comptrust.models import compressed_checkpoint_tag, load_model
 
     mib = 1024 * 1024

@@ -1,13 +1,6 @@
-"""Measured size, memory and speed of a model as it runs here (not estimated from parameter counts).
-
-Peak RSS comes from the kernel's high-water mark (VmHWM). Linux lets a process reset it
-(/proc/self/clear_refs, value 5), so one process can measure several model configurations in turn:
-free the previous model, return freed heap to the OS (malloc_trim), reset, then run the workload.
-"""
+"""Measured decode speed of a model as it runs here (memory: comptrust.memory)."""
 from __future__ import annotations
 
-import ctypes
-import gc
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -17,67 +10,6 @@ from transformers import DynamicCache
 
 from comptrust.lean_decode import LeanDecoder, unsupported_reason
 from comptrust.models import cache_keyword
-
-
-def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of all parameters and buffers, plus tensors modules keep for their kernels (QuantLinear's CPU
-    tiles), counting shared storage (tied embeddings) once."""
-    seen, total = set(), 0
-    kernel_tensors = [t for m in model.modules() if hasattr(m, "kernel_tensors") for t in m.kernel_tensors()]
-    for tensor in list(model.parameters()) + list(model.buffers()) + kernel_tensors:
-        storage = tensor.untyped_storage()
-        key = (storage.data_ptr(), storage.nbytes())
-        if key not in seen:
-            seen.add(key)
-            total += storage.nbytes()
-    return total
-
-
-def _proc_status_kib(field: str, path: str = "/proc/self/status") -> int | None:
-    try:
-        with open(path) as status:
-            for line in status:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def available_memory_bytes() -> int | None:
-    """MemAvailable: what the system can give this process without swapping; None where unknown."""
-    kib = _proc_status_kib("MemAvailable", "/proc/meminfo")
-    return None if kib is None else kib * 1024
-
-
-def current_rss_bytes() -> int | None:
-    kib = _proc_status_kib("VmRSS")
-    return None if kib is None else kib * 1024
-
-
-def peak_rss_bytes() -> int | None:
-    kib = _proc_status_kib("VmHWM")
-    return None if kib is None else kib * 1024
-
-
-def release_memory() -> None:
-    """Collect garbage and hand freed heap pages back to the OS, so a reset peak starts low."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc: nothing to trim
-
-
-def reset_peak_rss() -> bool:
-    """Reset the high-water mark to the current RSS; False where the OS does not allow it."""
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-        return True
-    except OSError:
-        return False
-
 
 RUNTIMES = ("auto", "lean", "hf")
 

@@ -188,10 +188,11 @@ def _program_head(program, model: torch.nn.Module, dtype: torch.dtype) -> bool:
 class LeanDecoder:
     """Greedy decoding state for one sequence (batch 1) of at most `max_positions` tokens.
 
-    `forward(ids)` appends ids [1, T] to the sequence and returns the logits [1, vocab] after its last token;
-    `next_token(id)` appends one token and returns the greedy choice after it (one C++ call where the program
-    has the whole step). `reset()` starts a new sequence, keeping the cache's memory. `use_program=False` keeps
-    decode steps in the Python loop (the tests compare the two).
+    `forward(ids)` appends ids [1, T] to the sequence and returns the logits [1, vocab] after its last token,
+    `greedy_after(ids)` their argmax (through the head's screen where the program has one); `next_token(id)`
+    appends one token and returns the greedy choice after it (one C++ call where the program has the whole step).
+    `reset()` starts a new sequence, keeping the cache's memory. `use_program=False` keeps decode steps in the
+    Python loop (the tests compare the two).
     """
 
     def __init__(self, model: torch.nn.Module, max_positions: int, use_program: bool = True):
@@ -235,6 +236,19 @@ class LeanDecoder:
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self._lm_head(self._final_hidden(input_ids))
+
+    @torch.inference_mode()
+    def greedy_after(self, input_ids: torch.Tensor) -> int:
+        """Append ids [1, T] and return the greedy choice after the last: forward's argmax, picked by the program's
+        screen of the head where greedy steps use it (the same token; the whole fp32 head is not read)."""
+        last = self._final_hidden(input_ids)
+        if self.greedy_head == "screened":
+            return int(self.program.head_argmax(last[0]))
+        return int(self._lm_head(last).argmax(-1))
+
+    def _final_hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Append ids [1, T]; the final-normed hidden state [1, d] after the last of them."""
         if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must be [1, T] with T >= 1, got {list(input_ids.shape)}")
         start, length = self.position, input_ids.shape[1]
@@ -248,8 +262,7 @@ class LeanDecoder:
         else:
             pending = self._layers(hidden, start, cos, sin)
         self.position = end
-        last = ops.residual_rms_norm(hidden[:, -1], pending[:, -1], self._final_norm, self.eps)
-        return self._lm_head(last)
+        return ops.residual_rms_norm(hidden[:, -1], pending[:, -1], self._final_norm, self.eps)
 
     def _layers(self, hidden: torch.Tensor, start: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Every layer on hidden [1, T, d] (updated in place); returns the last one's MLP output, not yet added."""
@@ -305,7 +318,7 @@ class LeanDecoder:
     def greedy_tokens(self, prompt_ids: torch.Tensor, count: int) -> list[int]:
         """A new sequence: the prompt, then greedy steps until `count` tokens are chosen; those tokens."""
         self.reset()
-        tokens = [int(self.forward(prompt_ids).argmax(-1))]
+        tokens = [self.greedy_after(prompt_ids)]
         while len(tokens) < count:
             tokens.append(self.next_token(tokens[-1]))
         return tokens
@@ -314,7 +327,7 @@ class LeanDecoder:
         """A new sequence: the prompt's forward, then `decode_tokens` greedy steps; (prefill s, decode s)."""
         self.reset()
         start = time.perf_counter()
-        token = int(self.forward(prompt_ids).argmax(-1))
+        token = self.greedy_after(prompt_ids)
         prefill = time.perf_counter() - start
         start = time.perf_counter()
         for _ in range(decode_tokens):

@@ -62,7 +62,7 @@ def markdown(report: dict) -> str:
     lines = [f"# comptrust report — {report['model']['name']}", "",
              f"Created {report['created']}; torch {report['environment']['torch']}, "
              f"{report['environment']['threads']} threads; CPU backend: {report['environment']['cpu_backend']}.", ""]
-    lines += _efficiency_table(rows) + _side_by_side_table(rows)
+    lines += _efficiency_table(rows) + _side_by_side_table(rows) + _serving_table(rows)
     dimensions = [r["dimension"] for r in rows[0]["results"] if r["dimension"] != "perplexity"]
     if dimensions:
         lines += _trust_table(rows, dimensions) + _sub_scores(rows, dimensions)
@@ -119,6 +119,42 @@ def _side_by_side_table(rows: list[dict]) -> list[str]:
     missing = [row["name"] for row in rows if row not in measured]
     if missing:
         note += f"; not in it (no checkpoint form to load again): {', '.join(missing)}"
+    return lines + ["", note + ".", ""]
+
+
+def _serving_table(rows: list[dict]) -> list[str]:
+    """Each configuration served alone in a process without transformers (comptrust.serving_process): its decode
+    RSS, as a ratio to the first such row (dense where it is there), and its decode speed there."""
+    measured = [row for row in rows if row["efficiency"].get("serving")]
+    if not measured:
+        notes = sorted({row["efficiency"]["serving_note"] for row in rows if row["efficiency"].get("serving_note")})
+        return [f"Serving process: {notes[0]}.", ""] if notes else []
+    first = measured[0]["efficiency"]["serving"]
+    lines = [f"| config | serving decode RSS MiB | × {measured[0]['name']} | above torch MiB | load peak MiB | "
+             "decode tok/s there |", "|---|---|---|---|---|---|"]
+    for row in measured:
+        serving = row["efficiency"]["serving"]
+        peak, baseline = serving["decode_peak_rss_bytes"], serving["baseline_rss_bytes"]
+        ratio = "—" if peak is None or not first["decode_peak_rss_bytes"] else \
+            f"{peak / first['decode_peak_rss_bytes']:.2f}"
+        above = "—" if peak is None or baseline is None else f"{(peak - baseline) / MIB:.0f}"
+        lines.append(f"| {row['name']} | {_mib(peak)} | {ratio} | {above} | {_mib(serving['load_peak_rss_bytes'])} | "
+                     f"{serving['decode_tokens_per_s']:.1f} |")
+    note = ("Serving process: each configuration's checkpoint loaded alone in a fresh Python process that imports "
+            "torch and comptrust's kernels but not transformers (comptrust.serving_process), then decoded greedily "
+            "at batch 1 as above. Serving decode RSS: that process's high-water mark over its decode runs (prompt "
+            "included, reset after loading), the whole process; above torch: the part above the "
+            f"{first['baseline_rss_bytes'] / MIB:.0f} MiB it held after its imports, before reading the checkpoint. "
+            "After loading, the checkpoint file's pages are handed back (unmapped, and dropped from the page cache so "
+            "that a read maps only the page it needs): the packed tensors the layers were built from are not read "
+            "again, and the embedding only a row per token plus the few rows the output projection's int8 screen "
+            "leaves; dense layers read theirs again at every token and count in full. "
+            "Load peak: the high-water mark while loading and building the decoder, which reads the whole "
+            "embedding once")
+    missing = [f"{row['name']} ({row['efficiency'].get('serving_note', 'not measured')})"
+               for row in rows if row not in measured]
+    if missing:
+        note += f"; not in it: {', '.join(missing)}"
     return lines + ["", note + ".", ""]
 
 

@@ -1,6 +1,7 @@
 """comptrust.run: load a model, evaluate it dense and compressed, measure efficiency, write one report."""
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -10,15 +11,16 @@ import torch
 
 from comptrust.checkpoint import save_compressed
 from comptrust.compress import calibration_tokens, compress_, config_from_tag, is_calibrated
-from comptrust.efficiency import (available_memory_bytes, current_rss_bytes, measure_speed,
-                                  measure_speeds_side_by_side, peak_rss_bytes, release_memory, reset_peak_rss,
-                                  weight_bytes)
+from comptrust.efficiency import measure_speed, measure_speeds_side_by_side
 from comptrust.evals import DIMENSIONS, LanguageModel, perplexity
 from comptrust.evals.cache import OutputCache
 from comptrust.evals.perplexity import builtin_text, read_text_file
 from comptrust.evals.registry import EvalContext
+from comptrust.memory import (available_memory_bytes, current_rss_bytes, peak_rss_bytes, release_memory, reset_peak_rss,
+                              weight_bytes)
 from comptrust.models import compressed_checkpoint_tag, load_model
 from comptrust.report import write_report
+from comptrust.serving_process import measure_serving_process
 
 SAMPLE_QUESTION = "What is the capital of France, and what river runs through it?"
 
@@ -38,6 +40,9 @@ class RunConfig:
     # memory at once (compressed ones reloaded from checkpoints written to a temporary folder), so bandwidth drift
     # does not land in the ratios between them (efficiency.measure_speeds_side_by_side); 0 turns that off.
     side_by_side_rounds: int = 5
+    # Then each configuration's checkpoint is served alone, in a fresh process that imports torch and comptrust's
+    # kernels but not transformers (comptrust.serving_process): the memory and decode speed of serving it there.
+    serving_process: bool = True
     online: bool = False
     progress: bool = True
     # Calibration data for gptq / sparsegpt / wanda tags (comptrust.compress.calibration_tokens).
@@ -130,8 +135,11 @@ def run(config: RunConfig | None = None) -> RunOutput:
     rows, all_samples, reference, model_info = [], [], {}, None
     cache = OutputCache(config.cache) if config.cache else None
     side_by_side = config.side_by_side_rounds > 0 and len(variants(config)) > 1
-    scratch = tempfile.TemporaryDirectory(prefix="comptrust-speed-") if side_by_side else None
+    needs_checkpoints = side_by_side or config.serving_process
+    scratch = tempfile.TemporaryDirectory(prefix="comptrust-speed-") if needs_checkpoints else None
     sources = []  # where each row's model loads from again for the side-by-side speeds (None: it cannot)
+    checkpoints = []  # each row's checkpoint directory for the serving process (None: it has none)
+    prompt_ids = None  # the speed runs' prompt, the same for every configuration
     try:
         for variant in variants(config):
             release_memory()
@@ -146,15 +154,22 @@ def run(config: RunConfig | None = None) -> RunOutput:
                 raise ValueError(f"{variant.model} is not a compressed {model_info['name']}: its architecture "
                                  f"{_architecture(loaded.model)} differs from {model_info['architecture']}, so "
                                  "its answers cannot be compared with the dense model's")
-            row, samples = _evaluate_variant(loaded, variant, config, text, text_name, cache, reference)
+            if prompt_ids is None:
+                prompt_ids = loaded.tokenizer(text, return_tensors="pt")["input_ids"][0, :config.prompt_tokens]
+            row, samples = _evaluate_variant(loaded, variant, config, text, text_name, cache, reference, prompt_ids)
             row["seconds"] = {"load": load_seconds, **row["seconds"]}
             rows.append(row)
             all_samples += samples
             if scratch is not None:
-                sources.append(_reloadable(loaded, variant, Path(scratch.name) / str(len(rows))))
+                source, checkpoint = _reloadable(loaded, variant, Path(scratch.name) / str(len(rows)),
+                                                 config.serving_process)
+                sources.append(source)
+                checkpoints.append(checkpoint)
             del loaded
-        if scratch is not None:
-            _side_by_side_speeds(rows, sources, config, text)
+        if side_by_side:
+            _side_by_side_speeds(rows, sources, config, prompt_ids)
+        if config.serving_process:
+            _serving_processes(rows, checkpoints, config, prompt_ids)
     finally:
         if cache is not None:
             cache.close()
@@ -174,7 +189,8 @@ def run(config: RunConfig | None = None) -> RunOutput:
 
 
 def _evaluate_variant(loaded, variant: Variant, config: RunConfig, text: str, text_name: str,
-                      cache: OutputCache | None, reference: dict[str, list[dict]]) -> tuple[dict, list[dict]]:
+                      cache: OutputCache | None, reference: dict[str, list[dict]],
+                      prompt_ids: torch.Tensor) -> tuple[dict, list[dict]]:
     """Compress (when the variant says so), then perplexity, the trust dimensions and speed: one report row
     and its per-item samples. The dense variant's samples become `reference` for the rows after it."""
     seconds = {}
@@ -214,7 +230,6 @@ def _evaluate_variant(loaded, variant: Variant, config: RunConfig, text: str, te
     release_memory()
     decode_resettable = reset_peak_rss()
     clock = time.perf_counter()
-    prompt_ids = loaded.tokenizer(text, return_tensors="pt")["input_ids"][0, :config.prompt_tokens]
     speed = measure_speed(loaded.model, prompt_ids, config.decode_tokens, config.speed_repeats)
     decode_peak = peak_rss_bytes()
     # transformers' own forward too, side by side: the speed a user of generate() sees at batch 1
@@ -232,19 +247,28 @@ def _evaluate_variant(loaded, variant: Variant, config: RunConfig, text: str, te
     return row, samples
 
 
-def _reloadable(loaded, variant: Variant, folder: Path) -> str | None:
-    """Where this variant's model loads from again: its own source, or for a compression applied here a
-    checkpoint written to `folder` (None where the model has no checkpoint form, e.g. mixed int4 and 2:4 layers)."""
+def _reloadable(loaded, variant: Variant, folder: Path, serving: bool) -> tuple[str | None, str | None]:
+    """(where this variant's model loads from again, its checkpoint directory for the serving process). A model
+    compressed here is written to `folder` for both; a dense one loads again from its own source, and is written
+    there too when `serving` needs a directory and its source is a GGUF file or a hub id. None where the model has
+    no checkpoint form (e.g. mixed int4 and 2:4 layers) or no room for one: the row stays out of that phase."""
     if variant.compression is None:
-        return variant.model
+        if os.path.isdir(variant.model) or not serving:
+            return variant.model, variant.model if os.path.isdir(variant.model) else None
+        try:
+            save_compressed(loaded.model, loaded.tokenizer, folder)  # no compression: a plain safetensors model
+        except (ValueError, OSError):
+            return variant.model, None
+        return variant.model, str(folder)
     try:
         save_compressed(loaded.model, loaded.tokenizer, folder, config_from_tag(variant.compression))
-    except (ValueError, OSError):  # no checkpoint form, or no room for it: the row just stays out of the phase
-        return None
-    return str(folder)
+    except (ValueError, OSError):
+        return None, None
+    return str(folder), str(folder)
 
 
-def _side_by_side_speeds(rows: list[dict], sources: list[str | None], config: RunConfig, text: str) -> None:
+def _side_by_side_speeds(rows: list[dict], sources: list[str | None], config: RunConfig,
+                         prompt_ids: torch.Tensor) -> None:
     """Every reloadable row's decode tokens/s again, all models in memory and their runs interleaved
     (efficiency.measure_speeds_side_by_side), into efficiency["side_by_side_decode_tokens_per_s"]; skipped,
     with the reason in efficiency["side_by_side_note"], where the models would take more than half the
@@ -263,7 +287,6 @@ def _side_by_side_speeds(rows: list[dict], sources: list[str | None], config: Ru
     clock = time.perf_counter()
     try:
         loaded = [load_model(source, online=config.online) for _, source in chosen]
-        prompt_ids = loaded[0].tokenizer(text, return_tensors="pt")["input_ids"][0, :config.prompt_tokens]
         rates = measure_speeds_side_by_side([each.model for each in loaded], prompt_ids, config.decode_tokens,
                                             config.side_by_side_rounds)
     except (OSError, RuntimeError) as exc:  # ModelLoadError among them; the evaluations stand without this phase
@@ -276,6 +299,25 @@ def _side_by_side_speeds(rows: list[dict], sources: list[str | None], config: Ru
                                  side_by_side_phase_seconds=seconds)
     del loaded
     release_memory()
+
+
+def _serving_processes(rows: list[dict], checkpoints: list[str | None], config: RunConfig,
+                       prompt_ids: torch.Tensor) -> None:
+    """Each row's checkpoint served alone in a fresh process (comptrust.serving_process) into
+    efficiency["serving"], or the reason it was not into efficiency["serving_note"]; the rest of the row stands."""
+    for row, checkpoint in zip(rows, checkpoints):
+        efficiency = row["efficiency"]
+        if checkpoint is None:
+            efficiency["serving_note"] = "not measured: no checkpoint form to serve"
+            continue
+        try:
+            result = measure_serving_process(checkpoint, prompt_ids.tolist(), config.decode_tokens,
+                                             config.speed_repeats)
+        except RuntimeError as exc:
+            efficiency["serving_note"] = f"not measured: {exc}"
+            continue
+        del result["checkpoint"]  # a temporary folder, gone once the run ends
+        efficiency["serving"] = result
 
 
 def _architecture(model) -> dict:

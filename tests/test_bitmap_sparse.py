@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from comptrust import compress_, ops
 from comptrust.compress import config_from_tag
 from comptrust.compress.pruning import SparsityPattern, pruned_linear
-from comptrust.efficiency import weight_bytes
+from comptrust.memory import weight_bytes
 from comptrust.formats.bitmap_sparse import BitmapPacked, bitmap_nbytes, check_bitmap, pack_bitmap, unpack_bitmap
 from comptrust.nn.bitmap_sparse_linear import MIN_SPARSITY, BitmapSparseLinear, bitmap_unsuited
 from quant_cases import available_isas

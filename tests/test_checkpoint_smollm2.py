@@ -5,7 +5,7 @@ import torch
 from comptrust import compress_
 from comptrust.checkpoint import save_compressed, save_quantized
 from comptrust.compress import config_from_tag
-from comptrust.efficiency import weight_bytes
+from comptrust.memory import weight_bytes
 from comptrust.models import load_model
 from comptrust.nn import QuantLinear
 

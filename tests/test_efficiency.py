@@ -6,8 +6,9 @@ import torch.nn as nn
 
 from comptrust import _C, compress_, efficiency
 from comptrust.compress import config_from_tag
-from comptrust.efficiency import (current_rss_bytes, measure_speed, peak_rss_bytes, release_memory,
-                                  reset_peak_rss, weight_bytes)
+from comptrust.efficiency import measure_speed
+from comptrust.memory import (current_rss_bytes, peak_rss_bytes, release_mapped_file, release_memory, reset_peak_rss,
+                              weight_bytes)
 
 
 def test_weight_bytes_counts_tied_weights_once():
@@ -28,6 +29,37 @@ def test_peak_rss_reset_follows_allocations():
     assert reset_peak_rss()
     assert peak_rss_bytes() < peak_with - 32 * 1024 * 1024
     assert current_rss_bytes() <= peak_rss_bytes()
+
+
+def _mapped(tmp_path, values: torch.Tensor) -> torch.Tensor:
+    """`values` read back from a safetensors file, as checkpoints are: a view of the file's private mapping."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    save_file({"small": torch.ones(3), "table": values}, str(tmp_path / "t.safetensors"))
+    return safe_open(str(tmp_path / "t.safetensors"), framework="pt").get_tensor("table")
+
+
+def test_release_mapped_file_hands_back_pages_and_keeps_the_values(tmp_path):
+    values = torch.randn(4096, 1024)  # 16 MiB
+    table = _mapped(tmp_path, values)
+    assert torch.equal(table, values)  # every page read: in this process's RSS
+    before = current_rss_bytes()
+    released = release_mapped_file(table)
+    assert released >= values.numel() * 4
+    if before is not None:
+        assert current_rss_bytes() < before - 8 * 1024 * 1024
+    assert torch.equal(table, values)  # read again from the page cache
+    assert release_mapped_file(values) == 0  # anonymous memory: nothing to hand back
+    assert release_mapped_file(torch.empty(0)) == 0
+
+
+def test_release_mapped_file_leaves_a_written_mapping_alone(tmp_path):
+    values = torch.randn(4096, 256)
+    table = _mapped(tmp_path, values)
+    table[7, 3] = 1234.5  # the process's own copy of that page now: dropping it would lose the write
+    assert release_mapped_file(table) == 0
+    assert float(table[7, 3]) == 1234.5 and torch.equal(table[8:], values[8:])
 
 
 def test_measure_speed_on_tiny_model(tiny_llama):

@@ -3,6 +3,7 @@ checkpoint (flip rates), and the report's trust table."""
 import json
 
 import pytest
+import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from comptrust.cli import main as cli_main
@@ -178,11 +179,11 @@ def test_side_by_side_phase_is_skipped_with_a_reason_and_loses_nothing(monkeypat
     config = RunConfig(side_by_side_rounds=2, progress=False)
     monkeypatch.setattr(run_module, "available_memory_bytes", lambda: 3 * 2 ** 20)  # weights: 1 MiB each
     few = rows()
-    run_module._side_by_side_speeds(few, ["a", "b"], config, "text")
+    run_module._side_by_side_speeds(few, ["a", "b"], config, PROMPT)
     assert few[0]["efficiency"]["side_by_side_note"] == ("not measured: the 2 models' 2 MiB of weights would take "
                                                           "more than half the 3 MiB available")
     one = rows()
-    run_module._side_by_side_speeds(one, ["a", None], config, "text")
+    run_module._side_by_side_speeds(one, ["a", None], config, PROMPT)
     assert "fewer than two models load again" in one[1]["efficiency"]["side_by_side_note"]
 
     def fail(source, online=False):
@@ -191,7 +192,7 @@ def test_side_by_side_phase_is_skipped_with_a_reason_and_loses_nothing(monkeypat
     monkeypatch.setattr(run_module, "available_memory_bytes", lambda: None)
     monkeypatch.setattr(run_module, "load_model", fail)
     broken = rows()
-    run_module._side_by_side_speeds(broken, ["a", "b"], config, "text")
+    run_module._side_by_side_speeds(broken, ["a", "b"], config, PROMPT)
     assert broken[1]["efficiency"]["side_by_side_note"] == "not measured: a: truncated"
     assert "side_by_side_decode_tokens_per_s" not in broken[0]["efficiency"]
     assert "Side-by-side decode speeds not measured: a: truncated." in markdown(
@@ -208,3 +209,48 @@ def test_efficiency_table_marks_speeds_taken_through_transformers():
     text = markdown(report)
     assert "| dense | 20.00 | 1.0 | 2 | — | 1.0 | 9.0 (HF) | 9.0 |" in text
     assert "the lean runtime cannot run this model (model type 'gemma3_text' is not llama)" in text
+
+
+PROMPT = torch.arange(5)
+
+
+def _serving(peak_mib: int, rate: float) -> dict:
+    return {"baseline_rss_bytes": 226 * 2 ** 20, "load_peak_rss_bytes": 480 * 2 ** 20,
+            "decode_peak_rss_bytes": peak_mib * 2 ** 20, "decode_tokens_per_s": rate}
+
+
+def test_serving_table_gives_each_checkpoint_served_alone():
+    dense, int4, mixed = fake_row("dense", []), fake_row("int4", []), fake_row("mixed", [])
+    report = {"model": {"name": "m"}, "created": "now", "environment": {"torch": "2", "threads": 2, "cpu_backend": "x"},
+              "configs": [dense, int4, mixed]}
+    assert "serving process" not in markdown(report).lower()  # not measured (a report from before): nothing said
+    dense["efficiency"]["serving"], int4["efficiency"]["serving"] = _serving(727, 62.5), _serving(360, 244.4)
+    mixed["efficiency"]["serving_note"] = "not measured: no checkpoint form to serve"
+    text = markdown(report)
+    assert "| config | serving decode RSS MiB | × dense | above torch MiB | load peak MiB | decode tok/s there |" in text
+    assert "| dense | 727 | 1.00 | 501 | 480 | 62.5 |" in text and "| int4 | 360 | 0.50 | 134 | 480 | 244.4 |" in text
+    assert "above the 226 MiB it held after its imports" in text
+    assert "not in it: mixed (not measured: no checkpoint form to serve)." in text
+    for row in (dense, int4):
+        del row["efficiency"]["serving"]
+        row["efficiency"]["serving_note"] = "not measured: no checkpoint form to serve"
+    assert "Serving process: not measured: no checkpoint form to serve." in markdown(report)
+
+
+def test_serving_phase_records_why_a_row_was_not_served(monkeypatch):
+    from comptrust import run as run_module
+
+    def serve(path, prompt_ids, decode_tokens, repeats):
+        if path == "broken":
+            raise RuntimeError("the serving process for broken failed (exit 2): error: truncated")
+        assert prompt_ids == PROMPT.tolist() and (decode_tokens, repeats) == (4, 2)
+        return {"checkpoint": path, **_serving(300, 99.0)}
+
+    monkeypatch.setattr(run_module, "measure_serving_process", serve)
+    rows = [fake_row("dense", []), fake_row("int4", []), fake_row("mixed", [])]
+    run_module._serving_processes(rows, ["ok", "broken", None], RunConfig(decode_tokens=4, speed_repeats=2), PROMPT)
+    assert rows[0]["efficiency"]["serving"] == _serving(300, 99.0)  # the temporary folder's path dropped
+    assert rows[1]["efficiency"]["serving_note"] == ("not measured: the serving process for broken failed (exit 2): "
+                                                     "error: truncated")
+    assert rows[2]["efficiency"]["serving_note"] == "not measured: no checkpoint form to serve"
+    assert all(row["results"] for row in rows)  # the evaluations stand

@@ -136,7 +136,7 @@ def test_int3_layer_matches_its_reference(act_bits):
 
 def test_cpu_layer_keeps_only_the_tiles_and_exports_gptq_bit_exactly():
     from comptrust.compress import quantize_rtn
-    from comptrust.efficiency import weight_bytes
+    from comptrust.memory import weight_bytes
 
     w = torch.randn(64, 256)
     for bits in (4, 3):

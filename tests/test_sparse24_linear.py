@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from comptrust import reference
 from comptrust.compress import MagnitudeConfig, compress_, config_from_tag
-from comptrust.efficiency import weight_bytes
+from comptrust.memory import weight_bytes
 from comptrust.formats.sparse24 import dequantize_sparse24_int4, prune_magnitude_24, unpack_sparse24
 from comptrust.nn import Sparse24Int4Linear, Sparse24Linear, TiledLinear
 from quant_cases import rel_err

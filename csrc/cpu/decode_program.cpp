@@ -316,6 +316,24 @@ class DecodeProgram : public torch::CustomClassHolder {
     return first_argmax(out[0]);
   }
 
+  // greedy's choice from a final-normed hidden state `normed` [d]: the screen of the head where it decides, else
+  // the output projection's first argmax. LeanDecoder picks the token after a prompt this way, so that the one
+  // step that is not a greedy call does not read the whole fp32 head either.
+  int64_t head_argmax(const at::Tensor& normed) const {
+    TORCH_CHECK(embedding_.defined() && head_.size() == 1,
+                "DecodeProgram.head_argmax: needs set_embedding and one output projection (the \"head\" part)");
+    TORCH_CHECK(normed.dim() == 1 && normed.size(0) == embedding_.size(1) && normed.is_contiguous() &&
+                    normed.device().is_cpu(),
+                "DecodeProgram.head_argmax: expected a contiguous CPU hidden state [", embedding_.size(1), "], got ",
+                normed.sizes());
+    if (head_screen_ && normed.scalar_type() == at::kFloat)
+      if (const std::optional<ScreenedArgmax::Choice> choice = head_screen_->first_argmax(normed.data_ptr<float>()))
+        return choice->index;
+    std::vector<at::Tensor> out;
+    head_[0].run(normed.view({1, normed.size(0)}), out);
+    return first_argmax(out[0]);
+  }
+
   // Whether step and greedy (given fp32 caches and rotary rows of matching shapes) run on raw buffers: an fp32
   // program whose every linear takes its bound product.
   bool float_steps() const {
@@ -561,6 +579,7 @@ TORCH_LIBRARY_FRAGMENT(comptrust, m) {
       .def("set_embedding", &DecodeProgram::set_embedding)
       .def("step", &DecodeProgram::step)
       .def("greedy", &DecodeProgram::greedy)
+      .def("head_argmax", &DecodeProgram::head_argmax)
       .def("describe", &DecodeProgram::describe)
       .def("float_steps", &DecodeProgram::float_steps)
       .def("screens_greedy", &DecodeProgram::screens_greedy)

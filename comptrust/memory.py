@@ -1,0 +1,140 @@
+"""What a model occupies in memory as it runs here (not estimated from parameter counts).
+
+Peak RSS comes from the kernel's high-water mark (VmHWM). Linux lets a process reset it
+(/proc/self/clear_refs, value 5), so one process can measure several model configurations in turn:
+free the previous model, return freed heap to the OS (malloc_trim), reset, then run the workload.
+This module imports only torch, so a process that only decodes (comptrust.serving_process) can use it.
+"""
+from __future__ import annotations
+
+import ctypes
+import gc
+import os
+
+import torch
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of all parameters and buffers, plus tensors modules keep for their kernels (QuantLinear's CPU
+    tiles), counting shared storage (tied embeddings) once."""
+    seen, total = set(), 0
+    kernel_tensors = [t for m in model.modules() if hasattr(m, "kernel_tensors") for t in m.kernel_tensors()]
+    for tensor in list(model.parameters()) + list(model.buffers()) + kernel_tensors:
+        storage = tensor.untyped_storage()
+        key = (storage.data_ptr(), storage.nbytes())
+        if key not in seen:
+            seen.add(key)
+            total += storage.nbytes()
+    return total
+
+
+def _proc_status_kib(field: str, path: str = "/proc/self/status") -> int | None:
+    try:
+        with open(path) as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable: what the system can give this process without swapping; None where unknown."""
+    kib = _proc_status_kib("MemAvailable", "/proc/meminfo")
+    return None if kib is None else kib * 1024
+
+
+def current_rss_bytes() -> int | None:
+    kib = _proc_status_kib("VmRSS")
+    return None if kib is None else kib * 1024
+
+
+def peak_rss_bytes() -> int | None:
+    kib = _proc_status_kib("VmHWM")
+    return None if kib is None else kib * 1024
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS, so a reset peak starts low."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to trim
+
+
+def reset_peak_rss() -> bool:
+    """Reset the high-water mark to the current RSS; False where the OS does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+_MADV_RANDOM, _MADV_DONTNEED = 1, 4
+
+
+def _file_mapping(address: int) -> tuple[int, int, int, str] | None:
+    """(start, end, Anonymous kB, file path) of the file-backed mapping of this process holding `address`, else
+    None. Its anonymous pages are the ones the process wrote (a private mapping's copy-on-write copies); a dirty
+    page alone says nothing, since a file just written stays dirty in the page cache until written back."""
+    try:
+        with open("/proc/self/smaps") as smaps:
+            found = None
+            for line in smaps:
+                head = line.split()
+                if "-" in head[0] and len(head) >= 5 and ":" in head[3]:  # a mapping's first line
+                    if found is not None:
+                        return None  # it ended without an Anonymous line
+                    start, end = (int(part, 16) for part in head[0].split("-"))
+                    if start <= address < end and head[4] != "0" and len(head) >= 6:  # inode 0: anonymous
+                        found = (start, end, line.split(maxsplit=5)[5].rstrip("\n"))
+                elif found is not None and head[0] == "Anonymous:":
+                    return found[0], found[1], int(head[1]), found[2]
+    except OSError:
+        return None
+    return None
+
+
+def release_mapped_file(tensor: torch.Tensor) -> int:
+    """Hand back every page of the file mapping `tensor` lies in (safetensors maps a checkpoint's file once and its
+    tensors are views of it): unmapped from this process and dropped from the page cache, and from then on a read
+    maps the one page it touches. RSS then counts only the pages read again. Returns the bytes released; 0 where
+    the tensor is not file-backed, a page of the mapping was ever written, or the OS refuses.
+
+    Why: a checkpoint's mapping stays in RSS with every page ever read while any tensor of it lives (the embedding,
+    for the whole process), though after loading most of those pages are never read again: the packed tensors the
+    CPU layers were built from (their tiles are their own memory), and the fp32 embedding, which a decoder reads
+    whole once, to build the int8 screen of the tied head (csrc/cpu/screened_argmax.h), and from then on a row per
+    token plus the few rows the screen leaves to compute exactly. Dense layers that read their weights from the
+    mapping read them again at the next token, so RSS counts them again, as it should.
+    Why the page cache too: a fault maps the cached pages around the one it needs (fault-around, whole large
+    folios), so with the file cached the same int4 model's decode RSS read 340-390 MiB, depending on how the cache
+    had read the file; read back one page at a time (MADV_RANDOM: no read-ahead), it maps what decoding reads.
+
+    Only mappings never written to: in a private file mapping a written page is the process's own (anonymous) copy,
+    which MADV_DONTNEED would drop (the file's contents would come back), so a mapping with any is left alone.
+    """
+    if tensor.device.type != "cpu" or tensor.numel() == 0:
+        return 0
+    mapping = _file_mapping(tensor.data_ptr())
+    if mapping is None or mapping[2] != 0:
+        return 0
+    start, end, _, path = mapping
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    if libc.madvise(start, end - start, _MADV_RANDOM) != 0 or libc.madvise(start, end - start, _MADV_DONTNEED) != 0:
+        return 0
+    try:  # the cache only drops pages written back to disk: a checkpoint written just before is flushed first
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+            os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(descriptor)
+    except OSError:
+        pass  # unmapped all the same; pages still cached may be mapped again around the ones read
+    return end - start
