@@ -41,7 +41,7 @@ class LeanLlamaConfig:
     head_dim: int
     rms_norm_eps: float
     rope_parameters: dict = field(hash=False)  # rope_type, rope_theta and the type's own keys
-    tie_word_embeddings: bool = True
+    tie_word_embeddings: bool = False  # LlamaConfig's defaults where config.json omits a key
     hidden_act: str = "silu"
     attention_bias: bool = False
     mlp_bias: bool = False
@@ -56,8 +56,8 @@ class LeanLlamaConfig:
             raise ModelLoadError(f"{source}: model_type {raw.get('model_type')!r}: the lean runtime runs Llama-"
                                  "architecture models only")
 
-        def need(key: str, kind: type = int):
-            value = raw.get(key)
+        def need(key: str, kind: type = int, default=None):
+            value = raw.get(key, default)
             if not isinstance(value, kind) or isinstance(value, bool) or value <= 0:
                 raise ModelLoadError(f"{source}: config.json needs a positive {kind.__name__} {key!r}, got {value!r}")
             return value
@@ -71,9 +71,9 @@ class LeanLlamaConfig:
                                  f"num_attention_heads {heads}")
         return cls(vocab_size=need("vocab_size"), hidden_size=hidden, intermediate_size=need("intermediate_size"),
                    num_hidden_layers=need("num_hidden_layers"), num_attention_heads=heads, num_key_value_heads=kv_heads,
-                   head_dim=head_dim, rms_norm_eps=float(need("rms_norm_eps", float)),
+                   head_dim=head_dim, rms_norm_eps=need("rms_norm_eps", float, 1e-6),
                    rope_parameters=_rope_parameters(raw, source),
-                   tie_word_embeddings=bool(raw.get("tie_word_embeddings", True)),
+                   tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
                    hidden_act=raw.get("hidden_act", "silu"), attention_bias=bool(raw.get("attention_bias", False)),
                    mlp_bias=bool(raw.get("mlp_bias", False)), pretraining_tp=raw.get("pretraining_tp", 1))
 

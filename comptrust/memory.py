@@ -7,6 +7,7 @@ This module imports only torch, so a process that only decodes (comptrust.servin
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import os
@@ -128,13 +129,16 @@ def release_mapped_file(tensor: torch.Tensor) -> int:
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     if libc.madvise(start, end - start, _MADV_RANDOM) != 0 or libc.madvise(start, end - start, _MADV_DONTNEED) != 0:
         return 0
-    try:  # the cache only drops pages written back to disk: a checkpoint written just before is flushed first
+    # Failing these, the pages are unmapped all the same; those still cached may be mapped again around the ones read.
+    try:
         descriptor = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-            os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(descriptor)
     except OSError:
-        pass  # unmapped all the same; pages still cached may be mapped again around the ones read
+        return end - start
+    try:
+        with contextlib.suppress(OSError):  # the cache drops only pages written back: flush a checkpoint just written
+            os.fsync(descriptor)
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(descriptor)
     return end - start

@@ -16,6 +16,7 @@ from comptrust.evals import DIMENSIONS, LanguageModel, perplexity
 from comptrust.evals.cache import OutputCache
 from comptrust.evals.perplexity import builtin_text, read_text_file
 from comptrust.evals.registry import EvalContext
+from comptrust.lean_decode import unsupported_reason
 from comptrust.memory import (available_memory_bytes, current_rss_bytes, peak_rss_bytes, release_memory, reset_peak_rss,
                               weight_bytes)
 from comptrust.models import compressed_checkpoint_tag, load_model
@@ -160,9 +161,9 @@ def run(config: RunConfig | None = None) -> RunOutput:
             row["seconds"] = {"load": load_seconds, **row["seconds"]}
             rows.append(row)
             all_samples += samples
+            servable = config.serving_process and _servable(loaded.model, row)
             if scratch is not None:
-                source, checkpoint = _reloadable(loaded, variant, Path(scratch.name) / str(len(rows)),
-                                                 config.serving_process)
+                source, checkpoint = _reloadable(loaded, variant, Path(scratch.name) / str(len(rows)), servable)
                 sources.append(source)
                 checkpoints.append(checkpoint)
             del loaded
@@ -301,12 +302,23 @@ def _side_by_side_speeds(rows: list[dict], sources: list[str | None], config: Ru
     release_memory()
 
 
+def _servable(model, row: dict) -> bool:
+    """Whether the serving process can run this model (the lean runtime's Llama family); if not, the row's
+    efficiency["serving_note"] says why (and no checkpoint is written for it)."""
+    reason = unsupported_reason(model)
+    if reason is not None:
+        row["efficiency"]["serving_note"] = f"not measured: the lean runtime cannot run this model ({reason})"
+    return reason is None
+
+
 def _serving_processes(rows: list[dict], checkpoints: list[str | None], config: RunConfig,
                        prompt_ids: torch.Tensor) -> None:
     """Each row's checkpoint served alone in a fresh process (comptrust.serving_process) into
     efficiency["serving"], or the reason it was not into efficiency["serving_note"]; the rest of the row stands."""
     for row, checkpoint in zip(rows, checkpoints):
         efficiency = row["efficiency"]
+        if "serving_note" in efficiency:  # _servable said why not
+            continue
         if checkpoint is None:
             efficiency["serving_note"] = "not measured: no checkpoint form to serve"
             continue
@@ -316,7 +328,7 @@ def _serving_processes(rows: list[dict], checkpoints: list[str | None], config: 
         except RuntimeError as exc:
             efficiency["serving_note"] = f"not measured: {exc}"
             continue
-        del result["checkpoint"]  # a temporary folder, gone once the run ends
+        del result["checkpoint"], result["greedy_tokens"]  # a temporary folder gone after the run; token ids
         efficiency["serving"] = result
 
 

@@ -17,7 +17,8 @@ checkpoint_pages_released_bytes (the checkpoint file's pages then handed back, c
 the packed tensors the layers were built from, and the embedding, of which decoding reads a row per token and the
 few rows the screen leaves), weight_bytes, load_seconds,
 decode_tokens_per_s (median of `repeats` runs after a warm-up one), greedy_head, program (whether the layer
-stack runs as one DecodeProgram call), cpu_kernels (comptrust's C++ ops built), threads, transformers_imported.
+stack runs as one DecodeProgram call), cpu_kernels (comptrust's C++ ops built), threads, transformers_imported,
+greedy_tokens (the `decode_tokens` tokens chosen after the prompt, decoded again after the measurements).
 """
 from __future__ import annotations
 
@@ -62,8 +63,10 @@ def serve_and_measure(path: str, prompt_ids: list[int], decode_tokens: int = 32,
         _, seconds = decoder.steps(prompt, decode_tokens)
         if attempt > 0:  # the first run warms caches and lazy initialisation
             rates.append(decode_tokens / seconds)
+    decode_peak = peak_rss_bytes() if resettable else None
+    tokens = decoder.greedy_tokens(prompt, decode_tokens)  # what the timed runs chose, for callers to check
     return {"checkpoint": os.path.abspath(path), "baseline_rss_bytes": baseline, "load_peak_rss_bytes": load_peak,
-            "decode_peak_rss_bytes": peak_rss_bytes() if resettable else None,
+            "decode_peak_rss_bytes": decode_peak, "greedy_tokens": tokens,
             "checkpoint_pages_released_bytes": released, "weight_bytes": weight_bytes(model),
             "load_seconds": load_seconds,
             "decode_tokens_per_s": statistics.median(rates), "decode_tokens": decode_tokens, "repeats": repeats,

@@ -244,13 +244,19 @@ def test_serving_phase_records_why_a_row_was_not_served(monkeypatch):
         if path == "broken":
             raise RuntimeError("the serving process for broken failed (exit 2): error: truncated")
         assert prompt_ids == PROMPT.tolist() and (decode_tokens, repeats) == (4, 2)
-        return {"checkpoint": path, **_serving(300, 99.0)}
+        return {"checkpoint": path, "greedy_tokens": [5, 6], **_serving(300, 99.0)}
 
     monkeypatch.setattr(run_module, "measure_serving_process", serve)
-    rows = [fake_row("dense", []), fake_row("int4", []), fake_row("mixed", [])]
-    run_module._serving_processes(rows, ["ok", "broken", None], RunConfig(decode_tokens=4, speed_repeats=2), PROMPT)
+    rows = [fake_row("dense", []), fake_row("int4", []), fake_row("mixed", []), fake_row("gemma", [])]
+    gemma = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, hidden_act="gelu_pytorch_tanh"))
+    assert not run_module._servable(gemma, rows[3])
+    run_module._serving_processes(rows, ["ok", "broken", None, None], RunConfig(decode_tokens=4, speed_repeats=2),
+                                  PROMPT)
     assert rows[0]["efficiency"]["serving"] == _serving(300, 99.0)  # the temporary folder's path dropped
     assert rows[1]["efficiency"]["serving_note"] == ("not measured: the serving process for broken failed (exit 2): "
                                                      "error: truncated")
     assert rows[2]["efficiency"]["serving_note"] == "not measured: no checkpoint form to serve"
+    assert rows[3]["efficiency"]["serving_note"] == ("not measured: the lean runtime cannot run this model "
+                                                     "(activation 'gelu_pytorch_tanh' is not silu)")
     assert all(row["results"] for row in rows)  # the evaluations stand

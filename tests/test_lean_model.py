@@ -57,6 +57,16 @@ def test_config_reads_the_older_rope_keys():
     assert LeanLlamaConfig.from_dict(raw, "c.json").rope_parameters == {"rope_type": "default", "rope_theta": 10000.0}
 
 
+def test_config_defaults_are_llama_configs():
+    raw = llama_config(ROPES["default"]).to_dict()
+    for key in ("tie_word_embeddings", "rms_norm_eps", "num_key_value_heads", "head_dim"):
+        raw.pop(key, None)
+    config, theirs = LeanLlamaConfig.from_dict(raw, "c.json"), LlamaConfig(**raw)
+    assert config.tie_word_embeddings is theirs.tie_word_embeddings is False
+    assert config.rms_norm_eps == theirs.rms_norm_eps and config.num_key_value_heads == theirs.num_key_value_heads == 4
+    assert config.head_dim == 24
+
+
 @pytest.mark.parametrize("change,message", [
     ({"model_type": "gemma3_text"}, "model_type 'gemma3_text'"),
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}}, "rope type 'yarn'"),
@@ -182,6 +192,9 @@ def test_serving_process_measures_a_checkpoint_without_transformers(tag, checkpo
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
     result = measure_serving_process(str(checkpoints[tag]), PROMPT[0].tolist(), decode_tokens=6, repeats=1)
     assert result["transformers_imported"] is False and result["cpu_kernels"] and result["program"] is True
+    # it decoded what the transformers-loaded model decodes
+    expected = LeanDecoder(load_model(str(checkpoints[tag])).model, 40).greedy_tokens(PROMPT, 6)
+    assert result["greedy_tokens"] == expected
     assert result["prompt_tokens"] == PROMPT.shape[1] and result["decode_tokens"] == 6
     assert result["decode_tokens_per_s"] > 0 and result["weight_bytes"] > 0
     assert 0 < result["baseline_rss_bytes"] < result["load_peak_rss_bytes"]
