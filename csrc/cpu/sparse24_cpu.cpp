@@ -1186,21 +1186,30 @@ at::Tensor sparse24_int4_gemm_tiled_cpu(const at::Tensor& x, const at::Tensor& w
 }
 
 #ifdef COMPTRUST_X86
+// What the two bound 2:4 products share: the layers' problems (checked when bound) and the tensors they point into.
+class BoundSparse24 : public BoundGemv {
+ protected:
+  BoundSparse24(std::vector<at::Tensor> tensors, std::vector<Sparse24Problem> problems)
+      : tensors_(std::move(tensors)), problems_(std::move(problems)) {
+    k_ = problems_[0].k;
+    for (const Sparse24Problem& p : problems_) widths_.push_back(p.n);
+  }
+
+  std::vector<at::Tensor> tensors_;  // what the problems point into
+  std::vector<Sparse24Problem> problems_;
+};
+
 // One fp32 row through 2:4 layers of one input, bound once (bound_gemv.h): all the layers' tiles shared out in one
 // parallel region, each tile on the kernel the ops run it on at m == 1 (the float values' kStreamTiles kernel
 // computes each of its tiles exactly as the one-tile kernel does), so the outputs are bit-identical to the ops'.
 // V: the kept values' storage (float kinds or Int4Values).
 template <class V>
-class Sparse24Gemv final : public BoundGemv {
+class Sparse24Gemv final : public BoundSparse24 {
  public:
   Sparse24Gemv(std::vector<at::Tensor> tensors, std::vector<Sparse24Problem> problems)
-      : tensors_(std::move(tensors)), problems_(std::move(problems)) {
-    k_ = problems_[0].k;
+      : BoundSparse24(std::move(tensors), std::move(problems)) {
     first_tile_.push_back(0);
-    for (const Sparse24Problem& p : problems_) {
-      widths_.push_back(p.n);
-      first_tile_.push_back(first_tile_.back() + p.n / kTileCols);
-    }
+    for (const Sparse24Problem& p : problems_) first_tile_.push_back(first_tile_.back() + p.n / kTileCols);
   }
 
   void run(const float* x, float* const* y) const override {
@@ -1220,24 +1229,18 @@ class Sparse24Gemv final : public BoundGemv {
   }
 
  private:
-  std::vector<at::Tensor> tensors_;  // what the problems point into
-  std::vector<Sparse24Problem> problems_;
   std::vector<int64_t> first_tile_;  // the layers' tiles numbered one after another
 };
-#endif
 
-#ifdef COMPTRUST_X86
 // One fp32 row of int8 activations (act_bits 8) through 2:4 int4 layers of one input and group size, bound once:
 // x quantized once for all of them (quantize_rows_int8), their work units (a8_int4_row_unit, as the op splits a
 // layer at m == 1) shared out in one parallel region, so the outputs are bit-identical to the op's.
-class Sparse24Int4A8Gemv final : public BoundGemv {
+class Sparse24Int4A8Gemv final : public BoundSparse24 {
  public:
   Sparse24Int4A8Gemv(std::vector<at::Tensor> tensors, std::vector<Sparse24Problem> problems)
-      : tensors_(std::move(tensors)), problems_(std::move(problems)) {
-    k_ = problems_[0].k;
+      : BoundSparse24(std::move(tensors), std::move(problems)) {
     first_unit_.push_back(0);
     for (const Sparse24Problem& p : problems_) {
-      widths_.push_back(p.n);
       const int64_t pairs = (p.n / kTileCols + 1) / 2;
       pair_units_.push_back(a8_row_units(p));
       first_unit_.push_back(first_unit_.back() + pair_units_.back() + pairs - pair_units_.back() * kStreamA8Pairs);
@@ -1262,8 +1265,6 @@ class Sparse24Int4A8Gemv final : public BoundGemv {
   }
 
  private:
-  std::vector<at::Tensor> tensors_;  // what the problems point into
-  std::vector<Sparse24Problem> problems_;
   std::vector<int64_t> first_unit_;  // the layers' work units numbered one after another
   std::vector<int64_t> pair_units_;  // each layer's units of kStreamA8Pairs pairs (a8_row_units)
 };
