@@ -24,6 +24,7 @@ import torch.nn as nn
 from comptrust.compress import CompressionSummary
 from comptrust.formats.awq import from_awq_tensors
 from comptrust.formats.gptq import from_gptq_tensors, read_bias, to_gptq_tensors
+from comptrust.memory import return_freed_heap
 from comptrust.models import LoadedModel, ModelLoadError, ModelNotFoundError, finish_loading
 from comptrust.nn.act_order_linear import ActOrderQuantLinear
 from comptrust.nn.bitmap_sparse_linear import BitmapSparseLinear, bitmap_unsuited
@@ -463,6 +464,7 @@ def quantized_model(path: Path, skeleton: Callable[[], nn.Module]):
         except ValueError as exc:
             raise ModelLoadError(f"{path}: {exc}") from None
         setattr(parent, child, layer)
+        return_freed_heap()  # the repacking's temporaries
     complete_tensors(model, path, present, set(quantized))
     return model, quant, quantized
 

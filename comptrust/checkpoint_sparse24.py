@@ -29,6 +29,7 @@ from comptrust.checkpoint import (WEIGHTS_NAME, SavedCheckpoint, _build_skeleton
 from comptrust.compress import CompressionSummary
 from comptrust.formats.int4 import Int4Packed
 from comptrust.formats.sparse24 import Sparse24Int4Packed, Sparse24Packed, _decode_meta
+from comptrust.memory import return_freed_heap
 from comptrust.models import LoadedModel, ModelLoadError, ModelNotFoundError, finish_loading
 from comptrust.nn.sparse24_linear import Sparse24Int4Linear, Sparse24Linear
 
@@ -142,6 +143,7 @@ def sparse24_model(path: Path, skeleton: Callable[[], nn.Module]) -> tuple[nn.Mo
         parent_name, _, child = layer_name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, _layer(layer_name, getattr(parent, child), layer_entry, weights, path))
+        return_freed_heap()  # the repacking's temporaries
     complete_tensors(model, path, present, set(listed))
     return model, entry
 

@@ -59,6 +59,14 @@ def peak_rss_bytes() -> int | None:
 def release_memory() -> None:
     """Collect garbage and hand freed heap pages back to the OS, so a reset peak starts low."""
     gc.collect()
+    return_freed_heap()
+
+
+def return_freed_heap() -> None:
+    """Hand the heap's free pages back to the OS (glibc's malloc_trim; elsewhere nothing). Loops that build one
+    layer at a time call it after each: glibc serves the few-MB temporaries of a conversion from the heap and keeps
+    their pages once freed, between the layers' results, so converting the embedded model's 210 pruned layers to
+    the bitmap format held 1.0 GB of RSS where the layers take 0.22 (0.36 with this after each; 2.3 ms a call)."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):

@@ -62,6 +62,27 @@ def test_release_mapped_file_leaves_a_written_mapping_alone(tmp_path):
     assert float(table[7, 3]) == 1234.5 and torch.equal(table[8:], values[8:])
 
 
+def test_replacing_layers_hands_back_the_heap_their_conversion_freed():
+    """Converting layer after layer keeps only what the new layers hold: glibc would otherwise keep the freed
+    temporaries' pages between the layers' results (here 37-53 MB of RSS came back of the 113 freed)."""
+    from comptrust.nn import BitmapSparseLinear, replace_linears
+
+    if current_rss_bytes() is None:
+        pytest.skip("this OS does not report RSS")
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(1024, 1536, bias=False) for _ in range(40)])
+    with torch.no_grad():
+        for layer in model:
+            layer.weight.mul_(torch.rand_like(layer.weight) < 0.5)
+    dense = 40 * 1024 * 1536 * 4
+    release_memory()
+    before = current_rss_bytes()
+    replace_linears(model, lambda name, linear: BitmapSparseLinear.from_linear(linear), skip=(), progress=False)
+    growth = current_rss_bytes() - before
+    kept = sum(m.values.numel() * 4 + m.mask.numel() * 2 + m.row_start.numel() * 8 for m in model)
+    assert growth < kept - dense + kept // 4  # measured: kept - dense + 10 MB
+
+
 def test_measure_speed_on_tiny_model(tiny_llama):
     result = measure_speed(tiny_llama, torch.randint(0, 1000, (20,)), decode_tokens=4, repeats=2)
     assert result.prompt_tokens == 20 and result.decode_tokens == 4

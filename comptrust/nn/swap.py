@@ -6,6 +6,8 @@ from typing import Callable
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from comptrust.memory import return_freed_heap
+
 
 def name_matches(name: str, patterns: tuple[str, ...]) -> bool:
     return any(name == p or name.split(".")[-1] == p for p in patterns)
@@ -18,8 +20,9 @@ def replace_linears(model: nn.Module, make: Callable[[str, nn.Linear], nn.Module
     """Swap every nn.Linear (except those in `skip`, by full or last-component name) for make(name, layer).
 
     `eligible(name, layer)` returns None when the layer can be converted, else the reason it stays dense.
-    Returns (replaced names, {kept name: reason}). The dense weight is released as each layer is replaced,
-    so peak memory grows by one layer, not one model.
+    Returns (replaced names, {kept name: reason}). The dense weight is released as each layer is replaced and
+    the heap its conversion freed handed back (memory.return_freed_heap), so peak memory grows by one layer, not
+    one model.
     """
     candidates, kept = [], {}
     for name, module in model.named_modules():
@@ -38,4 +41,5 @@ def replace_linears(model: nn.Module, make: Callable[[str, nn.Linear], nn.Module
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, make(name, getattr(parent, child)))
+        return_freed_heap()
     return candidates, kept
