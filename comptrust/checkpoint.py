@@ -24,7 +24,7 @@ import torch.nn as nn
 from comptrust.compress import CompressionSummary
 from comptrust.formats.awq import from_awq_tensors
 from comptrust.formats.gptq import from_gptq_tensors, read_bias, to_gptq_tensors
-from comptrust.memory import return_freed_heap
+from comptrust.memory import MappedPages, return_freed_heap
 from comptrust.models import LoadedModel, ModelLoadError, ModelNotFoundError, finish_loading
 from comptrust.nn.act_order_linear import ActOrderQuantLinear
 from comptrust.nn.bitmap_sparse_linear import BitmapSparseLinear, bitmap_unsuited
@@ -307,8 +307,15 @@ def sparsify_pruned_checkpoint(model: nn.Module, path) -> list[str]:
     entry = _read_config(Path(path)).get("comptrust_compression")
     if not isinstance(entry, dict) or "format" in entry:  # not ours, or a packed layout (2:4)
         return []
-    converted, _ = replace_linears(model, lambda name, linear: BitmapSparseLinear.from_linear(linear),
-                                   eligible=lambda name, linear: bitmap_unsuited(linear.weight), progress=False)
+    read = MappedPages()
+
+    def to_bitmap(name: str, linear: nn.Linear) -> BitmapSparseLinear:
+        layer = BitmapSparseLinear.from_linear(linear)
+        read.release(linear.weight)  # where it was read from a checkpoint's file: not needed again
+        return layer
+
+    converted, _ = replace_linears(model, to_bitmap, eligible=lambda name, linear: bitmap_unsuited(linear.weight),
+                                   progress=False)
     return converted
 
 
@@ -455,6 +462,7 @@ def quantized_model(path: Path, skeleton: Callable[[], nn.Module]):
         raise ModelLoadError(f"{path}: config.json's quantized_modules and the packed tensors disagree; "
                              f"missing: {[n + '.qweight' for n in absent[:5]]}, not listed: {extra[:5]}")
     present = _load_dense(model, weights, set(quantized), path)
+    read = MappedPages()
     for layer_name in quantized:
         parent_name, _, child = layer_name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -464,6 +472,8 @@ def quantized_model(path: Path, skeleton: Callable[[], nn.Module]):
         except ValueError as exc:
             raise ModelLoadError(f"{path}: {exc}") from None
         setattr(parent, child, layer)
+        for tensor in tensors.values():  # read into the layer's own form: the file's pages are not needed again
+            read.release(tensor)
         return_freed_heap()  # the repacking's temporaries
     complete_tensors(model, path, present, set(quantized))
     return model, quant, quantized

@@ -29,7 +29,7 @@ from comptrust.checkpoint import (WEIGHTS_NAME, SavedCheckpoint, _build_skeleton
 from comptrust.compress import CompressionSummary
 from comptrust.formats.int4 import Int4Packed
 from comptrust.formats.sparse24 import Sparse24Int4Packed, Sparse24Packed, _decode_meta
-from comptrust.memory import return_freed_heap
+from comptrust.memory import MappedPages, return_freed_heap
 from comptrust.models import LoadedModel, ModelLoadError, ModelNotFoundError, finish_loading
 from comptrust.nn.sparse24_linear import Sparse24Int4Linear, Sparse24Linear
 
@@ -91,7 +91,7 @@ def read_sparse24_entry(path) -> dict | None:
     return entry if isinstance(entry, dict) and entry.get("format") == FORMAT else None
 
 
-def _layer(name: str, linear: nn.Linear, entry: dict, weights: _Weights, path: Path) -> nn.Module:
+def _layer(name: str, linear: nn.Linear, entry: dict, weights: _Weights, path: Path, read: MappedPages) -> nn.Module:
     kind = entry.get("kind")
     if kind not in _KEYS:
         raise ModelLoadError(f"{path}: {name}: unknown layer kind {kind!r} (expected one of {sorted(_KEYS)})")
@@ -117,6 +117,8 @@ def _layer(name: str, linear: nn.Linear, entry: dict, weights: _Weights, path: P
     if (layer.in_features, layer.out_features) != (linear.in_features, linear.out_features):
         raise ModelLoadError(f"{path}: {name}: tensors describe a [{layer.out_features}, {layer.in_features}] layer, "
                              f"the model's is [{linear.out_features}, {linear.in_features}]")
+    for tensor in tensors.values():  # read into the layer's own form: the file's pages are not needed again
+        read.release(tensor)
     return layer
 
 
@@ -139,10 +141,11 @@ def sparse24_model(path: Path, skeleton: Callable[[], nn.Module]) -> tuple[nn.Mo
         if not isinstance(module, nn.Linear):
             raise ModelLoadError(f"{path}: {layer_name} is a {type(module).__name__}, not an nn.Linear")
     present = _load_dense(model, weights, set(listed), path)
+    read = MappedPages()
     for layer_name, layer_entry in listed.items():
         parent_name, _, child = layer_name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, _layer(layer_name, getattr(parent, child), layer_entry, weights, path))
+        setattr(parent, child, _layer(layer_name, getattr(parent, child), layer_entry, weights, path, read))
         return_freed_heap()  # the repacking's temporaries
     complete_tensors(model, path, present, set(listed))
     return model, entry

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import mmap
 import os
 
 import torch
@@ -127,15 +128,11 @@ def release_mapped_file(tensor: torch.Tensor) -> int:
     Only mappings never written to: in a private file mapping a written page is the process's own (anonymous) copy,
     which MADV_DONTNEED would drop (the file's contents would come back), so a mapping with any is left alone.
     """
-    if tensor.device.type != "cpu" or tensor.numel() == 0:
+    mapping = _clean_file_mapping(tensor)
+    if mapping is None:
         return 0
-    mapping = _file_mapping(tensor.data_ptr())
-    if mapping is None or mapping[2] != 0:
-        return 0
-    start, end, _, path = mapping
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    if libc.madvise(start, end - start, _MADV_RANDOM) != 0 or libc.madvise(start, end - start, _MADV_DONTNEED) != 0:
+    start, end, path = mapping
+    if not _madvise(start, end, _MADV_RANDOM) or not _madvise(start, end, _MADV_DONTNEED):
         return 0
     # Failing these, the pages are unmapped all the same; those still cached may be mapped again around the ones read.
     try:
@@ -150,3 +147,56 @@ def release_mapped_file(tensor: torch.Tensor) -> int:
     finally:
         os.close(descriptor)
     return end - start
+
+
+class MappedPages:
+    """Unmaps from this process the whole pages of tensors read from memory-mapped files (a checkpoint's tensors that
+    a loader has just turned into a layer's own form), under release_mapped_file's condition that no page of their
+    mapping was ever written, checked once per mapping (reading /proc/self/smaps takes ~10 ms); the page cache keeps
+    them. Create one per load: the check holds while nothing writes the tensors, as a loader does not.
+
+    Why: while the embedding keeps the checkpoint's mapping alive, every page a loader reads stays in RSS; loading the
+    embedded model's mag-50 checkpoint onto bitmap layers kept all 513 MB of its dense weights that way, on top of the
+    layers it built. Pages of a tensor that is read again later come back on their own."""
+
+    def __init__(self):
+        self._spans: list[tuple[int, int]] = []  # the clean file mappings found
+        self._gave_up = False
+        self.released = 0  # bytes
+
+    def release(self, tensor: torch.Tensor) -> int:
+        """Unmap `tensor`'s whole pages where they lie in a clean file mapping; the bytes released."""
+        if self._gave_up or tensor.device.type != "cpu" or tensor.numel() == 0:
+            return 0
+        first = tensor.data_ptr()
+        span = next((span for span in self._spans if span[0] <= first < span[1]), None)
+        if span is None:
+            mapping = _clean_file_mapping(tensor)
+            if mapping is None:  # a load's tensors come from one source: not mapped, or written to
+                self._gave_up = True  # (and a lookup per tensor would cost more than the load)
+                return 0
+            span = mapping[:2]
+            self._spans.append(span)
+        page = mmap.PAGESIZE
+        start = -(-first // page) * page  # whole pages inside the tensor only: its neighbours keep theirs
+        end = min(first + tensor.numel() * tensor.element_size(), span[1]) // page * page
+        if end <= start or not _madvise(start, end, _MADV_DONTNEED):
+            return 0
+        self.released += end - start
+        return end - start
+
+
+def _clean_file_mapping(tensor: torch.Tensor) -> tuple[int, int, str] | None:
+    """(start, end, path) of the file mapping holding a CPU tensor, where no page of it was ever written; else None."""
+    if tensor.device.type != "cpu" or tensor.numel() == 0:
+        return None
+    mapping = _file_mapping(tensor.data_ptr())
+    if mapping is None or mapping[2] != 0:
+        return None
+    return mapping[0], mapping[1], mapping[3]
+
+
+def _madvise(start: int, end: int, advice: int) -> bool:
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc.madvise(start, end - start, advice) == 0

@@ -7,8 +7,8 @@ import torch.nn as nn
 from comptrust import _C, compress_, efficiency
 from comptrust.compress import config_from_tag
 from comptrust.efficiency import measure_speed
-from comptrust.memory import (current_rss_bytes, peak_rss_bytes, release_mapped_file, release_memory, reset_peak_rss,
-                              weight_bytes)
+from comptrust.memory import (MappedPages, current_rss_bytes, peak_rss_bytes, release_mapped_file, release_memory,
+                              reset_peak_rss, weight_bytes)
 
 
 def test_weight_bytes_counts_tied_weights_once():
@@ -60,6 +60,27 @@ def test_release_mapped_file_leaves_a_written_mapping_alone(tmp_path):
     table[7, 3] = 1234.5  # the process's own copy of that page now: dropping it would lose the write
     assert release_mapped_file(table) == 0
     assert float(table[7, 3]) == 1234.5 and torch.equal(table[8:], values[8:])
+
+
+def test_mapped_pages_released_tensor_by_tensor(tmp_path):
+    values = torch.randn(4096, 1024)  # 16 MiB
+    table = _mapped(tmp_path, values)
+    small = table[:1]  # one row: no whole page of its own to release
+    assert torch.equal(table, values)
+    before = current_rss_bytes()
+    pages = MappedPages()
+    assert pages.release(small) == 0
+    released = pages.release(table)
+    assert released >= values.numel() * 4 - 2 * 4096 and pages.released == released
+    if before is not None:
+        assert current_rss_bytes() < before - 8 * 1024 * 1024
+    assert torch.equal(table, values)  # read again from the page cache
+    anonymous = MappedPages()
+    assert anonymous.release(values) == 0 and anonymous.release(table) == 0  # gave up: a load has one source
+    (tmp_path / "w").mkdir()
+    written = _mapped(tmp_path / "w", values)
+    written[0, 0] = 7.0  # that page is the process's own copy now
+    assert MappedPages().release(written) == 0 and float(written[0, 0]) == 7.0
 
 
 def test_replacing_layers_hands_back_the_heap_their_conversion_freed():
