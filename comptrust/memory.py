@@ -30,6 +30,19 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
+def copy_into_process_memory(module: torch.nn.Module) -> None:
+    """Give each parameter and buffer of `module` memory of its own, in place (tied parameters stay tied).
+
+    Why: transformers loads a safetensors model's tensors as views of the file's mapping, and the mapping lives as
+    long as any one of them does, with every page ever read counted in RSS. Compress the layers and keep the
+    embedding, and the dense layers' pages stay resident: measured as the compressed model's memory (the embedded
+    model's int4 decode RSS read 1144 MiB from its cached safetensors against 758 from the GGUF read), and written
+    to copy-on-write by any in-place update. Copied, each tensor's memory goes when it does, as after a GGUF read."""
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            tensor.data = tensor.data.clone()
+
+
 def _proc_status_kib(field: str, path: str = "/proc/self/status") -> int | None:
     try:
         with open(path) as status:

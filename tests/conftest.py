@@ -65,14 +65,9 @@ def tiny_llama():
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():
-    from transformers import AutoTokenizer
+    from comptrust.models import load_model
 
-    from comptrust.models import smollm2_gguf_path
-
-    path = smollm2_gguf_path()
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-    return tokenizer
+    return load_model("default").tokenizer  # from the de-quantized model's cache once it is there (pad token set)
 
 
 @pytest.fixture(scope="session")

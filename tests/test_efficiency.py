@@ -83,6 +83,33 @@ def test_mapped_pages_released_tensor_by_tensor(tmp_path):
     assert MappedPages().release(written) == 0 and float(written[0, 0]) == 7.0
 
 
+def _mappings_of(path) -> list[str]:
+    return [line for line in open("/proc/self/maps") if line.rstrip().endswith(str(path))]
+
+
+def test_a_loaded_safetensors_model_holds_no_file_mapping(tmp_path, tiny_llama, smollm2_tokenizer):
+    """A model read from safetensors has memory of its own, as a GGUF read gives: a view of the file's mapping would
+    keep the mapping, and every page ever read of it, in RSS as long as any tensor (say the embedding) lives."""
+    from comptrust.memory import copy_into_process_memory
+    from comptrust.models import load_model
+
+    tiny_llama.save_pretrained(tmp_path)
+    smollm2_tokenizer.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    loaded = load_model(str(tmp_path))
+    assert not _mappings_of(weights)
+    assert loaded.model.lm_head.weight.data_ptr() == loaded.model.model.embed_tokens.weight.data_ptr()
+    for name, tensor in tiny_llama.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[name], tensor), name
+    mapped = nn.Module()  # what transformers hands over before the copy
+    mapped.table = nn.Parameter(_mapped(tmp_path, torch.randn(256, 64)), requires_grad=False)
+    mapped.register_buffer("same", mapped.table)
+    expected = mapped.table.clone()
+    assert _mappings_of(tmp_path / "t.safetensors")
+    copy_into_process_memory(mapped)
+    assert not _mappings_of(tmp_path / "t.safetensors") and torch.equal(mapped.table, expected)
+
+
 def test_replacing_layers_hands_back_the_heap_their_conversion_freed():
     """Converting layer after layer keeps only what the new layers hold: glibc would otherwise keep the freed
     temporaries' pages between the layers' results (here 37-53 MB of RSS came back of the 113 freed)."""

@@ -132,7 +132,7 @@ def test_other_architectures_are_named():
 
 @pytest.fixture(scope="module")
 def embedded():
-    return load_model("default")  # ~30 s here, mostly the GGUF tokenizer: loaded once for the module
+    return load_model("default")  # loaded once for the module
 
 
 @pytest.mark.slow

@@ -69,7 +69,7 @@ def test_cli_reports_missing_model_without_traceback(tmp_path):
 def test_cli_info_lists_backends():
     proc = subprocess.run([sys.executable, "-m", "comptrust.cli", "info"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    for word in ("cpu", "cuda", "triton", "reference", "model default"):
+    for word in ("cpu", "cuda", "triton", "reference", "model default", "model cache"):
         assert word in proc.stdout
 
 
