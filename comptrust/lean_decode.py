@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from comptrust import ops, reference
+from comptrust.memory import in_clean_file_mapping
 from comptrust.nn.bitmap_sparse_linear import BitmapSparseLinear
 from comptrust.nn.quant_linear import shared_input_call, shared_input_tiles
 from comptrust.nn.tiled_linear import TiledLinear
@@ -179,6 +180,9 @@ def _program_head(program, model: torch.nn.Module, dtype: torch.dtype) -> bool:
     decoder = model.model
     if type(decoder.embed_tokens) is not torch.nn.Embedding or not decoder.embed_tokens.weight.is_contiguous():
         return False
+    head_weight = getattr(model.lm_head, "weight", None)  # a quantized head has none (and no screen)
+    if isinstance(head_weight, torch.Tensor) and in_clean_file_mapping(head_weight):
+        program.release_head_pages_when_screening()  # a checkpoint's view (the serving process): never all resident
     if not _program_linear(program, "head", model.lm_head, dtype):
         return False
     program.set_embedding(decoder.embed_tokens.weight, decoder.norm.weight)

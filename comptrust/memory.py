@@ -199,6 +199,12 @@ class MappedPages:
         return end - start
 
 
+def in_clean_file_mapping(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` lies in a file mapping no page of which was ever written (release_mapped_file's condition:
+    its pages can be unmapped and read back from the file unchanged)."""
+    return _clean_file_mapping(tensor) is not None
+
+
 def _clean_file_mapping(tensor: torch.Tensor) -> tuple[int, int, str] | None:
     """(start, end, path) of the file mapping holding a CPU tensor, where no page of it was ever written; else None."""
     if tensor.device.type != "cpu" or tensor.numel() == 0:

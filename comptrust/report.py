@@ -124,22 +124,31 @@ def _side_by_side_table(rows: list[dict]) -> list[str]:
 
 def _serving_table(rows: list[dict]) -> list[str]:
     """Each configuration served alone in a process without transformers (comptrust.serving_process): its decode
-    RSS, as a ratio to the first such row (dense where it is there), and its decode speed there."""
+    RSS and the process's whole peak (loading or decoding), as ratios to the first such row (dense where it is
+    there), and its decode speed there."""
     measured = [row for row in rows if row["efficiency"].get("serving")]
     if not measured:
         notes = sorted({row["efficiency"]["serving_note"] for row in rows if row["efficiency"].get("serving_note")})
         return [f"Serving process: {notes[0]}.", ""] if notes else []
+
+    def process_peak(serving: dict) -> int | None:
+        decode, load = serving["decode_peak_rss_bytes"], serving["load_peak_rss_bytes"]
+        return None if decode is None or load is None else max(decode, load)
+
+    def ratio(value: int | None, reference: int | None) -> str:
+        return "—" if value is None or not reference else f"{value / reference:.2f}"
+
     first = measured[0]["efficiency"]["serving"]
-    lines = [f"| config | serving decode RSS MiB | × {measured[0]['name']} | above torch MiB | load peak MiB | "
-             "decode tok/s there |", "|---|---|---|---|---|---|"]
+    name = measured[0]["name"]
+    lines = [f"| config | serving decode RSS MiB | × {name} | above torch MiB | load peak MiB | process peak MiB | "
+             f"× {name} | decode tok/s there |", "|---|---|---|---|---|---|---|---|"]
     for row in measured:
         serving = row["efficiency"]["serving"]
         peak, baseline = serving["decode_peak_rss_bytes"], serving["baseline_rss_bytes"]
-        ratio = "—" if peak is None or not first["decode_peak_rss_bytes"] else \
-            f"{peak / first['decode_peak_rss_bytes']:.2f}"
         above = "—" if peak is None or baseline is None else f"{(peak - baseline) / MIB:.0f}"
-        lines.append(f"| {row['name']} | {_mib(peak)} | {ratio} | {above} | {_mib(serving['load_peak_rss_bytes'])} | "
-                     f"{serving['decode_tokens_per_s']:.1f} |")
+        lines.append(f"| {row['name']} | {_mib(peak)} | {ratio(peak, first['decode_peak_rss_bytes'])} | {above} | "
+                     f"{_mib(serving['load_peak_rss_bytes'])} | {_mib(process_peak(serving))} | "
+                     f"{ratio(process_peak(serving), process_peak(first))} | {serving['decode_tokens_per_s']:.1f} |")
     note = ("Serving process: each configuration's checkpoint loaded alone in a fresh Python process that imports "
             "torch and comptrust's kernels but not transformers (comptrust.serving_process), then decoded greedily "
             "at batch 1 as above. Serving decode RSS: that process's high-water mark over its decode runs (prompt "
@@ -150,7 +159,8 @@ def _serving_table(rows: list[dict]) -> list[str]:
             "again, and the embedding only a row per token plus the few rows the output projection's int8 screen "
             "leaves; dense layers read theirs again at every token and count in full. "
             "Load peak: the high-water mark while loading and building the decoder, which reads the whole "
-            "embedding once")
+            "embedding once for the screen, handing its pages back piece by piece; process peak: the larger of "
+            "the two, the most the process ever held")
     missing = [f"{row['name']} ({row['efficiency'].get('serving_note', 'not measured')})"
                for row in rows if row not in measured]
     if missing:

@@ -11,7 +11,8 @@ before any model is loaded), which buries what a model itself needs: the int4 em
 the dense one ~510. Here the floor is torch's (~225 MiB, `baseline_rss_bytes`).
 
 The JSON: baseline_rss_bytes (after the imports), load_peak_rss_bytes (high-water mark while loading and building
-the decoder, which reads the whole fp32 embedding once for its int8 screen of the tied head), decode_peak_rss_bytes
+the decoder, which reads the whole fp32 embedding once for its int8 screen of the tied head, handing the pages back
+piece by piece: ScreenedArgmax's release_read_pages), decode_peak_rss_bytes
 (high-water mark over the decode runs, reset after loading; None where the OS cannot reset it),
 checkpoint_pages_released_bytes (the checkpoint file's pages then handed back, comptrust.memory.release_mapped_file:
 the packed tensors the layers were built from, and the embedding, of which decoding reads a row per token and the

@@ -48,6 +48,9 @@ def test_report_has_dense_int4_and_2_4_rows(report):
         # torch process is well under half of what dense adds (0.26x measured)
         above = {name: s["decode_peak_rss_bytes"] - s["baseline_rss_bytes"] for name, s in serving.items()}
         assert above["rtn-w4g128"] < 0.5 * above["dense"]
+        # ... and loading does not peak above decoding: the embedding is never resident whole (screen pieces)
+        int4 = serving["rtn-w4g128"]
+        assert int4["load_peak_rss_bytes"] - int4["baseline_rss_bytes"] < 1.25 * above["rtn-w4g128"]
     assert "| config | serving decode RSS MiB | × dense |" in md
     samples = [json.loads(line) for line in open(output.paths["samples"])]
     assert len(samples) == 3 * 240

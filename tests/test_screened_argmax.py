@@ -21,7 +21,7 @@ def _full_argmax(weight: torch.Tensor, x: torch.Tensor) -> int:
 
 
 def _screen(weight: torch.Tensor):
-    return torch.classes.comptrust.ScreenedArgmax(weight)
+    return torch.classes.comptrust.ScreenedArgmax(weight, False)
 
 
 def _assert_same_choices(weight: torch.Tensor, xs, *, decided_at_least: float = 0.0) -> None:
@@ -208,6 +208,46 @@ def test_weights_it_refuses(monkeypatch):
     monkeypatch.setenv("COMPTRUST_CPU_ISA", "avx2")
     with pytest.raises(RuntimeError, match="not AVX-512 with VNNI"):
         _screen(torch.randn(4, 8))
+
+
+def _resident_bytes_of_mapping(tensor: torch.Tensor) -> int:
+    """Rss of the mapping of this process that holds `tensor` (/proc/self/smaps)."""
+    address, inside = tensor.data_ptr(), False
+    for line in open("/proc/self/smaps"):
+        head = line.split()
+        if "-" in head[0] and len(head) >= 5 and ":" in head[3]:
+            start, end = (int(part, 16) for part in head[0].split("-"))
+            inside = start <= address < end
+        elif inside and head[0] == "Rss:":
+            return int(head[1]) * 1024
+    raise AssertionError("no mapping holds the tensor")
+
+
+@pytest.mark.parametrize("vocab, k", [(8192, 576), (3001, 200)])
+def test_screen_of_a_file_view_hands_its_pages_back_as_it_goes(tmp_path, vocab, k):
+    """Built with release_read_pages over a safetensors view, the screen leaves the table unmapped (never all
+    resident at once: pieces are released as they are done) and chooses exactly as one built over memory does."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    torch.manual_seed(vocab)
+    weight = torch.randn(vocab, k) * torch.rand(vocab, 1)
+    save_file({"head": weight}, str(tmp_path / "head.safetensors"))
+    view = safe_open(str(tmp_path / "head.safetensors"), framework="pt").get_tensor("head")
+    table_bytes = vocab * k * 4
+    kept = torch.classes.comptrust.ScreenedArgmax(view, False)
+    assert _resident_bytes_of_mapping(view) >= table_bytes * 0.9  # read whole, and left mapped
+    from comptrust.memory import release_mapped_file
+
+    release_mapped_file(view)
+    released = torch.classes.comptrust.ScreenedArgmax(view, True)
+    assert _resident_bytes_of_mapping(view) < table_bytes // 8
+    xs = [torch.randn(k) for _ in range(12)] + [weight[j] for j in (0, vocab // 2, vocab - 1)]
+    for x in xs:
+        index, rescored = released.first_argmax(x)
+        assert (index, rescored) == tuple(kept.first_argmax(x))
+        assert index == -1 or index == _full_argmax(weight, x)
+    assert torch.equal(view, weight)  # the pages come back from the file
 
 
 def test_program_greedy_screens_its_dense_head(tiny_llama, monkeypatch):

@@ -264,8 +264,11 @@ class DecodeProgram : public torch::CustomClassHolder {
       calls.push_back(LinearCall::dense({std::move(weight)}));
     }
     if (part == "head" && head_.size() == 1 && head_[0].dense_weights().size() == 1 && head_[0].bound_outputs() == 1)
-      head_screen_ = ScreenedArgmax::build(head_[0].dense_weights()[0]);
+      head_screen_ = ScreenedArgmax::build(head_[0].dense_weights()[0], nullptr, release_head_pages_);
   }
+  // The head weight added next is a view of a clean file mapping (the caller checks: comptrust.memory): its pages are
+  // unmapped piece by piece as its screen is built (ScreenedArgmax::build's release_read_pages).
+  void release_head_pages_when_screening() { release_head_pages_ = true; }
   // Op calls added to one part one after another (q, k, v) become one call where they bind together.
   void add_op(const std::string& part, const std::string& op_name, std::vector<at::Tensor> tensors,
               std::vector<int64_t> ints) {
@@ -556,6 +559,7 @@ class DecodeProgram : public torch::CustomClassHolder {
   std::vector<LayerProgram> layers_;
   std::vector<LinearCall> head_;  // the output projection
   std::shared_ptr<const ScreenedArgmax> head_screen_;  // greedy's screen of a dense fp32 head, where it can run
+  bool release_head_pages_ = false;
   at::Tensor embedding_, final_norm_;
   c10::TypedOperatorHandle<NormOp> norm_;
   c10::TypedOperatorHandle<AttentionOp> attention_;
@@ -577,6 +581,7 @@ TORCH_LIBRARY_FRAGMENT(comptrust, m) {
       .def("add_op", &DecodeProgram::add_op)
       .def("add_many", &DecodeProgram::add_many)
       .def("set_embedding", &DecodeProgram::set_embedding)
+      .def("release_head_pages_when_screening", &DecodeProgram::release_head_pages_when_screening)
       .def("step", &DecodeProgram::step)
       .def("greedy", &DecodeProgram::greedy)
       .def("head_argmax", &DecodeProgram::head_argmax)

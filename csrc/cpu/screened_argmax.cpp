@@ -9,6 +9,11 @@
 #include <tuple>
 #include <vector>
 
+#ifdef __linux__
+#include <sys/mman.h>
+#include <unistd.h>
+#endif
+
 #include "cpu/decode_step.h"
 #include "cpu/isa.h"
 #include "cpu/simd_common.h"
@@ -145,15 +150,19 @@ bool limbs_of(const float* x, int64_t k, int64_t padded_k, int8_t* limbs, Query&
   return true;
 }
 
-// Whether n floats are all finite, read in place: at::isfinite on the embedded model's head held ~200 MB of
-// temporaries (|w| and three bool masks), which showed in the decode RSS.
-bool all_finite(const float* values, int64_t n) {
-  const float bad = max_over_pieces(n, int64_t{1} << 20, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i)
-      if (!std::isfinite(values[i])) return 1.f;
-    return 0.f;
-  });
-  return bad == 0.f;
+// Unmaps the whole pages inside [begin, begin + bytes) from this process (MADV_DONTNEED). Only for a view of a
+// clean file mapping (see build): a later read maps the same contents again, so a page another thread still reads
+// comes back for it.
+void release_file_pages(const void* begin, int64_t bytes) {
+#ifdef __linux__
+  const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const uintptr_t first = (reinterpret_cast<uintptr_t>(begin) + page - 1) / page * page;
+  const uintptr_t last = (reinterpret_cast<uintptr_t>(begin) + static_cast<uintptr_t>(bytes)) / page * page;
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_DONTNEED);
+#else
+  (void)begin;
+  (void)bytes;
+#endif
 }
 
 bool screen_isa() {
@@ -166,7 +175,8 @@ bool screen_isa() {
 
 }  // namespace
 
-std::shared_ptr<const ScreenedArgmax> ScreenedArgmax::build(const at::Tensor& weight, std::string* why_not) {
+std::shared_ptr<const ScreenedArgmax> ScreenedArgmax::build(const at::Tensor& weight, std::string* why_not,
+                                                            bool release_read_pages) {
   auto refuse = [&](std::string why) -> std::shared_ptr<const ScreenedArgmax> {
     if (why_not) *why_not = std::move(why);
     return nullptr;
@@ -178,11 +188,14 @@ std::shared_ptr<const ScreenedArgmax> ScreenedArgmax::build(const at::Tensor& we
   if (weight.size(0) == 0 || weight.size(1) == 0 || weight.size(1) > kMaxK)
     return refuse("the weight must be [vocab, k] with vocab > 0 and 0 < k <= " + std::to_string(kMaxK) + ", got [" +
                   std::to_string(weight.size(0)) + ", " + std::to_string(weight.size(1)) + "]");
-  if (!all_finite(weight.data_ptr<float>(), weight.numel())) return refuse("the weight has non-finite values");
-  return std::make_shared<ScreenedArgmax>(weight, (weight.size(1) + 63) / 64 * 64);
+  // One pass over the weight makes the codes and finds a non-finite value (its row's norm is not finite).
+  auto screen = std::make_shared<ScreenedArgmax>(weight, (weight.size(1) + 63) / 64 * 64, release_read_pages);
+  if (!std::isfinite(screen->largest_row_norm_))
+    return refuse("the weight has non-finite values (or a row whose norm overflows fp32)");
+  return screen;
 }
 
-ScreenedArgmax::ScreenedArgmax(const at::Tensor& weight, int64_t padded_k)
+ScreenedArgmax::ScreenedArgmax(const at::Tensor& weight, int64_t padded_k, bool release_read_pages)
     : weight_(weight), weight_version_(weight._version()), vocab_(weight.size(0)), k_(weight.size(1)),
       padded_k_(padded_k) {
   codes_ = at::full({vocab_, padded_k_}, 128, at::TensorOptions().dtype(at::kByte));
@@ -218,8 +231,11 @@ ScreenedArgmax::ScreenedArgmax(const at::Tensor& weight, int64_t padded_k)
       scale_[j] = scale;
       per_x_[j] = round_up((std::sqrt(error_squares) + gamma * (row_norm + kept_norm)) * kRoundUp);
       per_x_error_[j] = round_up(kept_norm * (1 + 8 * kUnit) * kRoundUp);
+      // A non-finite value makes row_squares NaN or infinite (std::max would skip a NaN): build refuses the weight.
+      if (!std::isfinite(row_squares)) return std::numeric_limits<float>::infinity();
       norm_max = std::max({norm_max, round_up(row_norm), round_up(kept_norm)});
     }
+    if (release_read_pages) release_file_pages(w + begin * k_, (end - begin) * k_ * static_cast<int64_t>(sizeof(float)));
     return norm_max;
   });
 }
@@ -270,9 +286,9 @@ namespace {
 // dense fp32 head).
 class ScreenedArgmaxClass : public torch::CustomClassHolder {
  public:
-  explicit ScreenedArgmaxClass(const at::Tensor& weight) {
+  ScreenedArgmaxClass(const at::Tensor& weight, bool release_read_pages) {
     std::string why_not;
-    screen_ = ScreenedArgmax::build(weight, &why_not);
+    screen_ = ScreenedArgmax::build(weight, &why_not, release_read_pages);
     TORCH_CHECK(screen_, "ScreenedArgmax: ", why_not);
   }
   // (index, rows rescored), or (-1, 0) where the caller would compute every logit.
@@ -296,7 +312,7 @@ class ScreenedArgmaxClass : public torch::CustomClassHolder {
 TORCH_LIBRARY_FRAGMENT(comptrust, m) {
   using comptrust::cpu::ScreenedArgmaxClass;
   m.class_<ScreenedArgmaxClass>("ScreenedArgmax")
-      .def(torch::init<at::Tensor>())
+      .def(torch::init<at::Tensor, bool>())
       .def("first_argmax", &ScreenedArgmaxClass::first_argmax)
       .def("max_rescored", &ScreenedArgmaxClass::max_rescored)
       .def("bytes", &ScreenedArgmaxClass::bytes);

@@ -36,7 +36,12 @@ class ScreenedArgmax {
 
   // The screen of weight [vocab, k] (fp32, contiguous, finite, k <= 32768), or nullptr with the reason in *why_not
   // (also where the CPU path is not AVX-512 with VNNI, whose dense kernel the rescoring must be).
-  static std::shared_ptr<const ScreenedArgmax> build(const at::Tensor& weight, std::string* why_not = nullptr);
+  // release_read_pages: the weight is a view of a file mapping no page of which was ever written (the caller checks:
+  // comptrust.memory), and each piece's whole pages are unmapped once its codes are made, so that the table is never
+  // resident at once: a serving process builds the screen of the embedded model's 113 MB tied head while its layers
+  // are already built, and loading peaked ~100 MiB above decoding for it. Reads map the pages again from the file.
+  static std::shared_ptr<const ScreenedArgmax> build(const at::Tensor& weight, std::string* why_not = nullptr,
+                                                     bool release_read_pages = false);
 
   // dense_gemv(x, weight)'s first argmax for k floats x, or nullopt where the caller must compute every logit:
   // x not finite, large enough to overflow a logit, more than max_rescored() rows left by the screen, or the weight
@@ -50,7 +55,7 @@ class ScreenedArgmax {
   // The bytes it keeps besides the fp32 weight: codes and per-row scale and bounds.
   int64_t bytes() const;
 
-  ScreenedArgmax(const at::Tensor& weight, int64_t padded_k);  // use build()
+  ScreenedArgmax(const at::Tensor& weight, int64_t padded_k, bool release_read_pages);  // use build()
 
  private:
   at::Tensor weight_;              // the fp32 projection: rescoring, and alive as long as this
