@@ -174,3 +174,37 @@ def test_side_by_side_speeds_of_real_models(tiny_llama):
     rates = efficiency.measure_speeds_side_by_side([tiny_llama, int4], torch.randint(0, 1000, (12,)), decode_tokens=4,
                                                    rounds=2)
     assert len(rates) == 2 and all(rate > 0 for rate in rates)
+
+
+def _thp_mode() -> str | None:
+    try:
+        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return None
+    return text[text.index("[") + 1:text.index("]")]
+
+
+@pytest.mark.parametrize("setting", [None, "0"])
+def test_importing_comptrust_puts_large_tensors_on_huge_pages_unless_told_not_to(setting):
+    """After `import comptrust` (in a fresh interpreter: torch reads its switch once) a 16 MB tensor lies on huge
+    pages; an explicit THP_MEM_ALLOC_ENABLE=0 is left as the user set it."""
+    import os
+    import subprocess
+    import sys
+
+    if _thp_mode() not in ("madvise", "always"):
+        pytest.skip("this kernel gives no transparent huge pages")
+    env = {key: value for key, value in os.environ.items() if key != "THP_MEM_ALLOC_ENABLE"}
+    if setting is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = setting
+    script = ("import os, comptrust, torch; t = torch.ones(1 << 22)\n"
+              "huge = [l for l in open('/proc/self/smaps_rollup') if l.startswith('AnonHugePages:')][0].split()[1]\n"
+              "print(os.environ['THP_MEM_ALLOC_ENABLE'], huge)")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120,
+                          cwd=os.path.dirname(__file__))  # tests/: imports the installed package
+    assert done.returncode == 0, done.stderr
+    switch, huge_kib = done.stdout.split()
+    if setting is None:
+        assert switch == "1" and int(huge_kib) >= 8 * 1024  # at least 8 MB of the 16 on 2 MB pages
+    elif _thp_mode() == "madvise":
+        assert switch == "0" and int(huge_kib) == 0
