@@ -8,7 +8,7 @@
 import os
 
 # torch's CPU allocator puts allocations of 2 MB and more on transparent huge pages with this switch, read once, at
-# its first such allocation (importing torch's own modules below already makes one); an explicit setting is left
+# its first such allocation (importing the modules below already makes one); an explicit setting is left
 # alone. Why: where the OS gives huge pages only on request (THP "madvise", as on the machine this was measured on),
 # a batch-1 product streams its weights through 4 KB pages, and the hardware prefetchers stop at each page's end.
 # `comptrust bench int --quick`, 4096 x 4096 at batch 1, two runs each way: our int4 (fp32 x) 0.41-0.50 -> 0.37 ms,
