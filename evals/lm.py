@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from comptrust.evals.cache import OutputCache, request_key
+from comptrust.evals.shared_prefix import plan_batches, shared_length
 from comptrust.models import cache_keyword
 
 
@@ -163,7 +164,9 @@ class LanguageModel:
 
         Requests that share a context (the answer choices of one item) share its forward pass: each distinct
         context runs once, with a KV cache, and its continuations then run together on copies of that cache.
-        An item with k choices costs one context pass instead of k."""
+        An item with k choices costs one context pass instead of k. Contexts that share a beginning (a chat
+        template's system turn, few-shot demonstrations) are batched together where that pays, and a batch's
+        common beginning runs once (evals/shared_prefix.py)."""
         contexts, continuations = [], []
         for context, continuation in requests:
             ctx, cont = self._encode(context, True), self._encode(continuation, False)
@@ -185,30 +188,40 @@ class LanguageModel:
         for i, result in enumerate(results):
             if result is None:
                 groups.setdefault(tuple(contexts[i]), []).append(i)
-        order = sorted(groups, key=len, reverse=True)  # similar lengths share a batch: less padding
-        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+        for batch in tqdm(plan_batches(list(groups), self.batch_size), desc=desc, disable=not progress, leave=False):
             members = [(row, i) for row, context in enumerate(batch) for i in groups[context]]
-            scores = self._score_continuations(batch, [(row, continuations[i]) for row, i in members])
+            scores = self._score_continuations(batch, [(row, continuations[i]) for row, i in members],
+                                               shared_length(batch))
             for (_, i), score in zip(members, scores):
                 results[i] = (score, len(continuations[i]))
             if self.cache is not None:
                 self.cache.put_many("loglikelihood", {keys[i]: list(results[i]) for _, i in members})
         return results
 
-    def _score_continuations(self, contexts: list[tuple[int, ...]], continuations: list[tuple[int, list[int]]]
-                             ) -> list[float]:
+    def _score_continuations(self, contexts: list[tuple[int, ...]], continuations: list[tuple[int, list[int]]],
+                             shared: int = 0) -> list[float]:
         """log p(continuation | context) for each (context row, continuation token ids).
 
         Pass 1 runs the left-padded contexts once, keeping the KV cache and the last position's logits, which
-        give every continuation's first token. Pass 2 copies each context's cache once per continuation that
-        has more tokens and feeds those tokens (right-padded: padding after a sequence cannot change it)."""
+        give every continuation's first token; their first `shared` tokens, the same in every context, run
+        before that once, in a cache then copied to every row (the rest of each context is then left-padded
+        after them: padding masked out in the middle of a row changes nothing either). Pass 2 copies each
+        context's cache once per continuation that has more tokens and feeds those tokens (right-padded:
+        padding after a sequence cannot change it)."""
         # A context too long for max_length keeps its end, leaving room for its longest continuation.
         room = {row: self.max_length - max(len(cont) for r, cont in continuations if r == row)
                 for row in range(len(contexts))}
-        input_ids, attention = self._left_padded([list(context)[-room[row]:] for row, context in enumerate(contexts)])
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)  # each sequence starts at position 0
+        kept = [list(context)[-room[row]:] for row, context in enumerate(contexts)]
+        if shared and not self._can_share(kept, contexts, shared, max(len(cont) for _, cont in continuations)):
+            shared = 0
         cache = DynamicCache(config=self.model.config)
+        if shared:
+            self.model(input_ids=torch.tensor([kept[0][:shared]]), use_cache=True, logits_to_keep=1,
+                       **{cache_keyword(self.model): cache})
+            cache.batch_repeat_interleave(len(kept))
+        input_ids, rest = self._left_padded([ids[shared:] for ids in kept])
+        attention = torch.cat([torch.ones(len(kept), shared, dtype=rest.dtype), rest], 1)
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)[:, shared:]  # each sequence starts at position 0
         logits = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True,
                             logits_to_keep=1, **{cache_keyword(self.model): cache}).logits
         first = torch.log_softmax(logits[:, -1].float(), -1)  # [contexts, vocab]
@@ -234,6 +247,17 @@ class LanguageModel:
             targets = torch.tensor(continuations[k][1][1:])
             scores[k] += logprobs[j, torch.arange(len(targets)), targets].sum().item()
         return scores
+
+    def _can_share(self, kept: list[list[int]], contexts: list[tuple[int, ...]], shared: int, longest: int) -> bool:
+        """Whether the batch's first `shared` tokens can run once for all: no context was cut to fit
+        max_length, and on a model with sliding-window layers the whole padded batch fits one window (padding
+        in the middle of a row would count towards the window)."""
+        if any(len(ids) != len(context) for ids, context in zip(kept, contexts)):
+            return False
+        window = getattr(self.model.config, "sliding_window", None)
+        width = shared + max(len(ids) - shared for ids in kept) + longest
+        return window is None or width <= window
+
 
 def _pick_tokens(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
     """Greedy (temperature 0) or nucleus sampling from [rows, vocab] logits; one token per row."""
