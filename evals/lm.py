@@ -105,8 +105,7 @@ class LanguageModel:
             # The seed follows the batch's prompts, not its position in the run: a resumed run draws the same.
             digest = hashlib.sha256("\0".join(prompts[i] for i in batch).encode()).digest()
             generator = torch.Generator().manual_seed(seed * 1_000_003 + int.from_bytes(digest[:6], "little"))
-            texts = self._decode([encoded[i] for i in batch for _ in range(n)], max_new_tokens, temperature, top_p,
-                                 stop, generator)
+            texts = self._decode([encoded[i] for i in batch], n, max_new_tokens, temperature, top_p, stop, generator)
             for row, i in enumerate(batch):
                 results[i] = [_cut_at_stop(text, stop) for text in texts[row * n:(row + 1) * n]]
             if self.cache is not None:
@@ -118,25 +117,25 @@ class LanguageModel:
         eos = self.tokenizer.eos_token_id if eos is None else eos
         return set(eos) if isinstance(eos, (list, tuple)) else {eos} if eos is not None else set()
 
-    def _decode(self, sequences: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
+    def _decode(self, sequences: list[list[int]], n: int, max_new_tokens: int, temperature: float, top_p: float,
                 stop: tuple[str, ...], generator: torch.Generator) -> list[str]:
-        """The continuation of each token sequence, decoded together with one KV cache.
+        """n continuations of each token sequence (sequence-major: sequence 0's n, then sequence 1's...), decoded
+        together with one KV cache. Each sequence is prefilled once, its cache and last logits then copied to its
+        n rows, and the batch's common beginning (a system prompt) once for all (_prefill).
 
         Our own loop rather than model.generate: a row that reaches end-of-sequence (or a stop string) leaves
         the batch and the cache, so short answers stop costing compute (with generate, a batch runs as long
         as its longest answer at full width; on the embedded model's probes half the rows were finished)."""
-        input_ids, attention = self._left_padded(sequences)
-        cache = DynamicCache(config=self.model.config)
+        logits, cache, attention, positions = self._prefill(sequences, self._shared_tokens(sequences, max_new_tokens))
+        if n > 1:
+            cache.batch_repeat_interleave(n)
+            logits, attention, positions = (t.repeat_interleave(n, 0) for t in (logits, attention, positions))
         cache_arg = cache_keyword(self.model)
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)
-        rows = torch.arange(len(sequences))  # which sequence each row of the shrinking batch is
-        produced: list[list[int]] = [[] for _ in sequences]
+        rows = torch.arange(len(sequences) * n)  # which sample each row of the shrinking batch is
+        produced: list[list[int]] = [[] for _ in range(len(sequences) * n)]
         eos = self._eos_ids()
-        ids = input_ids
         for step in range(max_new_tokens):
-            logits = self.model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=True,
-                                logits_to_keep=1, **{cache_arg: cache}).logits[:, -1].float()
-            tokens = _pick_tokens(logits, temperature, top_p, generator).tolist()
+            tokens = _pick_tokens(logits.float(), temperature, top_p, generator).tolist()
             done = []
             for row, token in zip(rows.tolist(), tokens):
                 ended = token in eos
@@ -150,12 +149,42 @@ class LanguageModel:
                 break
             ids = torch.tensor(tokens).unsqueeze(1)
             attention = torch.cat([attention, torch.ones(len(tokens), 1, dtype=attention.dtype)], dim=1)
-            positions = positions[:, -1:] + 1
+            positions = positions + 1
             if not keep.all():
                 index = keep.nonzero().squeeze(1)
                 cache.batch_select_indices(index)
                 ids, attention, positions, rows = ids[index], attention[index], positions[index], rows[index]
+            logits = self.model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=True,
+                                logits_to_keep=1, **{cache_arg: cache}).logits[:, -1]
         return self.tokenizer.batch_decode(produced, skip_special_tokens=True)
+
+    def _prefill(self, sequences: list[list[int]], shared: int
+                 ) -> tuple[torch.Tensor, DynamicCache, torch.Tensor, torch.Tensor]:
+        """Runs the token sequences through the model, left-padded, into a new KV cache. Their first `shared`
+        tokens, the same in every sequence, run once, in a cache then copied to every row; the rest of each
+        sequence is left-padded after them (padding masked out in the middle of a row changes nothing, as at
+        its start). Returns the last position's logits [rows, vocab], the cache, the attention mask [rows,
+        width] and each row's last position id [rows, 1] (every sequence starts at position 0)."""
+        cache = DynamicCache(config=self.model.config)
+        cache_arg = cache_keyword(self.model)
+        if shared:
+            self.model(input_ids=torch.tensor([sequences[0][:shared]]), use_cache=True, logits_to_keep=1,
+                       **{cache_arg: cache})
+            cache.batch_repeat_interleave(len(sequences))
+        input_ids, rest = self._left_padded([ids[shared:] for ids in sequences])
+        attention = torch.cat([torch.ones(len(sequences), shared, dtype=rest.dtype), rest], 1)
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)[:, shared:]
+        logits = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True,
+                            logits_to_keep=1, **{cache_arg: cache}).logits[:, -1]
+        return logits, cache, attention, positions[:, -1:]
+
+    def _shared_tokens(self, sequences: list[list[int]], extra: int) -> int:
+        """How many tokens at the start of `sequences` _prefill runs once (shared_length); 0 on a model with
+        sliding-window layers unless the longest sequence plus `extra` tokens to come fit one window: the
+        window is counted in cache slots, and padding in the middle of a row would stretch it."""
+        shared = shared_length([tuple(ids) for ids in sequences])
+        window = getattr(self.model.config, "sliding_window", None)
+        return shared if window is None or max(len(ids) for ids in sequences) + extra <= window else 0
 
     @torch.inference_mode()
     def loglikelihood(self, requests: list[tuple[str, str]], desc: str = "scoring",
@@ -190,41 +219,28 @@ class LanguageModel:
                 groups.setdefault(tuple(contexts[i]), []).append(i)
         for batch in tqdm(plan_batches(list(groups), self.batch_size), desc=desc, disable=not progress, leave=False):
             members = [(row, i) for row, context in enumerate(batch) for i in groups[context]]
-            scores = self._score_continuations(batch, [(row, continuations[i]) for row, i in members],
-                                               shared_length(batch))
+            scores = self._score_continuations(batch, [(row, continuations[i]) for row, i in members])
             for (_, i), score in zip(members, scores):
                 results[i] = (score, len(continuations[i]))
             if self.cache is not None:
                 self.cache.put_many("loglikelihood", {keys[i]: list(results[i]) for _, i in members})
         return results
 
-    def _score_continuations(self, contexts: list[tuple[int, ...]], continuations: list[tuple[int, list[int]]],
-                             shared: int = 0) -> list[float]:
+    def _score_continuations(self, contexts: list[tuple[int, ...]], continuations: list[tuple[int, list[int]]]
+                             ) -> list[float]:
         """log p(continuation | context) for each (context row, continuation token ids).
 
-        Pass 1 runs the left-padded contexts once, keeping the KV cache and the last position's logits, which
-        give every continuation's first token; their first `shared` tokens, the same in every context, run
-        before that once, in a cache then copied to every row (the rest of each context is then left-padded
-        after them: padding masked out in the middle of a row changes nothing either). Pass 2 copies each
-        context's cache once per continuation that has more tokens and feeds those tokens (right-padded:
-        padding after a sequence cannot change it)."""
+        Pass 1 prefills the contexts (_prefill: their common beginning once), keeping the KV cache and the last
+        position's logits, which give every continuation's first token. Pass 2 copies each context's cache once
+        per continuation that has more tokens and feeds those tokens (right-padded: padding after a sequence
+        cannot change it)."""
         # A context too long for max_length keeps its end, leaving room for its longest continuation.
         room = {row: self.max_length - max(len(cont) for r, cont in continuations if r == row)
                 for row in range(len(contexts))}
         kept = [list(context)[-room[row]:] for row, context in enumerate(contexts)]
-        if shared and not self._can_share(kept, contexts, shared, max(len(cont) for _, cont in continuations)):
-            shared = 0
-        cache = DynamicCache(config=self.model.config)
-        if shared:
-            self.model(input_ids=torch.tensor([kept[0][:shared]]), use_cache=True, logits_to_keep=1,
-                       **{cache_keyword(self.model): cache})
-            cache.batch_repeat_interleave(len(kept))
-        input_ids, rest = self._left_padded([ids[shared:] for ids in kept])
-        attention = torch.cat([torch.ones(len(kept), shared, dtype=rest.dtype), rest], 1)
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)[:, shared:]  # each sequence starts at position 0
-        logits = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True,
-                            logits_to_keep=1, **{cache_keyword(self.model): cache}).logits
-        first = torch.log_softmax(logits[:, -1].float(), -1)  # [contexts, vocab]
+        longest = max(len(cont) for _, cont in continuations)
+        last, cache, attention, positions = self._prefill(kept, self._shared_tokens(kept, longest))
+        first = torch.log_softmax(last.float(), -1)  # [contexts, vocab]
         scores = [first[row, cont[0]].item() for row, cont in continuations]
 
         longer = [k for k, (_, cont) in enumerate(continuations) if len(cont) > 1]
@@ -240,23 +256,13 @@ class LanguageModel:
             tokens[j, :len(fed)] = torch.tensor(fed)
             mask[j, :len(fed)] = 1
         logits = self.model(input_ids=tokens, attention_mask=torch.cat([attention[rows], mask], 1),
-                            position_ids=positions[rows, -1:] + 1 + torch.arange(width), use_cache=True,
+                            position_ids=positions[rows] + 1 + torch.arange(width), use_cache=True,
                             **{cache_keyword(self.model): cache}).logits
         logprobs = torch.log_softmax(logits.float(), -1)  # [continuations, width, vocab]
         for j, k in enumerate(longer):
             targets = torch.tensor(continuations[k][1][1:])
             scores[k] += logprobs[j, torch.arange(len(targets)), targets].sum().item()
         return scores
-
-    def _can_share(self, kept: list[list[int]], contexts: list[tuple[int, ...]], shared: int, longest: int) -> bool:
-        """Whether the batch's first `shared` tokens can run once for all: no context was cut to fit
-        max_length, and on a model with sliding-window layers the whole padded batch fits one window (padding
-        in the middle of a row would count towards the window)."""
-        if any(len(ids) != len(context) for ids, context in zip(kept, contexts)):
-            return False
-        window = getattr(self.model.config, "sliding_window", None)
-        width = shared + max(len(ids) - shared for ids in kept) + longest
-        return window is None or width <= window
 
 
 def _pick_tokens(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:

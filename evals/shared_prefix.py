@@ -2,8 +2,9 @@
 
 Evaluation prompts repeat their openings: every chat prompt starts with the template's system turn, every
 few-shot item of a scenario with the same demonstrations (machine ethics' 8 shots: ~300 of its ~340 tokens),
-every jailbreak item with its jailbreak text. LanguageModel.loglikelihood runs a batch's shared beginning once
-and only the rest of each context on copies of its KV cache; this module chooses the batches.
+every jailbreak item with its jailbreak text, every generation prompt of a scenario with its system prompt.
+LanguageModel runs a batch's shared beginning once and only the rest of each sequence on copies of its KV cache
+(LanguageModel._prefill); this module measures what a batch shares and chooses log-likelihood batches.
 
 Two plans are costed and the cheaper one is taken: contexts sorted by length (as before sharing: little
 padding, sharing whatever a batch happens to share) and contexts in token order, cut greedily where
