@@ -65,6 +65,18 @@ def source_stamp(path: Path) -> dict:
             "transformers": importlib.metadata.version("transformers"), "gguf": importlib.metadata.version("gguf")}
 
 
+def current_entry(path: Path) -> Path | None:
+    """The cache entry of GGUF file `path` when it is there, current and intact (what load_gguf would read: a
+    plain safetensors model folder), else None."""
+    if not cache_enabled():
+        return None
+    entry = entry_dir(path)
+    try:
+        return entry if entry_problem(entry, source_stamp(path)) is None else None
+    except OSError:  # the GGUF file itself is gone
+        return None
+
+
 def load_gguf(path: Path, dtype: torch.dtype):
     """(model, tokenizer) of a GGUF file: from its cache entry when that is current and intact, else read from
     the file and cached for next time. Where the entry cannot be written the model is returned all the same."""

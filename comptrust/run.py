@@ -16,6 +16,7 @@ from comptrust.evals import DIMENSIONS, LanguageModel, perplexity
 from comptrust.evals.cache import OutputCache
 from comptrust.evals.perplexity import builtin_text, read_text_file
 from comptrust.evals.registry import EvalContext
+from comptrust.gguf_models import current_entry
 from comptrust.lean_decode import unsupported_reason
 from comptrust.memory import (available_memory_bytes, current_rss_bytes, peak_rss_bytes, release_memory, reset_peak_rss,
                               weight_bytes)
@@ -251,11 +252,15 @@ def _evaluate_variant(loaded, variant: Variant, config: RunConfig, text: str, te
 def _reloadable(loaded, variant: Variant, folder: Path, serving: bool) -> tuple[str | None, str | None]:
     """(where this variant's model loads from again, its checkpoint directory for the serving process). A model
     compressed here is written to `folder` for both; a dense one loads again from its own source, and is written
-    there too when `serving` needs a directory and its source is a GGUF file or a hub id. None where the model has
-    no checkpoint form (e.g. mixed int4 and 2:4 layers) or no room for one: the row stays out of that phase."""
+    there too when `serving` needs a directory and its source is a GGUF file or a hub id, unless the GGUF file's
+    cache entry (gguf_models) already is that folder. None where the model has no checkpoint form (e.g. mixed
+    int4 and 2:4 layers) or no room for one: the row stays out of that phase."""
     if variant.compression is None:
         if os.path.isdir(variant.model) or not serving:
             return variant.model, variant.model if os.path.isdir(variant.model) else None
+        cached = current_entry(Path(loaded.source)) if loaded.source.endswith(".gguf") else None
+        if cached is not None:  # what load_model read it from: a plain safetensors model, written once, not per run
+            return variant.model, str(cached)
         try:
             save_compressed(loaded.model, loaded.tokenizer, folder)  # no compression: a plain safetensors model
         except (ValueError, OSError):

@@ -147,3 +147,23 @@ def test_a_writer_that_loses_the_race_keeps_the_winners_entry(cache, reference, 
     gguf_models.write_entry(model, tokenizer, entry, stamp)  # finds a good entry in place: leaves it
     assert (entry / "model.safetensors").stat().st_ino == before
     assert gguf_models.entry_problem(entry, stamp) is None and not list(entry.parent.glob(".*partial"))
+
+
+def test_the_current_entry_serves_as_the_dense_checkpoint(cache, reference, gguf_reads, tmp_path, monkeypatch):
+    from comptrust.run import Variant, _reloadable
+
+    path = smollm2_gguf_path()
+    assert gguf_models.current_entry(path) is None  # nothing cached yet
+    loaded = load_model("default")
+    entry = gguf_models.current_entry(path)
+    assert entry == entry_dir(path) and (entry / "config.json").is_file()
+    # comptrust run's serving process takes it as the dense model's checkpoint instead of writing one per run
+    scratch = tmp_path / "scratch"
+    assert _reloadable(loaded, Variant("dense", "default"), scratch, serving=True) == ("default", str(entry))
+    assert not scratch.exists()
+    _flip_a_weight_byte(entry)  # a damaged entry is never handed out: the run writes its own checkpoint again
+    assert gguf_models.current_entry(path) is None
+    assert _reloadable(loaded, Variant("dense", "default"), scratch, serving=True) == ("default", str(scratch))
+    assert (scratch / "config.json").is_file()
+    monkeypatch.setenv("COMPTRUST_DENSE_CACHE", "0")
+    assert gguf_models.current_entry(path) is None
