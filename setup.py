@@ -3,6 +3,8 @@
 Environment switches:
   COMPTRUST_SKIP_CUDA=1   never build the CUDA sources
   COMPTRUST_FORCE_CUDA=1  build them even if torch reports no CUDA device (needs a CUDA build of torch)
+  COMPTRUST_PORTABLE_ONLY=1  leave out the x86 SIMD kernels: the build a non-x86 CPU gets (csrc/cpu/isa.h),
+                          to check it on x86 (scripts/check_portable_build.sh)
 """
 import glob
 import os
@@ -33,6 +35,8 @@ def _extension():
     # -fopenmp at compile time activates at::parallel_for's OpenMP region; we do not link a libgomp
     # of our own, so the symbols bind to the runtime torch already loaded (one pool, torch's thread count).
     cxx_flags = ["-O3", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
+    if os.environ.get("COMPTRUST_PORTABLE_ONLY") == "1":
+        cxx_flags.append("-DCOMPTRUST_PORTABLE_ONLY")
     with_cuda, why = _cuda_build_decision()
     if not with_cuda:
         print(f"comptrust: building CPU ops only; CUDA skipped: {why}")

@@ -1,4 +1,4 @@
-"""The tiled CPU kernels (csrc/cpu/gemm_tiled_cpu.cpp) and their layout (comptrust.formats.cpu_tiles).
+"""The tiled CPU kernels (csrc/cpu/gemm_tiled*.cpp) and their layout (comptrust.formats.cpu_tiles).
 
 Each SIMD path is forced in turn through COMPTRUST_CPU_ISA. Against the pure-torch references (the
 dequantized weight; for act_bits=8 the same int8 activation rounding done in torch), float activations

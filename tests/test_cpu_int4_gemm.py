@@ -1,4 +1,4 @@
-"""The CPU int4_gemm (GPTQ layout, tiled on entry and run by csrc/cpu/gemm_tiled_cpu.cpp) against the
+"""The CPU int4_gemm (GPTQ layout, tiled on entry and run by csrc/cpu/gemm_tiled*.cpp) against the
 pure-torch reference.
 
 Every SIMD path (avx2, scalar) is forced in turn through COMPTRUST_CPU_ISA. Metric: relative

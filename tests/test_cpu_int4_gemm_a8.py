@@ -1,4 +1,4 @@
-"""w4a8: int4_gemm with activations quantized to int8 (csrc/cpu/gemm_tiled_cpu.cpp, act_bits=8).
+"""w4a8: int4_gemm with activations quantized to int8 (csrc/cpu/gemm_tiled*.cpp, act_bits=8).
 
 Against comptrust.reference.int4_gemm_a8, which quantizes x the same way in torch, the kernel differs
 only by float summation order: bound 1e-5 relative (measured ~4e-7). Against the float-activation

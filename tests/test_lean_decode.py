@@ -311,8 +311,15 @@ def test_program_binds_its_fp32_linears(tiny_llama, tag):
     if tag:
         compress_(model, config_from_tag(tag), progress=False)
     how = "bound" if tag in (None, "mag-50") or "avx512" in available_isas() else "op"  # mag-50: bitmap or dense
-    expected = [line for i in range(2) for line in (f"layer {i} qkv: 3 {how}", f"layer {i} o: 1 {how}",
-                                                     f"layer {i} gate_up: 2 {how}", f"layer {i} down: 1 {how}")]
+    parts = (("qkv", 3), ("o", 1), ("gate_up", 2), ("down", 1))
+    if how == "op" and tag.startswith("mag-24"):
+        # No bound 2:4 product here (an AVX2 CPU, the portable build): one op call a layer. The tiny model's down
+        # projection (k = 200) stays dense under w4g64 (groups of 128 inputs), and dense rows always bind.
+        down = "1 bound" if tag == "mag-24-w4g64" else "1 op"
+        expected = [line for i in range(2) for part, n in parts
+                    for line in ([f"layer {i} down: {down}"] if part == "down" else [f"layer {i} {part}: 1 op"] * n)]
+    else:
+        expected = [f"layer {i} {part}: {n} {how}" for i in range(2) for part, n in parts]
     program = LeanDecoder(model, 16).program
     screen = ", greedy screen (int8 copy, 7.1 MB)" if _C.cpu_avx512_vnni() else ""  # test_screened_argmax.py
     assert program.describe() == expected + ["head: 1 bound" + screen]
@@ -333,9 +340,11 @@ def test_program_binds_int8_activation_layers(tiny_llama):
         f"layer 0 qkv: 3 {how}", f"layer 0 o: 1 {how}", f"layer 0 gate_up: 2 {how}", "layer 0 down: 1 op"]
     sparse = copy.deepcopy(tiny_llama)
     compress_(sparse, config_from_tag("mag-24-w4g64-a8"), progress=False)
-    how = "bound" if "avx512" in available_isas() and _C.cpu_avx512_vnni_vbmi() else "op"
-    assert LeanDecoder(sparse, 16).program.describe()[:4] == [
-        f"layer 0 qkv: 3 {how}", f"layer 0 o: 1 {how}", f"layer 0 gate_up: 2 {how}", f"layer 0 down: 1 {how}"]
+    if "avx512" in available_isas() and _C.cpu_avx512_vnni_vbmi():
+        expected = ["layer 0 qkv: 3 bound", "layer 0 o: 1 bound", "layer 0 gate_up: 2 bound", "layer 0 down: 1 bound"]
+    else:  # no bound 2:4 product here: one op call a layer
+        expected = ["layer 0 qkv: 1 op"] * 3 + ["layer 0 o: 1 op"]
+    assert LeanDecoder(sparse, 16).program.describe()[:4] == expected
 
 
 def test_float_steps_refuse_caches_and_positions_the_ops_refuse(tiny_llama):

@@ -105,7 +105,7 @@ COMPTRUST_AMX inline void store_blocks(float* c) {
 // Panels of raw codes (gemm_bf16_panels): per group g, the tile unit sums x . q over the group's inputs, then in
 // fp32 for the 16 columns
 //   c[r] += scale_g * (sum x.q) - zero_g * scale_g * (sum of x[r] over the group)
-// (the direct kernels' identity, gemm_tiled_cpu.cpp). The codes are small integers, exact in bf16, so only x
+// (the direct kernels' identity, gemm_tiled.h). The codes are small integers, exact in bf16, so only x
 // is rounded: the weights are as exact as in the fp32 kernels. Panels of weight values are one group with
 // scale 1 and no zero point.
 struct GroupParams {

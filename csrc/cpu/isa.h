@@ -3,7 +3,9 @@
 #pragma once
 #include <string>
 
-#if defined(__x86_64__) || defined(_M_X64)
+// COMPTRUST_PORTABLE_ONLY (setup.py: COMPTRUST_PORTABLE_ONLY=1) builds what a non-x86 CPU gets, the portable
+// scalar kernels only, so that build is compiled and tested on x86 too (make test's portable check).
+#if (defined(__x86_64__) || defined(_M_X64)) && !defined(COMPTRUST_PORTABLE_ONLY)
 #define COMPTRUST_X86 1
 #endif
 

@@ -14,17 +14,7 @@
 // accumulator arrays on the stack and every fused multiply-add pays a store and a reload.
 #define COMPTRUST_UNROLL _Pragma("GCC unroll 8")
 
-#ifdef COMPTRUST_X86
-#include <immintrin.h>
-#define COMPTRUST_AVX2 __attribute__((target("avx2,fma,f16c")))
-#define COMPTRUST_AVX512 __attribute__((target("avx512f,avx2,fma,f16c")))
-#define COMPTRUST_AVX512_VNNI __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma,f16c")))
-#define COMPTRUST_AVX512_VNNI_VBMI __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vbmi,avx2,fma,f16c")))
-// The bf16 panels (amx_bf16.h): decoding and the vdpbf16ps product need no tile unit; the tile product does.
-#define COMPTRUST_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512dq,avx512bf16,avx512vbmi,avx2,fma,f16c")))
-#define COMPTRUST_AMX \
-  __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512dq,avx512bf16,avx512vbmi,avx2,fma,f16c")))
-
+// The portable helpers below serve every build; the rest of this file only x86-64.
 namespace comptrust::cpu {
 
 // The register kernels take a compile-time number of rows R (their accumulators live in registers):
@@ -59,6 +49,21 @@ template <class T>
 T* align64(T* p) {
   return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t{63});
 }
+
+}  // namespace comptrust::cpu
+
+#ifdef COMPTRUST_X86
+#include <immintrin.h>
+#define COMPTRUST_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define COMPTRUST_AVX512 __attribute__((target("avx512f,avx2,fma,f16c")))
+#define COMPTRUST_AVX512_VNNI __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma,f16c")))
+#define COMPTRUST_AVX512_VNNI_VBMI __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vbmi,avx2,fma,f16c")))
+// The bf16 panels (amx_bf16.h): decoding and the vdpbf16ps product need no tile unit; the tile product does.
+#define COMPTRUST_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512dq,avx512bf16,avx512vbmi,avx2,fma,f16c")))
+#define COMPTRUST_AMX \
+  __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512dq,avx512bf16,avx512vbmi,avx2,fma,f16c")))
+
+namespace comptrust::cpu {
 
 // Software prefetch this far ahead in a tile's weight stream: the hardware prefetcher alone left the batch-1
 // kernels reading DRAM at half the bandwidth (decode and memory time added up instead of overlapping).

@@ -340,7 +340,7 @@ COMPTRUST_AVX512 inline __m512i slot_shifts() {
 COMPTRUST_AVX512 inline __m512 group_inputs16(const float* x4) { return _mm512_broadcast_f32x4(_mm_loadu_ps(x4)); }
 
 // P > 1 runs tiles t..t+P-1 through each step together: 2P weight streams (values and metadata) in flight
-// instead of 2, which gets more of the memory bandwidth at batch 1 (see gemm_tiled_cpu.cpp's a8 kernels).
+// instead of 2, which gets more of the memory bandwidth at batch 1 (see gemm_tiled_avx512.cpp's a8 kernels).
 template <class V, int R, int P = 1>
 COMPTRUST_AVX512 void direct_float_avx512(const Sparse24Problem& p, int64_t t, int64_t i0) {
   constexpr int A = kFloatChains<R>;  // groups in flight per step, one chain each
@@ -724,23 +724,29 @@ void run_bf16_panels(const Sparse24Problem& p, const AmxActivations& x, Out* y) 
 // second vpdpbusd with weights 1 adds x0 + x1, for the zero point: sum (q - z) x = sum q x - z sum x.
 // Two groups per step: 8 vector instructions per 64 multiply-adds, against 8 per 16 for float x.
 
+#endif  // COMPTRUST_X86
+
 // Rows of x per task of the activation loops below: one task for a few rows of a small layer.
 inline int64_t activation_rows_grain(int64_t k) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1)); }
 
 // x8[i, k] (natural order) and block_scale[i, groups * blocks_per_group] for rows of x [m, k].
 void quantize_rows_int8(const float* x, int64_t m, int64_t k, int64_t group_inputs, int8_t* x8, float* block_scale) {
   const int64_t groups = (k + group_inputs - 1) / group_inputs, per_group = (group_inputs + kActBlock - 1) / kActBlock;
+#ifdef COMPTRUST_X86
   const bool avx512 = select_isa() == Isa::kAvx512;
+#endif
   at::parallel_for(0, m, activation_rows_grain(k), [&](int64_t row_begin, int64_t row_end) {
     for (int64_t i = row_begin; i < row_end; ++i) {
       for (int64_t g = 0; g < groups; ++g) {
         for (int64_t b = 0; b < per_group; ++b) {
           const int64_t begin = g * group_inputs + b * kActBlock;
           const int64_t end = std::min({begin + kActBlock, (g + 1) * group_inputs, k});
+#ifdef COMPTRUST_X86
           if (avx512 && end - begin == kActBlock) {
             block_scale[(i * groups + g) * per_group + b] = quantize_block_int8(x + i * k + begin, x8 + i * k + begin);
             continue;
           }
+#endif
           float amax = 0.f;
           for (int64_t kk = begin; kk < end; ++kk) amax = std::max(amax, std::abs(x[i * k + kk]));
           const float inv = amax > 0.f ? 127.f / amax : 0.f;  // a true division, as the reference
@@ -770,6 +776,7 @@ void dequantize_rows_int8(const int8_t* x8, const float* block_scale, int64_t m,
   });
 }
 
+#ifdef COMPTRUST_X86
 // x8[i * kLimbs + l, k] (natural order) and block_scale[i * kLimbs + l, groups * blocks_per_group]: limb l of
 // rows of fp32 x [m, k] (int8_limbs.h), blocks as quantize_rows_int8's.
 void quantize_rows_limbs(const float* x, int64_t m, int64_t k, int64_t group_inputs, int8_t* x8, float* block_scale) {
@@ -789,7 +796,7 @@ void quantize_rows_limbs(const float* x, int64_t m, int64_t k, int64_t group_inp
 }
 
 // Rows i0..i0+R-1 of y for tiles t, t + 1 (t the last tile: run twice over, the low half stored), or at
-// batch 1 the P pairs from tile t together (more weight streams in flight, as gemm_tiled_cpu.cpp's a8 kernels).
+// batch 1 the P pairs from tile t together (more weight streams in flight, as gemm_tiled_avx512.cpp's a8 kernels).
 // Two 2:4 groups at a time: each 32-bit lane (column) gets bytes [q0, q1, q0', q1'] of groups g, g + 1 and
 // the four inputs they multiply, so one vpdpbusd adds all four products. The decoding is shared by the R rows.
 // LIMBS = kLimbs: fp32 x as int8 limbs (int8_limbs.h, quantize_rows_limbs): each row is three int8 rows whose

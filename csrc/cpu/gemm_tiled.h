@@ -1,0 +1,212 @@
+// The CPU int4/int3/int8 x float GEMM/GEMV over the tiled layout (csrc/include/comptrust/cpu_tiles.h): what its
+// files share (the problem a call describes, the layout's lane orders, the AVX2 code decoders, each kernel family's
+// entry points) and, below, its paths. gemm_tiled_cpu.cpp holds the ops and picks the path (gemm_tiled_2d, run);
+// the SIMD kernel families are one file each, gemm_tiled_{avx2,panel,avx512,stream,bf16}.cpp.
+//
+// Five paths, picked by batch size, activation precision and CPU:
+//   * direct (batch < kPanelMinRows, float activations): codes are decoded in registers and feed up to
+//     kRowBlock rows at once. Per group we accumulate sum_k x*q and apply zero and scale once:
+//       sum_k x*(q - z)*s = s * (sum_k x*q - z * sum_k x),   sum_k x precomputed per (row, group).
+//     Batch 1 is memory-bound, so this is the path that must run at DRAM speed. One fp32 row on int4 and int3
+//     layers (TiledGemv, also the decode program's bound product) reads each thread's tiles as one stream with x
+//     as int8 limbs on VNNI where k <= 4096 and k and the group size fit (stream_vnni_avx512,
+//     stream_int3_vnni_avx512).
+//   * panel (kPanelMinRows <= batch < kBlasMinRows, float activations): two tiles (four with AVX-512) are
+//     dequantized once into an L1-resident fp32 panel, then a 6x16 (6x32) register-blocked microkernel runs
+//     every row over it (the decode cost is paid once per weight instead of once per row block).
+//   * dequantize + BLAS (batch >= kBlasMinRows, kBlasMinRowsAvx512 with AVX-512; float activations):
+//     blocks of tiles dequantized into a scratch and multiplied by torch's GEMM (dense_blocks.h).
+//   * AMX-BF16 (bf16 activations, kPanelMinRows <= batch < kAmxMaxRows, where the CPU has AMX): two tiles'
+//     codes (or, for int8 and groups that split a 32-input step, dequantized weights) as a bf16 panel in the
+//     tile unit's pair layout, multiplied with tdpbf16ps; codes are scaled per group in fp32. Without AMX but
+//     with AVX512-BF16 (Zen 4), bf16 activations from kPanelMinRows to kDotMaxRows rows (kAmxMaxRows on large
+//     layers) run the same panels on vdpbf16ps (bf16_dot.h). fp32
+//     activations take it too for panels of codes (kPanelMinRows <= batch < kBlasMinRowsAvx512), x split into
+//     three bf16 planes whose sum is exactly x (run_amx_fp32), in place of the panel path.
+//   * a8 (int8 activations, any batch; int4/int3 weights): x is quantized per row and per block of 32
+//     inputs, the codes are unpacked into u8 lanes and multiplied with vpdpbusd where the CPU has AVX-512
+//     VNNI (64 u8 x s8 products per instruction), else vpmaddubsw/vpmaddwd (16 per pair), the integer
+//     block sums scaled once per block. With VNNI, fp32 x runs there too where that is faster (limbs_for:
+//     batch 1, and up to 255 rows on larger layers), as three int8 limbs per block that hold x to 2^-23 of the
+//     block's largest input (quantize_limbs): fp32 accuracy, in place of the direct and panel kernels.
+// Each kernel has an AVX2 path and a portable scalar one (the BLAS path a scalar dequantization); direct,
+// a8 and the panel also an AVX-512 one (isa.h picks). The AVX-512 int4/int3 direct and a8 kernels take two
+// neighbouring tiles per register (16 output columns for the same inputs).
+// int8 weights (w8, for accuracy rather than size) have no a8 path: u8 codes up to 255 times s8
+// activations would saturate vpmaddubsw's int16 pairs.
+// Work split: tiles (8 output columns) are the tasks of at::parallel_for, so each thread streams a
+// contiguous stretch of the weight; at batch 1 on large layers the a8 kernels run four tile pairs at once
+// (eight weight streams per thread: more of the memory bandwidth), on more rows two (pairs_per_unit).
+#pragma once
+#include "isa.h"  // defines COMPTRUST_X86 on x86-64
+
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "comptrust/cpu_tiles.h"
+#include "int8_limbs.h"  // kLimbs; the limb splitting on x86-64
+#include "simd_common.h"
+
+namespace comptrust::cpu::tiled {
+
+constexpr int64_t kPanelMinRows = 8;
+// Row counts where the float-x paths change (gemm_tiled_2d): the panel (or limbs) below, dequantize + BLAS from.
+constexpr int64_t kBlasMinRows = 64;
+constexpr int64_t kBlasMinRowsAvx512 = 256;
+
+// int4: k/8 words per column; int3: 3 words per 32 rows; int8: k/4.
+inline int64_t words_per_column(int bits, int64_t k) {
+  return bits == 4 ? k / 8 : bits == 8 ? k / 4 : k / kInt3BlockRows * 3;
+}
+
+struct Problem {
+  int bits;
+  const float* x;             // [m, k] fp32 (float activations)
+  const int8_t* x8;           // [m * limbs, k] int8 in the layout's lane order (a8 and limbs; quantize_rows)
+  const float* x_block_scale; // [m * limbs, groups * blocks_per_group] (a8 and limbs)
+  const float* x_group_sum;   // [m, groups]: sum of x (or of dequantized x8) over each group
+  const int32_t* w;
+  const uint8_t* zeros;
+  const at::Half* scales;
+  float* y;  // [m, n]
+  int64_t m, n, k, group_size, groups, blocks_per_group;
+  int limbs = 1;  // kLimbs: fp32 x as int8 limbs (int8_limbs.h, a8_avx512), else 1
+
+  const int32_t* tile_w(int64_t t) const { return w + t * words_per_column(bits, k) * kTileCols; }
+  const uint8_t* tile_zeros(int64_t t) const { return zeros + t * groups * kTileCols; }
+  const at::Half* tile_scales(int64_t t) const { return scales + t * groups * kTileCols; }
+  int64_t group_end(int64_t g) const { return std::min(k, (g + 1) * group_size); }
+};
+
+// Position of input kk inside its 8 (int4) or 32 (int3) row unit in the a8 lane order.
+inline int64_t a8_lane_position(int bits, int64_t kk) {
+  if (bits == 4) {
+    const int64_t base = kk - kk % 8, r = kk % 8;  // even rows 0,2,4,6 then odd rows 1,3,5,7
+    return base + (r % 2) * 4 + r / 2;
+  }
+  const int64_t base = kk - kk % kInt3BlockRows, r = kk % kInt3BlockRows;  // row 16p + 4q + i -> 16p + 4i + q
+  const int64_t plane = r / 16, q = (r % 16) / 4, i = r % 4;
+  return base + plane * 16 + i * 4 + q;
+}
+
+// ... and inside its 16 (int4) or 32 (int3) row unit in the one-stream kernels' lane order (stream_vnni_avx512,
+// stream_int3_vnni_avx512). int4: inputs 16v..16v+15 as {0,2,4,6}, {8,10,12,14}, {1,3,5,7}, {9,11,13,15}; int3:
+// bytes [8i, 8i + 8) of a block are x[16p + 4q + i] at 8i + 4p + q.
+inline int64_t stream_lane_position(int bits, int64_t kk) {
+  if (bits == 4) {
+    const int64_t base = kk - kk % 16, r = kk % 16, half = r / 8, i = r % 8;
+    return base + (i % 2) * 8 + half * 4 + i / 2;
+  }
+  const int64_t base = kk - kk % kInt3BlockRows, r = kk % kInt3BlockRows;
+  const int64_t plane = r / 16, q = (r % 16) / 4, i = r % 4;
+  return base + i * 8 + plane * 4 + q;
+}
+
+// Where a kernel family wants x's int8 codes (quantize_rows): the two-tile kernels' order or the one-stream one.
+enum class Lanes { kTwoTile, kOneStream };
+
+inline int64_t lane_position(Lanes lanes, int bits, int64_t kk) {
+  return lanes == Lanes::kOneStream ? stream_lane_position(bits, kk) : a8_lane_position(bits, kk);
+}
+
+// sums[i][g] = the sum of x's row i over group g, in fp32 (the zero-point term of every float-x kernel).
+void group_sums_fp32(const Problem& p, const float* x, float* sums);
+
+#ifdef COMPTRUST_X86
+// Codes of row b (0..3 within the word) of the 8 columns of an int8 word row, as floats.
+COMPTRUST_AVX2 inline __m256 int8_codes(__m256i words, int b) {
+  return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(words, 8 * b), _mm256_set1_epi32(0xFF)));
+}
+
+template <int BITS>
+COMPTRUST_AVX2 inline __m256 load_tile_zeros(const uint8_t* z) {
+  const __m256 zeros = load_zeros(z);
+  return BITS == 8 ? _mm256_add_ps(zeros, _mm256_set1_ps(kInt8ZeroOffset)) : zeros;
+}
+
+// Codes of row 16*plane + j of an int3 block (low plane word, high plane word), as floats.
+COMPTRUST_AVX2 inline __m256 int3_codes(__m256i low, __m256i high, int plane, int j) {
+  const int high_bit = 8 * (j / 4) + 4 * plane + j % 4;
+  const __m256i lo = _mm256_and_si256(_mm256_srli_epi32(low, 2 * j), _mm256_set1_epi32(3));
+  const __m256i hi_at_2 = high_bit >= 2 ? _mm256_srli_epi32(high, high_bit - 2) : _mm256_slli_epi32(high, 2 - high_bit);
+  return _mm256_cvtepi32_ps(_mm256_or_si256(lo, _mm256_and_si256(hi_at_2, _mm256_set1_epi32(4))));
+}
+
+// table[i][v] = 4 * (bit i of v & 15): 16 entries, repeated for each 128-bit lane of vpshufb.
+struct HighBitTables {
+  alignas(32) int8_t table[4][32];
+};
+constexpr HighBitTables make_high_bit_tables() {
+  HighBitTables tables{};
+  for (int i = 0; i < 4; ++i)
+    for (int v = 0; v < 32; ++v) tables.table[i][v] = static_cast<int8_t>((((v & 15) >> i) & 1) * 4);
+  return tables;
+}
+inline constexpr HighBitTables kHighBitTimes4 = make_high_bit_tables();
+
+// ------------------------------------------------------------------------------------------- entry points
+// gemm_tiled_avx2.cpp: AVX2 direct (float x) or a8 (int8 x, vpmaddubsw) kernels, every row of x, tile t.
+void rows_avx2(const Problem& p, int64_t t, bool a8);
+
+// gemm_tiled_panel.cpp: float x from kPanelMinRows rows through L1 panels of dequantized tiles (AVX2 or AVX-512
+// microkernel, by isa), every tile; and tile t's weights dequantized for the BLAS path (dense_blocks.h), out
+// [k][ld] from column 0 of the tile.
+void panel_all(const Problem& p, Isa isa);
+void dequantize_tile_avx2(const Problem& p, int64_t t, float* out, int64_t ld);
+void dequantize_tile_avx2(const Problem& p, int64_t t, at::BFloat16* out, int64_t ld);
+
+// gemm_tiled_avx512.cpp: the AVX-512 two-tile kernels. run_vnni_two_tile: every tile on the VNNI kernel (int8 x,
+// or fp32 x as limbs: p.limbs), in units of pairs_per_unit tile pairs; grain: tiles per task. direct_rows_avx512:
+// float x on tiles 2u and 2u + 1 (int4 / int3); int8_rows_avx512: float x on int8 tile t.
+void run_vnni_two_tile(const Problem& p, int64_t grain);
+void direct_rows_avx512(const Problem& p, int64_t u);
+void int8_rows_avx512(const Problem& p, int64_t t);
+
+// gemm_tiled_stream.cpp: the one-stream VNNI kernels (one row of x, int4 / int3).
+constexpr int kStreamInputs = 16;
+// Layers of fp32 x take it up to this k, where x's limbs (3k bytes) stay well inside L1, at any size (int8
+// activations, k bytes, at any k): 4096 x 4096 and
+// 11008 x 4096 read 3-10% and 14-17% faster than on the two-tile limb kernel (a8_avx512), 4096 x 11008 20% slower
+// (cold, alternated in one process); SmolLM2's layers (k = 576, 1536) 20-50% faster than on the two-tile fp32 one.
+// int3, against the two-tile limb kernel: 11008 x 4096 and 4096 x 4096 1.10x, SmolLM2's 576 x 576, 576 x 1536 and
+// 1536 x 576 1.12x, 1.20x and 1.43x.
+constexpr int64_t kStreamMaxInputs = 4096;
+
+inline bool stream_fits(int bits, int64_t k, int64_t group_size) {
+  if (bits == 3) return group_size % kInt3BlockRows == 0;  // k is a multiple of 32 in the int3 layout
+  return bits == 4 && k % kStreamInputs == 0 && group_size % kStreamInputs == 0;
+}
+
+// x's int8 codes in a kernel family's lane order (lane_position), as LimbOrder for limbs_of_block and
+// quantize_block_int8.
+const LimbOrder& lane_order(Lanes lanes, int bits);
+
+// The activations of one row for the one-stream kernels, as `limbs` int8 rows in their lane order
+// (stream_lane_position): codes[l * k + kk] limb l of input kk's position, steps[(l * groups + g) *
+// blocks_per_group + b] the step of limb l in block b of group g. fp32 x: kLimbs limbs (stream_limbs, fp32
+// accuracy); int8 activations (act_bits 8): one, x's a8 codes (stream_int8).
+struct StreamLimbs {
+  int limbs = kLimbs;
+  std::vector<int8_t> codes;
+  std::vector<float> steps;
+};
+
+// x's kLimbs limbs for the one-stream kernels (fp32 accuracy).
+void stream_limbs(const Problem& p, const float* x, StreamLimbs& out);
+// Tiles 2u and 2u + 1 (the work units of the two-tile kernels), one after the other.
+void stream_vnni_pair(const Problem& p, const StreamLimbs& x, int64_t u);
+
+// gemm_tiled_bf16.cpp: bf16 panels on AMX-BF16 or AVX512-BF16 (vdpbf16ps).
+// Whether bf16 x of m rows runs on the bf16 panels (either engine).
+bool bf16_panels_for(int64_t m, int64_t n, int64_t k);
+// y = x @ W^T for bf16 x and y.
+void run_bf16_panels(const Problem& p, const at::BFloat16* x, at::BFloat16* y);
+// Whether fp32 x of p.m rows runs on the tile unit as three exact bf16 planes (run_amx_fp32).
+bool amx_fp32_for(const Problem& p);
+void run_amx_fp32(const Problem& p, const float* x, float* y);
+#endif  // COMPTRUST_X86
+
+}  // namespace comptrust::cpu::tiled
