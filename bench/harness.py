@@ -262,9 +262,9 @@ def run_kernel_bench(bench: str, kernels: Sequence[Kernel], anchors: Sequence[st
                      shapes: Sequence[tuple[int, int]], batches: Sequence[int], quick: bool, progress: bool,
                      min_time: float | None, cold_bytes: int | None, bandwidth_bytes: int | None,
                      row_fields: dict | None = None) -> dict:
-    """Time every kernel on make_layer(n, k) for each shape and batch, between two read-bandwidth tests;
-    {"machine", "settings", "rows"} with % of bandwidth and speedups over `anchors` filled in. None for
-    min_time / cold_bytes / bandwidth_bytes means MIN_TIME / twice the L3 / the larger of that and
+    """Time every kernel on make_layer(n, k) for each shape and batch, with a read-bandwidth test before the first
+    shape and after each; {"machine", "settings", "rows"} with % of bandwidth and speedups over `anchors` filled
+    in. None for min_time / cold_bytes / bandwidth_bytes means MIN_TIME / twice the L3 / the larger of that and
     MIN_BANDWIDTH_BYTES. Shapes are the caller's to check (each format has its own divisibility rules)."""
     from comptrust import ops
 
@@ -281,20 +281,24 @@ def run_kernel_bench(bench: str, kernels: Sequence[Kernel], anchors: Sequence[st
                       "pure-torch reference: " + ops.backends()["cpu"]["detail"], True)
     progress_line(f"bench {bench}: read bandwidth over {bandwidth_bytes // MIB} MiB ...", progress)
     bandwidth_time = BANDWIDTH_MIN_TIME * min_time / MIN_TIME
-    bandwidth = read_bandwidth(bandwidth_bytes, min_time=bandwidth_time)
+    reads = [read_bandwidth(bandwidth_bytes, min_time=bandwidth_time)]
     rows = []
     for index, (n, k) in enumerate(shapes, 1):
         t0 = time.perf_counter()
-        rows += _bench_shape(kernels, anchors, make_layer(n, k), n, k, batches, cold_bytes, min_time, row_fields)
+        shape_rows = _bench_shape(kernels, anchors, make_layer(n, k), n, k, batches, cold_bytes, min_time, row_fields)
+        reads.append(read_bandwidth(bandwidth_bytes, min_time=bandwidth_time))
+        # The machine's bandwidth drifts over seconds to minutes (its memory is shared with other tenants; one run
+        # read 63 GB/s at its start and 32 at its end): each shape's rows are measured against the better of the
+        # two reads around them, as STREAM reports its best run, not against a read taken far from their timing.
+        anchor = max(reads[-2]["gb_per_s"], reads[-1]["gb_per_s"])
+        for row in shape_rows:
+            row["read_bandwidth_gb_per_s"] = anchor
+            row["pct_of_read_bandwidth"] = 100 * row["gb_per_s"] / anchor
+        rows += shape_rows
         progress_line(f"bench {bench}: [{index}/{len(shapes)}] {n}x{k} batches {list(batches)}: "
                       f"{time.perf_counter() - t0:.1f} s", progress)
-    # The machine's bandwidth drifts (its memory is shared with other tenants): read it again at the end, and
-    # take the better of the two as the roofline, as STREAM reports its best run.
-    end = read_bandwidth(bandwidth_bytes, min_time=bandwidth_time)
-    samples = [bandwidth["gb_per_s"], end["gb_per_s"]]
-    bandwidth = dict(max(bandwidth, end, key=lambda b: b["gb_per_s"]), samples_gb_per_s=samples)
-    for row in rows:
-        row["pct_of_read_bandwidth"] = 100 * row["gb_per_s"] / bandwidth["gb_per_s"]
+    samples = [read["gb_per_s"] for read in reads]
+    bandwidth = dict(max(reads, key=lambda read: read["gb_per_s"]), samples_gb_per_s=samples)
     add_speedups(rows, anchors)
     settings = {"bench": bench, "quick": quick, "shapes": [list(s) for s in shapes], "batches": list(batches),
                 **row_fields, "min_time_s": min_time, "anchors": list(anchors),
@@ -307,8 +311,11 @@ def format_table(result: dict) -> str:
     machine, rows = result["machine"], result["rows"]
     anchors = result["settings"]["anchors"]
     lines = [f"{machine['cpu_model']}; {machine['threads']} threads; {machine['isa']}",
-             f"read bandwidth {machine['read_bandwidth_gb_per_s']:.1f} GB/s "
-             f"({machine['read_bandwidth_method']}, {machine['read_bandwidth_buffer_bytes'] // MIB} MiB buffer, "
+             f"read bandwidth {machine['read_bandwidth_gb_per_s']:.1f} GB/s, best of "
+             f"{len(machine['read_bandwidth_samples_gb_per_s'])} reads ("
+             f"{', '.join(f'{sample:.1f}' for sample in machine['read_bandwidth_samples_gb_per_s'])}: one before "
+             "each shape and after the last; %bw is against the better of the two around a row's shape)",
+             f"read test: {machine['read_bandwidth_method']}, {machine['read_bandwidth_buffer_bytes'] // MIB} MiB buffer, "
              f"{machine['read_bandwidth_threads_busy']} threads busy); weights cold: "
              f"{machine['cold_weight_bytes'] // MIB} MiB of copies per kernel (L3 "
              f"{(machine['l3_bytes'] or 0) // MIB} MiB)"]

@@ -14,10 +14,11 @@ from comptrust.bench import sparse24_gemm as sparse_bench
 SHAPE, BATCHES = (256, 256), [1, 2]
 TINY = {"min_time": 0.002, "cold_bytes": 1 << 20, "bandwidth_bytes": 1 << 22}
 MACHINE_KEYS = {"cpu_model", "physical_cores", "logical_cpus", "threads", "l3_bytes", "cold_weight_bytes",
-                "read_bandwidth_gb_per_s", "read_bandwidth_method", "read_bandwidth_buffer_bytes", "read_bandwidth_threads_busy", "isa",
-                "cpu_backend_available", "torch", "comptrust"}
+                "read_bandwidth_gb_per_s", "read_bandwidth_samples_gb_per_s", "read_bandwidth_method",
+                "read_bandwidth_buffer_bytes", "read_bandwidth_threads_busy", "isa", "cpu_backend_available", "torch",
+                "comptrust"}
 ROW_KEYS = {"kernel", "role", "n", "k", "batch", "group_size", "ms", "ms_rounds", "bytes_read", "gb_per_s",
-            "pct_of_read_bandwidth", "weight_copies"}
+            "read_bandwidth_gb_per_s", "pct_of_read_bandwidth", "weight_copies"}
 
 
 def check_result(result: dict, shapes, batches, bench=bench) -> None:
@@ -30,8 +31,11 @@ def check_result(result: dict, shapes, batches, bench=bench) -> None:
     assert len(rows) == len(shapes) * len(batches) * len(names)
     by_key = {(r["n"], r["k"], r["batch"], r["kernel"]): r for r in rows}
     assert len(by_key) == len(rows), "one row per (n, k, batch, kernel)"
-    bandwidth = result["machine"]["read_bandwidth_gb_per_s"]
-    for (n, k) in shapes:
+    # A read before the first shape and after each; a shape's rows against the better of the two around it.
+    samples = result["machine"]["read_bandwidth_samples_gb_per_s"]
+    assert len(samples) == len(shapes) + 1 and result["machine"]["read_bandwidth_gb_per_s"] == max(samples)
+    for index, (n, k) in enumerate(shapes):
+        bandwidth = max(samples[index], samples[index + 1])
         for m in batches:
             for name in names:
                 row = by_key[(n, k, m, name)]
@@ -41,6 +45,7 @@ def check_result(result: dict, shapes, batches, bench=bench) -> None:
                 assert len(row["ms_rounds"]) == harness.ROUNDS and row["ms"] == statistics.median(row["ms_rounds"])
                 assert row["role"] == ("anchor" if name in bench.ANCHORS else "ours")
                 assert math.isclose(row["gb_per_s"], row["bytes_read"] / row["ms"] / 1e6, rel_tol=1e-9)
+                assert row["read_bandwidth_gb_per_s"] == bandwidth
                 assert math.isclose(row["pct_of_read_bandwidth"], 100 * row["gb_per_s"] / bandwidth, rel_tol=1e-9)
                 for anchor in bench.ANCHORS:
                     expected = by_key[(n, k, m, anchor)]["ms"] / row["ms"]
@@ -60,6 +65,21 @@ def test_library_rows_cover_every_kernel_and_speedups_agree():
     assert row[("comptrust_int4_fp32", 1)]["bytes_read"] == n * k // 2 + n * k // 128 * (2 + 1) + k * 4
     assert row[("comptrust_int3_a8", 1)]["bytes_read"] == n * k * 3 // 8 + n * k // 128 * (2 + 1) + k * 4
     assert row[("comptrust_int8_fp32", 1)]["bytes_read"] == n * k + n * k // 128 * (2 + 1) + k * 4
+
+
+def test_each_shape_is_measured_against_the_reads_around_it(monkeypatch):
+    """The machine's bandwidth drifts within a run: a shape's % of bandwidth uses the better of the reads just before
+    and after it, not a read taken far away (here a 60 GB/s first read would have held the second shape to half)."""
+    scripted = iter([60.0, 30.0, 31.0])
+    real = harness.read_bandwidth
+    monkeypatch.setattr(harness, "read_bandwidth",
+                        lambda nbytes, min_time: {**real(nbytes, min_time=min_time), "gb_per_s": next(scripted)})
+    shapes = [SHAPE, (128, 256)]
+    result = bench.run_int_bench(False, shapes=shapes, batches=[1], progress=False, **TINY)
+    check_result(result, shapes, [1])
+    assert result["machine"]["read_bandwidth_samples_gb_per_s"] == [60.0, 30.0, 31.0]
+    assert {(r["n"], r["read_bandwidth_gb_per_s"]) for r in result["rows"]} == {(256, 60.0), (128, 31.0)}
+    assert "best of 3 reads (60.0, 30.0, 31.0" in harness.format_table(result)
 
 
 @pytest.fixture

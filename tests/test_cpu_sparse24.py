@@ -1,4 +1,4 @@
-"""The CPU 2:4 kernels (csrc/cpu/sparse24_cpu.cpp), their tiled layout (comptrust.formats.cpu_tiles,
+"""The CPU 2:4 kernels (csrc/cpu/sparse24_*.cpp), their tiled layout (comptrust.formats.cpu_tiles,
 csrc/include/comptrust/sparse24_tiles.h) and the storage-layout ops that tile and run them.
 
 Each SIMD path is forced in turn through COMPTRUST_CPU_ISA. The reference is the fp32 product with the

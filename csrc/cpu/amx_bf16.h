@@ -1,5 +1,5 @@
-// The AMX-BF16 tile-unit product the CPU kernels share for bf16 activations (gemm_tiled_cpu.cpp,
-// sparse24_cpu.cpp), on CPUs where amx_bf16_usable() (isa.h). Each kernel supplies a panel: two of its tiles
+// The AMX-BF16 tile-unit product the CPU kernels share for bf16 activations (gemm_tiled_*.cpp,
+// sparse24_*.cpp), on CPUs where amx_bf16_usable() (isa.h). Each kernel supplies a panel: two of its tiles
 // (16 output columns) expanded over k, chunk by chunk, into the tile unit's pair layout, panel[kk / 2][16][2] bf16
 // (row r of a B tile holds W[2r][c], W[2r + 1][c] for c = 0..15). Then for up to 64 rows at a time
 // C[16 x 16] += A[16 x 32] . B[32 x 16] runs over k, one tdpbf16ps per 16 rows, 16 columns and 32 inputs.

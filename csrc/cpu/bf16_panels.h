@@ -1,7 +1,7 @@
 // y = x @ W^T for bf16 activations (and, on the tile unit, fp32 ones as three exact bf16 planes) over panels of
 // the weight in the tile unit's bf16 pair layout (amx_bf16.h), on whichever engine this CPU has: the AMX tile
 // unit (amx_bf16_usable), else AVX512-BF16's vdpbf16ps (bf16_dot.h; the callers check avx512_bf16_usable). The
-// kernels (gemm_tiled_cpu.cpp, sparse24_cpu.cpp) supply the panels; this file decodes them chunk by chunk and
+// kernels (gemm_tiled_*.cpp, sparse24_*.cpp) supply the panels; this file decodes them chunk by chunk and
 // runs the passes.
 #pragma once
 #include "amx_bf16.h"

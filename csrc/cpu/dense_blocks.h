@@ -1,4 +1,4 @@
-// The large-batch path the tiled kernels share (gemm_tiled_cpu.cpp, sparse24_cpu.cpp): blocks of whole
+// The large-batch path the tiled kernels share (gemm_tiled_*.cpp, sparse24_*.cpp): blocks of whole
 // tiles are expanded into a dense W^T[k, columns] scratch and multiplied by torch's own GEMM (MKL's sgemm
 // for fp32; oneDNN for bf16, on AMX or AVX512-BF16 where the CPU has them). Expanding costs k*n per call and
 // the product m*k*n, so from a few dozen rows on the expansion is small and the product runs at BLAS speed,

@@ -1,5 +1,5 @@
 // fp32 activations as three int8 limbs per block of inputs, for the int8 (VNNI) kernels at batch 1
-// (gemm_tiled_cpu.cpp, sparse24_cpu.cpp): x = d0 a + d1 b + d2 c with d0 = amax / 127, d1 = d0 / 254,
+// (gemm_tiled_*.cpp, sparse24_*.cpp): x = d0 a + d1 b + d2 c with d0 = amax / 127, d1 = d0 / 254,
 // d2 = d1 / 254, each limb the rounding of what the ones before leave (at most half a step, so |b|, |c| <= 127).
 // What is left is at most d2 / 2 = amax / 8.2e6, under 2^-23 of the block's largest input: below the fp32
 // rounding of any product sum that includes that input. The kernels' integer products are exact, so the

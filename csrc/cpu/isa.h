@@ -32,7 +32,7 @@ bool avx512_bf16_usable();
 // Whether the int8-activation kernels may take their AVX-512 VNNI path (vpdpbusd): select_isa() is kAvx512
 // and the CPU has AVX512-VNNI and AVX512-BW.
 bool avx512_vnni_usable();
-// ... and VBMI too (vpmultishiftqb, vpermb): the 2:4 int4 values' int8 kernel (sparse24_cpu.cpp).
+// ... and VBMI too (vpmultishiftqb, vpermb): the 2:4 int4 values' int8 kernel (sparse24_vnni.cpp).
 bool avx512_vnni_vbmi_usable();
 const char* isa_name(Isa isa);
 std::string selected_isa_name();

@@ -1,4 +1,4 @@
-// What the SIMD CPU kernels share (gemm_tiled_cpu.cpp, sparse24_cpu.cpp): the AVX2 / AVX-512 target
+// What the SIMD CPU kernels share (gemm_tiled_*.cpp, sparse24_*.cpp): the AVX2 / AVX-512 target
 // attributes, scale / zero-point / int4 decoding of the tiled layout (comptrust/cpu_tiles.h), software
 // prefetch, the row-block loop, and the AVX-512 "two slots per register" fold.
 #pragma once

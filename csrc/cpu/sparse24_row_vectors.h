@@ -1,9 +1,9 @@
 // 2:4 x float activations at a few dozen to a few hundred rows (AVX-512): vectorized over x's rows, so that
 // only the kept weights are multiplied. Float (fp32/bf16/fp16) and int4 kept values.
 //
-// Why: sparse24_cpu.cpp's column kernel vectorizes over output columns. Each lane's kept value needs its own
-// input, picked with vpermps, so 16 useful multiply-adds cost a permute and a fused multiply-add, both on
-// the vector ports: no more than dense work. From ~48 rows MKL's dense sgemm, which does twice the
+// Why: the column kernels (sparse24_avx2.cpp, sparse24_avx512.cpp) vectorize over output columns. Each lane's
+// kept value needs its own input, picked with vpermps, so 16 useful multiply-adds cost a permute and a fused
+// multiply-add, both on the vector ports: no more than dense work. From ~48 rows MKL's dense sgemm, which does twice the
 // multiply-adds at full rate, was faster (4096x4096 fp32 values at 64 rows 0.78-0.91x).
 // Here x is transposed once per block of up to 96 rows, xt[kk][r] (zero-padded to whole registers), and a
 // kept weight w of column c at input kk is one broadcast of w and one fused multiply-add per 16 rows against
