@@ -105,7 +105,6 @@ COMPTRUST_AVX512 void direct_int4_avx512(const Sparse24Problem& p, int64_t t, in
   COMPTRUST_UNROLL for (int r = 0; r < R; ++r) _mm256_storeu_ps(p.y + (i0 + r) * p.n + t * kTileCols, out[r]);
 }
 
-
 }  // namespace
 
 template <class V>
