@@ -13,7 +13,7 @@ namespace comptrust::cpu::sparse24 {
 // ------------------------------------------------------------------------ AMX-BF16 (bf16 x)
 // bf16 activations from kAmxMinRows to kAmxMaxRows rows, where the CPU has AMX: two tiles expanded to dense
 // rows (zeros where pruned) straight into the tile unit's bf16 pairs (amx_bf16.h), chunk by chunk. The pruned
-// zeros are multiplied, which the tile unit does faster than this file's kernels skip them. int4 values
+// zeros are multiplied, which the tile unit does faster than the column kernels skip them. int4 values
 // whose groups are whole tile steps go as integers q - zero, scaled per group after the product. Speed
 // against bf16 F.linear on cold weights, side by side, tile path / sparse kernel, bf16 values (int4 values):
 // at 8 rows 576x1536 1.56 / 1.20 (1.69 / 1.32), 1536x576 1.77 / 1.58 (2.06 / 1.63), 4096x4096 1.35 / 1.01

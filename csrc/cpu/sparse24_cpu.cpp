@@ -199,7 +199,7 @@ void check_cpu(const char* op, std::initializer_list<const at::Tensor*> tensors)
 }
 
 // From kDenseMinRows rows on, blocks of tiles are expanded to dense rows and run through torch's GEMM
-// (dense_blocks.h): multiplying the pruned zeros at BLAS speed beats skipping them in this file's kernels
+// (dense_blocks.h): multiplying the pruned zeros at BLAS speed beats skipping them in the column kernels
 // there. Measured against dense fp32 F.linear, side by side on SmolLM2 and 4096x4096 shapes (direct /
 // expanded): 256 rows 1.3-1.6x / 1.1-1.25x, 3072 rows 2.0-2.9x / 0.9-1.25x; 128 rows about even (direct
 // ahead for fp32 values, behind for int4 ones); 64 rows 0.7-1.3x / 1.5-1.9x. On AVX-512 the row-vector kernel
