@@ -180,6 +180,8 @@ def machine_info(bandwidth: dict, cold_bytes: int) -> dict:
         "logical_cpus": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "l3_bytes": l3_bytes(),
+        # what the kernels size their L1-resident data by (one-stream limbs); None without the compiled ops
+        "l1d_bytes": ops._C.cpu_l1d_bytes() if ops._C is not None else None,
         "cold_weight_bytes": cold_bytes,
         "read_bandwidth_gb_per_s": bandwidth["gb_per_s"],
         "read_bandwidth_samples_gb_per_s": bandwidth.get("samples_gb_per_s", [bandwidth["gb_per_s"]]),

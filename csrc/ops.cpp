@@ -75,6 +75,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("cpu_avx512_bf16", &comptrust::cpu::avx512_bf16_usable,
              "Whether bf16 panel products can run on AVX512-BF16 (vdpbf16ps) here, where there is no AMX tile unit "
              "(COMPTRUST_CPU_BF16=0 turns it off).");
+  module.def("cpu_l1d_bytes", &comptrust::cpu::l1d_bytes,
+             "The L1 data cache per core the CPU kernels size their choices by (COMPTRUST_CPU_L1D_BYTES overrides).");
   module.def("cpu_avx512_vnni", &comptrust::cpu::avx512_vnni_usable,
              "Whether int8 activations (act_bits=8) run on the AVX-512 VNNI kernels here.");
   module.def("cpu_avx512_vnni_vbmi", &comptrust::cpu::avx512_vnni_vbmi_usable,

@@ -208,7 +208,7 @@ def test_amx_fp32_activations_lose_no_bit(bits, monkeypatch):
 
 # (n, k, group) per bits: int4 a tile alone and odd tile counts (the two-tile work units), blocks of 32 inputs cut
 # short by the group (g16, g48, g80) and by k (k = 48); int3 the fewest tiles its layout allows (n = 32), groups of
-# one block, groups that k cuts short (g96 at k = 160), per-channel (g = k), k = 4096.
+# one block, groups that k cuts short (g96 at k = 160), per-channel (g = k), k = 4096 (on every L1 of 20+ KB).
 ONE_STREAM_CASES = {
     4: ((8, 16, 16), (24, 48, 48), (40, 160, 80), (200, 96, 96), (1536, 576, 128), (576, 1536, 128), (72, 208, 16)),
     3: ((32, 32, 32), (96, 64, 32), (160, 160, 96), (224, 96, 96), (1536, 576, 128), (576, 1536, 128), (64, 224, 224),
@@ -236,11 +236,34 @@ def test_one_row_in_one_weight_stream_keeps_fp32_accuracy(bits, monkeypatch):
                 assert torch.equal(y, ops.gemm_tiled(x, tile(packed))), (n, k, group, isa)
 
 
+@pytest.mark.skipif(ops._C is None or not ops._C.cpu_avx512_vnni(), reason="the one-stream kernels need AVX-512 VNNI")
+@pytest.mark.parametrize("bits", [4, 3])
+def test_one_stream_kernels_take_k_while_the_limbs_fit_in_l1(bits, monkeypatch):
+    """fp32 x takes the one-stream kernel while its three limbs (3k bytes) fill at most 70% of the L1 data cache:
+    k = 8192 (24 KB) leaves it on a 32 KB L1 and takes it on a 48 KB one. Both kernels keep fp32 accuracy; they sum
+    in different orders, so their last bits differ: the setting moved the layer."""
+    packed = _random(bits, 64, 8192, 128, seed=bits)
+    x = wide_range_rows(1, 8192, seed=bits)
+    ref = _reference(bits, None)(x, packed.qweight, packed.qzeros, packed.scales, 128)
+    outputs = {}
+    for l1d in (32 * 1024, 48 * 1024):
+        monkeypatch.setenv("COMPTRUST_CPU_L1D_BYTES", str(l1d))
+        assert ops._C.cpu_l1d_bytes() == l1d
+        outputs[l1d] = ops.gemm_tiled(x, tile(packed))
+        assert rel_err(outputs[l1d], ref) < 2e-6, (l1d, rel_err(outputs[l1d], ref))
+    assert not torch.equal(outputs[32 * 1024], outputs[48 * 1024])
+    assert torch.equal(outputs[48 * 1024], ops.gemm_tiled_many(x, [tile(packed)])[0])
+    for bad in ("48k", "0", "-1"):
+        monkeypatch.setenv("COMPTRUST_CPU_L1D_BYTES", bad)
+        with pytest.raises(RuntimeError, match="COMPTRUST_CPU_L1D_BYTES=" + bad):
+            ops.gemm_tiled(x, tile(packed))
+
+
 @pytest.mark.parametrize("bits", [4, 3])
 def test_fp32_as_int8_limbs_keeps_fp32_accuracy(bits, monkeypatch):
     """With VNNI, fp32 x runs on the int8 kernels as three int8 limbs per block of 32 inputs, leaving at most
     2^-23 of the block's largest input: at batch 1 (int3 always; int4 from 2^22 weights where the one-stream kernel
-    does not take it: k past 4096, or k or the group size not a multiple of 16), on layers of 2^22+
+    does not take it: limbs too big for L1, or k or the group size not a multiple of 16), on layers of 2^22+
     weights up to 255 rows, on layers of 2^18+ from 8 rows (int3: 2) to 63. Wide-range inputs (a dropped third
     limb: 4e-5 relative error), groups that cut blocks short (int4 g24), odd row counts (the kernels take rows
     in pairs), bf16 x; and against the other ISAs' fp32 kernels."""

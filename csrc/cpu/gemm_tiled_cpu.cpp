@@ -339,6 +339,13 @@ void stream_int8(const Problem& p, const float* x, StreamLimbs& out, float* grou
   quantize_rows(p, x, out.codes.data(), out.steps.data(), group_sum, Lanes::kOneStream);
 }
 
+// Whether one row of x on these layers takes the one-stream kernels: int8 activations wherever they fit (x is k
+// bytes), fp32 x also while its limbs stay in L1 (stream_max_inputs).
+bool one_stream_for(int64_t bits, int64_t k, int64_t group_size, int64_t act_bits) {
+  if (!stream_fits(bits, k, group_size) || !avx512_vnni_usable()) return false;
+  return act_bits == 8 || k <= stream_max_inputs();
+}
+
 // Several layers' products of one fp32 row (a decoder's q/k/v, gate/up at a decode step) in one parallel region,
 // the layers' tile pairs shared out together (SmolLM2's layers at batch 1, side by side: q, k, v 61-78 us as
 // three calls and 31-39 us as one; gate, up 91-118 us as two and 71-95 us as one), on the one-stream kernels
@@ -365,7 +372,7 @@ class TiledGemv final : public BoundGemv {
       first_pair_.push_back(first_pair_.back() + (weights[i].size(0) + 1) / 2);
     }
     grain_ = std::max<int64_t>(1, (kMinTaskMacs / (k * kTileCols) + 1) / 2);
-    stream_ = stream_fits(bits, k, group_size) && avx512_vnni_usable();
+    stream_ = one_stream_for(bits, k, group_size, act_bits);
     TORCH_INTERNAL_ASSERT(stream_ || !a8_, "TiledGemv: int8 activations need the one-stream kernels");
   }
 
@@ -406,13 +413,12 @@ class TiledGemv final : public BoundGemv {
 };
 
 // Whether layers of `bits` with these weights' widths and input width k take TiledGemv at one fp32 row: int4 and
-// int3 layers on the one-stream kernels up to k = kStreamMaxInputs whatever their size (with int8 activations at
+// int3 layers on the one-stream kernels up to k = stream_max_inputs() whatever their size (with int8 activations at
 // any k), others on the two-tile direct kernel where they are too small for the int8-limb kernel (limbs_for).
 bool direct_many_fits(at::TensorList weights, int64_t bits, int64_t k, Isa isa, int64_t group_size, int64_t act_bits) {
   if (isa != Isa::kAvx512 || bits == 8) return false;
-  const bool stream = stream_fits(bits, k, group_size) && avx512_vnni_usable();
-  if (act_bits == 8) return stream;
-  if (stream && k <= kStreamMaxInputs) return true;
+  if (one_stream_for(bits, k, group_size, act_bits)) return true;
+  if (act_bits == 8) return false;
   bool fits = true;
   for (const at::Tensor& w : weights) fits = fits && !limbs_for(bits, 1, w.size(0) * kTileCols, k, isa);
   return fits;

@@ -10,6 +10,8 @@
 #endif
 #if defined(COMPTRUST_X86) && defined(__linux__)
 #include <sys/syscall.h>
+#endif
+#ifdef __unix__
 #include <unistd.h>
 #endif
 
@@ -58,6 +60,23 @@ Isa select_isa() {
 }
 
 std::string selected_isa_name() { return isa_name(select_isa()); }
+
+int64_t l1d_bytes() {
+  if (const char* forced = std::getenv("COMPTRUST_CPU_L1D_BYTES"); forced && *forced) {
+    char* end = nullptr;
+    const long long bytes = std::strtoll(forced, &end, 10);
+    TORCH_CHECK(*end == '\0' && bytes >= 1024 && bytes <= (1ll << 30),
+                "COMPTRUST_CPU_L1D_BYTES=", forced, " is not a byte count from 1024 to 2^30");
+    return bytes;
+  }
+  constexpr int64_t kFallback = 32 * 1024;
+#if defined(__unix__) && defined(_SC_LEVEL1_DCACHE_SIZE)
+  static const int64_t detected = sysconf(_SC_LEVEL1_DCACHE_SIZE);
+  return detected >= 1024 ? detected : kFallback;
+#else
+  return kFallback;
+#endif
+}
 
 namespace {
 // CPUID leaf 7: EDX bit 24 AMX-TILE, bit 22 AMX-BF16; then the kernel's permission for the tile data

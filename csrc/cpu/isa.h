@@ -1,6 +1,7 @@
 // Run-time choice of the SIMD path for the CPU kernels. One build runs on any x86-64: kernels are
 // compiled per ISA with function target attributes and picked here from __builtin_cpu_supports.
 #pragma once
+#include <cstdint>
 #include <string>
 
 // COMPTRUST_PORTABLE_ONLY (setup.py: COMPTRUST_PORTABLE_ONLY=1) builds what a non-x86 CPU gets, the portable
@@ -34,6 +35,10 @@ bool avx512_bf16_usable();
 bool avx512_vnni_usable();
 // ... and VBMI too (vpmultishiftqb, vpermb): the 2:4 int4 values' int8 kernel (sparse24_vnni.cpp).
 bool avx512_vnni_vbmi_usable();
+// The L1 data cache of one core in bytes (kernels size what must stay in L1 by it): COMPTRUST_CPU_L1D_BYTES if set
+// (the tests take both sides of the choices that depend on it), else what the C library reads from CPUID
+// (sysconf _SC_LEVEL1_DCACHE_SIZE), else 32 KiB, the smallest L1 of x86 cores with AVX-512.
+int64_t l1d_bytes();
 const char* isa_name(Isa isa);
 std::string selected_isa_name();
 
