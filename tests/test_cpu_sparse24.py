@@ -115,8 +115,9 @@ def test_int4_values_with_int8_activations_match_reference(isa, m):
     """act_bits=8: x quantized per row and block of 32 inputs within each group of 2 * group_size inputs
     (the VNNI kernel on an AVX-512 VNNI CPU, else the float kernels on the dequantized x; both against
     reference.sparse24_int4_gemm_a8). Odd tile counts leave a last pair of one tile; groups of 8 and 24 kept
-    values end blocks of 32 inputs early; 88 kept values leave a partial last group; at batch 1, 131 tiles run
-    two pairs per task and the two pairs left alone."""
+    values end blocks of 32 inputs early; 88 kept values leave a partial last group. At batch 1, where k and a
+    group's inputs are multiples of 32 (576 x 1536 g64; 1048 x 64 g16: 131 tiles), one tile at a time
+    (stream_int4_avx512), else (the other shapes) in tile pairs."""
     for n, k, group_size in ((24, 48, 8), (40, 96, 24), (200, 176, 16), (8, 176, 64), (576, 1536, 64), (1048, 64, 16)):
         packed = uniform_sparse24_int4(n, k, group_size, seed=m + n)
         q = packed.qvalues
@@ -316,9 +317,10 @@ def test_row_vector_kernel_wide_range_inputs(isa, m, monkeypatch):
 def test_batch_one_fp32_int4_values_as_int8_limbs_keep_fp32_accuracy(monkeypatch):
     """At batch 1 with AVX-512 VNNI + VBMI, fp32 x with int4 kept values runs on the int8 kernel as three int8
     limbs per block (to 2^-23 of the block's largest input; a dropped third limb: ~4e-5), on layers of at least
-    2^22 weights (smaller ones stay on the float kernel). Wide-range inputs, groups that cut blocks short (8 and
-    24 kept values: 16 and 48 inputs), n = 1048 (streamed pairs and a lone last tile), bf16 x, and every ISA's
-    kernel on the same inputs."""
+    2^22 weights (smaller ones stay on the float kernel): one tile at a time where k and a group's inputs are
+    multiples of 32 and the limbs fill at most 70% of L1 (1048 x 4096 g64; COMPTRUST_CPU_L1D_BYTES=16384 sends it
+    to the pairs), else in tile pairs (groups that cut blocks short: 8 and 24 kept values, 16 and 48 inputs; n = 1032:
+    streamed pairs and a lone last tile). Wide-range inputs, bf16 x, and every ISA's kernel on the same inputs."""
     for n, k, group in ((1048, 4096, 64), (1032, 4096, 8), (1024, 4096, 24), (40, 224, 8)):
         packed = uniform_sparse24_int4(n, k, group, seed=n)
         q, tiled = packed.qvalues, tile_sparse24_int4(packed)
@@ -332,6 +334,16 @@ def test_batch_one_fp32_int4_values_as_int8_limbs_keep_fp32_accuracy(monkeypatch
             monkeypatch.delenv("COMPTRUST_CPU_ISA")
         xb = x.bfloat16()
         assert rel_err(ops.sparse24_tiled(xb, tiled), ref(xb)) < 8e-3
+    packed = uniform_sparse24_int4(1048, 4096, 64, seed=1)
+    q, tiled = packed.qvalues, tile_sparse24_int4(packed)
+    x = wide_range_rows(1, 4096, seed=5)
+    ref = reference.sparse24_int4_gemm(x, q.qweight, q.qzeros, q.scales, packed.meta, 64)
+    one_tile = ops.sparse24_tiled(x, tiled)
+    monkeypatch.setenv("COMPTRUST_CPU_L1D_BYTES", "16384")
+    pairs = ops.sparse24_tiled(x, tiled)
+    assert rel_err(one_tile, ref) < 2e-6 and rel_err(pairs, ref) < 2e-6
+    if _C is not None and _C.cpu_avx512_vnni_vbmi():
+        assert not torch.equal(one_tile, pairs)  # the kernels sum in different orders: the L1 setting moved it
 
 
 def test_tiled_ops_take_any_leading_dimensions_as_f_linear():

@@ -9,7 +9,7 @@
 //       sum_k x*(q - z)*s = s * (sum_k x*q - z * sum_k x),   sum_k x precomputed per (row, group).
 //     Batch 1 is memory-bound, so this is the path that must run at DRAM speed. One fp32 row on int4 and int3
 //     layers (TiledGemv, also the decode program's bound product) reads each thread's tiles as one stream with x
-//     as int8 limbs on VNNI where the limbs fit in L1 (stream_max_inputs) and k and the group size fit
+//     as int8 limbs on VNNI where the limbs fit in L1 (limbs_fit_l1) and k and the group size fit
 //     (stream_vnni_avx512, stream_int3_vnni_avx512).
 //   * panel (kPanelMinRows <= batch < kBlasMinRows, float activations): two tiles (four with AVX-512) are
 //     dequantized once into an L1-resident fp32 panel, then a 6x16 (6x32) register-blocked microkernel runs
@@ -168,14 +168,13 @@ void int8_rows_avx512(const Problem& p, int64_t t);
 // gemm_tiled_stream.cpp: the one-stream VNNI kernels (one row of x, int4 / int3).
 constexpr int kStreamInputs = 16;
 // Layers of fp32 x take it while x's limbs (3k bytes, reread for every tile) fill at most 70% of a core's L1 data
-// cache, at any size (int8 activations, k bytes, at any k). On Zen 4 (32 KB L1d, k = 4096: 37%), cold, alternated
-// in one process, against the two-tile limb kernel (a8_avx512): 4096 x 4096 and 11008 x 4096 read 3-10% and
-// 14-17% faster, 4096 x 11008 (103%) 20% slower; SmolLM2's layers (k = 576, 1536) 20-50% faster than on the
-// two-tile fp32 one; int3 11008 x 4096 and 4096 x 4096 1.10x, SmolLM2's 576 x 576, 576 x 1536 and 1536 x 576 1.12x,
-// 1.20x and 1.43x. On Zen 5 (48 KB L1d), against torch's int4pack op in the same runs (medians of 6 and 4
+// cache (limbs_fit_l1), at any size (int8 activations, k bytes, at any k). On Zen 4 (32 KB L1d, k = 4096: 37%),
+// cold, alternated in one process, against the two-tile limb kernel (a8_avx512): 4096 x 4096 and 11008 x 4096 read
+// 3-10% and 14-17% faster, 4096 x 11008 (103%) 20% slower; SmolLM2's layers (k = 576, 1536) 20-50% faster than on
+// the two-tile fp32 one; int3 11008 x 4096 and 4096 x 4096 1.10x, SmolLM2's 576 x 576, 576 x 1536 and 1536 x 576
+// 1.12x, 1.20x and 1.43x. On Zen 5 (48 KB L1d), against torch's int4pack op in the same runs (medians of 6 and 4
 // alternated runs): 4096 x 11008 (69%) int4 1.05x on it against 0.94x on the two-tile kernel, int3 1.40x against
 // 1.10x; 4096 x 14336 (90%) int4 1.03x against 1.21x, int3 1.23x against 1.35x.
-inline int64_t stream_max_inputs() { return l1d_bytes() * 7 / 10 / kLimbs; }
 
 inline bool stream_fits(int bits, int64_t k, int64_t group_size) {
   if (bits == 3) return group_size % kInt3BlockRows == 0;  // k is a multiple of 32 in the int3 layout

@@ -340,10 +340,10 @@ void stream_int8(const Problem& p, const float* x, StreamLimbs& out, float* grou
 }
 
 // Whether one row of x on these layers takes the one-stream kernels: int8 activations wherever they fit (x is k
-// bytes), fp32 x also while its limbs stay in L1 (stream_max_inputs).
+// bytes), fp32 x also while its limbs stay in L1 (limbs_fit_l1).
 bool one_stream_for(int64_t bits, int64_t k, int64_t group_size, int64_t act_bits) {
   if (!stream_fits(bits, k, group_size) || !avx512_vnni_usable()) return false;
-  return act_bits == 8 || k <= stream_max_inputs();
+  return act_bits == 8 || limbs_fit_l1(k);
 }
 
 // Several layers' products of one fp32 row (a decoder's q/k/v, gate/up at a decode step) in one parallel region,
@@ -413,8 +413,8 @@ class TiledGemv final : public BoundGemv {
 };
 
 // Whether layers of `bits` with these weights' widths and input width k take TiledGemv at one fp32 row: int4 and
-// int3 layers on the one-stream kernels up to k = stream_max_inputs() whatever their size (with int8 activations at
-// any k), others on the two-tile direct kernel where they are too small for the int8-limb kernel (limbs_for).
+// int3 layers on the one-stream kernels where one_stream_for, whatever their size, others on the two-tile direct
+// kernel where they are too small for the int8-limb kernel (limbs_for).
 bool direct_many_fits(at::TensorList weights, int64_t bits, int64_t k, Isa isa, int64_t group_size, int64_t act_bits) {
   if (isa != Isa::kAvx512 || bits == 8) return false;
   if (one_stream_for(bits, k, group_size, act_bits)) return true;

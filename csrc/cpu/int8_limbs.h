@@ -22,6 +22,10 @@ constexpr int kLimbs = 3;
 
 namespace comptrust::cpu {
 
+// Whether the limbs of k inputs (kLimbs * k bytes), which the one-row kernels read again for every tile, fill at
+// most 70% of a core's L1 data cache (gemm_tiled.h's one-stream kernels: where that bound was measured).
+inline bool limbs_fit_l1(int64_t k) { return kLimbs * k <= l1d_bytes() * 7 / 10; }
+
 // Where a block's inputs go in a kernel's lane order: input j to byte to[j], byte j from input from[j].
 struct LimbOrder {
   alignas(64) std::array<int32_t, kActBlock> from;

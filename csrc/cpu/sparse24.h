@@ -24,7 +24,8 @@
 // from 8 to kDotMaxRows rows (kAmxMaxRows on large layers) run the same panels on vdpbf16ps (bf16_dot.h), as
 // sparse rows that skip the zeros.
 // int8 activations with int4 values run on VNNI (a8_int4_avx512), and there too fp32 ones at batch 1 on large
-// layers, as int8 limbs (int8_limbs.h).
+// layers, as int8 limbs (int8_limbs.h); one row reads one tile at a time where k and the groups allow it
+// (stream_int4_avx512: one weight stream per thread).
 // DecodeProgram binds one fp32 row's product to its layers once (Sparse24Gemv, bound_gemv.h): the per-tile batch-1
 // kernels above, a layer's q/k/v or gate/up in one parallel region, without the dispatcher's per-call work.
 #pragma once
@@ -179,6 +180,20 @@ void stream_tiles_avx512(const Sparse24Problem& p, int64_t t);
 void a8_int4_rows(const Sparse24Problem& p, const int8_t* x8, const float* block_scale, int64_t u);
 void a8_int4_row_unit(const Sparse24Problem& p, const int8_t* x8, const float* block_scale, int64_t u, int64_t units,
                       bool limbs);
+// ... and one row on tile t alone (stream_int4_avx512: one stream per thread), x8 in stream_int4_order, where
+// stream_int4_fits.
+void stream_int4_tile(const Sparse24Problem& p, const int8_t* x8, const float* block_scale, int64_t t, bool limbs);
+// Whether one row (int8 x, or fp32 x as limbs) runs tile by tile on stream_int4_tile: the CPU has VNNI and VBMI, k
+// and a quantization group's inputs are whole activation blocks, and fp32 x's limbs stay in L1 (limbs_fit_l1).
+inline bool stream_int4_fits(const Sparse24Problem& p, bool limbs) {
+  return avx512_vnni_vbmi_usable() && p.k % kActBlock == 0 && 2 * p.group_size % kActBlock == 0 &&
+         (!limbs || limbs_fit_l1(p.k));
+}
+// x8's rows (k bytes each) from the natural order to stream_int4_avx512's: the middle 8-byte quarters of every
+// 32-input block swapped.
+inline void to_stream_int4_order(int8_t* x8, int64_t rows, int64_t k) {
+  for (int64_t i = 0; i < rows * k; i += kActBlock) std::swap_ranges(x8 + i + 8, x8 + i + 16, x8 + i + 16);
+}
 
 // sparse24_bf16.cpp: the bf16 panels (AMX-BF16 or AVX512-BF16). Whether bf16 x runs on them; whether fp32 x runs
 // on the tile unit as three exact bf16 planes; y = x @ W^T there (Out bf16 for bf16 x, float for fp32 x's planes).

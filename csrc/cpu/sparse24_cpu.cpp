@@ -302,6 +302,18 @@ at::Tensor run_int4_int8(Sparse24Problem& p, const at::Tensor& x, bool limbs) {
     const int64_t grain = std::max<int64_t>(1, kMinTaskMacs / (p.m * p.k * kTileCols));  // pairs per task
     const int8_t* x8_data = x8.data_ptr<int8_t>();
     const float* x_scales = block_scale.data_ptr<float>();
+    // One row, tile by tile where it fits: against the pair units below, cold, alternated in one process (old
+    // time / new), fp32 x as limbs 4096 x 4096 1.43x, 11008 x 4096 1.62x, 4096 x 11008 1.81x (then 1.13-1.37x as
+    // fast as dense int4's one-stream kernel, which it trailed at 0.75-0.79x); int8 x 1.49-1.52x, SmolLM2's 576 x
+    // 1536 and 1536 x 576 2.0-2.1x.
+    if (p.m == 1 && stream_int4_fits(p, limbs)) {
+      to_stream_int4_order(x8.data_ptr<int8_t>(), rows, p.k);
+      const int64_t tiles_per_task = std::max<int64_t>(1, kMinTaskMacs / (p.k * kTileCols));
+      at::parallel_for(0, p.n / kTileCols, tiles_per_task, [&](int64_t begin, int64_t end) {
+        for (int64_t t = begin; t < end; ++t) stream_int4_tile(p, x8_data, x_scales, t, limbs);
+      });
+      return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+    }
     const int64_t units = p.m == 1 ? a8_row_units(p) : 0;
     at::parallel_for(0, units + pairs - units * kStreamA8Pairs, units ? 1 : grain, [&](int64_t begin, int64_t end) {
       for (int64_t u = begin; u < end; ++u) {
@@ -451,17 +463,20 @@ class Sparse24Gemv final : public BoundSparse24 {
 };
 
 // One fp32 row of int8 activations (act_bits 8) through 2:4 int4 layers of one input and group size, bound once:
-// x quantized once for all of them (quantize_rows_int8), their work units (a8_int4_row_unit, as the op splits a
-// layer at m == 1) shared out in one parallel region, so the outputs are bit-identical to the op's.
+// x quantized once for all of them (quantize_rows_int8), their work units shared out in one parallel region as the
+// op splits a layer at m == 1 (tiles on stream_int4_tile where it fits, else a8_int4_row_unit's units), so the
+// outputs are bit-identical to the op's.
 class Sparse24Int4A8Gemv final : public BoundSparse24 {
  public:
   Sparse24Int4A8Gemv(std::vector<at::Tensor> tensors, std::vector<Sparse24Problem> problems)
       : BoundSparse24(std::move(tensors), std::move(problems)) {
+    stream_ = stream_int4_fits(problems_[0], false);  // the layers share k and the group size
     first_unit_.push_back(0);
     for (const Sparse24Problem& p : problems_) {
-      const int64_t pairs = (p.n / kTileCols + 1) / 2;
-      pair_units_.push_back(a8_row_units(p));
-      first_unit_.push_back(first_unit_.back() + pair_units_.back() + pairs - pair_units_.back() * kStreamA8Pairs);
+      const int64_t tiles = p.n / kTileCols, pairs = (tiles + 1) / 2;
+      pair_units_.push_back(stream_ ? 0 : a8_row_units(p));
+      first_unit_.push_back(first_unit_.back() +
+                            (stream_ ? tiles : pair_units_.back() + pairs - pair_units_.back() * kStreamA8Pairs));
     }
   }
 
@@ -471,18 +486,21 @@ class Sparse24Int4A8Gemv final : public BoundSparse24 {
     std::vector<int8_t> x8(k_);
     std::vector<float> block_scale(first.groups * per_group);
     quantize_rows_int8(x, 1, k_, group_inputs, x8.data(), block_scale.data());
+    if (stream_) to_stream_int4_order(x8.data(), 1, k_);
     at::parallel_for(0, first_unit_.back(), 1, [&](int64_t begin, int64_t end) {
       size_t layer = 0;
       for (int64_t u = begin; u < end; ++u) {
         while (u >= first_unit_[layer + 1]) ++layer;
         Sparse24Problem p = problems_[layer];
         p.y = y[layer];
-        a8_int4_row_unit(p, x8.data(), block_scale.data(), u - first_unit_[layer], pair_units_[layer], false);
+        if (stream_) stream_int4_tile(p, x8.data(), block_scale.data(), u - first_unit_[layer], false);
+        else a8_int4_row_unit(p, x8.data(), block_scale.data(), u - first_unit_[layer], pair_units_[layer], false);
       }
     });
   }
 
  private:
+  bool stream_ = false;              // tile by tile on stream_int4_tile, else on a8_int4_row_unit's units
   std::vector<int64_t> first_unit_;  // the layers' work units numbered one after another
   std::vector<int64_t> pair_units_;  // each layer's units of kStreamA8Pairs pairs (a8_row_units)
 };

@@ -8,6 +8,7 @@
 // vpmultishiftqb puts the kept codes in bytes, and vpdpbusd adds q0 x0 + q1 x1 per column into int32; a
 // second vpdpbusd with weights 1 adds x0 + x1, for the zero point: sum (q - z) x = sum q x - z sum x.
 // Two groups per step: 8 vector instructions per 64 multiply-adds, against 8 per 16 for float x.
+// One row runs tile by tile where it can (stream_int4_avx512), the same decoding over one tile's two word rows.
 #include "sparse24.h"
 
 #ifdef COMPTRUST_X86
@@ -115,6 +116,73 @@ COMPTRUST_AVX512_VNNI_VBMI void a8_int4_avx512(const Sparse24Problem& p, const i
   }
 }
 
+// One row on one tile (8 columns) at a time, so that a thread's stretch of tiles is one sequential stream of code
+// words and one of metadata (a8_int4_avx512 at batch 1 reads 2 * kStreamA8Pairs tiles side by side: eight streams).
+// The 16 lanes hold the tile's 8 columns twice: lanes 0..7 word row w (inputs 16w..16w+15), lanes 8..15 row w + 1,
+// one 64-byte load for both; the two halves' sums are added at the end. Per half h the vpshufb source is one 16-byte
+// broadcast of x whose bytes 0..7 feed lanes 0..7 (groups 4w + 2h, + 1) and bytes 8..15 lanes 8..15 (groups
+// 4w + 4 + 2h, + 1): x8 in stream_int4_order, a block of 32 inputs as [16w + 0..7, 16w + 16..23, 16w + 8..15,
+// 16w + 24..31]. The metadata of both rows is one 32-byte load, vpermq giving each half its groups' quadword.
+// A step of two word rows is one activation block: needs k and the quantization group's inputs to be multiples of
+// 32 (stream_int4_fits).
+template <int LIMBS>
+COMPTRUST_AVX512_VNNI_VBMI void stream_int4_avx512(const Sparse24Problem& p, const int8_t* x8, const float* block_scale,
+                                                   int64_t t) {
+  const int64_t per_group = 2 * p.group_size / kActBlock;
+  alignas(64) uint8_t meta_bits[64], code_bits[2][64];  // as a8_int4_avx512's
+  for (int lane = 0; lane < 16; ++lane) {
+    const int c = lane % kTileCols, high = lane % 2 ? 32 : 0;
+    for (int j = 0; j < 4; ++j) {
+      meta_bits[4 * lane + j] = static_cast<uint8_t>(32 * (j / 2) + 4 * c + 2 * (j % 2));
+      for (int h = 0; h < 2; ++h) code_bits[h][4 * lane + j] = static_cast<uint8_t>(high + 16 * h + 4 * j);
+    }
+  }
+  const __m512i meta_offsets = _mm512_load_si512(meta_bits);
+  const __m512i code_offsets[2] = {_mm512_load_si512(code_bits[0]), _mm512_load_si512(code_bits[1])};
+  const __m512i meta_quads[2] = {_mm512_setr_epi64(0, 0, 0, 0, 2, 2, 2, 2), _mm512_setr_epi64(1, 1, 1, 1, 3, 3, 3, 3)};
+  // Control bytes (idx & 3) | second group's 4 | the upper half's 8.
+  const __m512i two_bits = _mm512_set1_epi32(0x03030303), group_bytes = halves(0x04040000, 0x0C0C0808);
+  const __m512i nibbles = _mm512_set1_epi32(0x0F0F0F0F), ones = _mm512_set1_epi32(0x01010101);
+  const int32_t* words = p.tile_words(t);
+  const uint32_t* meta = p.tile_meta(t);
+  __m512 out = _mm512_setzero_ps();
+  for (int64_t qg = 0; qg < p.groups; ++qg) {
+    const __m256 zero8 = load_zeros(p.tile_zeros(t) + qg * kTileCols);
+    const __m512 zero = join_halves(zero8, zero8);
+    __m512 acc = _mm512_setzero_ps();
+    const int64_t w_end = p.kept_end(qg) / 8;  // 8 kept values (16 inputs) per word row
+    for (int64_t w = qg * p.group_size / 8, block = 0; w < w_end; w += 2, ++block) {
+      prefetch_to_l2(words + w * kTileCols, 2 * kPrefetchBytes);
+      prefetch_to_l2(meta + kSparseInt4WordGroups * w, kPrefetchBytes);
+      const __m512i rows = _mm512_loadu_si512(words + w * kTileCols);
+      const __m512i metas =
+          _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(meta + kSparseInt4WordGroups * w)));
+      __m512i dot[LIMBS], xsum[LIMBS];  // sum q x, sum x
+      COMPTRUST_UNROLL for (int l = 0; l < LIMBS; ++l) dot[l] = xsum[l] = _mm512_setzero_si512();
+      COMPTRUST_UNROLL for (int h = 0; h < 2; ++h) {
+        const __m512i control = _mm512_ternarylogic_epi32(
+            _mm512_multishift_epi64_epi8(meta_offsets, _mm512_permutexvar_epi64(meta_quads[h], metas)), two_bits,
+            group_bytes, 0xEA);  // a & b | c
+        const __m512i codes = _mm512_and_si512(_mm512_multishift_epi64_epi8(code_offsets[h], rows), nibbles);
+        COMPTRUST_UNROLL for (int l = 0; l < LIMBS; ++l) {
+          const __m128i inputs = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x8 + l * p.k + 16 * w + 16 * h));
+          const __m512i kept_x = _mm512_shuffle_epi8(_mm512_broadcast_i32x4(inputs), control);
+          dot[l] = dpbusd(dot[l], codes, kept_x);
+          xsum[l] = dpbusd(xsum[l], ones, kept_x);
+        }
+      }
+      COMPTRUST_UNROLL for (int l = 0; l < LIMBS; ++l) {
+        const __m512 sx = _mm512_set1_ps(block_scale[(l * p.groups + qg) * per_group + block]);
+        acc = _mm512_fmadd_ps(sx, _mm512_fnmadd_ps(zero, _mm512_cvtepi32_ps(xsum[l]), _mm512_cvtepi32_ps(dot[l])), acc);
+      }
+    }
+    const __m256 scale8 = load_scales(p.tile_scales(t) + qg * kTileCols);
+    out = _mm512_fmadd_ps(join_halves(scale8, scale8), acc, out);
+  }
+  _mm256_storeu_ps(p.y + t * kTileCols, _mm256_add_ps(_mm512_castps512_ps256(out),
+                                                         _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(out), 1))));
+}
+
 }  // namespace
 
 void a8_int4_rows(const Sparse24Problem& p, const int8_t* x8, const float* block_scale, int64_t u) {
@@ -133,6 +201,10 @@ void a8_int4_row_unit(const Sparse24Problem& p, const int8_t* x8, const float* b
     limbs ? a8_int4_avx512<1, 1, kLimbs>(p, x8, block_scale, 2 * pair, 0)
           : a8_int4_avx512<1, 1>(p, x8, block_scale, 2 * pair, 0);
   }
+}
+
+void stream_int4_tile(const Sparse24Problem& p, const int8_t* x8, const float* block_scale, int64_t t, bool limbs) {
+  limbs ? stream_int4_avx512<kLimbs>(p, x8, block_scale, t) : stream_int4_avx512<1>(p, x8, block_scale, t);
 }
 }  // namespace comptrust::cpu::sparse24
 
