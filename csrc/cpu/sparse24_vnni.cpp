@@ -18,6 +18,26 @@
 namespace comptrust::cpu::sparse24 {
 namespace {
 
+// vpmultishiftqb controls, per column lane c (the odd lane of a quadword reads its upper half):
+//   meta: the quadword holds the meta words of groups g, g + 1 (the same for both lanes); bytes 0..3 get
+//         idx0, idx1 of group g and of group g + 1 for column c % 8.
+//   codes[h] (half h of a word: groups 2h, 2h + 1): bytes 0..3 get kept values 4h .. 4h + 3 of the column.
+struct MultishiftOffsets {
+  alignas(64) uint8_t meta[64];
+  alignas(64) uint8_t codes[2][64];
+};
+constexpr MultishiftOffsets make_multishift_offsets() {
+  MultishiftOffsets offsets{};
+  for (int lane = 0; lane < 16; ++lane) {
+    const int c = lane % kTileCols, high = lane % 2 ? 32 : 0;
+    for (int j = 0; j < 4; ++j) {
+      offsets.meta[4 * lane + j] = static_cast<uint8_t>(32 * (j / 2) + 4 * c + 2 * (j % 2));
+      for (int h = 0; h < 2; ++h) offsets.codes[h][4 * lane + j] = static_cast<uint8_t>(high + 16 * h + 4 * j);
+    }
+  }
+  return offsets;
+}
+inline constexpr MultishiftOffsets kMultishift = make_multishift_offsets();
 
 // Rows i0..i0+R-1 of y for tiles t, t + 1 (t the last tile: run twice over, the low half stored), or at
 // batch 1 the P pairs from tile t together (more weight streams in flight, as gemm_tiled_avx512.cpp's a8 kernels).
@@ -41,20 +61,8 @@ COMPTRUST_AVX512_VNNI_VBMI void a8_int4_avx512(const Sparse24Problem& p, const i
   }
   const int64_t group_inputs = 2 * p.group_size, per_group = (group_inputs + kActBlock - 1) / kActBlock;
   const int8_t* xr = x8 + i0 * LIMBS * p.k;
-  // vpmultishiftqb controls, per column lane c (the odd lane of a quadword reads its upper half):
-  //   meta: the quadword holds the meta words of groups g, g + 1 (the same for both lanes); bytes 0..3 get
-  //         idx0, idx1 of group g and of group g + 1 for column c % 8.
-  //   codes (half h of a word: groups 2h, 2h + 1): bytes 0..3 get kept values 4h .. 4h + 3 of the column.
-  alignas(64) uint8_t meta_bits[64], code_bits[2][64];
-  for (int lane = 0; lane < 16; ++lane) {
-    const int c = lane % kTileCols, high = lane % 2 ? 32 : 0;
-    for (int j = 0; j < 4; ++j) {
-      meta_bits[4 * lane + j] = static_cast<uint8_t>(32 * (j / 2) + 4 * c + 2 * (j % 2));
-      for (int h = 0; h < 2; ++h) code_bits[h][4 * lane + j] = static_cast<uint8_t>(high + 16 * h + 4 * j);
-    }
-  }
-  const __m512i meta_offsets = _mm512_load_si512(meta_bits);
-  const __m512i code_offsets[2] = {_mm512_load_si512(code_bits[0]), _mm512_load_si512(code_bits[1])};
+  const __m512i meta_offsets = _mm512_load_si512(kMultishift.meta);
+  const __m512i code_offsets[2] = {_mm512_load_si512(kMultishift.codes[0]), _mm512_load_si512(kMultishift.codes[1])};
   // Control bytes (idx & 3) | (0, 0, 4, 4): group g + 1's inputs are bytes 4..7 of the broadcast x.
   const __m512i two_bits = _mm512_set1_epi32(0x03030303), second_group = _mm512_set1_epi32(0x04040000);
   const __m512i nibbles = _mm512_set1_epi32(0x0F0F0F0F), ones = _mm512_set1_epi32(0x01010101);
@@ -129,16 +137,8 @@ template <int LIMBS>
 COMPTRUST_AVX512_VNNI_VBMI void stream_int4_avx512(const Sparse24Problem& p, const int8_t* x8, const float* block_scale,
                                                    int64_t t) {
   const int64_t per_group = 2 * p.group_size / kActBlock;
-  alignas(64) uint8_t meta_bits[64], code_bits[2][64];  // as a8_int4_avx512's
-  for (int lane = 0; lane < 16; ++lane) {
-    const int c = lane % kTileCols, high = lane % 2 ? 32 : 0;
-    for (int j = 0; j < 4; ++j) {
-      meta_bits[4 * lane + j] = static_cast<uint8_t>(32 * (j / 2) + 4 * c + 2 * (j % 2));
-      for (int h = 0; h < 2; ++h) code_bits[h][4 * lane + j] = static_cast<uint8_t>(high + 16 * h + 4 * j);
-    }
-  }
-  const __m512i meta_offsets = _mm512_load_si512(meta_bits);
-  const __m512i code_offsets[2] = {_mm512_load_si512(code_bits[0]), _mm512_load_si512(code_bits[1])};
+  const __m512i meta_offsets = _mm512_load_si512(kMultishift.meta);
+  const __m512i code_offsets[2] = {_mm512_load_si512(kMultishift.codes[0]), _mm512_load_si512(kMultishift.codes[1])};
   const __m512i meta_quads[2] = {_mm512_setr_epi64(0, 0, 0, 0, 2, 2, 2, 2), _mm512_setr_epi64(1, 1, 1, 1, 3, 3, 3, 3)};
   // Control bytes (idx & 3) | second group's 4 | the upper half's 8.
   const __m512i two_bits = _mm512_set1_epi32(0x03030303), group_bytes = halves(0x04040000, 0x0C0C0808);
