@@ -312,7 +312,8 @@ def format_table(result: dict) -> str:
     """The benchmark's rows as a text table, one block per (n, k, batch), with the machine line first."""
     machine, rows = result["machine"], result["rows"]
     anchors = result["settings"]["anchors"]
-    lines = [f"{machine['cpu_model']}; {machine['threads']} threads; {machine['isa']}",
+    l1d = f"; L1d {machine['l1d_bytes'] // 1024} KiB" if machine.get("l1d_bytes") else ""
+    lines = [f"{machine['cpu_model']}; {machine['threads']} threads; {machine['isa']}{l1d}",
              f"read bandwidth {machine['read_bandwidth_gb_per_s']:.1f} GB/s, best of "
              f"{len(machine['read_bandwidth_samples_gb_per_s'])} reads ("
              f"{', '.join(f'{sample:.1f}' for sample in machine['read_bandwidth_samples_gb_per_s'])}: one before "

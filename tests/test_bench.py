@@ -79,7 +79,10 @@ def test_each_shape_is_measured_against_the_reads_around_it(monkeypatch):
     check_result(result, shapes, [1])
     assert result["machine"]["read_bandwidth_samples_gb_per_s"] == [60.0, 30.0, 31.0]
     assert {(r["n"], r["read_bandwidth_gb_per_s"]) for r in result["rows"]} == {(256, 60.0), (128, 31.0)}
-    assert "best of 3 reads (60.0, 30.0, 31.0" in harness.format_table(result)
+    table = harness.format_table(result)
+    assert "best of 3 reads (60.0, 30.0, 31.0" in table
+    if result["machine"]["l1d_bytes"]:  # the L1 the one-row kernels were picked by
+        assert f"L1d {result['machine']['l1d_bytes'] // 1024} KiB" in table.splitlines()[0]
 
 
 @pytest.fixture
