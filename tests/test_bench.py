@@ -13,10 +13,10 @@ from comptrust.bench import sparse24_gemm as sparse_bench
 
 SHAPE, BATCHES = (256, 256), [1, 2]
 TINY = {"min_time": 0.002, "cold_bytes": 1 << 20, "bandwidth_bytes": 1 << 22}
-MACHINE_KEYS = {"cpu_model", "physical_cores", "logical_cpus", "threads", "l3_bytes", "l1d_bytes", "cold_weight_bytes",
-                "read_bandwidth_gb_per_s", "read_bandwidth_samples_gb_per_s", "read_bandwidth_method",
-                "read_bandwidth_buffer_bytes", "read_bandwidth_threads_busy", "isa", "cpu_backend_available", "torch",
-                "comptrust"}
+MACHINE_KEYS = {"cpu_model", "physical_cores", "logical_cpus", "threads", "l3_bytes", "l1d_bytes",
+                "cold_weight_bytes", "read_bandwidth_gb_per_s", "read_bandwidth_samples_gb_per_s",
+                "read_bandwidth_method", "read_bandwidth_buffer_bytes", "read_bandwidth_threads_busy", "isa",
+                "cpu_backend_available", "torch", "comptrust"}
 ROW_KEYS = {"kernel", "role", "n", "k", "batch", "group_size", "ms", "ms_rounds", "bytes_read", "gb_per_s",
             "read_bandwidth_gb_per_s", "pct_of_read_bandwidth", "weight_copies"}
 
