@@ -150,10 +150,23 @@ def test_int4_group_sizes_including_partial_last_group(isa, group_size, m):
 
 
 @pytest.mark.parametrize("value_dtype", VALUE_DTYPES)
-def test_batch_one_units_of_four_tiles(isa, value_dtype):
-    """Batch 1, float values, >= 128 tiles: four tiles per task (AVX-512), the 3 left over one at a time."""
-    _check_float(1, 1048, 64, value_dtype, seed=7)
-    _check_float(1, 1048, 64, value_dtype, torch.bfloat16, seed=8)
+def test_batch_one_units_of_four_tiles(isa, value_dtype, monkeypatch):
+    """Batch 1, float values, >= 128 tiles: four tiles per task (AVX-512), the 3 left over one at a time, or every
+    tile one at a time where the CPU reads one weight stream best (AMD; COMPTRUST_CPU_ONE_STREAM forces either): the
+    same per-tile arithmetic, so the same bits."""
+    tiled = tile_sparse24(uniform_sparse24(1048, 64, value_dtype, seed=7))
+    x = torch.randn(1, 64, generator=torch.Generator().manual_seed(8))
+    outputs = []
+    for one_stream in ("0", "1"):
+        monkeypatch.setenv("COMPTRUST_CPU_ONE_STREAM", one_stream)
+        _check_float(1, 1048, 64, value_dtype, seed=7)
+        _check_float(1, 1048, 64, value_dtype, torch.bfloat16, seed=8)
+        outputs.append(ops.sparse24_tiled(x, tiled))
+    assert torch.equal(outputs[0], outputs[1])
+    if isa == "avx512":  # the only path that asks
+        monkeypatch.setenv("COMPTRUST_CPU_ONE_STREAM", "yes")
+        with pytest.raises(RuntimeError, match="COMPTRUST_CPU_ONE_STREAM=yes is not 0 or 1"):
+            ops.sparse24_tiled(x, tiled)
 
 
 def test_int4_bf16_activations(isa):

@@ -61,6 +61,20 @@ Isa select_isa() {
 
 std::string selected_isa_name() { return isa_name(select_isa()); }
 
+bool one_weight_stream() {
+  if (const char* forced = std::getenv("COMPTRUST_CPU_ONE_STREAM"); forced && *forced) {
+    TORCH_CHECK(std::strcmp(forced, "0") == 0 || std::strcmp(forced, "1") == 0, "COMPTRUST_CPU_ONE_STREAM=", forced,
+                " is not 0 or 1");
+    return forced[0] == '1';
+  }
+#ifdef COMPTRUST_X86
+  static const bool amd = __builtin_cpu_is("amd");
+  return amd;
+#else
+  return false;
+#endif
+}
+
 int64_t l1d_bytes() {
   if (const char* forced = std::getenv("COMPTRUST_CPU_L1D_BYTES"); forced && *forced) {
     char* end = nullptr;

@@ -35,6 +35,12 @@ bool avx512_bf16_usable();
 bool avx512_vnni_usable();
 // ... and VBMI too (vpmultishiftqb, vpermb): the 2:4 int4 values' int8 kernel (sparse24_vnni.cpp).
 bool avx512_vnni_vbmi_usable();
+// Whether batch-1 kernels that can read several tiles side by side should read one at a time instead (each
+// thread's weights one sequential stream): on AMD CPUs, where the 2:4 fp32-values GEMV ran 1.21-1.27x faster that
+// way (Zen 5, cold, alternated in one process) and the one-stream int kernels had won on Zen 4; not elsewhere (on
+// the host that kernel was first tuned on, four tiles side by side were 1.2x faster). COMPTRUST_CPU_ONE_STREAM=1|0
+// overrides.
+bool one_weight_stream();
 // The L1 data cache of one core in bytes (kernels size what must stay in L1 by it): COMPTRUST_CPU_L1D_BYTES if set
 // (the tests take both sides of the choices that depend on it), else what the C library reads from CPUID
 // (sysconf _SC_LEVEL1_DCACHE_SIZE), else 32 KiB, the smallest L1 of x86 cores with AVX-512.

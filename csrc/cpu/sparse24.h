@@ -80,9 +80,10 @@ inline float to_float(V v) {
 // From this many rows the weight is expanded block by block into torch's GEMM (sparse24_cpu.cpp run_expanded).
 constexpr int64_t kDenseMinRows = 192;
 
-// Batch 1, float values: 4 tiles per task on layers of at least 128 tiles. Side by side, cold weights, 4096x4096
-// and 11008x4096 fp32 values against dense fp32 F.linear: 1.84-1.88x (one tile per task: 1.47-1.52x, the
-// bytes' limit is 1.88x).
+// Batch 1, float values: 4 tiles per task on layers of at least 128 tiles, except where one_weight_stream(). Side
+// by side, cold weights, 4096x4096 and 11008x4096 fp32 values against dense fp32 F.linear: 1.84-1.88x (one tile per
+// task: 1.47-1.52x, the bytes' limit is 1.88x). On Zen 5 the other way round: one tile at a time 1.72-1.91x our
+// dense_gemv on the three Llama shapes, four side by side 1.42-1.50x (cold, alternated in one process).
 constexpr int kStreamTiles = 4;
 constexpr int64_t kStreamTilesMin = 128;
 constexpr int kStreamA8Pairs = 2;  // int4 values, int8 x

@@ -149,10 +149,10 @@ void run(const Sparse24Problem& p, Isa isa) {
   const int64_t grain = std::max<int64_t>(1, kMinTaskMacs / (p.m * (p.k / kSparse24Kept) * kTileCols));
 #ifdef COMPTRUST_X86
   if (isa == Isa::kAvx512) {
-    // Batch 1 with float values on layers of at least kStreamTilesMin tiles: kStreamTiles tiles per task (int4
-    // values are bound by their decoding, and ran slower that way).
+    // Batch 1 with float values on layers of at least kStreamTilesMin tiles: kStreamTiles tiles per task unless the
+    // CPU reads one weight stream per thread best (int4 values are bound by their decoding, and ran slower that way).
     if constexpr (!std::is_same_v<V, Int4Values>) {
-      if (p.m == 1 && tiles >= kStreamTilesMin) {
+      if (p.m == 1 && tiles >= kStreamTilesMin && !one_weight_stream()) {
         const int64_t groups = tiles / kStreamTiles;
         at::parallel_for(0, groups + tiles % kStreamTiles, 1, [&](int64_t begin, int64_t end) {
           for (int64_t u = begin; u < end; ++u) {
