@@ -209,10 +209,13 @@ def test_amx_fp32_activations_lose_no_bit(bits, monkeypatch):
 # (n, k, group) per bits: int4 a tile alone and odd tile counts (the two-tile work units), blocks of 32 inputs cut
 # short by the group (g16, g48, g80) and by k (k = 48); int3 the fewest tiles its layout allows (n = 32), groups of
 # one block, groups that k cuts short (g96 at k = 160), per-channel (g = k), k = 4096 (on every L1 of 20+ KB).
+# fp32 x's limb blocks are a group's inputs up to 128: groups longer than that (g336, g352, g224, per-channel at
+# k = 1024) hold several, the last one shorter, and odd step counts (g80, g96) leave a step for one sum set alone.
 ONE_STREAM_CASES = {
-    4: ((8, 16, 16), (24, 48, 48), (40, 160, 80), (200, 96, 96), (1536, 576, 128), (576, 1536, 128), (72, 208, 16)),
+    4: ((8, 16, 16), (24, 48, 48), (40, 160, 80), (200, 96, 96), (1536, 576, 128), (576, 1536, 128), (72, 208, 16),
+        (24, 672, 336), (16, 1024, 1024)),
     3: ((32, 32, 32), (96, 64, 32), (160, 160, 96), (224, 96, 96), (1536, 576, 128), (576, 1536, 128), (64, 224, 224),
-        (32, 4096, 128)),
+        (32, 4096, 128), (32, 704, 352), (32, 1024, 1024)),
 }
 
 

@@ -334,6 +334,8 @@ void check_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor&
 // dequantized codes.
 void stream_int8(const Problem& p, const float* x, StreamLimbs& out, float* group_sum) {
   out.limbs = 1;
+  out.block_inputs = kActBlock;
+  out.blocks_per_group = p.blocks_per_group;
   out.codes.resize(p.k);
   out.steps.resize(p.groups * p.blocks_per_group);
   quantize_rows(p, x, out.codes.data(), out.steps.data(), group_sum, Lanes::kOneStream);

@@ -6,12 +6,13 @@
 // pattern and the fp32 kernel's decoding (a shift, a vpermps and a multiply-add per 16 products) held them to
 // 12-14 GB/s in place, where the dense rows (one stream per thread) read 25-30. This kernel reads one tile at
 // a time, two word rows (16 inputs of its 8 columns) per 64-byte load, so a thread's stretch of tiles is one
-// sequential stream; fp32 x is three int8 limbs per block of 32 inputs (int8_limbs.h: fp32 accuracy), multiplied
-// with vpdpbusd: per 64 bytes of weights one vpermd, three mask/shift instructions and six vpdpbusd. With int8
-// activations (act_bits 8) x is one limb, its a8 codes, and two vpdpbusd: then the kernels run at the memory's
-// pace. Against the two-tile a8 kernel it replaced at one row (cold, alternated in one process): 4096 x 4096 and
-// 11008 x 4096 1.20-1.29x (int4 and int3), 4096 x 11008 1.12x / 1.03x, SmolLM2's layers even to 1.08x; the embedded
-// model's w4a8 and w3a8 decode 105 -> 282 and 113 -> 305 tokens/s (the program now binds those layers too).
+// sequential stream; fp32 x is three int8 limbs per block of up to kLimbBlock inputs (int8_limbs.h: fp32
+// accuracy), multiplied with vpdpbusd: per 64 bytes of weights one vpermd, three mask/shift instructions and six
+// vpdpbusd. With int8 activations (act_bits 8) x is one limb, its a8 codes, and two vpdpbusd: then the kernels run
+// at the memory's pace. Against the two-tile a8 kernel it replaced at one row (cold, alternated in one process):
+// 4096 x 4096 and 11008 x 4096 1.20-1.29x (int4 and int3), 4096 x 11008 1.12x / 1.03x, SmolLM2's layers even to
+// 1.08x; the embedded model's w4a8 and w3a8 decode 105 -> 282 and 113 -> 305 tokens/s (the program now binds those
+// layers too).
 // The vpermd puts word row 2v's column c in lane 2c and row 2v + 1's in lane 2c + 1 (inputs 16v..16v+7 and
 // 16v+8..16v+15); a lane's low nibbles are its even inputs, the high nibbles its odd ones. So the activation
 // operand of the low nibbles is 4 int8 of inputs 16v + {0,2,4,6} in even lanes and 16v + {8,10,12,14} in odd
@@ -31,14 +32,15 @@
 namespace comptrust::cpu::tiled {
 namespace {
 
-// The one-stream kernels' lanes hold a column's sums in lane pairs (2c, 2c + 1). A group's block sums scaled by
-// their limb steps (L limbs: x.limbs), added into `sum`:
+// The one-stream kernels' lanes hold a column's sums in lane pairs (2c, 2c + 1). A block's integer sums are kept
+// in two sets, alternate steps adding into each (a block of 128 inputs would otherwise be one chain of 16 vpdpbusd
+// per limb). Block b of group g, scaled by its limb steps (L limbs: x.limbs), added into `sum`:
 template <int L>
-COMPTRUST_AVX512 inline __m512 add_limb_blocks(const Problem& p, const StreamLimbs& x, int64_t g, int64_t b,
-                                               const __m512i (&acc)[L], __m512 sum) {
+COMPTRUST_AVX512 inline __m512 add_limb_block(const Problem& p, const StreamLimbs& x, int64_t g, int64_t b,
+                                              const __m512i (&acc)[2][L], __m512 sum) {
   for (int l = 0; l < L; ++l)
-    sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[l]), _mm512_set1_ps(x.steps[(l * p.groups + g) * p.blocks_per_group + b]),
-                          sum);
+    sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(acc[0][l], acc[1][l])),
+                          _mm512_set1_ps(x.steps[(l * p.groups + g) * x.blocks_per_group + b]), sum);
   return sum;
 }
 
@@ -58,33 +60,44 @@ COMPTRUST_AVX512 inline void store_pairs(const Problem& p, int64_t t, __m512 out
   _mm256_storeu_ps(p.y + t * kTileCols, _mm512_castps512_ps256(_mm512_permutexvar_ps(even_lanes, out)));
 }
 
+// One step of the int4 kernel: word rows 2v, 2v + 1 (inputs 16v..16v+15) into acc.
+template <int L>
+COMPTRUST_AVX512_VNNI inline void int4_step(const Problem& p, const StreamLimbs& x, const int32_t* tw, int64_t v,
+                                            __m512i (&acc)[L]) {
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  const __m512i interleave = _mm512_setr_epi32(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
+  const int32_t* rows = tw + v * 2 * kTileCols;
+  prefetch_to_l2(rows, 2 * kPrefetchBytes);
+  const __m512i words = _mm512_permutexvar_epi32(interleave, _mm512_loadu_si512(rows));
+  const __m512i even = _mm512_and_si512(words, nibble), odd = _mm512_and_si512(_mm512_srli_epi32(words, 4), nibble);
+  for (int l = 0; l < L; ++l) {
+    const int8_t* codes = x.codes.data() + l * p.k + v * kStreamInputs;
+    int64_t low, high;
+    std::memcpy(&low, codes, sizeof low);
+    std::memcpy(&high, codes + 8, sizeof high);
+    acc[l] = dpbusd(acc[l], even, _mm512_set1_epi64(low));
+    acc[l] = dpbusd(acc[l], odd, _mm512_set1_epi64(high));
+  }
+}
+
 template <int L>
 COMPTRUST_AVX512_VNNI void stream_vnni_avx512(const Problem& p, const StreamLimbs& x, int64_t t) {
   const int32_t* tw = p.tile_w(t);
-  const __m512i nibble = _mm512_set1_epi8(0x0F);
-  const __m512i interleave = _mm512_setr_epi32(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
   __m512 out = _mm512_setzero_ps();
   for (int64_t g = 0; g < p.groups; ++g) {
     const int64_t v_end = p.group_end(g) / kStreamInputs;
     __m512 sum = _mm512_setzero_ps();
     for (int64_t b = 0, v = g * p.group_size / kStreamInputs; v < v_end; ++b) {
-      __m512i acc[L];
-      for (__m512i& a : acc) a = _mm512_setzero_si512();
-      for (const int64_t block_end = std::min(v_end, v + kActBlock / kStreamInputs); v < block_end; ++v) {
-        const int32_t* rows = tw + v * 2 * kTileCols;
-        prefetch_to_l2(rows, 2 * kPrefetchBytes);
-        const __m512i words = _mm512_permutexvar_epi32(interleave, _mm512_loadu_si512(rows));
-        const __m512i even = _mm512_and_si512(words, nibble), odd = _mm512_and_si512(_mm512_srli_epi32(words, 4), nibble);
-        for (int l = 0; l < L; ++l) {
-          const int8_t* codes = x.codes.data() + l * p.k + v * kStreamInputs;
-          int64_t low, high;
-          std::memcpy(&low, codes, sizeof low);
-          std::memcpy(&high, codes + 8, sizeof high);
-          acc[l] = dpbusd(acc[l], even, _mm512_set1_epi64(low));
-          acc[l] = dpbusd(acc[l], odd, _mm512_set1_epi64(high));
-        }
+      __m512i acc[2][L];
+      for (auto& set : acc)
+        for (__m512i& a : set) a = _mm512_setzero_si512();
+      const int64_t block_end = std::min(v_end, v + x.block_inputs / kStreamInputs);
+      for (; v + 2 <= block_end; v += 2) {
+        int4_step(p, x, tw, v, acc[0]);
+        int4_step(p, x, tw, v + 1, acc[1]);
       }
-      sum = add_limb_blocks(p, x, g, b, acc, sum);
+      if (v < block_end) int4_step(p, x, tw, v++, acc[0]);
+      sum = add_limb_block(p, x, g, b, acc, sum);
     }
     out = add_group(p, t, g, sum, out);
   }
@@ -98,11 +111,14 @@ COMPTRUST_AVX512_VNNI void stream_vnni_avx512(const Problem& p, const StreamLimb
 // rows 16p + 4q + i in byte q: the low plane's 2-bit field i, and the high bit moved to bit 2 and merged in by one
 // vpternlogd, ready for vpdpbusd against x's 8 bytes {x[4q + i]}, {x[16 + 4q + i]} (stream_lane_position):
 // per 96 bytes of weights two vpermd, ~14 shift/mask/merge instructions and twelve vpdpbusd (four with int8
-// activations). Needs the group size to be a multiple of 32 (stream_fits), so a limb block is one int3 block.
-// With fp32 x it is compute-bound: warm in cache, 0.76-0.87x the int4 kernel's weights per second (per 256
-// weights ~35 vector instructions against int4's ~26, Zen 4 issuing about two zmm ones per cycle), so cold it
-// ran 0.81-1.22x as fast as int4 in quick benchmark runs where its bytes would allow 1.3x; with int8 activations
-// it reads at the memory's pace (4096 x 4096 cold: 1.30x as fast as int4 a8).
+// activations). Needs the group size to be a multiple of 32 (stream_fits), so a limb block is whole int3 blocks.
+// With fp32 x it is compute-bound: with limb blocks of 32 inputs, warm in cache, 0.76-0.87x the int4 kernel's
+// weights per second (per 256 weights ~35 vector instructions against int4's ~26, Zen 4 issuing about two zmm ones
+// per cycle), so cold it ran 0.81-1.22x as fast as int4 in quick benchmark runs where its bytes would allow 1.3x.
+// Blocks of 128 (kLimbBlock) take 7 of those instructions off; cold, alternated in one process on Zen 5 (old
+// time / new): int3 4096 x 4096 1.13x, 11008 x 4096 1.09x, 4096 x 11008 1.10x (int4 0.99-1.03x: at the memory's
+// pace). Against int4, alternated, it then ran 1.07-1.34x as fast, with the host's memory speed of the minute.
+// With int8 activations it reads at the memory's pace (4096 x 4096 cold: 1.30x as fast as int4 a8 on Zen 4).
 // Its prefetch: both cache lines a 96-byte block can start 4 KB ahead, into L2. Cold, alternated in one process
 // against int4 (int4 time / int3 time, before -> after; one prefetch into L1 per block, 2 KB ahead, before): int8
 // activations 4096 x 4096 1.04 -> 1.11, 11008 x 4096 0.96 -> 1.04, 4096 x 11008 1.12 -> 1.25, SmolLM2's 576 x 1536
@@ -110,38 +126,52 @@ COMPTRUST_AVX512_VNNI void stream_vnni_avx512(const Problem& p, const StreamLimb
 // instructions fewer per block, measured no faster on top of it.)
 constexpr int64_t kInt3PrefetchBytes = 4096;
 
+// One int3 block (32 inputs) into acc.
 template <int L>
-COMPTRUST_AVX512_VNNI void stream_int3_vnni_avx512(const Problem& p, const StreamLimbs& x, int64_t t) {
-  const int32_t* tw = p.tile_w(t);
+COMPTRUST_AVX512_VNNI inline void int3_step(const Problem& p, const StreamLimbs& x, const int32_t* tw, int64_t block,
+                                            __m512i (&acc)[L]) {
   const __m512i interleave = _mm512_setr_epi32(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
   const __m512i twice = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
   const __m512i odd_lanes_by_4 = _mm512_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4);
   const __m512i bit2 = _mm512_set1_epi8(0x04), low2 = _mm512_set1_epi8(0x03);
+  const int32_t* bw = tw + block * kInt3BlockPlanes * kTileCols;
+  // Every cache line of the stream (a block is 1.5 lines: one prefetch per block skipped every third line).
+  prefetch_to_l2(bw, kInt3PrefetchBytes);
+  prefetch_to_l2(bw + 16, kInt3PrefetchBytes);
+  const __m512i low = _mm512_permutexvar_epi32(interleave, _mm512_loadu_si512(bw));
+  const __m512i high = _mm512_srlv_epi32(
+      _mm512_permutexvar_epi32(twice, _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bw + 2 * kTileCols)))),
+      odd_lanes_by_4);
+  COMPTRUST_UNROLL for (int i = 0; i < 4; ++i) {
+    const __m512i low_i = i ? _mm512_srli_epi32(low, 2 * i) : low;
+    const __m512i high_i = _mm512_and_si512(i < 2 ? _mm512_slli_epi32(high, 2 - i) : i == 2 ? high : _mm512_srli_epi32(high, 1), bit2);
+    const __m512i codes = _mm512_ternarylogic_epi32(low2, low_i, high_i, 0xCA);  // low2 ? low_i : high_i, bitwise
+    for (int l = 0; l < L; ++l) {
+      int64_t inputs;
+      std::memcpy(&inputs, x.codes.data() + l * p.k + block * kInt3BlockRows + 8 * i, sizeof inputs);
+      acc[l] = dpbusd(acc[l], codes, _mm512_set1_epi64(inputs));
+    }
+  }
+}
+
+template <int L>
+COMPTRUST_AVX512_VNNI void stream_int3_vnni_avx512(const Problem& p, const StreamLimbs& x, int64_t t) {
+  const int32_t* tw = p.tile_w(t);
   __m512 out = _mm512_setzero_ps();
   for (int64_t g = 0; g < p.groups; ++g) {
     __m512 sum = _mm512_setzero_ps();
-    for (int64_t b = 0, block = g * p.group_size / kInt3BlockRows; block < p.group_end(g) / kInt3BlockRows; ++b, ++block) {
-      const int32_t* bw = tw + block * kInt3BlockPlanes * kTileCols;
-      // Every cache line of the stream (a block is 1.5 lines: one prefetch per block skipped every third line).
-      prefetch_to_l2(bw, kInt3PrefetchBytes);
-      prefetch_to_l2(bw + 16, kInt3PrefetchBytes);
-      const __m512i low = _mm512_permutexvar_epi32(interleave, _mm512_loadu_si512(bw));
-      const __m512i high = _mm512_srlv_epi32(
-          _mm512_permutexvar_epi32(twice, _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bw + 2 * kTileCols)))),
-          odd_lanes_by_4);
-      __m512i acc[L];
-      for (__m512i& a : acc) a = _mm512_setzero_si512();
-      COMPTRUST_UNROLL for (int i = 0; i < 4; ++i) {
-        const __m512i low_i = i ? _mm512_srli_epi32(low, 2 * i) : low;
-        const __m512i high_i = _mm512_and_si512(i < 2 ? _mm512_slli_epi32(high, 2 - i) : i == 2 ? high : _mm512_srli_epi32(high, 1), bit2);
-        const __m512i codes = _mm512_ternarylogic_epi32(low2, low_i, high_i, 0xCA);  // low2 ? low_i : high_i, bitwise
-        for (int l = 0; l < L; ++l) {
-          int64_t inputs;
-          std::memcpy(&inputs, x.codes.data() + l * p.k + block * kInt3BlockRows + 8 * i, sizeof inputs);
-          acc[l] = dpbusd(acc[l], codes, _mm512_set1_epi64(inputs));
-        }
+    const int64_t last = p.group_end(g) / kInt3BlockRows;
+    for (int64_t b = 0, block = g * p.group_size / kInt3BlockRows; block < last; ++b) {
+      __m512i acc[2][L];
+      for (auto& set : acc)
+        for (__m512i& a : set) a = _mm512_setzero_si512();
+      const int64_t block_end = std::min(last, block + x.block_inputs / kInt3BlockRows);
+      for (; block + 2 <= block_end; block += 2) {
+        int3_step(p, x, tw, block, acc[0]);
+        int3_step(p, x, tw, block + 1, acc[1]);
       }
-      sum = add_limb_blocks(p, x, g, b, acc, sum);
+      if (block < block_end) int3_step(p, x, tw, block++, acc[0]);
+      sum = add_limb_block(p, x, g, b, acc, sum);
     }
     out = add_group(p, t, g, sum, out);
   }
@@ -169,16 +199,22 @@ const LimbOrder& lane_order(Lanes lanes, int bits) {
 void stream_limbs(const Problem& p, const float* x, StreamLimbs& out) {
   const LimbOrder& order = lane_order(Lanes::kOneStream, p.bits);
   out.limbs = kLimbs;
+  out.block_inputs = std::min(p.group_size, kLimbBlock);
+  out.blocks_per_group = (p.group_size + out.block_inputs - 1) / out.block_inputs;
   out.codes.resize(kLimbs * p.k);
-  out.steps.resize(kLimbs * p.groups * p.blocks_per_group);
+  out.steps.resize(kLimbs * p.groups * out.blocks_per_group);
   for (int64_t g = 0; g < p.groups; ++g) {
     const int64_t ke = p.group_end(g);
-    for (int64_t b = 0, bk = g * p.group_size; bk < ke; ++b, bk += kActBlock) {
-      int8_t* const limbs[kLimbs] = {out.codes.data() + bk, out.codes.data() + p.k + bk,
-                                     out.codes.data() + 2 * p.k + bk};
+    for (int64_t b = 0, bk = g * p.group_size; bk < ke; ++b, bk += out.block_inputs) {
+      const int64_t be = std::min(ke, bk + out.block_inputs);
       float steps[kLimbs];
-      limbs_of_block(x + bk, std::min<int64_t>(ke - bk, kActBlock), order, limbs, steps);
-      for (int l = 0; l < kLimbs; ++l) out.steps[(l * p.groups + g) * p.blocks_per_group + b] = steps[l];
+      limb_steps(block_amax(x + bk, be - bk), steps);
+      for (int l = 0; l < kLimbs; ++l) out.steps[(l * p.groups + g) * out.blocks_per_group + b] = steps[l];
+      for (int64_t sk = bk; sk < be; sk += kActBlock) {  // lane orders permute within 32 inputs
+        int8_t* const limbs[kLimbs] = {out.codes.data() + sk, out.codes.data() + p.k + sk,
+                                       out.codes.data() + 2 * p.k + sk};
+        limbs_with_steps(x + sk, std::min<int64_t>(be - sk, kActBlock), order, limbs, steps);
+      }
     }
   }
 }

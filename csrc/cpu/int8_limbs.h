@@ -42,22 +42,30 @@ LimbOrder limb_order(Position&& position) {
   return order;
 }
 
-// out[l][order.to[j]] = limb l of x[j] for the block's count inputs (count <= kActBlock; with count <
-// kActBlock, order must keep the first count positions among themselves), steps[l] = its scale d_l.
-COMPTRUST_AVX512 inline void limbs_of_block(const float* x, int64_t count, const LimbOrder& order,
-                                            int8_t* const (&out)[kLimbs], float (&steps)[kLimbs]) {
-  float amax = 0.f;
-  if (count == kActBlock) {  // the same maximum, 32 lanes at a time (the scalar loop's chain took ~0.4 us at k = 576)
-    const __m512 top = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(x)), _mm512_abs_ps(_mm512_loadu_ps(x + 16)));
-    amax = _mm512_reduce_max_ps(top);
-  } else {
-    for (int64_t j = 0; j < count; ++j) amax = std::max(amax, std::fabs(x[j]));
-  }
+// The largest |x[j]| of count inputs.
+COMPTRUST_AVX512 inline float block_amax(const float* x, int64_t count) {
+  __m512 top = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + 16 <= count; j += 16) top = _mm512_max_ps(top, _mm512_abs_ps(_mm512_loadu_ps(x + j)));
+  float amax = _mm512_reduce_max_ps(top);
+  for (; j < count; ++j) amax = std::max(amax, std::fabs(x[j]));
+  return amax;
+}
+
+// The limb steps d0, d1, d2 of a block whose largest |x| is amax.
+inline void limb_steps(float amax, float (&steps)[kLimbs]) {
   steps[0] = amax / 127.f;
   steps[1] = steps[0] / 254.f;
   steps[2] = steps[1] / 254.f;
+}
+
+// out[l][order.to[j]] = limb l of x[j] for count inputs (count <= kActBlock; with count < kActBlock, order must
+// keep the first count positions among themselves), with the steps of a block holding them (limb_steps of an
+// amax at least their largest |x|).
+COMPTRUST_AVX512 inline void limbs_with_steps(const float* x, int64_t count, const LimbOrder& order,
+                                              int8_t* const (&out)[kLimbs], const float (&steps)[kLimbs]) {
   float inverse[kLimbs];
-  for (int l = 0; l < kLimbs; ++l) inverse[l] = amax > 0.f ? 1.f / steps[l] : 0.f;
+  for (int l = 0; l < kLimbs; ++l) inverse[l] = steps[0] > 0.f ? 1.f / steps[l] : 0.f;
   if (count == kActBlock) {
     const __m512 x0 = _mm512_loadu_ps(x), x1 = _mm512_loadu_ps(x + 16);
     __m512 rest[2] = {_mm512_permutex2var_ps(x0, _mm512_load_si512(order.from.data()), x1),
@@ -80,6 +88,13 @@ COMPTRUST_AVX512 inline void limbs_of_block(const float* x, int64_t count, const
       out[l][order.to[j]] = static_cast<int8_t>(q);
     }
   }
+}
+
+// limbs_with_steps for a block of its own (count <= kActBlock inputs), its steps written to `steps`.
+COMPTRUST_AVX512 inline void limbs_of_block(const float* x, int64_t count, const LimbOrder& order,
+                                            int8_t* const (&out)[kLimbs], float (&steps)[kLimbs]) {
+  limb_steps(block_amax(x, count), steps);
+  limbs_with_steps(x, count, order, out, steps);
 }
 
 }  // namespace comptrust::cpu
