@@ -332,9 +332,12 @@ def test_batch_one_fp32_int4_values_as_int8_limbs_keep_fp32_accuracy(monkeypatch
     limbs per block (to 2^-23 of the block's largest input; a dropped third limb: ~4e-5), on layers of at least
     2^22 weights (smaller ones stay on the float kernel): one tile at a time where k and a group's inputs are
     multiples of 32 and the limbs fill at most 70% of L1 (1048 x 4096 g64; COMPTRUST_CPU_L1D_BYTES=16384 sends it
-    to the pairs), else in tile pairs (groups that cut blocks short: 8 and 24 kept values, 16 and 48 inputs; n = 1032:
-    streamed pairs and a lone last tile). Wide-range inputs, bf16 x, and every ISA's kernel on the same inputs."""
-    for n, k, group in ((1048, 4096, 64), (1032, 4096, 8), (1024, 4096, 24), (40, 224, 8)):
+    to the pairs), its limb blocks a group's inputs up to 128 (g48: one block of 96; g96: 128 + 64, the last group
+    cut short; g2048, one group per row: 16 blocks), else in tile pairs (groups that cut blocks short: 8 and 24 kept
+    values, 16 and 48 inputs; n = 1032: streamed pairs and a lone last tile). Wide-range inputs, bf16 x, and every
+    ISA's kernel on the same inputs."""
+    for n, k, group in ((1048, 4096, 64), (1024, 4096, 48), (1040, 4096, 96), (1024, 4096, 2048), (1032, 4096, 8),
+                        (1024, 4096, 24), (40, 224, 8)):
         packed = uniform_sparse24_int4(n, k, group, seed=n)
         q, tiled = packed.qvalues, tile_sparse24_int4(packed)
         ref = lambda x: reference.sparse24_int4_gemm(x, q.qweight, q.qzeros, q.scales, packed.meta, group)

@@ -197,12 +197,6 @@ struct StreamLimbs {
   std::vector<float> steps;
 };
 
-// fp32 x's limb blocks: a group's inputs, at most this many. Each block's integer sums are scaled by its steps
-// and added, 9 instructions per block on 8 columns: per 32 inputs that was a sixth of the int3 kernel's work and
-// bounded it (stream_int3_vnni_avx512: blocks of 128 run it 1.09-1.13x as fast cold). The int32 sums hold:
-// |sum| <= 128 * 127 * 15 per block. Accuracy: limbs of a block leave at most its largest |x| / 8.2e6 per input.
-constexpr int64_t kLimbBlock = 128;
-
 // x's kLimbs limbs for the one-stream kernels (fp32 accuracy).
 void stream_limbs(const Problem& p, const float* x, StreamLimbs& out);
 // Tiles 2u and 2u + 1 (the work units of the two-tile kernels), one after the other.

@@ -190,6 +190,11 @@ inline bool stream_int4_fits(const Sparse24Problem& p, bool limbs) {
   return avx512_vnni_vbmi_usable() && p.k % kActBlock == 0 && 2 * p.group_size % kActBlock == 0 &&
          (!limbs || limbs_fit_l1(p.k));
 }
+// The inputs per block of x's scales there: int8 x's activation blocks; fp32 x's limbs a quantization group's
+// inputs up to kLimbBlock (whole activation blocks, as stream_int4_fits asks of the group).
+inline int64_t stream_int4_block_inputs(const Sparse24Problem& p, bool limbs) {
+  return limbs ? std::min<int64_t>(2 * p.group_size, kLimbBlock) : kActBlock;
+}
 // x8's rows (k bytes each) from the natural order to stream_int4_avx512's: the middle 8-byte quarters of every
 // 32-input block swapped.
 inline void to_stream_int4_order(int8_t* x8, int64_t rows, int64_t k) {

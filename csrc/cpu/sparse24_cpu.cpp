@@ -122,20 +122,26 @@ void dequantize_rows_int8(const int8_t* x8, const float* block_scale, int64_t m,
 
 #ifdef COMPTRUST_X86
 // x8[i * kLimbs + l, k] (natural order) and block_scale[i * kLimbs + l, groups * blocks_per_group]: limb l of
-// rows of fp32 x [m, k] (int8_limbs.h), blocks as quantize_rows_int8's.
-void quantize_rows_limbs(const float* x, int64_t m, int64_t k, int64_t group_inputs, int8_t* x8, float* block_scale) {
+// rows of fp32 x [m, k] (int8_limbs.h), blocks of block_inputs (a multiple of kActBlock) restarting at every
+// group, as quantize_rows_int8's with block_inputs = kActBlock.
+void quantize_rows_limbs(const float* x, int64_t m, int64_t k, int64_t group_inputs, int64_t block_inputs, int8_t* x8,
+                         float* block_scale) {
   static const LimbOrder kNatural = limb_order([](int j) { return j; });
-  const int64_t groups = (k + group_inputs - 1) / group_inputs, per_group = (group_inputs + kActBlock - 1) / kActBlock;
+  const int64_t groups = (k + group_inputs - 1) / group_inputs;
+  const int64_t per_group = (group_inputs + block_inputs - 1) / block_inputs;
   for (int64_t i = 0; i < m; ++i)
     for (int64_t g = 0; g < groups; ++g)
       for (int64_t b = 0; b < per_group; ++b) {
-        const int64_t begin = g * group_inputs + b * kActBlock;
-        const int64_t end = std::min({begin + kActBlock, (g + 1) * group_inputs, k});
-        int8_t* const out[kLimbs] = {x8 + i * kLimbs * k + begin, x8 + (i * kLimbs + 1) * k + begin,
-                                     x8 + (i * kLimbs + 2) * k + begin};
+        const int64_t begin = g * group_inputs + b * block_inputs;
+        const int64_t end = std::min({begin + block_inputs, (g + 1) * group_inputs, k});
         float steps[kLimbs];
-        limbs_of_block(x + i * k + begin, std::max<int64_t>(0, end - begin), kNatural, out, steps);
+        limb_steps(block_amax(x + i * k + begin, std::max<int64_t>(0, end - begin)), steps);
         for (int l = 0; l < kLimbs; ++l) block_scale[((i * kLimbs + l) * groups + g) * per_group + b] = steps[l];
+        for (int64_t sub = begin; sub < end; sub += kActBlock) {
+          int8_t* const out[kLimbs] = {x8 + i * kLimbs * k + sub, x8 + (i * kLimbs + 1) * k + sub,
+                                       x8 + (i * kLimbs + 2) * k + sub};
+          limbs_with_steps(x + i * k + sub, std::min<int64_t>(end - sub, kActBlock), kNatural, out, steps);
+        }
       }
 }
 #endif  // COMPTRUST_X86
@@ -283,14 +289,21 @@ at::Tensor run_kind(Sparse24Problem& p, const at::Tensor& x) {
 at::Tensor run_int4_int8(Sparse24Problem& p, const at::Tensor& x, bool limbs) {
   if (p.m == 0) return at::empty({0, p.n}, x.options());
   const at::Tensor xf = x.to(at::kFloat).contiguous();
-  const int64_t group_inputs = 2 * p.group_size, per_group = (group_inputs + kActBlock - 1) / kActBlock;
   TORCH_INTERNAL_ASSERT(!limbs || p.m == 1, "sparse24_int4_gemm_tiled: int8 limbs at batch 1 only");
+#ifdef COMPTRUST_X86
+  const bool one_tile = p.m == 1 && stream_int4_fits(p, limbs);  // stream_int4_tile, tile by tile
+  const int64_t block_inputs = one_tile ? stream_int4_block_inputs(p, limbs) : kActBlock;
+#else
+  const int64_t block_inputs = kActBlock;
+#endif
+  const int64_t group_inputs = 2 * p.group_size, per_group = (group_inputs + block_inputs - 1) / block_inputs;
   const int64_t rows = p.m * (limbs ? kLimbs : 1);
   at::Tensor x8 = at::empty({rows, p.k}, xf.options().dtype(at::kChar));
   at::Tensor block_scale = at::empty({rows, p.groups * per_group}, xf.options());
 #ifdef COMPTRUST_X86
   if (limbs)
-    quantize_rows_limbs(xf.data_ptr<float>(), p.m, p.k, group_inputs, x8.data_ptr<int8_t>(), block_scale.data_ptr<float>());
+    quantize_rows_limbs(xf.data_ptr<float>(), p.m, p.k, group_inputs, block_inputs, x8.data_ptr<int8_t>(),
+                        block_scale.data_ptr<float>());
   else
 #endif
     quantize_rows_int8(xf.data_ptr<float>(), p.m, p.k, group_inputs, x8.data_ptr<int8_t>(), block_scale.data_ptr<float>());
@@ -306,7 +319,7 @@ at::Tensor run_int4_int8(Sparse24Problem& p, const at::Tensor& x, bool limbs) {
     // time / new), fp32 x as limbs 4096 x 4096 1.43x, 11008 x 4096 1.62x, 4096 x 11008 1.81x (then 1.13-1.37x as
     // fast as dense int4's one-stream kernel, which it trailed at 0.75-0.79x); int8 x 1.49-1.52x, SmolLM2's 576 x
     // 1536 and 1536 x 576 2.0-2.1x.
-    if (p.m == 1 && stream_int4_fits(p, limbs)) {
+    if (one_tile) {
       to_stream_int4_order(x8.data_ptr<int8_t>(), rows, p.k);
       const int64_t tiles_per_task = std::max<int64_t>(1, kMinTaskMacs / (p.k * kTileCols));
       at::parallel_for(0, p.n / kTileCols, tiles_per_task, [&](int64_t begin, int64_t end) {
