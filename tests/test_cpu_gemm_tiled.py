@@ -264,13 +264,15 @@ def test_one_stream_kernels_take_k_while_the_limbs_fit_in_l1(bits, monkeypatch):
 
 @pytest.mark.parametrize("bits", [4, 3])
 def test_fp32_as_int8_limbs_keeps_fp32_accuracy(bits, monkeypatch):
-    """With VNNI, fp32 x runs on the int8 kernels as three int8 limbs per block of 32 inputs, leaving at most
-    2^-23 of the block's largest input: at batch 1 (int3 always; int4 from 2^22 weights where the one-stream kernel
-    does not take it: limbs too big for L1, or k or the group size not a multiple of 16), on layers of 2^22+
-    weights up to 255 rows, on layers of 2^18+ from 8 rows (int3: 2) to 63. Wide-range inputs (a dropped third
-    limb: 4e-5 relative error), groups that cut blocks short (int4 g24), odd row counts (the kernels take rows
-    in pairs), bf16 x; and against the other ISAs' fp32 kernels."""
-    for n, k, group in ((1024, 4096, 128), (1024, 4096, 24), (64, 224, 32), (576, 1536, 128), (512, 512, 64)):
+    """With VNNI, fp32 x runs on the int8 kernels as three int8 limbs per block (a group's inputs up to 128),
+    leaving at most 2^-23 of the block's largest input: at batch 1 (int3 always; int4 from 2^22 weights where the
+    one-stream kernel does not take it: limbs too big for L1, or k or the group size not a multiple of 16), on
+    layers of 2^22+ weights up to 255 rows, on layers of 2^18+ from 8 rows (int3: 2) to 63. Wide-range inputs (a
+    dropped third limb: 4e-5 relative error), groups that cut blocks short (int4 g24), groups of several blocks
+    and a last group cut short (g352 at k = 4096: 128 + 128 + 96, then 128 + 96), odd row counts (the kernels take
+    rows in pairs), bf16 x; and against the other ISAs' fp32 kernels."""
+    for n, k, group in ((1024, 4096, 128), (1024, 4096, 24), (1024, 4096, 352), (64, 224, 32), (576, 1536, 128),
+                        (512, 512, 64)):
         if bits == 3 and group % 32:
             continue
         packed = AMX_RANDOM[bits](n, k, group, seed=n + group)[0]

@@ -27,8 +27,9 @@
 //     inputs, the codes are unpacked into u8 lanes and multiplied with vpdpbusd where the CPU has AVX-512
 //     VNNI (64 u8 x s8 products per instruction), else vpmaddubsw/vpmaddwd (16 per pair), the integer
 //     block sums scaled once per block. With VNNI, fp32 x runs there too where that is faster (limbs_for:
-//     batch 1, and up to 255 rows on larger layers), as three int8 limbs per block that hold x to 2^-23 of the
-//     block's largest input (quantize_limbs): fp32 accuracy, in place of the direct and panel kernels.
+//     batch 1, and up to 255 rows on larger layers), as three int8 limbs per block (a group's inputs up to
+//     kLimbBlock) that hold x to 2^-23 of the block's largest input (quantize_limbs): fp32 accuracy, in place of
+//     the direct and panel kernels.
 // Each kernel has an AVX2 path and a portable scalar one (the BLAS path a scalar dequantization); direct,
 // a8 and the panel also an AVX-512 one (isa.h picks). The AVX-512 int4/int3 direct and a8 kernels take two
 // neighbouring tiles per register (16 output columns for the same inputs).
@@ -74,6 +75,7 @@ struct Problem {
   float* y;  // [m, n]
   int64_t m, n, k, group_size, groups, blocks_per_group;
   int limbs = 1;  // kLimbs: fp32 x as int8 limbs (int8_limbs.h, a8_avx512), else 1
+  int64_t block_inputs = kActBlock;  // x8's blocks: kActBlock inputs (a8), a group's inputs up to kLimbBlock (limbs)
 
   const int32_t* tile_w(int64_t t) const { return w + t * words_per_column(bits, k) * kTileCols; }
   const uint8_t* tile_zeros(int64_t t) const { return zeros + t * groups * kTileCols; }

@@ -98,8 +98,8 @@ COMPTRUST_AVX512_VNNI void a8_avx512(const Problem& p, int64_t t, int64_t i0) {
     __m512 acc[P][R];
     COMPTRUST_UNROLL for (int q = 0; q < P; ++q)
       COMPTRUST_UNROLL for (int r = 0; r < R; ++r) acc[q][r] = _mm512_setzero_ps();
-    for (int64_t b = 0, bk = kb; bk < ke; ++b, bk += kActBlock) {
-      const int64_t bend = std::min(ke, bk + kActBlock);
+    for (int64_t b = 0, bk = kb; bk < ke; ++b, bk += p.block_inputs) {
+      const int64_t bend = std::min(ke, bk + p.block_inputs);
       // Two accumulator chains per pair and row (int4: even and odd inputs; int3: the two planes): vpdpbusd
       // waits ~5 cycles for its predecessor, and one chain would set the pace. With 8 or more (pair, row)
       // sums in flight one chain each is enough (and four pairs of fp32 x's three limbs fit in registers).
@@ -127,31 +127,33 @@ COMPTRUST_AVX512_VNNI void a8_avx512(const Problem& p, int64_t t, int64_t i0) {
           }
         }
       } else {
-        const int64_t offset = (bk / kInt3BlockRows) * kInt3BlockPlanes * kTileCols;
-        __m512i high[P];
-        COMPTRUST_UNROLL for (int q = 0; q < P; ++q) {
-          tiles[q].prefetch(offset, 2);  // a block is 96 bytes
-          high[q] = tiles[q].words(offset + 2 * kTileCols);
-        }
-        COMPTRUST_UNROLL for (int plane = 0; plane < 2; ++plane) {
-          __m512i low[P], high_nibbles[P];
+        for (int64_t ib = bk; ib < bend; ib += kInt3BlockRows) {  // int3 blocks: p.block_inputs is whole ones
+          const int64_t offset = (ib / kInt3BlockRows) * kInt3BlockPlanes * kTileCols;
+          __m512i high[P];
           COMPTRUST_UNROLL for (int q = 0; q < P; ++q) {
-            low[q] = tiles[q].words(offset + plane * kTileCols);
-            high_nibbles[q] = _mm512_and_si512(plane ? _mm512_srli_epi16(high[q], 4) : high[q], nibbles);
+            tiles[q].prefetch(offset, 2);  // a block is 96 bytes
+            high[q] = tiles[q].words(offset + 2 * kTileCols);
           }
-          COMPTRUST_UNROLL for (int i = 0; i < 4; ++i) {
-            const __m512i bit_i_times_4 = _mm512_broadcast_i64x4(
-                _mm256_load_si256(reinterpret_cast<const __m256i*>(kHighBitTimes4.table[i])));
-            __m512i codes[P];
-            // (low >> 2i) & 3 | table bits: vpternlogd truth table of A & B | C is 0xEA (A, B, C = 0xF0, 0xCC, 0xAA).
-            COMPTRUST_UNROLL for (int q = 0; q < P; ++q)
-              codes[q] = _mm512_ternarylogic_epi32(i ? _mm512_srli_epi16(low[q], 2 * i) : low[q], _mm512_set1_epi8(3),
-                                                   _mm512_shuffle_epi8(bit_i_times_4, high_nibbles[q]), 0xEA);
-            // Each row's broadcast inputs feed every pair, one x register live.
-            COMPTRUST_UNROLL for (int v = 0; v < V; ++v) {
-              const __m512i xv = x8_lanes4(x8 + v * p.k + bk + plane * 16 + i * 4);
+          COMPTRUST_UNROLL for (int plane = 0; plane < 2; ++plane) {
+            __m512i low[P], high_nibbles[P];
+            COMPTRUST_UNROLL for (int q = 0; q < P; ++q) {
+              low[q] = tiles[q].words(offset + plane * kTileCols);
+              high_nibbles[q] = _mm512_and_si512(plane ? _mm512_srli_epi16(high[q], 4) : high[q], nibbles);
+            }
+            COMPTRUST_UNROLL for (int i = 0; i < 4; ++i) {
+              const __m512i bit_i_times_4 = _mm512_broadcast_i64x4(
+                  _mm256_load_si256(reinterpret_cast<const __m256i*>(kHighBitTimes4.table[i])));
+              __m512i codes[P];
+              // (low >> 2i) & 3 | table bits: vpternlogd truth table of A & B | C is 0xEA (A, B, C = 0xF0, 0xCC, 0xAA).
               COMPTRUST_UNROLL for (int q = 0; q < P; ++q)
-                dot[q][v][plane % C] = dpbusd(dot[q][v][plane % C], codes[q], xv);
+                codes[q] = _mm512_ternarylogic_epi32(i ? _mm512_srli_epi16(low[q], 2 * i) : low[q], _mm512_set1_epi8(3),
+                                                     _mm512_shuffle_epi8(bit_i_times_4, high_nibbles[q]), 0xEA);
+              // Each row's broadcast inputs feed every pair, one x register live.
+              COMPTRUST_UNROLL for (int v = 0; v < V; ++v) {
+                const __m512i xv = x8_lanes4(x8 + v * p.k + ib + plane * 16 + i * 4);
+                COMPTRUST_UNROLL for (int q = 0; q < P; ++q)
+                  dot[q][v][plane % C] = dpbusd(dot[q][v][plane % C], codes[q], xv);
+              }
             }
           }
         }

@@ -242,9 +242,11 @@ void quantize_rows(const Problem& p, const float* x, int8_t* x8, float* block_sc
 }
 
 #ifdef COMPTRUST_X86
-// fp32 x on the VNNI kernels (a8_avx512 with LIMBS = 3): each row as three int8 limbs per block of kActBlock
-// inputs (int8_limbs.h), blocks restarting at every group as in quantize_rows; x8 rows (3 per row of x) in the
-// layout's lane order, block_scale [m * 3][groups * blocks_per_group]. Three vpdpbusd of 64 products each do
+// fp32 x on the VNNI kernels (a8_avx512 with LIMBS = 3): each row as three int8 limbs per block of p.block_inputs
+// (a group's inputs up to kLimbBlock; int8_limbs.h), blocks restarting at every group as in quantize_rows; x8 rows
+// (3 per row of x) in the layout's lane order, block_scale [m * 3][groups * blocks_per_group]. Blocks of 128
+// against 32, cold, alternated in one process on Zen 5 (old time / new), 4096 x 4096 and 1536 x 576 at 4 to 32
+// rows: int3 1.14-1.19x, int4 1.01-1.09x. Three vpdpbusd of 64 products each do
 // the work of 12 fp32 FMAs, so where the CPU has VNNI this beats the fp32 kernels wherever they are
 // compute-bound. Side by side (warm, against bf16 F.linear; limbs / the fp32 path they replace):
 //   * batch 1, cold weights, against the fp32 direct kernel: int3 1.1-1.25x on the SmolLM2 shapes and 1.6-1.8x
@@ -275,12 +277,16 @@ void quantize_limbs(const Problem& p, const float* x, int8_t* x8, float* block_s
     const float* xi = x + i * p.k;
     for (int64_t g = 0; g < p.groups; ++g) {
       const int64_t kb = g * p.group_size, ke = p.group_end(g);
-      for (int64_t b = 0, bk = kb; bk < ke; ++b, bk += kActBlock) {
-        int8_t* const out[kLimbs] = {x8 + i * kLimbs * p.k + bk, x8 + (i * kLimbs + 1) * p.k + bk,
-                                     x8 + (i * kLimbs + 2) * p.k + bk};
+      for (int64_t b = 0, bk = kb; bk < ke; ++b, bk += p.block_inputs) {
+        const int64_t be = std::min(ke, bk + p.block_inputs);
         float steps[kLimbs];
-        limbs_of_block(xi + bk, std::min(ke, bk + kActBlock) - bk, order, out, steps);
+        limb_steps(block_amax(xi + bk, be - bk), steps);
         for (int l = 0; l < kLimbs; ++l) block_scale[((i * kLimbs + l) * p.groups + g) * p.blocks_per_group + b] = steps[l];
+        for (int64_t sk = bk; sk < be; sk += kActBlock) {  // lane orders permute within 32 inputs
+          int8_t* const out[kLimbs] = {x8 + i * kLimbs * p.k + sk, x8 + (i * kLimbs + 1) * p.k + sk,
+                                       x8 + (i * kLimbs + 2) * p.k + sk};
+          limbs_with_steps(xi + sk, std::min<int64_t>(be - sk, kActBlock), order, out, steps);
+        }
       }
     }
   }
@@ -481,7 +487,11 @@ at::Tensor gemm_tiled_2d(const at::Tensor& x, const at::Tensor& weight, const at
     // One allocation for the int8 codes, block scales and group sums (three would cost more than a
     // 576-wide layer's product at batch 1).
     p.limbs = limbs ? kLimbs : 1;
-    const int64_t scale_floats = m * p.limbs * groups * blocks_per_group, sum_floats = m * groups;
+    if (limbs) {
+      p.block_inputs = std::min(group_size, kLimbBlock);
+      p.blocks_per_group = (group_size + p.block_inputs - 1) / p.block_inputs;
+    }
+    const int64_t scale_floats = m * p.limbs * groups * p.blocks_per_group, sum_floats = m * groups;
     const int64_t code_floats = (m * p.limbs * k + sizeof(float) - 1) / sizeof(float);
     group_sum = at::empty({scale_floats + sum_floats + code_floats}, xf.options());
     float* block_scale = group_sum.data_ptr<float>();
