@@ -80,31 +80,7 @@ COMPTRUST_AVX512_VNNI inline void int4_step(const Problem& p, const StreamLimbs&
   }
 }
 
-template <int L>
-COMPTRUST_AVX512_VNNI void stream_vnni_avx512(const Problem& p, const StreamLimbs& x, int64_t t) {
-  const int32_t* tw = p.tile_w(t);
-  __m512 out = _mm512_setzero_ps();
-  for (int64_t g = 0; g < p.groups; ++g) {
-    const int64_t v_end = p.group_end(g) / kStreamInputs;
-    __m512 sum = _mm512_setzero_ps();
-    for (int64_t b = 0, v = g * p.group_size / kStreamInputs; v < v_end; ++b) {
-      __m512i acc[2][L];
-      for (auto& set : acc)
-        for (__m512i& a : set) a = _mm512_setzero_si512();
-      const int64_t block_end = std::min(v_end, v + x.block_inputs / kStreamInputs);
-      for (; v + 2 <= block_end; v += 2) {
-        int4_step(p, x, tw, v, acc[0]);
-        int4_step(p, x, tw, v + 1, acc[1]);
-      }
-      if (v < block_end) int4_step(p, x, tw, v++, acc[0]);
-      sum = add_limb_block(p, x, g, b, acc, sum);
-    }
-    out = add_group(p, t, g, sum, out);
-  }
-  store_pairs(p, t, out);
-}
-
-// int3, one tile at a time as the int4 kernel above: a block (32 inputs of the tile's 8 columns) is 96 contiguous
+// int3, one tile at a time as the int4 kernel: a block (32 inputs of the tile's 8 columns) is 96 contiguous
 // bytes, planes 0 and 1 in one 64-byte load, the high-bit plane in a 32-byte one. vpermd puts plane 0's column c
 // (rows 0-15) in lane 2c and plane 1's (rows 16-31) in lane 2c + 1, the high plane's word c in both; shifting lane
 // 2c + 1's high word right by 4 lines its rows' bits up with lane 2c's. Then code operand i = 0..3 holds, per lane,
@@ -154,23 +130,33 @@ COMPTRUST_AVX512_VNNI inline void int3_step(const Problem& p, const StreamLimbs&
   }
 }
 
-template <int L>
-COMPTRUST_AVX512_VNNI void stream_int3_vnni_avx512(const Problem& p, const StreamLimbs& x, int64_t t) {
+// One step of either kernel: an int4 word-row pair (16 inputs) or an int3 block (32).
+template <int BITS, int L>
+COMPTRUST_AVX512_VNNI inline void stream_step(const Problem& p, const StreamLimbs& x, const int32_t* tw, int64_t s,
+                                              __m512i (&acc)[L]) {
+  if constexpr (BITS == 3) int3_step(p, x, tw, s, acc);
+  else int4_step(p, x, tw, s, acc);
+}
+
+// One row on tile t: per limb block, its steps alternate between the two sum sets.
+template <int BITS, int L>
+COMPTRUST_AVX512_VNNI void stream_tile(const Problem& p, const StreamLimbs& x, int64_t t) {
+  constexpr int64_t kStepInputs = BITS == 3 ? kInt3BlockRows : kStreamInputs;
   const int32_t* tw = p.tile_w(t);
   __m512 out = _mm512_setzero_ps();
   for (int64_t g = 0; g < p.groups; ++g) {
+    const int64_t last = p.group_end(g) / kStepInputs;
     __m512 sum = _mm512_setzero_ps();
-    const int64_t last = p.group_end(g) / kInt3BlockRows;
-    for (int64_t b = 0, block = g * p.group_size / kInt3BlockRows; block < last; ++b) {
+    for (int64_t b = 0, s = g * p.group_size / kStepInputs; s < last; ++b) {
       __m512i acc[2][L];
       for (auto& set : acc)
         for (__m512i& a : set) a = _mm512_setzero_si512();
-      const int64_t block_end = std::min(last, block + x.block_inputs / kInt3BlockRows);
-      for (; block + 2 <= block_end; block += 2) {
-        int3_step(p, x, tw, block, acc[0]);
-        int3_step(p, x, tw, block + 1, acc[1]);
+      const int64_t block_end = std::min(last, s + x.block_inputs / kStepInputs);
+      for (; s + 2 <= block_end; s += 2) {
+        stream_step<BITS>(p, x, tw, s, acc[0]);
+        stream_step<BITS>(p, x, tw, s + 1, acc[1]);
       }
-      if (block < block_end) int3_step(p, x, tw, block++, acc[0]);
+      if (s < block_end) stream_step<BITS>(p, x, tw, s++, acc[0]);
       sum = add_limb_block(p, x, g, b, acc, sum);
     }
     out = add_group(p, t, g, sum, out);
@@ -181,8 +167,8 @@ COMPTRUST_AVX512_VNNI void stream_int3_vnni_avx512(const Problem& p, const Strea
 template <int L>
 COMPTRUST_AVX512_VNNI void stream_pair(const Problem& p, const StreamLimbs& x, int64_t u) {
   for (int64_t t = 2 * u, last = std::min(2 * u + 2, p.n / kTileCols); t < last; ++t) {
-    if (p.bits == 3) stream_int3_vnni_avx512<L>(p, x, t);
-    else stream_vnni_avx512<L>(p, x, t);
+    if (p.bits == 3) stream_tile<3, L>(p, x, t);
+    else stream_tile<4, L>(p, x, t);
   }
 }
 
