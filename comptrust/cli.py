@@ -163,11 +163,20 @@ def _cmd_bench(args) -> int:
 
     if args.bench == "int":
         from comptrust.bench.int4_gemm import run_int_bench as run_bench
-    else:
+    elif args.bench == "sparse":
         from comptrust.bench.sparse24_gemm import run_sparse_bench as run_bench
+    else:
+        from comptrust.bench.gpu_kernels import format_gpu_table as format_table
+        from comptrust.bench.gpu_kernels import run_gpu_bench as run_bench
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = run_bench(args.quick, shapes=args.shapes, batches=args.batches, progress=not args.no_progress)
+    try:
+        result = run_bench(args.quick, shapes=args.shapes, batches=args.batches, progress=not args.no_progress)
+    except RuntimeError as err:  # bench gpu without a GPU or without the CUDA ops
+        if args.bench != "gpu":
+            raise
+        print(f"comptrust bench gpu: {err}", file=sys.stderr)
+        return 2
     print(format_table(result))
     if args.json:
         write_json(result, args.json)
@@ -247,6 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "optionally JSON.")
     _bench_options(bench_sparse, quick_help="4096x4096 and 576x1536 at batch 1 and 32 (under a minute)")
     bench_sparse.set_defaults(func=_cmd_bench)
+    bench_gpu = benches.add_parser("gpu", help="CUDA and Triton int4/int3/2:4 kernels vs torch fp16 (needs a GPU)",
+                                   description="Llama-7B's shapes x batch 1, 16, 64 on one GPU, fp16 activations: "
+                                               "our CUDA and Triton kernels against F.linear fp16 and torch's 2:4, "
+                                               "each checked against the reference first; prints a table, "
+                                               "optionally JSON (scripts/gpu_check.sh runs it).")
+    _bench_options(bench_gpu, quick_help="4096x4096 at batch 1 and 64")
+    bench_gpu.set_defaults(func=_cmd_bench)
     return parser
 
 

@@ -199,3 +199,36 @@ def test_cli_bench_sparse_writes_json(tmp_path, tiny_defaults, capsys):
     assert result["settings"]["bench"] == "sparse"
     check_result(result, [SHAPE], BATCHES, sparse_bench)
     assert cli.main(["bench", "sparse", "--shapes", "256x200", "--no-progress"]) == 2  # k % 16
+
+
+# ------------------------------------------------------------------------------------------ bench gpu
+# The GPU benchmark times on a GPU only; its kernels and its output check are the same code on CPU (the CUDA ops'
+# CPU kernels, Triton under TRITON_INTERPRET=1), checked here so that a device session's minutes go to timing.
+
+def test_gpu_bench_kernels_compute_their_weights_product():
+    """Every kernel `bench gpu` times (ours and the anchors) gives x @ W^T of the weight it stands for, at fp16
+    accuracy, on a small shape; and check_kernel reports a kernel computing another weight's product."""
+    import dataclasses
+
+    import torch
+
+    from comptrust.bench import gpu_kernels
+
+    kernels, skipped = gpu_kernels.make_kernels(64, 256, "cpu")
+    assert skipped == []  # torch's 2:4 anchor is tried on CUDA only
+    assert [k.name for k in kernels] == ["torch_fp16", "cuda_int4", "cuda_int3", "cuda_24_fp16", "cuda_24_int4",
+                                         "triton_int4", "triton_int3", "triton_24_fp16", "triton_24_int4"]
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(1)).half()
+    for kernel in kernels:
+        assert gpu_kernels.check_kernel(kernel, x) < 1e-3, kernel.name
+    wrong = dataclasses.replace(kernels[1], dense=kernels[2].dense)  # int4's kernel against int3's weight
+    assert gpu_kernels.check_kernel(wrong, x) > gpu_kernels.CHECK_TOL
+
+
+def test_bench_gpu_without_a_gpu_exits_2_with_the_reason(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert cli.main(["bench", "gpu", "--quick", "--no-progress"]) == 2
+    assert "needs a CUDA device" in capsys.readouterr().err
