@@ -7,7 +7,7 @@
 # Exit status: 2 without a CUDA device, 1 if the build, a test or the benchmark failed, else 0.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${OUT:-gpu-check}
+out=$(realpath -m "${OUT:-gpu-check}")
 mkdir -p "$out"
 python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 2)" 2>/dev/null || {
   echo "gpu_check: python3 has no torch that sees a CUDA device" >&2
@@ -19,7 +19,7 @@ TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$(python3 -c "import torch; print('
 export TORCH_CUDA_ARCH_LIST MAX_JOBS=${MAX_JOBS:-$(nproc)} PYTHONUNBUFFERED=1
 site=$(mktemp -d)
 start=$SECONDS
-if ! python3 -m pip install --no-build-isolation --no-deps --no-index --target "$site" . >"$out/build.log" 2>&1; then
+if ! python3 -m pip install -v --no-build-isolation --no-deps --no-index --target "$site" . >"$out/build.log" 2>&1; then
   tail -40 "$out/build.log"
   echo "gpu_check: build failed (whole log: $out/build.log)" >&2
   exit 1
@@ -30,7 +30,8 @@ export PYTHONPATH=$site
 (cd tests && python3 -m pytest -q -ra -p no:cacheprovider test_cuda_*.py test_triton_*.py) >"$out/tests.log" 2>&1
 tests=$?
 tail -25 "$out/tests.log"
-python3 -m comptrust.cli bench gpu --no-progress ${1:+"$1"} --json "$out/bench.json" 2>&1 | tee "$out/bench.txt"
+# From tests/ as the tests: the repo root's comptrust/ (no compiled _C, no comptrust.bench) must not shadow $site's.
+(cd tests && python3 -m comptrust.cli bench gpu --no-progress ${1:+"$1"} --json "$out/bench.json") 2>&1 | tee "$out/bench.txt"
 bench=${PIPESTATUS[0]}
 echo "gpu_check: tests exit $tests, bench exit $bench, $((SECONDS - start)) s in all"
 [ "$tests" -eq 0 ] && [ "$bench" -eq 0 ]
