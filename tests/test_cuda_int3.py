@@ -8,7 +8,8 @@ Three parts:
   * GPU correctness tests, skipped unless torch sees a CUDA device and comptrust._C registered a CUDA
     kernel for comptrust::int3_gemm. They compare torch.ops.comptrust.int3_gemm on CUDA tensors with
     comptrust.reference.int3_gemm computed on CPU in fp32 from the same (already rounded) activations.
-    m runs through both kernels: the GEMV for m <= 32 (1, 2, 7, 13, 32) and the tiled GEMM above (33, 118).
+    m runs through both kernels: the GEMV for m <= 32 (1, 2, 7, 13, 32) and the tiled GEMMs above (33, 118):
+    quant_tiled.cuh's FMA tile for fp32 x and its tensor-core tile for fp16/bf16 x (sm_80+).
   * bad-input errors from csrc/int3_checks.h.
 
 Metric: relative Frobenius error ||y - y_ref|| / ||y_ref||, and the largest elementwise error relative to
@@ -215,9 +216,10 @@ def test_int3_gemm_cuda_deterministic_and_empty(m):
     p = _packed(576, 576, 128)
     qweight, qzeros, scales = _to_cuda(p)
     x = torch.randn(m, 576, generator=torch.Generator().manual_seed(5)).cuda()
-    y1 = torch.ops.comptrust.int3_gemm(x, qweight, qzeros, scales, 128)
-    y2 = torch.ops.comptrust.int3_gemm(x, qweight, qzeros, scales, 128)
-    assert torch.equal(y1, y2)  # split-K is reduced in a fixed order, no atomics
+    for xd in (x, x.bfloat16()):  # m = 118: the FMA and the tensor-core tiles
+        y1 = torch.ops.comptrust.int3_gemm(xd, qweight, qzeros, scales, 128)
+        y2 = torch.ops.comptrust.int3_gemm(xd, qweight, qzeros, scales, 128)
+        assert torch.equal(y1, y2)  # split-K is reduced in a fixed order, no atomics
     empty = torch.ops.comptrust.int3_gemm(x[:0].half(), qweight, qzeros, scales, 128)
     assert empty.shape == (0, 576) and empty.dtype == torch.float16 and empty.is_cuda
 

@@ -33,9 +33,13 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "compile_check_cuda.sh"
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
-M_SIZES = (1, 3, 7, 13, 118)
-NK_SHAPES = ((24, 40), (200, 136), (576, 576), (1536, 576))  # (n, k): tiny, odd, SmolLM2 attn / MLP
-GROUPS = (32, 128, "channel")  # 128 on k=40/136/576 and 32 on k=40 leave a partial last group
+# m <= 32 runs the GEMV-style kernel; above it the tiled GEMMs (quant_tiled.cuh: fp32 on the FMA tile, fp16 and
+# bf16 on the tensor cores) where k and the group size are multiples of 32, else the GEMV-style kernel still.
+M_SIZES = (1, 3, 7, 13, 32, 33, 70, 118)
+# (n, k): tiny, odd, SmolLM2 attn / MLP; k = 40 and 136 never fit the tiled GEMMs, n = 200 overhangs its 64-wide
+# column tiles by 56
+NK_SHAPES = ((24, 40), (200, 136), (200, 160), (576, 576), (1536, 576))
+GROUPS = (32, 128, "channel")  # 128 on k=40/136/160/576 and 32 on k=40 leave a partial last group
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -131,12 +135,15 @@ def test_int4_gemm_cuda_llm_layer_shape(m):
 
 
 @needs_cuda_op
-@pytest.mark.parametrize("group_size", (8, 24, 4096), ids=lambda g: f"g{g}")
-def test_int4_gemm_cuda_unusual_group_sizes(group_size):
-    # 8: a group per word row; 24: groups that straddle the kernel's 8-word-row chunks; 4096 > k.
-    p = _packed(64, 200, group_size)
-    x = torch.randn(5, 200, generator=torch.Generator().manual_seed(group_size)).cuda()
+@pytest.mark.parametrize("m", (5, 70))
+@pytest.mark.parametrize("group_size", (8, 24, 96, 4096), ids=lambda g: f"g{g}")
+def test_int4_gemm_cuda_unusual_group_sizes(m, group_size):
+    # 8: a group per word row; 24: groups that straddle the GEMV's 8-word-row chunks (both keep m = 70 on the
+    # GEMV-style kernel: not multiples of 32); 96: three tiled k-steps per group; 4096 > k: one group.
+    p = _packed(64, 288, group_size)
+    x = torch.randn(m, 288, generator=torch.Generator().manual_seed(group_size + m)).cuda()
     _check(x, p, torch.float32)
+    _check(x.half(), p, torch.float16)
 
 
 @needs_cuda_op
@@ -149,9 +156,19 @@ def test_int4_gemm_cuda_many_rows():
 
 
 @needs_cuda_op
+def test_int4_gemm_cuda_many_rows_tiled():
+    # More than 65535 row tiles of the tiled GEMM (64 rows each): grid.x beyond the 65535 limit of grid.y/z.
+    m = 65535 * 64 + 13
+    p = _packed(24, 32, 32)
+    x = torch.randn(m, 32, generator=torch.Generator().manual_seed(2)).cuda()
+    _check(x, p, torch.float32)
+    _check(x.bfloat16(), p, torch.bfloat16)
+
+
+@needs_cuda_op
+@pytest.mark.parametrize("m,n,k", ((7, 200, 136), (50, 200, 160)), ids=("gemv", "tiled"))
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
-def test_int4_gemm_cuda_unaligned_and_strided_x(dtype):
-    m, n, k = 7, 200, 136
+def test_int4_gemm_cuda_unaligned_and_strided_x(dtype, m, n, k):
     p = _packed(n, k, 32)
     base = torch.randn(m * k + 1, generator=torch.Generator().manual_seed(3)).to(dtype).cuda()
     x_unaligned = base[1:].view(m, k)  # contiguous, but the data pointer is not 16-byte aligned
@@ -163,13 +180,15 @@ def test_int4_gemm_cuda_unaligned_and_strided_x(dtype):
 
 
 @needs_cuda_op
-def test_int4_gemm_cuda_deterministic_and_empty():
+@pytest.mark.parametrize("m", (13, 118))
+def test_int4_gemm_cuda_deterministic_and_empty(m):
     p = _packed(576, 576, 128)
     qweight, qzeros, scales = _to_cuda(p)
-    x = torch.randn(13, 576, generator=torch.Generator().manual_seed(5)).cuda()
-    y1 = torch.ops.comptrust.int4_gemm(x, qweight, qzeros, scales, 128)
-    y2 = torch.ops.comptrust.int4_gemm(x, qweight, qzeros, scales, 128)
-    assert torch.equal(y1, y2)  # split-K is reduced in a fixed order, no atomics
+    x = torch.randn(m, 576, generator=torch.Generator().manual_seed(5)).cuda()
+    for xd in (x, x.bfloat16()):  # m = 118: the FMA and the tensor-core tiles
+        y1 = torch.ops.comptrust.int4_gemm(xd, qweight, qzeros, scales, 128)
+        y2 = torch.ops.comptrust.int4_gemm(xd, qweight, qzeros, scales, 128)
+        assert torch.equal(y1, y2)  # split-K is reduced in a fixed order, no atomics
     empty = torch.ops.comptrust.int4_gemm(x[:0].half(), qweight, qzeros, scales, 128)
     assert empty.shape == (0, 576) and empty.dtype == torch.float16 and empty.is_cuda
 

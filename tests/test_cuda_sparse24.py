@@ -2,8 +2,10 @@
 
 GPU correctness tests, skipped unless torch sees a CUDA device and comptrust._C registered CUDA kernels for
 the two ops (the nvcc compile check of these sources is in test_cuda_int4.py). They compare the CUDA op with
-comptrust.reference computed on CPU in fp32 from the same (already rounded) activations, over both kernel
-paths: GEMV (m <= 8) and tiled (m > 8).
+comptrust.reference computed on CPU in fp32 from the same (already rounded) activations, over every kernel
+path: GEMV (m <= 8); tiled (m > 8): the FMA tile, and the sparse tensor-core tile (sparse24_mma.cuh, mma.sp)
+for fp16/bf16 x where k % 32 == 0 and the kept values are x's own type or int4 in groups of whole 16-value
+steps (k = 160 and 576 below; k = 8, 24, 136, 144, 272 keep the FMA tile).
 
 Metric: relative Frobenius error ||y - y_ref|| / ||y_ref||, and the largest elementwise error relative to
 max |y_ref|, both at most TOL[x dtype]. The kernels widen x and the values to fp32 exactly and accumulate in
@@ -27,9 +29,12 @@ TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 M_SIZES = (1, 3, 7, 8, 13, 118)  # GEMV with 1, 4 and 8 rows per block; tiled with ragged row tiles
-FP_SHAPES = ((24, 8), (40, 24), (200, 136), (576, 576), (1536, 576))  # odd; SmolLM2 attention / MLP
+# odd; n = 200 overhangs the 64-column tiles; SmolLM2 attention / MLP
+FP_SHAPES = ((24, 8), (40, 24), (200, 136), (200, 160), (576, 576), (1536, 576))
+# (n, k, group size in kept values): 16 and 48 on k = 160 are one and three tensor-core steps per group (48
+# ends in a partial group), -1 one group per row
 INT4_SHAPES = ((24, 16, 8), (40, 48, 24), (200, 144, 16), (40, 272, 128), (576, 576, 128), (1536, 576, 64),
-               (200, 144, -1))
+               (200, 144, -1), (200, 160, 16), (200, 160, 48), (200, 160, -1))
 
 
 # The compile check of every csrc/cuda/*.cu, these two included, is test_cuda_int4.py::test_compile_check_cuda_sources.
@@ -109,7 +114,8 @@ def test_sparse24_gemm_cuda_matches_reference(m, n, k, dtype):
 @pytest.mark.parametrize("x_dtype", DTYPES, ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("m", (1, 13))
 def test_sparse24_gemm_cuda_every_dtype_pair(m, x_dtype, values_dtype):
-    _check_fp(_x(m, 136, x_dtype, m), _fp_packed(200, 136, values_dtype))
+    # k = 160 at m = 13: the tensor-core tile where the two dtypes are the same 16-bit one, else the FMA tile
+    _check_fp(_x(m, 160, x_dtype, m), _fp_packed(200, 160, values_dtype))
 
 
 @needs_cuda_op
@@ -147,6 +153,24 @@ def test_sparse24_cuda_unaligned_and_strided(m, dtype):
     assert not x_strided.is_contiguous()
     _check_fp(x_strided, p)
     _check_int4(x_strided[:, :128], _int4_packed(40, 128, 16))
+
+
+@needs_cuda_op
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=DTYPE_IDS.get)
+def test_sparse24_cuda_tensor_core_tile_unaligned(dtype):
+    # The mma.sp tile with x at a pointer that is not 16-byte aligned (its scalar staging loads), and with
+    # values at one that is not 4-byte aligned (which sends the call to the FMA tile).
+    m, k = 70, 160
+    base = torch.randn(m * k + 1, generator=torch.Generator().manual_seed(8)).to(dtype).cuda()
+    x_unaligned = base[1:].view(m, k)
+    assert x_unaligned.data_ptr() % 16 != 0
+    p = _fp_packed(200, k, dtype)
+    _check_fp(x_unaligned, p)
+    _check_int4(x_unaligned, _int4_packed(200, k, 48))
+    values = torch.cat([p.values.new_zeros(1), p.values.flatten()]).cuda()[1:].view_as(p.values)
+    assert values.data_ptr() % 4 != 0
+    y = torch.ops.comptrust.sparse24_gemm(x_unaligned, values, p.meta.cuda())
+    _assert_close(y, reference.sparse24_gemm(x_unaligned.cpu().float(), p.values, p.meta), x_unaligned, "unaligned")
 
 
 @needs_cuda_op

@@ -16,21 +16,16 @@
 //     0x4B000000 | q is exactly 2^23 + q, so adding -(2^23 + z) gives q - z exactly with no int->float
 //     instruction. Per group acc = sum x * (q - z); the scale is applied once when the group closes.
 //
-// Tiled GEMM (larger m: prefill; compute bound once the weight tile is reused by 64 rows)
-//   * A block computes a 64 x 64 tile of y with 256 threads, 4 x 4 outputs each, stepping k by one int3
-//     block (32 inputs). 32 is also the smallest group size, so a k-step never straddles two groups and
-//     needs one scale and zero per column.
-//   * Each step dequantizes the 32 x 64 weight tile into shared memory as fp32, (q - z) * s: bit for bit
-//     the weight comptrust.reference.int3_gemm builds, so fp32 x differs from the reference only in
-//     summation order. x is staged beside it as fp32. The global loads of step kb+1 are issued into
-//     registers before step kb's multiply-adds, so their latency hides behind the arithmetic.
-//   * Plain fp32 FMAs, no tensor cores: exact for every activation type. An mma.sync path for fp16/bf16
-//     would be faster for long prompts.
+// Tiled GEMMs (m > kGemvMaxRows: prefill; compute bound once a weight tile is reused by 64 rows):
+// quant_tiled.cuh, shared with the int4 kernels. fp32 x on a 64 x 64 FMA tile whose weights are
+// dequantized bit for bit as comptrust.reference.int3_gemm builds them; fp16/bf16 x on the tensor cores
+// (sm_80+), with q - z exact in the fragments and each group's scale applied once to its fp32 sums.
 #include <climits>
 
 #include "activations.cuh"
 #include "comptrust/int3_layout.h"
 #include "int3_gemm_cuda.cuh"
+#include "quant_tiled.cuh"
 
 namespace comptrust {
 namespace {
@@ -189,125 +184,6 @@ __global__ void __launch_bounds__(kGemvThreads, gemv_min_blocks_per_sm<R>())
   }
 }
 
-// ------------------------------------------------------------------------------------------ tiled GEMM
-constexpr int kTileM = 64;
-constexpr int kTileN = 64;
-constexpr int kTileK = kBlockInputs;  // one int3 block per k-step
-constexpr int kGemmThreads = 256;
-constexpr int kThreadEdge = 16;       // threads arranged 16 x 16 over the tile ...
-constexpr int kMicro = kTileM / kThreadEdge;  // ... each computing rows ty + 16i, cols tx + 16j (4 x 4)
-constexpr int kXPerThread = kTileM * kTileK / kGemmThreads;  // 8 activations staged per thread per step
-constexpr int kWPerThread = kTileK * kTileN / kGemmThreads;  // 8 weights dequantized per thread per step
-static_assert(kTileM == kTileN && kMicro * kThreadEdge == kTileM, "square tile, 16 x 16 threads");
-static_assert(kGemmThreads % kTileK == 0 && kGemmThreads % kTileN == 0, "staging roles");
-static_assert(kWPerThread * (kGemmThreads / kTileN) == kTileK, "each column's 32 codes split evenly");
-
-// y[row0 .. row0+64, col0 .. col0+64) for one (row tile, column tile).
-template <typename T>
-__global__ void __launch_bounds__(kGemmThreads, 2)
-    int3_gemm_tiled_kernel(const T* __restrict__ x, const int32_t* __restrict__ qweight,
-                           const int32_t* __restrict__ qzeros, const __half* __restrict__ scales,
-                           T* __restrict__ y, int64_t m, int n, int k_blocks, int blocks_per_group) {
-  // x is stored k-major so the inner loop reads a row of 4 activations per k; the +1 pad spreads the
-  // transposing stores (a warp writes 32 k values of one row) over all 32 banks instead of one.
-  __shared__ float xs[kTileK][kTileM + 1];
-  __shared__ float ws[kTileK][kTileN];  // dequantized weights, k-major
-
-  const int tid = static_cast<int>(threadIdx.x);
-  const int tx = tid % kThreadEdge, ty = tid / kThreadEdge;
-  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kTileM;
-  const int col0 = static_cast<int>(blockIdx.y) * kTileN;
-  const int64_t k = static_cast<int64_t>(k_blocks) * kTileK;
-  const int zero_words_per_row = n / kInt3PerBlock * kInt3WordsPerBlock;
-
-  // Staging roles. x: input x_kk of rows x_r0 + 8i, so a warp reads 32 consecutive activations of a row.
-  const int x_kk = tid % kTileK;
-  const int x_r0 = tid / kTileK;
-  // Weights: codes 8*w_part .. 8*w_part+7 of column w_col (w_part is warp-uniform). A 64-wide tile can
-  // overhang n by 32 columns (n is only a multiple of 32); those read as zero weights and are not stored.
-  const int w_col = tid % kTileN;
-  const int w_part = tid / kTileN;
-  const int w_gcol = col0 + w_col;
-  const bool w_col_ok = w_gcol < n;
-
-  // One k-step's global data, fetched a step ahead.
-  float x_reg[kXPerThread];
-  uint32_t w_reg[kInt3WordsPerBlock];
-  float s_reg = 0.f;
-  int z_reg = 0;
-
-  auto fetch = [&](int kb) {
-#pragma unroll
-    for (int i = 0; i < kXPerThread; ++i) {
-      const int64_t row = row0 + x_r0 + i * (kGemmThreads / kTileK);
-      x_reg[i] = row < m ? Act<T>::to_float(x[row * k + static_cast<int64_t>(kb) * kTileK + x_kk]) : 0.f;
-    }
-#pragma unroll
-    for (int w = 0; w < kInt3WordsPerBlock; ++w)
-      w_reg[w] = w_col_ok ? static_cast<uint32_t>(
-                                __ldg(qweight + (static_cast<int64_t>(kb) * kInt3WordsPerBlock + w) * n + w_gcol))
-                          : 0u;
-    if (w_col_ok) {
-      const int64_t g = kb / blocks_per_group;
-      s_reg = __half2float(scales[g * n + w_gcol]);
-      z_reg = int3_zero_at(qzeros + g * zero_words_per_row, w_gcol);
-    }
-  };
-  auto store = [&]() {
-#pragma unroll
-    for (int i = 0; i < kXPerThread; ++i) xs[x_kk][x_r0 + i * (kGemmThreads / kTileK)] = x_reg[i];
-#pragma unroll
-    for (int i = 0; i < kWPerThread; ++i) {
-      const int v = w_part * kWPerThread + i;
-      // (q - z) exactly, then one rounding: the reference's fp32 weight.
-      ws[v][w_col] = static_cast<float>(int3_at(w_reg[0], w_reg[1], w_reg[2], v) - z_reg) * s_reg;
-    }
-  };
-
-  float acc[kMicro][kMicro];
-#pragma unroll
-  for (int i = 0; i < kMicro; ++i)
-#pragma unroll
-    for (int j = 0; j < kMicro; ++j) acc[i][j] = 0.f;
-
-  fetch(0);
-  store();
-  __syncthreads();
-  for (int kb = 0; kb < k_blocks; ++kb) {
-    const bool more = kb + 1 < k_blocks;  // block-uniform, so the barriers below are safe
-    if (more) fetch(kb + 1);
-#pragma unroll
-    for (int kk = 0; kk < kTileK; ++kk) {
-      // Two rows of threads per warp: xs reads broadcast two addresses, ws reads 16 consecutive floats.
-      float a[kMicro], b[kMicro];
-#pragma unroll
-      for (int i = 0; i < kMicro; ++i) a[i] = xs[kk][ty + i * kThreadEdge];
-#pragma unroll
-      for (int j = 0; j < kMicro; ++j) b[j] = ws[kk][tx + j * kThreadEdge];
-#pragma unroll
-      for (int i = 0; i < kMicro; ++i)
-#pragma unroll
-        for (int j = 0; j < kMicro; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
-    }
-    __syncthreads();  // everyone is done reading this step's tiles
-    if (more) {
-      store();
-      __syncthreads();
-    }
-  }
-
-#pragma unroll
-  for (int i = 0; i < kMicro; ++i) {
-    const int64_t row = row0 + ty + i * kThreadEdge;
-    if (row >= m) continue;
-#pragma unroll
-    for (int j = 0; j < kMicro; ++j) {
-      const int c = col0 + tx + j * kThreadEdge;
-      if (c < n) y[row * n + c] = Act<T>::from_float(acc[i][j]);
-    }
-  }
-}
-
 // ------------------------------------------------------------------------------------------- launchers
 template <typename T, int R>
 void launch_gemv(const T* x, const int32_t* qweight, const int32_t* qzeros, const __half* scales, T* y, int64_t m,
@@ -324,7 +200,7 @@ cudaError_t launch(const T* x, const int32_t* qweight, const int32_t* qzeros, co
       group_size % kInt3PerBlock != 0)
     return cudaErrorInvalidValue;
   if (n > static_cast<int64_t>(kMaxColTiles) * kGemvCols || k > (int64_t{1} << 30)) return cudaErrorInvalidValue;
-  if ((m + kTileM - 1) / kTileM > INT_MAX) return cudaErrorInvalidValue;  // gridDim.x limit
+  if ((m + quant_tiled::kTileM - 1) / quant_tiled::kTileM > INT_MAX) return cudaErrorInvalidValue;  // gridDim.x
   if (m == 0) return cudaSuccess;
   if (x == nullptr || qweight == nullptr || qzeros == nullptr || scales == nullptr || y == nullptr)
     return cudaErrorInvalidValue;
@@ -333,13 +209,9 @@ cudaError_t launch(const T* x, const int32_t* qweight, const int32_t* qzeros, co
   // group_size >= k is one group (per-channel); clamping keeps (g + 1) * blocks_per_group in int range.
   const int blocks_per_group = static_cast<int>((group_size < k ? group_size : k) / kInt3PerBlock);
   const int ni = static_cast<int>(n);
-  if (m > kGemvMaxRows) {
-    const dim3 grid(static_cast<unsigned>((m + kTileM - 1) / kTileM),
-                    static_cast<unsigned>((n + kTileN - 1) / kTileN));
-    int3_gemm_tiled_kernel<T><<<grid, kGemmThreads, 0, stream>>>(x, qweight, qzeros, scales, y, m, ni, k_blocks,
-                                                                  blocks_per_group);
-    return cudaGetLastError();
-  }
+  if (m > kGemvMaxRows)
+    return quant_tiled::launch<T, quant_tiled::Int3Codes>(x, {qweight, qzeros, scales, ni, k_blocks, blocks_per_group},
+                                                          y, m, stream);
   const bool x_vec = reinterpret_cast<uintptr_t>(x) % 16 == 0;
   if (m <= 1) {
     launch_gemv<T, 1>(x, qweight, qzeros, scales, y, m, ni, k_blocks, blocks_per_group, x_vec, stream);

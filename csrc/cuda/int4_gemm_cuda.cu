@@ -1,5 +1,9 @@
 // CUDA int4 x float GEMM/GEMV over the GPTQ v1 layout (csrc/include/comptrust/int4_layout.h).
 //
+// GEMV-style kernel for m <= kGemvMaxRows, and for any m where the tiled GEMMs do not fit (k or the group
+// size not a multiple of 32); the tiled GEMMs for larger m are quant_tiled.cuh's (fp32 FMA tile, fp16/bf16
+// on the tensor cores), shared with the int3 kernels.
+//
 // Work split
 //   * A block owns kColsPerBlock = 32 output columns (one per lane) and R rows of x (R in 1, 2, 4, 8,
 //     picked from m). Row blocks run along grid.x (up to 2^31 - 1 of them, so m can be very large),
@@ -23,6 +27,7 @@
 #include "activations.cuh"
 #include "comptrust/int4_layout.h"
 #include "int4_gemm_cuda.cuh"
+#include "quant_tiled.cuh"
 
 namespace comptrust {
 namespace {
@@ -35,6 +40,10 @@ constexpr int kChunkWords = 8;                // word rows (8 inputs each) loade
 constexpr int kChunkInputs = kChunkWords * kInt4PerWord;
 constexpr int kMaxRows = 8;                   // rows of x per block
 constexpr int kMaxColTiles = 65535;           // gridDim.y limit
+// Rows up to which this kernel runs; above, where quant_tiled::fits, the tiled GEMMs of quant_tiled.cuh
+// (this kernel would re-read the weights from L2 once per 8 rows, a 64-row tile reuses each 64 times).
+// The int3 kernels' threshold; not yet measured on a GPU.
+constexpr int64_t kGemvMaxRows = 32;
 constexpr uint32_t kFloatTwo23Bits = 0x4B000000u;  // bits of 2^23: (bits | q) as float == 2^23 + q
 constexpr float kFloatTwo23 = 8388608.0f;
 
@@ -194,6 +203,13 @@ cudaError_t launch(const T* x, const int32_t* qweight, const int32_t* qzeros, co
   if (m == 0) return cudaSuccess;
   if (x == nullptr || qweight == nullptr || qzeros == nullptr || scales == nullptr || y == nullptr)
     return cudaErrorInvalidValue;
+
+  if (m > kGemvMaxRows && quant_tiled::fits(k, group_size)) {
+    const int steps_per_group = static_cast<int>((group_size < k ? group_size : k) / quant_tiled::kTileK);
+    return quant_tiled::launch<T, quant_tiled::Int4Codes>(
+        x, {qweight, qzeros, scales, static_cast<int>(n), static_cast<int>(k / quant_tiled::kTileK), steps_per_group},
+        y, m, stream);
+  }
 
   const int k_words = static_cast<int>(k / kInt4PerWord);
   // group_size >= k is one group (per-channel); clamping keeps (g + 1) * words_per_group in int range.

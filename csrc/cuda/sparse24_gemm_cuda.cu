@@ -5,10 +5,14 @@
 //   byte's 4 kept values (contiguous across lanes, a vector load each) and the 8 inputs x[r, 8b .. 8b+8)
 //   of each of the R rows, then multiplies each kept value with the input its meta points at. Only the
 //   kept half of W is read and multiplied. A warp-shuffle reduction ends each column.
-// m > 8: the tiled path of sparse24_tiled.cuh, with the weight tile expanded from values + meta.
+// m > 8: the tiled path of sparse24_tiled.cuh, with the weight tile expanded from values + meta; where the
+//   values are fp16/bf16 in x's own type, k % 32 == 0 and the GPU is sm_80+, sparse24_mma.cuh's tile on the
+//   sparse tensor cores (mma.sp) instead.
 #include <climits>
+#include <type_traits>
 
 #include "sparse24_gemm_cuda.cuh"
+#include "sparse24_mma.cuh"
 #include "sparse24_tiled.cuh"
 
 namespace comptrust {
@@ -117,6 +121,13 @@ cudaError_t launch(const T* x, const V* values, const uint8_t* meta, T* y, int64
   } else if (m <= kGemvMaxRows) {
     launch_gemv<T, V, kGemvMaxRows>(x, values, meta, y, m, n, k, v_vec, stream);
   } else {
+    if constexpr (std::is_same_v<T, V> && sizeof(T) == 2) {  // fp16/bf16 values in x's type: the sparse tensor cores
+      if (sparse24_mma::fits(k) && tensor_cores_usable() && aligned_to(values, 4) && aligned_to(meta, 2)) {
+        const sparse24_mma::ValuesA<T> src{values, static_cast<int>(n), static_cast<int>(k / kSparse24Kept),
+                                           static_cast<int>(k / sparse24_mma::kTileK)};
+        return sparse24_mma::launch(x, src, meta, y, m, static_cast<int>(k), stream);
+      }
+    }
     const FloatValuesTile<V> tile{values, meta, static_cast<int>(n), static_cast<int>(k), v_vec};
     sparse24_tiled_kernel<T, FloatValuesTile<V>><<<sparse24_tiled_grid(m, n), kTileThreads, 0, stream>>>(
         x, tile, y, m, static_cast<int>(n), static_cast<int>(k), aligned16(x));

@@ -10,11 +10,14 @@
 //   (within a 16-float window: no bank conflicts). The kWarps warps of a block split k (split-K inside
 //   the block, reduced through shared memory: deterministic). Zero points are subtracted from the code
 //   (exact in fp32) and the scale applied once per quantization group.
-// m > 8: the tiled path of sparse24_tiled.cuh, with the weight tile dequantized from qweight + meta.
+// m > 8: the tiled path of sparse24_tiled.cuh, with the weight tile dequantized from qweight + meta; for
+//   fp16/bf16 x on sm_80+ (k % 32 == 0, groups of whole 16-kept-value steps), sparse24_mma.cuh's tile on the
+//   sparse tensor cores (mma.sp) instead, q - z in the fragments and the scale applied per group.
 #include <climits>
 
 #include "comptrust/int4_layout.h"
 #include "sparse24_gemm_cuda.cuh"
+#include "sparse24_mma.cuh"
 #include "sparse24_tiled.cuh"
 
 namespace comptrust {
@@ -212,6 +215,13 @@ cudaError_t launch(const T* x, const int32_t* qweight, const int32_t* qzeros, co
   } else if (m <= kGemvMaxRows) {
     launch_gemv<T, kGemvMaxRows>(x, qweight, qzeros, scales, meta, y, m, n, k, words_per_group, stream);
   } else {
+    if constexpr (sizeof(T) == 2) {  // fp16/bf16 x: the sparse tensor cores, q - z exact in the fragments
+      if (sparse24_mma::fits(k, gs) && tensor_cores_usable() && aligned_to(meta, 2)) {
+        const sparse24_mma::Int4A<T> src{qweight, qzeros, scales, static_cast<int>(n),
+                                         static_cast<int>(gs / sparse24_mma::kStepKept)};
+        return sparse24_mma::launch(x, src, meta, y, m, static_cast<int>(k), stream);
+      }
+    }
     const Int4ValuesTile tile{qweight, qzeros, scales, meta, static_cast<int>(n), static_cast<int>(k),
                               static_cast<int>(gs)};
     sparse24_tiled_kernel<T, Int4ValuesTile><<<sparse24_tiled_grid(m, n), kTileThreads, 0, stream>>>(
