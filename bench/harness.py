@@ -260,14 +260,62 @@ def _bench_shape(kernels: Sequence[Kernel], anchors: Sequence[str], layer, n: in
     return rows
 
 
+def interleaved_speedups(ours: Callable[[int], object], anchor: Callable[[int], object], min_time: float,
+                         warmup: int = 3, min_calls: int = 9) -> list[float]:
+    """anchor time / ours time of calls made back to back: the i-th pair calls ours(i) and anchor(i) (each picks
+    its own cold copy by i), which of the two goes first alternating; one ratio per pair. Each ratio rests on two
+    calls some hundred microseconds apart, so the machine's drift over seconds stays out of it far more than
+    out of ratios of separately timed rows."""
+    i = 0
+    for _ in range(warmup):
+        ours(i)
+        anchor(i)
+        i += 1
+    ratios, start, clock = [], time.perf_counter(), time.perf_counter
+    while clock() - start < min_time or len(ratios) < min_calls:
+        timed = {}
+        for name, call in (("ours", ours), ("anchor", anchor)) if i % 2 else (("anchor", anchor), ("ours", ours)):
+            t0 = clock()
+            call(i)
+            timed[name] = clock() - t0
+        ratios.append(timed["anchor"] / timed["ours"])
+        i += 1
+    return ratios
+
+
+def _pair_rows(pairs: Sequence[tuple[str, str]], kernels: Sequence[Kernel], layer, n: int, k: int,
+               batches: Sequence[int], cold_bytes: int, min_time: float) -> list[dict]:
+    """One row per (pair, batch): the interleaved speedup of pair[0] over pair[1] (interleaved_speedups), its
+    median and quartiles. Both kernels' cold copies live at once here (twice cold_bytes)."""
+    by_name = {kernel.name: kernel for kernel in kernels}
+    rows = []
+    for ours_name, anchor_name in pairs:
+        ours, anchor = by_name[ours_name], by_name[anchor_name]
+        weights = ours.weights(layer), anchor.weights(layer)
+        if weights[0] is None or weights[1] is None:
+            continue
+        co, ca = (cold_copies(w, cold_bytes) for w in weights)
+        for m in batches:
+            x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+            xo, xa = x.to(ours.act_dtype), x.to(anchor.act_dtype)
+            ratios = sorted(interleaved_speedups(lambda i: ours.call(xo, *co[i % len(co)]),
+                                                 lambda i: anchor.call(xa, *ca[i % len(ca)]), min_time))
+            rows.append({"kernel": ours_name, "versus": anchor_name, "n": n, "k": k, "batch": m,
+                         "speedup": statistics.median(ratios), "speedup_q1": ratios[len(ratios) // 4],
+                         "speedup_q3": ratios[(3 * len(ratios)) // 4], "calls": len(ratios)})
+        del co, ca
+    return rows
+
+
 def run_kernel_bench(bench: str, kernels: Sequence[Kernel], anchors: Sequence[str], make_layer: Callable,
                      shapes: Sequence[tuple[int, int]], batches: Sequence[int], quick: bool, progress: bool,
                      min_time: float | None, cold_bytes: int | None, bandwidth_bytes: int | None,
-                     row_fields: dict | None = None) -> dict:
+                     row_fields: dict | None = None, pairs: Sequence[tuple[str, str]] = ()) -> dict:
     """Time every kernel on make_layer(n, k) for each shape and batch, with a read-bandwidth test before the first
-    shape and after each; {"machine", "settings", "rows"} with % of bandwidth and speedups over `anchors` filled
-    in. None for min_time / cold_bytes / bandwidth_bytes means MIN_TIME / twice the L3 / the larger of that and
-    MIN_BANDWIDTH_BYTES. Shapes are the caller's to check (each format has its own divisibility rules)."""
+    shape and after each; {"machine", "settings", "rows", "pairs"} with % of bandwidth and speedups over `anchors`
+    filled in, and for each (ours, versus) in `pairs` the speedup with the two kernels' calls interleaved one by
+    one (_pair_rows). None for min_time / cold_bytes / bandwidth_bytes means MIN_TIME / twice the L3 / the larger
+    of that and MIN_BANDWIDTH_BYTES. Shapes are the caller's to check (each format has its own divisibility rules)."""
     from comptrust import ops
 
     if any(m < 1 for m in batches):
@@ -284,10 +332,12 @@ def run_kernel_bench(bench: str, kernels: Sequence[Kernel], anchors: Sequence[st
     progress_line(f"bench {bench}: read bandwidth over {bandwidth_bytes // MIB} MiB ...", progress)
     bandwidth_time = BANDWIDTH_MIN_TIME * min_time / MIN_TIME
     reads = [read_bandwidth(bandwidth_bytes, min_time=bandwidth_time)]
-    rows = []
+    rows, pair_rows = [], []
     for index, (n, k) in enumerate(shapes, 1):
         t0 = time.perf_counter()
-        shape_rows = _bench_shape(kernels, anchors, make_layer(n, k), n, k, batches, cold_bytes, min_time, row_fields)
+        layer = make_layer(n, k)
+        shape_rows = _bench_shape(kernels, anchors, layer, n, k, batches, cold_bytes, min_time, row_fields)
+        pair_rows += _pair_rows(pairs, kernels, layer, n, k, batches, cold_bytes, min_time)
         reads.append(read_bandwidth(bandwidth_bytes, min_time=bandwidth_time))
         # The machine's bandwidth drifts over seconds to minutes (its memory is shared with other tenants; one run
         # read 63 GB/s at its start and 32 at its end): each shape's rows are measured against the better of the
@@ -304,8 +354,9 @@ def run_kernel_bench(bench: str, kernels: Sequence[Kernel], anchors: Sequence[st
     add_speedups(rows, anchors)
     settings = {"bench": bench, "quick": quick, "shapes": [list(s) for s in shapes], "batches": list(batches),
                 **row_fields, "min_time_s": min_time, "anchors": list(anchors),
-                "kernels": [kernel.name for kernel in kernels], "wall_s": time.perf_counter() - start}
-    return {"machine": machine_info(bandwidth, cold_bytes), "settings": settings, "rows": rows}
+                "kernels": [kernel.name for kernel in kernels], "pairs": [list(p) for p in pairs],
+                "wall_s": time.perf_counter() - start}
+    return {"machine": machine_info(bandwidth, cold_bytes), "settings": settings, "rows": rows, "pairs": pair_rows}
 
 
 def format_table(result: dict) -> str:
@@ -341,6 +392,14 @@ def format_table(result: dict) -> str:
         lines.append(line)
     lines.append(f"({len(rows)} rows in {result['settings']['wall_s']:.1f} s; speedup = anchor ms / row ms; "
                  f"compare rows of one run only)")
+    if result.get("pairs"):
+        lines += ["", "side by side, calls interleaved one by one (speedup = median of the per-call-pair ratios, "
+                      "with quartiles):",
+                  f"{'kernel':<24}{'versus':<24}{'n':>7}{'k':>7}{'batch':>6}{'speedup':>9}{'q1':>7}{'q3':>7}{'calls':>7}"]
+        for pair in result["pairs"]:
+            lines.append(f"{pair['kernel']:<24}{pair['versus']:<24}{pair['n']:>7}{pair['k']:>7}{pair['batch']:>6}"
+                         f"{pair['speedup']:>9.2f}{pair['speedup_q1']:>7.2f}{pair['speedup_q3']:>7.2f}"
+                         f"{pair['calls']:>7}")
     return "\n".join(lines)
 
 

@@ -35,6 +35,11 @@ QUICK_SHAPES = [(576, 1536), (4096, 4096)]
 BATCHES, QUICK_BATCHES = (1, 4, 16, 64), (1, 32)
 GROUP = 128
 ANCHORS = ("torch_fp32", "torch_bf16", "torch_int4pack")
+# The issue's targets, also timed with the two kernels' calls interleaved one by one (harness._pair_rows):
+# int4 vs torch's int4 op, int3 vs our int4 (fp32 and int8 activations), and each against bf16 F.linear.
+PAIRS = (("comptrust_int4_fp32", "torch_int4pack"), ("comptrust_int3_fp32", "comptrust_int4_fp32"),
+         ("comptrust_int3_a8", "comptrust_int4_a8"), ("comptrust_int4_bf16", "torch_bf16"),
+         ("comptrust_int3_bf16", "torch_bf16"))
 
 
 @dataclass
@@ -116,7 +121,7 @@ def run_int_bench(quick: bool, shapes: Sequence[tuple[int, int]] | None = None,
             raise ValueError(f"bench int: shape {n}x{k} needs n and k multiples of 32 (int3's packing)")
     return harness.run_kernel_bench("int", KERNELS, ANCHORS, _layer, shapes, batches, quick, progress,
                                     min_time, cold_bytes, bandwidth_bytes,
-                                    row_fields={"group_size": GROUP})
+                                    row_fields={"group_size": GROUP}, pairs=PAIRS)
 
 
 if __name__ == "__main__":

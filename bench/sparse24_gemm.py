@@ -40,6 +40,9 @@ from comptrust.bench.int4_gemm import BATCHES, QUICK_BATCHES, QUICK_SHAPES, SHAP
 INT4_GROUP = 128          # dense int4 anchor: inputs per group
 SPARSE_INT4_GROUP = 64    # 2:4+int4: kept values per group (= 128 inputs)
 ANCHORS = ("torch_fp32", "torch_bf16", "comptrust_dense_fp32", "comptrust_int4_fp32")
+# The issue's targets, also timed with the two kernels' calls interleaved one by one (harness._pair_rows).
+PAIRS = (("comptrust_24_fp32", "torch_fp32"), ("comptrust_24_int4_fp32", "torch_fp32"),
+         ("comptrust_24_bf16", "torch_bf16"))
 UNSTRUCTURED = SparsityPattern.parse("unstructured", 0.5)
 
 
@@ -120,7 +123,8 @@ def run_sparse_bench(quick: bool, shapes: Sequence[tuple[int, int]] | None = Non
             raise ValueError(f"bench sparse: shape {n}x{k} needs n % 8 == 0 and k % 16 == 0")
     return harness.run_kernel_bench("sparse", KERNELS, ANCHORS, _layer, shapes, batches, quick, progress,
                                     min_time, cold_bytes, bandwidth_bytes,
-                                    row_fields={"group_size": INT4_GROUP, "sparse_int4_group_size": SPARSE_INT4_GROUP})
+                                    row_fields={"group_size": INT4_GROUP, "sparse_int4_group_size": SPARSE_INT4_GROUP},
+                                    pairs=PAIRS)
 
 
 if __name__ == "__main__":

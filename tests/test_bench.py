@@ -52,6 +52,13 @@ def check_result(result: dict, shapes, batches, bench=bench) -> None:
                     assert math.isclose(row[f"speedup_vs_{anchor}"], expected, rel_tol=1e-9)
                     if name == anchor:
                         assert row[f"speedup_vs_{anchor}"] == 1.0
+    # The targets' pairs, interleaved call by call: one row per (pair, shape, batch), its median inside its quartiles.
+    assert result["settings"]["pairs"] == [list(p) for p in bench.PAIRS]
+    pairs = {(p["kernel"], p["versus"], p["n"], p["k"], p["batch"]): p for p in result["pairs"]}
+    assert len(pairs) == len(result["pairs"]) == len(bench.PAIRS) * len(shapes) * len(batches)
+    for (ours, versus, n, k, m), pair in pairs.items():
+        assert (ours, versus) in bench.PAIRS and (n, k) in shapes and m in batches
+        assert pair["calls"] >= 9 and 0 < pair["speedup_q1"] <= pair["speedup"] <= pair["speedup_q3"]
 
 
 def test_library_rows_cover_every_kernel_and_speedups_agree():
@@ -65,6 +72,26 @@ def test_library_rows_cover_every_kernel_and_speedups_agree():
     assert row[("comptrust_int4_fp32", 1)]["bytes_read"] == n * k // 2 + n * k // 128 * (2 + 1) + k * 4
     assert row[("comptrust_int3_a8", 1)]["bytes_read"] == n * k * 3 // 8 + n * k // 128 * (2 + 1) + k * 4
     assert row[("comptrust_int8_fp32", 1)]["bytes_read"] == n * k + n * k // 128 * (2 + 1) + k * 4
+
+
+def test_interleaved_speedups_alternate_the_calls_and_divide_their_times(monkeypatch):
+    """A fake clock that each call moves on: ours takes 2 units, the anchor 6, so every ratio is exactly 3; the
+    order of the two calls alternates and both calls of a pair get the pair's index."""
+    clock = {"now": 0.0}
+    monkeypatch.setattr(harness.time, "perf_counter", lambda: clock["now"])
+    calls = []
+
+    def call(name, cost):
+        def run(i):
+            calls.append((name, i))
+            clock["now"] += cost
+        return run
+
+    ratios = harness.interleaved_speedups(call("ours", 2.0), call("anchor", 6.0), min_time=0.0, warmup=1, min_calls=9)
+    assert ratios == [3.0] * 9
+    timed = calls[2:]  # after the warm-up pair
+    assert [c[0] for c in timed[0::2]] == ["ours" if j % 2 else "anchor" for j in range(1, 10)]
+    assert [c[1] for c in timed[0::2]] == list(range(1, 10)) == [c[1] for c in timed[1::2]]
 
 
 def test_each_shape_is_measured_against_the_reads_around_it(monkeypatch):
@@ -99,7 +126,7 @@ def test_cli_bench_int_writes_json(tmp_path, tiny_defaults, capsys):
     assert cli.main(["bench", "int", "--shapes", "256x256", "--batches", "1,2", "--json", str(out),
                      "--no-progress"]) == 0
     table = capsys.readouterr().out
-    for name in ("comptrust_int4_fp32", "torch_int4pack", "vs int4pack", "read bandwidth"):
+    for name in ("comptrust_int4_fp32", "torch_int4pack", "vs int4pack", "read bandwidth", "calls interleaved"):
         assert name in table
     result = json.loads(out.read_text())
     assert result["settings"]["shapes"] == [[256, 256]] and result["settings"]["batches"] == BATCHES
@@ -124,6 +151,8 @@ def test_smollm2_shapes_run_with_a_partial_last_group(run, module):
     expected = {kernel.name for kernel in module.KERNELS} - {"torch_int4pack"}
     assert kernels == expected
     assert all(row["ms"] > 0 and row.get("speedup_vs_torch_int4pack") is None for row in result["rows"])
+    assert {(p["kernel"], p["versus"]) for p in result["pairs"]} == {
+        pair for pair in module.PAIRS if "torch_int4pack" not in pair}  # no interleaved pair without its weights
 
 
 def test_kernels_are_timed_in_interleaved_rounds():
