@@ -48,6 +48,10 @@ flags=(
   -I csrc/include -I csrc
   -Xcompiler -Wall,-Wextra
   --Werror all-warnings
+  # What torch's CUDAExtension adds to every nvcc call of the real build (no implicit half/bf16 conversions or
+  # operators), so code that compiles here compiles there too.
+  -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__
+  -D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr
 )
 # Word-split on purpose: extra flags come as one string.
 # shellcheck disable=SC2206
