@@ -1,7 +1,7 @@
 // What the int4 and int3 CUDA kernels share for larger m (prefill and batches past the GEMVs): two tiled
 // GEMMs over a 64 x 64 tile of y that step k by 32 inputs (one int3 block, four int4 word rows) and
 // dequantize each step's 32 x 64 weight slice into shared memory. 32 is also the smallest group size these
-// paths take (quant_tiled_fits), so a step never straddles two groups. The codes' layout comes in as a
+// paths take (fits below), so a step never straddles two groups. The codes' layout comes in as a
 // policy, Int4Codes or Int3Codes: which words hold a column's 32 codes of a step, and its zero point.
 //
 // FMA tile (fp32 x; fp16/bf16 x on GPUs before sm_80): 256 threads, each 4 x 4 outputs from shared memory.
@@ -11,9 +11,9 @@
 //   fragments with fp32 accumulators. The slice holds q - z itself (integers of at most 15 in magnitude:
 //   exact in fp16 and bf16) and x as given, so every product is exact and the sums are fp32. When a group
 //   closes, each warp moves its accumulators through shared memory once and adds s * acc into per-lane
-//   fp32 totals (lane c owns column c of the warp's 32 x 32), as the GEMV kernels apply the scale once per
-//   group: the same arithmetic as the fp32 path, in another summation order, and the tensor cores' rate
-//   (an fp32 FMA tile would run at the FMA units' fraction of it).
+//   fp32 totals (lane c owns column c of the warp's 32 x 32): the GEMV kernels' arithmetic (sum x (q - z) per
+//   group, then its scale) in another summation order, at the tensor cores' rate (an FMA tile would run at the
+//   FMA units' fraction of it).
 // Both: the next step's global loads are issued into registers before this step's multiplies, so their
 // latency hides behind the arithmetic. Neither is tuned on a GPU yet.
 #pragma once
