@@ -14,8 +14,8 @@
 //                     in the low half and row g+8's in the high half (the other lanes' are ignored).
 // A block of 128 threads owns 64 rows of x x 64 output columns; each of its 4 warps 32 x 32, i.e. 2 x 4
 // mma.sp per k-step of 32 inputs. x is staged in shared memory (row-major, 16 activations per thread), the
-// weight's kept values and metadata go from global memory straight into fragment registers (each is used
-// by one warp only), both fetched a step ahead. Where the kept values are quantized (ASource::kGrouped), A
+// weight's kept values and metadata go from global memory straight into fragment registers (the two warps
+// over the same 32 columns load the same ones, the second from L1), both fetched a step ahead. Where the kept values are quantized (ASource::kGrouped), A
 // holds q - z (exact in fp16/bf16) and each group's scale is applied to the fp32 sums when it closes, as the
 // GEMV kernels do. Not tuned on a GPU yet.
 #pragma once
