@@ -27,8 +27,9 @@
 // Safety: every row's count of mask bits is compared with row_start (after reading it, or before where reading could
 // run past the end of `values`: row_readable), so a corrupt mask or row_start is an error naming the row, never a
 // read outside `values`. The bound product (BitmapSparseGemv) checks whole bitmaps once, when bound.
+#include "torch_and_intrinsics.h"  // first: before anything reads torch
+
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
 
 #include <algorithm>
 #include <atomic>

@@ -15,7 +15,7 @@
 // table and the output projection too, `greedy` runs a whole greedy step, token id in, next token id out; over an
 // fp32 head its argmax reads an int8 copy first (screened_argmax.h: the same token, int4 model 2.68 -> 3.56x the
 // dense model's tokens/s, interleaved).
-#include <torch/extension.h>
+#include "cpu/torch_and_intrinsics.h"  // first: before anything reads torch
 
 #include <ATen/core/dispatch/Dispatcher.h>
 

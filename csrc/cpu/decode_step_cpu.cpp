@@ -7,7 +7,7 @@
 // on this machine. Fused, they cost what their arithmetic costs. The math is transformers' Llama
 // (LlamaRMSNorm, apply_rotary_pos_emb, SDPA with grouped KV heads); comptrust.reference has the same in
 // torch, and the tests hold both to transformers' forward.
-#include <torch/extension.h>
+#include "cpu/torch_and_intrinsics.h"  // first: before anything reads torch
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>

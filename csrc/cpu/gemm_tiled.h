@@ -39,9 +39,7 @@
 // contiguous stretch of the weight; at batch 1 on large layers the a8 kernels run four tile pairs at once
 // (eight weight streams per thread: more of the memory bandwidth), on more rows two (pairs_per_unit).
 #pragma once
-#include "isa.h"  // defines COMPTRUST_X86 on x86-64
-
-#include <torch/extension.h>
+#include "torch_and_intrinsics.h"  // also isa.h: COMPTRUST_X86 on x86-64
 
 #include <algorithm>
 #include <cstdint>

@@ -16,7 +16,7 @@
 // load_state_dict; writes through .data or numpy do not move it and are not seen).
 #pragma once
 
-#include <torch/extension.h>
+#include "torch_and_intrinsics.h"
 
 #include <algorithm>
 #include <cstdint>

@@ -2,7 +2,7 @@
 // attributes, scale / zero-point / int4 decoding of the tiled layout (comptrust/cpu_tiles.h), software
 // prefetch, the row-block loop, and the AVX-512 "two slots per register" fold.
 #pragma once
-#include <torch/extension.h>
+#include "torch_and_intrinsics.h"
 
 #include <cstdint>
 #include <type_traits>
@@ -53,7 +53,6 @@ T* align64(T* p) {
 }  // namespace comptrust::cpu
 
 #ifdef COMPTRUST_X86
-#include <immintrin.h>
 #define COMPTRUST_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define COMPTRUST_AVX512 __attribute__((target("avx512f,avx2,fma,f16c")))
 #define COMPTRUST_AVX512_VNNI __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma,f16c")))

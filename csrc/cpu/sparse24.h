@@ -29,9 +29,7 @@
 // DecodeProgram binds one fp32 row's product to its layers once (Sparse24Gemv, bound_gemv.h): the per-tile batch-1
 // kernels above, a layer's q/k/v or gate/up in one parallel region, without the dispatcher's per-call work.
 #pragma once
-#include "isa.h"  // defines COMPTRUST_X86 on x86-64
-
-#include <torch/extension.h>
+#include "torch_and_intrinsics.h"  // also isa.h: COMPTRUST_X86 on x86-64
 
 #include <algorithm>
 #include <cstdint>
