@@ -248,8 +248,7 @@ def _bench_shape(kernels: Sequence[Kernel], anchors: Sequence[str], layer, n: in
     for m in batches:
         for kernel in runnable:
             ms = statistics.median(times[(m, kernel.name)])
-            nbytes = sum(t.numel() * t.element_size() for t in weights[kernel.name])
-            nbytes += m * k * kernel.act_dtype.itemsize
+            nbytes = bytes_read(weights[kernel.name], m, k, kernel.act_dtype)
             rows.append({
                 "kernel": kernel.name, "role": "anchor" if kernel.name in anchors else "ours",
                 "n": n, "k": k, "batch": m, **row_fields, "activation_dtype": str(kernel.act_dtype),
@@ -260,34 +259,42 @@ def _bench_shape(kernels: Sequence[Kernel], anchors: Sequence[str], layer, n: in
     return rows
 
 
-def interleaved_speedups(ours: Callable[[int], object], anchor: Callable[[int], object], min_time: float,
-                         warmup: int = 3, min_calls: int = 9) -> list[float]:
-    """anchor time / ours time of calls made back to back: the i-th pair calls ours(i) and anchor(i) (each picks
-    its own cold copy by i), which of the two goes first alternating; one ratio per pair. Each ratio rests on two
-    calls some hundred microseconds apart, so the machine's drift over seconds reaches it less than it reaches a
-    ratio of two separately timed rows (int3 / int4 fp32, 4096x4096, batch 1, five quick runs: rows 0.94-1.37x,
+def interleaved_times(ours: Callable[[int], object], anchor: Callable[[int], object], min_time: float,
+                      warmup: int = 3, min_calls: int = 9) -> list[tuple[float, float]]:
+    """(ours seconds, anchor seconds) of calls made back to back: the i-th pair calls ours(i) and anchor(i) (each
+    picks its own cold copy by i), which of the two goes first alternating. The ratio of a pair rests on two calls
+    some hundred microseconds apart, so the machine's drift over seconds reaches it less than it reaches a ratio of
+    two separately timed rows (int3 / int4 fp32, 4096x4096, batch 1, five quick runs: rows 0.94-1.37x,
     interleaved 1.06-1.26x); the memory's state from run to run still moves both."""
     i = 0
     for _ in range(warmup):
         ours(i)
         anchor(i)
         i += 1
-    ratios, start, clock = [], time.perf_counter(), time.perf_counter
-    while clock() - start < min_time or len(ratios) < min_calls:
+    pairs, start, clock = [], time.perf_counter(), time.perf_counter
+    while clock() - start < min_time or len(pairs) < min_calls:
         timed = {}
         for name, call in (("ours", ours), ("anchor", anchor)) if i % 2 else (("anchor", anchor), ("ours", ours)):
             t0 = clock()
             call(i)
             timed[name] = clock() - t0
-        ratios.append(timed["anchor"] / timed["ours"])
+        pairs.append((timed["ours"], timed["anchor"]))
         i += 1
-    return ratios
+    return pairs
+
+
+def bytes_read(weights: Sequence[torch.Tensor], m: int, k: int, act_dtype: torch.dtype) -> int:
+    """What a product of m rows must read: its weight tensors and the activations."""
+    return sum(t.numel() * t.element_size() for t in weights) + m * k * act_dtype.itemsize
 
 
 def _pair_rows(pairs: Sequence[tuple[str, str]], kernels: Sequence[Kernel], layer, n: int, k: int,
                batches: Sequence[int], cold_bytes: int, min_time: float) -> list[dict]:
-    """One row per (pair, batch): the interleaved speedup of pair[0] over pair[1] (interleaved_speedups), its
-    median and quartiles. Both kernels' cold copies live at once here (twice cold_bytes)."""
+    """One row per (pair, batch): the speedup of pair[0] over pair[1] with their calls interleaved
+    (interleaved_times), the median of the per-pair ratios and their quartiles, and each kernel's median time and
+    GB/s over the same calls: whether the anchor read at the memory's pace at the time tells a reader what the
+    ratio means (int3 gains its bytes over int4 only where int4 waits on memory). Both kernels' cold copies live
+    at once here (twice cold_bytes)."""
     by_name = {kernel.name: kernel for kernel in kernels}
     rows = []
     for ours_name, anchor_name in pairs:
@@ -299,11 +306,17 @@ def _pair_rows(pairs: Sequence[tuple[str, str]], kernels: Sequence[Kernel], laye
         for m in batches:
             x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
             xo, xa = x.to(ours.act_dtype), x.to(anchor.act_dtype)
-            ratios = sorted(interleaved_speedups(lambda i: ours.call(xo, *co[i % len(co)]),
-                                                 lambda i: anchor.call(xa, *ca[i % len(ca)]), min_time))
+            times = interleaved_times(lambda i: ours.call(xo, *co[i % len(co)]),
+                                      lambda i: anchor.call(xa, *ca[i % len(ca)]), min_time)
+            ratios = sorted(t_anchor / t_ours for t_ours, t_anchor in times)
+            ms = 1e3 * statistics.median(t for t, _ in times)
+            versus_ms = 1e3 * statistics.median(t for _, t in times)
             rows.append({"kernel": ours_name, "versus": anchor_name, "n": n, "k": k, "batch": m,
                          "speedup": statistics.median(ratios), "speedup_q1": ratios[len(ratios) // 4],
-                         "speedup_q3": ratios[(3 * len(ratios)) // 4], "calls": len(ratios)})
+                         "speedup_q3": ratios[(3 * len(ratios)) // 4], "calls": len(ratios),
+                         "ms": ms, "versus_ms": versus_ms,
+                         "gb_per_s": bytes_read(weights[0], m, k, ours.act_dtype) / ms / 1e6,
+                         "versus_gb_per_s": bytes_read(weights[1], m, k, anchor.act_dtype) / versus_ms / 1e6})
         del co, ca
     return rows
 
@@ -395,12 +408,13 @@ def format_table(result: dict) -> str:
                  f"compare rows of one run only)")
     if result.get("pairs"):
         lines += ["", "side by side, calls interleaved one by one (speedup = median of the per-call-pair ratios, "
-                      "with quartiles):",
-                  f"{'kernel':<24}{'versus':<24}{'n':>7}{'k':>7}{'batch':>6}{'speedup':>9}{'q1':>7}{'q3':>7}{'calls':>7}"]
+                      "with quartiles; GB/s of each kernel over the same calls):",
+                  f"{'kernel':<24}{'versus':<24}{'n':>7}{'k':>7}{'batch':>6}{'speedup':>9}{'q1':>7}{'q3':>7}{'calls':>7}"
+                  f"{'GB/s':>8}{'vs GB/s':>9}"]
         for pair in result["pairs"]:
             lines.append(f"{pair['kernel']:<24}{pair['versus']:<24}{pair['n']:>7}{pair['k']:>7}{pair['batch']:>6}"
                          f"{pair['speedup']:>9.2f}{pair['speedup_q1']:>7.2f}{pair['speedup_q3']:>7.2f}"
-                         f"{pair['calls']:>7}")
+                         f"{pair['calls']:>7}{pair['gb_per_s']:>8.1f}{pair['versus_gb_per_s']:>9.1f}")
     return "\n".join(lines)
 
 

@@ -52,13 +52,17 @@ def check_result(result: dict, shapes, batches, bench=bench) -> None:
                     assert math.isclose(row[f"speedup_vs_{anchor}"], expected, rel_tol=1e-9)
                     if name == anchor:
                         assert row[f"speedup_vs_{anchor}"] == 1.0
-    # The targets' pairs, interleaved call by call: one row per (pair, shape, batch), its median inside its quartiles.
+    # The targets' pairs, interleaved call by call: one row per (pair, shape, batch), its median inside its quartiles,
+    # each kernel's time and GB/s over the same calls (of the bytes its own row counts).
     assert result["settings"]["pairs"] == [list(p) for p in bench.PAIRS]
     pairs = {(p["kernel"], p["versus"], p["n"], p["k"], p["batch"]): p for p in result["pairs"]}
     assert len(pairs) == len(result["pairs"]) == len(bench.PAIRS) * len(shapes) * len(batches)
     for (ours, versus, n, k, m), pair in pairs.items():
         assert (ours, versus) in bench.PAIRS and (n, k) in shapes and m in batches
         assert pair["calls"] >= 9 and 0 < pair["speedup_q1"] <= pair["speedup"] <= pair["speedup_q3"]
+        for name, ms, gb_per_s in ((ours, pair["ms"], pair["gb_per_s"]),
+                                   (versus, pair["versus_ms"], pair["versus_gb_per_s"])):
+            assert ms > 0 and math.isclose(gb_per_s, by_key[(n, k, m, name)]["bytes_read"] / ms / 1e6, rel_tol=1e-9)
 
 
 def test_library_rows_cover_every_kernel_and_speedups_agree():
@@ -74,9 +78,9 @@ def test_library_rows_cover_every_kernel_and_speedups_agree():
     assert row[("comptrust_int8_fp32", 1)]["bytes_read"] == n * k + n * k // 128 * (2 + 1) + k * 4
 
 
-def test_interleaved_speedups_alternate_the_calls_and_divide_their_times(monkeypatch):
-    """A fake clock that each call moves on: ours takes 2 units, the anchor 6, so every ratio is exactly 3; the
-    order of the two calls alternates and both calls of a pair get the pair's index."""
+def test_interleaved_times_alternate_the_calls_and_time_each(monkeypatch):
+    """A fake clock that each call moves on: ours takes 2 units, the anchor 6, and each pair says so; the order
+    of the two calls alternates and both calls of a pair get the pair's index."""
     clock = {"now": 0.0}
     monkeypatch.setattr(harness.time, "perf_counter", lambda: clock["now"])
     calls = []
@@ -87,8 +91,8 @@ def test_interleaved_speedups_alternate_the_calls_and_divide_their_times(monkeyp
             clock["now"] += cost
         return run
 
-    ratios = harness.interleaved_speedups(call("ours", 2.0), call("anchor", 6.0), min_time=0.0, warmup=1, min_calls=9)
-    assert ratios == [3.0] * 9
+    times = harness.interleaved_times(call("ours", 2.0), call("anchor", 6.0), min_time=0.0, warmup=1, min_calls=9)
+    assert times == [(2.0, 6.0)] * 9
     timed = calls[2:]  # after the warm-up pair
     assert [c[0] for c in timed[0::2]] == ["ours" if j % 2 else "anchor" for j in range(1, 10)]
     assert [c[1] for c in timed[0::2]] == list(range(1, 10)) == [c[1] for c in timed[1::2]]
