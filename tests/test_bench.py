@@ -5,6 +5,7 @@ import math
 import statistics
 
 import pytest
+import torch
 
 from comptrust import cli
 from comptrust.bench import harness
@@ -96,6 +97,27 @@ def test_interleaved_times_alternate_the_calls_and_time_each(monkeypatch):
     timed = calls[2:]  # after the warm-up pair
     assert [c[0] for c in timed[0::2]] == ["ours" if j % 2 else "anchor" for j in range(1, 10)]
     assert [c[1] for c in timed[0::2]] == list(range(1, 10)) == [c[1] for c in timed[1::2]]
+
+
+def test_pair_rows_divide_the_anchor_time_by_ours_and_count_each_kernels_bytes(monkeypatch):
+    """_pair_rows on two fake kernels under a fake clock: ours takes 2 ms and reads 4 KiB, the anchor 6 ms and
+    16 KiB, so the speedup and both quartiles are 3 and each side's GB/s is its own bytes over its own time."""
+    clock = {"now": 0.0}
+    monkeypatch.setattr(harness.time, "perf_counter", lambda: clock["now"])
+
+    def kernel(name, cost_s, weight_bytes):
+        def call(x, w):
+            clock["now"] += cost_s
+        return harness.Kernel(name, torch.float32, lambda layer: (torch.zeros(weight_bytes // 4),), call)
+
+    ours, anchor = kernel("ours", 0.002, 4096), kernel("anchor", 0.006, 16384)
+    (row,) = harness._pair_rows([("ours", "anchor")], [ours, anchor], None, n=8, k=16, batches=[1],
+                                cold_bytes=1, min_time=0.0)
+    for key in ("speedup", "speedup_q1", "speedup_q3"):
+        assert row[key] == pytest.approx(3.0)
+    assert row["ms"] == pytest.approx(2.0) and row["versus_ms"] == pytest.approx(6.0)
+    assert row["gb_per_s"] == pytest.approx((4096 + 16 * 4) / 2.0 / 1e6)
+    assert row["versus_gb_per_s"] == pytest.approx((16384 + 16 * 4) / 6.0 / 1e6)
 
 
 def test_each_shape_is_measured_against_the_reads_around_it(monkeypatch):
