@@ -57,20 +57,34 @@ def test_tile_untile_round_trip_is_bit_exact(bits, group_size):
         assert torch.equal(getattr(back, name), getattr(packed, name)), name
 
 
-def test_int3_planes_follow_the_documented_bit_positions():
-    # One column, one block: code 4 (only the high bit) at row 16p + 4q + i sets bit 8q + 4p + i of plane 2;
-    # code 3 at row 16p + j sets bits 2j, 2j+1 of plane p.
+@pytest.mark.parametrize("k, block", [(64, 0), (64, 1), (96, 2), (32, 0)])  # pair members; a last block alone
+@pytest.mark.parametrize("code", [5, 6])  # bit 2 and one low bit; bits 1 and 2
+def test_int3_words_follow_the_documented_bit_positions(k, block, code):
+    # cpu_tiles.h: row 16p + 4q + i of block b, in byte q of A word (b, p) (i = 0, 1: bits 3i..3i+2; i = 2: its
+    # bits 0-1 in bits 6-7) and of its nibble (i = 2: bit 2 in nibble bit 3; i = 3: nibble bits 0-2). Word rows:
+    # a pair's blocks 2c + h at A rows 6c + 2h + p, nibbles at 6c + 4 + p in bits 4h..4h+3; a last block alone at
+    # A rows 3b + p, nibbles at 3b + 2 in bits 4p..4p+3. Exactly those bits are set, in column 3 only (of tile 0).
     from comptrust.formats import pack_int3
 
-    for row in (0, 5, 17, 31):
-        codes = torch.zeros(32, 32, dtype=torch.int64)
-        codes[0, row] = 4
-        codes[1, row] = 3
-        tiled = tile_int3(pack_int3(codes, torch.ones(32, 1), torch.ones(32, 1), 32))
-        plane, j = divmod(row, 16)
-        q, i = divmod(j, 4)
-        assert tiled.weight[0, 0, 2, 0].item() & 0xFFFFFFFF == 1 << (8 * q + 4 * plane + i)
-        assert tiled.weight[0, 0, plane, 1].item() & 0xFFFFFFFF == 3 << (2 * j)
+    alone = k // 32 % 2 == 1 and block == k // 32 - 1
+    for p, q, i in ((0, 0, 0), (0, 2, 1), (1, 1, 2), (1, 3, 3), (0, 3, 2)):
+        codes = torch.zeros(32, k, dtype=torch.int64)  # int3's GPTQ packing needs n % 32 == 0
+        codes[3, 32 * block + 16 * p + 4 * q + i] = code
+        tiled = tile_int3(pack_int3(codes, torch.ones(32, 1), torch.ones(32, 1), k))
+        words = tiled.weight[0].reshape(-1, 8).to(torch.int64) & 0xFFFFFFFF  # [word row, column]
+        if alone:
+            a_row, nibble_row, shift = 3 * block + p, 3 * block + 2, 4 * p
+        else:
+            a_row, nibble_row, shift = 6 * (block // 2) + 2 * (block % 2) + p, 6 * (block // 2) + 4 + p, 4 * (block % 2)
+        expected = torch.zeros_like(words)
+        if i < 2:
+            expected[a_row, 3] = code << (8 * q + 3 * i)
+        elif i == 2:
+            expected[a_row, 3] = (code & 3) << (8 * q + 6)
+            expected[nibble_row, 3] = (code >> 2) << (8 * q + shift + 3)
+        else:
+            expected[nibble_row, 3] = code << (8 * q + shift)
+        assert torch.equal(words, expected), (p, q, i)
 
 
 def test_tiled_layer_is_smaller_for_int3():
@@ -222,8 +236,8 @@ ONE_STREAM_CASES = {
 @pytest.mark.parametrize("bits", [4, 3])
 def test_one_row_in_one_weight_stream_keeps_fp32_accuracy(bits, monkeypatch):
     """One fp32 row on an int4 layer whose k and group size are multiples of 16 (int3: group size a multiple of 32)
-    takes a one-stream VNNI kernel (int4: two word rows of a tile per load; int3: a tile's 96-byte blocks, the
-    high-bit plane merged per 2-bit field), x as three int8 limbs; wide-range inputs, against the reference on
+    takes a one-stream VNNI kernel (int4: two word rows of a tile per load; int3: a tile's 192-byte block pairs,
+    byte-parallel codes), x as three int8 limbs; wide-range inputs, against the reference on
     every ISA (the others keep their kernels), as one layer and several of one x (gemm_tiled_many: the same
     kernel, so bit-identical)."""
     random_layer, reference_gemm = AMX_RANDOM[bits], AMX_REFERENCE[bits]

@@ -1,9 +1,9 @@
 """The CPU kernels' tiled weight layout, built once per layer from the GPTQ v1 int4/int3/int8 tensors.
 
-The layout is specified in csrc/include/comptrust/cpu_tiles.h (2:4 weights: sparse24_tiles.h): output columns in tiles of 8, each tile's
-weights contiguous along the input dimension; int3 split into a 2-bit and a 1-bit plane so the kernels
-decode 32 codes with a few shifts and masks. `untile` inverts it bit-exactly, so a layer kept only in this
-form can still be exported as a GPTQ checkpoint.
+The layout is specified in csrc/include/comptrust/cpu_tiles.h (2:4 weights: sparse24_tiles.h): output columns in
+tiles of 8, each tile's weights contiguous along the input dimension; int3 as words whose bytes hold codes at
+fixed bit positions, so the kernels decode 64 codes with one to three instructions. `untile` inverts it
+bit-exactly, so a layer kept only in this form can still be exported as a GPTQ checkpoint.
 """
 from __future__ import annotations
 
@@ -20,10 +20,7 @@ from comptrust.formats.sparse24 import Sparse24Int4Packed, Sparse24Packed
 TILE_COLS = 8
 INT3_BLOCK = 32
 
-# int3 high plane: row 16p + 4q + i of a block goes to bit 8q + 4p + i (see cpu_tiles.h).
-_P, _Q, _I = torch.meshgrid(torch.arange(2), torch.arange(4), torch.arange(4), indexing="ij")
-_INT3_HIGH_BIT = (8 * _Q + 4 * _P + _I).reshape(2, 16)  # [plane, row within plane]
-_INT3_LOW_SHIFT = 2 * torch.arange(16)
+_BYTE_SHIFT = 8 * torch.arange(4)  # byte q of a word
 
 
 @dataclass(frozen=True)
@@ -87,17 +84,50 @@ def tile_int4(packed: Int4Packed) -> TiledWeight:
     )
 
 
+def _int3_words(codes: torch.Tensor) -> torch.Tensor:
+    """[n, k] codes -> [n, k/32 * 3] int64 words (cpu_tiles.h): per pair of blocks A(2c, 0), A(2c, 1),
+    A(2c + 1, 0), A(2c + 1, 1), N0, N1; a last block alone (k/32 odd) A(b, 0), A(b, 1), N."""
+    n, k = codes.shape
+    blocks = k // INT3_BLOCK
+    c = codes.reshape(n, blocks, 2, 4, 4)  # [column, block, half p, byte q, i]: row 16p + 4q + i
+    a = ((c[..., 0] | c[..., 1] << 3 | (c[..., 2] & 3) << 6) << _BYTE_SHIFT).sum(-1)  # [n, blocks, 2]
+    nibbles = c[..., 3] | (c[..., 2] >> 2) << 3  # [n, blocks, 2, 4]
+    paired = blocks - blocks % 2
+    pair_nibbles = nibbles[:, :paired].reshape(n, paired // 2, 2, 2, 4)  # [n, pair, block of the pair, p, q]
+    pair_n = ((pair_nibbles[:, :, 0] | pair_nibbles[:, :, 1] << 4) << _BYTE_SHIFT).sum(-1)  # [n, pair, p]
+    words = [torch.cat([a[:, :paired].reshape(n, paired // 2, 4), pair_n], -1).reshape(n, -1)]
+    if blocks % 2:
+        last = nibbles[:, -1]  # [n, p, q]
+        words += [a[:, -1], ((last[:, 0] | last[:, 1] << 4) << _BYTE_SHIFT).sum(-1, keepdim=True)]
+    return torch.cat(words, -1)
+
+
+def _int3_codes(words: torch.Tensor) -> torch.Tensor:
+    """Inverse of _int3_words: [n, k/32 * 3] int64 words (unsigned 32-bit values) -> [n, k] codes."""
+    n, blocks = words.shape[0], words.shape[1] // 3
+    paired = blocks - blocks % 2
+    pairs = words[:, :paired * 3].reshape(n, paired // 2, 6)
+    a = pairs[..., :4].reshape(n, paired, 2)  # [n, block, p]
+    pair_n = (pairs[..., 4:, None] >> _BYTE_SHIFT) & 0xFF  # [n, pair, p, q]
+    nibbles = torch.stack([pair_n & 0xF, pair_n >> 4], 2).reshape(n, paired, 2, 4)  # [n, block, p, q]
+    if blocks % 2:
+        last_n = (words[:, -1, None] >> _BYTE_SHIFT) & 0xFF  # [n, q]
+        a = torch.cat([a, words[:, None, -3:-1]], 1)
+        nibbles = torch.cat([nibbles, torch.stack([last_n & 0xF, last_n >> 4], 1)[:, None]], 1)
+    a_bytes = (a[..., None] >> _BYTE_SHIFT) & 0xFF  # [n, blocks, p, q]
+    c2 = a_bytes >> 6 | (nibbles >> 3) << 2
+    codes = torch.stack([a_bytes & 7, a_bytes >> 3 & 7, c2, nibbles & 7], -1)  # [n, blocks, p, q, i]
+    return codes.reshape(n, blocks * INT3_BLOCK)
+
+
 def tile_int3(packed: Int3Packed) -> TiledWeight:
     n, k = packed.out_features, packed.in_features
     _check_columns(n)
     codes = unpack_3bit_last_dim(packed.qweight.t()).to(torch.int64)  # [n, k]
-    blocks = codes.reshape(n, k // INT3_BLOCK, 2, 16)  # [column, block, plane, row]
-    low = ((blocks & 3) << _INT3_LOW_SHIFT).sum(-1)  # [n, blocks, 2]
-    high = ((blocks >> 2) << _INT3_HIGH_BIT).sum((-2, -1))  # [n, blocks]
-    planes = _to_int32_bits(torch.cat([low, high.unsqueeze(-1)], dim=-1))  # [n, blocks, 3]
+    words = _to_int32_bits(_int3_words(codes)).reshape(n, k // INT3_BLOCK, 3)
     zeros = unpack_3bit_last_dim(packed.qzeros).to(torch.int16) + 1  # [groups, n]
     return TiledWeight(
-        weight=_tile_columns(planes),
+        weight=_tile_columns(words),
         zeros=_tile_columns(zeros.t().to(torch.uint8)),
         scales=_tile_columns(packed.scales.t()),
         bits=3,
@@ -134,10 +164,8 @@ def untile(tiled: TiledWeight) -> Int4Packed | Int3Packed | Int8Packed:
         qweight = _untile_columns(tiled.weight).t().contiguous()
         qzeros = _pack_nibbles_last_dim((zeros - 1).t().contiguous())
         return Int4Packed(qweight, qzeros, scales.t().contiguous(), tiled.group_size)
-    planes = _untile_columns(tiled.weight).to(torch.int64) & 0xFFFFFFFF  # [n, blocks, 3]
-    low = (planes[..., :2, None] >> _INT3_LOW_SHIFT) & 3  # [n, blocks, 2, 16]
-    high = (planes[..., 2, None, None] >> _INT3_HIGH_BIT) & 1  # [n, blocks, 2, 16]
-    codes = (low | (high << 2)).reshape(scales.shape[0], -1)
+    words = _untile_columns(tiled.weight).to(torch.int64) & 0xFFFFFFFF  # [n, blocks, 3]
+    codes = _int3_codes(words.reshape(words.shape[0], -1))
     qweight = pack_3bit_last_dim(codes).t().contiguous()
     qzeros = pack_3bit_last_dim((zeros - 1).t().contiguous())
     return Int3Packed(qweight, qzeros.contiguous(), scales.t().contiguous(), tiled.group_size)

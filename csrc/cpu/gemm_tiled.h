@@ -105,6 +105,20 @@ inline int64_t stream_lane_position(int bits, int64_t kk) {
   return base + i * 8 + plane * 4 + q;
 }
 
+// Where half p of int3 block `block` lies in a tile of `blocks` blocks (cpu_tiles.h), in words from the tile's
+// start (column 0's word; column c's is c further): its A word, and the word whose bits shift..shift+3 of each
+// byte are its nibble.
+struct Int3Words {
+  int64_t a, nibbles;
+  int shift;
+};
+inline Int3Words int3_words(int64_t blocks, int64_t block, int p) {
+  const int64_t pair = (block - block % 2) * kInt3BlockPlanes * kTileCols;
+  if (block % 2 == 0 && block + 1 == blocks) return {pair + p * kTileCols, pair + 2 * kTileCols, 4 * p};  // alone
+  const int second = static_cast<int>(block % 2);
+  return {pair + (2 * second + p) * kTileCols, pair + (4 + p) * kTileCols, 4 * second};
+}
+
 // Where a kernel family wants x's int8 codes (quantize_rows): the two-tile kernels' order or the one-stream one.
 enum class Lanes { kTwoTile, kOneStream };
 
@@ -127,25 +141,47 @@ COMPTRUST_AVX2 inline __m256 load_tile_zeros(const uint8_t* z) {
   return BITS == 8 ? _mm256_add_ps(zeros, _mm256_set1_ps(kInt8ZeroOffset)) : zeros;
 }
 
-// Codes of row 16*plane + j of an int3 block (low plane word, high plane word), as floats.
-COMPTRUST_AVX2 inline __m256 int3_codes(__m256i low, __m256i high, int plane, int j) {
-  const int high_bit = 8 * (j / 4) + 4 * plane + j % 4;
-  const __m256i lo = _mm256_and_si256(_mm256_srli_epi32(low, 2 * j), _mm256_set1_epi32(3));
-  const __m256i hi_at_2 = high_bit >= 2 ? _mm256_srli_epi32(high, high_bit - 2) : _mm256_slli_epi32(high, 2 - high_bit);
-  return _mm256_cvtepi32_ps(_mm256_or_si256(lo, _mm256_and_si256(hi_at_2, _mm256_set1_epi32(4))));
+// Codes of row j = 4q + i (0..15) of a half of an int3 block for 8 columns, as floats, from the half's A word and
+// nibble word shifted to bits 0-3 (cpu_tiles.h, load_int3_half).
+COMPTRUST_AVX2 inline __m256 int3_codes(__m256i a, __m256i nibbles, int j) {
+  const int q = j / 4, i = j % 4;
+  const __m256i bits = i == 0   ? _mm256_srli_epi32(a, 8 * q)
+                       : i == 1 ? _mm256_srli_epi32(a, 8 * q + 3)
+                       : i == 3 ? _mm256_srli_epi32(nibbles, 8 * q)
+                                : _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(a, 8 * q + 6), _mm256_set1_epi32(3)),
+                                                  _mm256_and_si256(_mm256_srli_epi32(nibbles, 8 * q + 1), _mm256_set1_epi32(4)));
+  return _mm256_cvtepi32_ps(_mm256_and_si256(bits, _mm256_set1_epi32(7)));
 }
 
-// table[i][v] = 4 * (bit i of v & 15): 16 entries, repeated for each 128-bit lane of vpshufb.
-struct HighBitTables {
-  alignas(32) int8_t table[4][32];
-};
-constexpr HighBitTables make_high_bit_tables() {
-  HighBitTables tables{};
-  for (int i = 0; i < 4; ++i)
-    for (int v = 0; v < 32; ++v) tables.table[i][v] = static_cast<int8_t>((((v & 15) >> i) & 1) * 4);
-  return tables;
+// The A word and the nibble word (shifted to bits 0-3) of half p of block `block` of a tile, 8 columns.
+COMPTRUST_AVX2 inline void load_int3_half(const int32_t* tw, int64_t blocks, int64_t block, int p, __m256i& a,
+                                          __m256i& nibbles) {
+  const Int3Words words = int3_words(blocks, block, p);
+  a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tw + words.a));
+  nibbles = _mm256_srli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(tw + words.nibbles)), words.shift);
 }
-inline constexpr HighBitTables kHighBitTimes4 = make_high_bit_tables();
+
+// Byte q of the result: code i (0..3) of row 4q + i of the half (a, nibbles: load_int3_half), u8 lanes for the
+// int8-activation products.
+COMPTRUST_AVX2 inline __m256i int3_code_bytes(__m256i a, __m256i nibbles, int i) {
+  const __m256i seven = _mm256_set1_epi8(7);
+  if (i == 0) return _mm256_and_si256(a, seven);
+  if (i == 1) return _mm256_and_si256(_mm256_srli_epi16(a, 3), seven);
+  if (i == 3) return _mm256_and_si256(nibbles, seven);
+  return _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(a, 6), _mm256_set1_epi8(3)),
+                         _mm256_and_si256(_mm256_srli_epi16(nibbles, 1), _mm256_set1_epi8(4)));
+}
+
+// The same, 16 columns (two tiles' halves, or one tile's two halves interleaved), one vpternlogd for i = 2.
+COMPTRUST_AVX512_VNNI inline __m512i int3_code_bytes(__m512i a, __m512i nibbles, int i) {
+  const __m512i seven = _mm512_set1_epi8(7);
+  if (i == 0) return _mm512_and_si512(a, seven);
+  if (i == 1) return _mm512_and_si512(_mm512_srli_epi32(a, 3), seven);
+  if (i == 3) return _mm512_and_si512(nibbles, seven);
+  // per bit, mask 3 ? a >> 6 : (nibbles >> 1) & 4 (vpternlogd 0xCA)
+  return _mm512_ternarylogic_epi32(_mm512_set1_epi8(3), _mm512_srli_epi32(a, 6),
+                                   _mm512_and_si512(_mm512_srli_epi32(nibbles, 1), _mm512_set1_epi8(4)), 0xCA);
+}
 
 // ------------------------------------------------------------------------------------------- entry points
 // gemm_tiled_avx2.cpp: AVX2 direct (float x) or a8 (int8 x, vpmaddubsw) kernels, every row of x, tile t.

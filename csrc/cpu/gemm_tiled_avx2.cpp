@@ -66,12 +66,12 @@ COMPTRUST_AVX2 void direct_avx2(const Problem& p, int64_t t, int64_t i0) {
         const int32_t* bw = tw + block * kInt3BlockPlanes * kTileCols;
         prefetch_ahead(bw);
         prefetch_ahead(bw + 16);
-        const __m256i high = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bw + 2 * kTileCols));
-        COMPTRUST_UNROLL for (int plane = 0; plane < 2; ++plane) {
-          const __m256i low = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bw + plane * kTileCols));
-          const float* xb = x + block * kInt3BlockRows + plane * 16;
+        COMPTRUST_UNROLL for (int half = 0; half < 2; ++half) {
+          __m256i a, nibbles;
+          load_int3_half(tw, p.k / kInt3BlockRows, block, half, a, nibbles);
+          const float* xb = x + block * kInt3BlockRows + half * 16;
           _Pragma("GCC unroll 16") for (int j = 0; j < 16; ++j) {
-            const __m256 q = int3_codes(low, high, plane, j);
+            const __m256 q = int3_codes(a, nibbles, j);
             COMPTRUST_UNROLL for (int r = 0; r < R; ++r)
               acc[r][j % A] = _mm256_fmadd_ps(q, _mm256_broadcast_ss(xb + r * p.k + j), acc[r][j % A]);
           }
@@ -132,21 +132,17 @@ COMPTRUST_AVX2 void a8_avx2(const Problem& p, int64_t t, int64_t i0) {
           }
         }
       } else {
-        const int32_t* bw = tw + (bk / kInt3BlockRows) * kInt3BlockPlanes * kTileCols;
+        const int64_t block = bk / kInt3BlockRows;
+        const int32_t* bw = tw + block * kInt3BlockPlanes * kTileCols;
         prefetch_ahead(bw);
         prefetch_ahead(bw + 16);
-        const __m256i high = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bw + 2 * kTileCols));
-        COMPTRUST_UNROLL for (int plane = 0; plane < 2; ++plane) {
-          const __m256i low = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bw + plane * kTileCols));
-          // Byte q of the high plane holds this plane's 4 high bits in nibble `plane` (bit i: row 4q + i).
-          const __m256i high_nibbles = _mm256_and_si256(plane ? _mm256_srli_epi16(high, 4) : high, nibbles);
+        COMPTRUST_UNROLL for (int half = 0; half < 2; ++half) {
+          __m256i a, half_nibbles;
+          load_int3_half(tw, p.k / kInt3BlockRows, block, half, a, half_nibbles);
           COMPTRUST_UNROLL for (int i = 0; i < 4; ++i) {
-            const __m256i lo = _mm256_and_si256(i ? _mm256_srli_epi16(low, 2 * i) : low, _mm256_set1_epi8(3));
-            // vpshufb with a 16-entry byte table: "bit i of the nibble, times 4" in one instruction.
-            const __m256i bit_i_times_4 = _mm256_load_si256(reinterpret_cast<const __m256i*>(kHighBitTimes4.table[i]));
-            const __m256i codes = _mm256_or_si256(lo, _mm256_shuffle_epi8(bit_i_times_4, high_nibbles));
+            const __m256i codes = int3_code_bytes(a, half_nibbles, i);  // byte q: row 4q + i of the half
             COMPTRUST_UNROLL for (int r = 0; r < R; ++r) {
-              const int8_t* xr = p.x8 + (i0 + r) * p.k + bk + plane * 16 + i * 4;
+              const int8_t* xr = p.x8 + (i0 + r) * p.k + bk + half * 16 + i * 4;
               pairs[r] = _mm256_add_epi16(pairs[r], _mm256_maddubs_epi16(codes, broadcast4(xr)));
             }
           }

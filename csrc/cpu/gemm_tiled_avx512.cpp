@@ -32,6 +32,13 @@ struct TilePair {
   // The word row at `offset` int32s into both tiles.
   COMPTRUST_AVX512 __m512i words(int64_t offset) const { return two_tiles(w0 + offset, w1 + offset); }
 
+  // Half `half` of int3 block `block` in both tiles: its A words and its nibble words shifted to bits 0-3.
+  COMPTRUST_AVX512 void int3_half(int64_t block, int half, __m512i& a, __m512i& nibbles) const {
+    const Int3Words at = int3_words(p.k / kInt3BlockRows, block, half);
+    a = words(at.a);
+    nibbles = _mm512_srli_epi32(words(at.nibbles), at.shift);
+  }
+
   COMPTRUST_AVX512 void prefetch(int64_t offset, int lines) const {
     for (int line = 0; line < lines; ++line) {
       prefetch_ahead(w0 + offset + 16 * line);
@@ -64,8 +71,7 @@ struct TilePair {
 // instruction, against 16 per vpmaddubsw + vpaddw in the AVX2 kernel. Sums are exact in int32, so a block
 // of 32 inputs needs no intermediate widening; it is scaled once, as in a8_avx2.
 //   int4: the low nibbles of a word are inputs 0, 2, 4, 6 of its 8, the high nibbles 1, 3, 5, 7.
-//   int3: 2-bit fields i of each byte are one plane's rows 4q + i; the high bits come from a vpshufb table
-//         as in a8_avx2, merged with one vpternlogd.
+//   int3: byte q of a lane's code operand i is row 4q + i of a block's half (cpu_tiles.h: int3_code_bytes).
 // x8[0..3] broadcast to every 32-bit lane.
 COMPTRUST_AVX512 inline __m512i x8_lanes4(const int8_t* x8) {
   int32_t v;
@@ -100,7 +106,7 @@ COMPTRUST_AVX512_VNNI void a8_avx512(const Problem& p, int64_t t, int64_t i0) {
       COMPTRUST_UNROLL for (int r = 0; r < R; ++r) acc[q][r] = _mm512_setzero_ps();
     for (int64_t b = 0, bk = kb; bk < ke; ++b, bk += p.block_inputs) {
       const int64_t bend = std::min(ke, bk + p.block_inputs);
-      // Two accumulator chains per pair and row (int4: even and odd inputs; int3: the two planes): vpdpbusd
+      // Two accumulator chains per pair and row (int4: even and odd inputs; int3: the two halves): vpdpbusd
       // waits ~5 cycles for its predecessor, and one chain would set the pace. With 8 or more (pair, row)
       // sums in flight one chain each is enough (and four pairs of fp32 x's three limbs fit in registers).
       constexpr int C = P * V >= 8 ? 1 : 2;
@@ -128,31 +134,19 @@ COMPTRUST_AVX512_VNNI void a8_avx512(const Problem& p, int64_t t, int64_t i0) {
         }
       } else {
         for (int64_t ib = bk; ib < bend; ib += kInt3BlockRows) {  // int3 blocks: p.block_inputs is whole ones
-          const int64_t offset = (ib / kInt3BlockRows) * kInt3BlockPlanes * kTileCols;
-          __m512i high[P];
-          COMPTRUST_UNROLL for (int q = 0; q < P; ++q) {
-            tiles[q].prefetch(offset, 2);  // a block is 96 bytes
-            high[q] = tiles[q].words(offset + 2 * kTileCols);
-          }
-          COMPTRUST_UNROLL for (int plane = 0; plane < 2; ++plane) {
-            __m512i low[P], high_nibbles[P];
-            COMPTRUST_UNROLL for (int q = 0; q < P; ++q) {
-              low[q] = tiles[q].words(offset + plane * kTileCols);
-              high_nibbles[q] = _mm512_and_si512(plane ? _mm512_srli_epi16(high[q], 4) : high[q], nibbles);
-            }
+          const int64_t block = ib / kInt3BlockRows;
+          COMPTRUST_UNROLL for (int q = 0; q < P; ++q) tiles[q].prefetch(block * kInt3BlockPlanes * kTileCols, 2);
+          COMPTRUST_UNROLL for (int half = 0; half < 2; ++half) {
+            __m512i a[P], half_nibbles[P];
+            COMPTRUST_UNROLL for (int q = 0; q < P; ++q) tiles[q].int3_half(block, half, a[q], half_nibbles[q]);
             COMPTRUST_UNROLL for (int i = 0; i < 4; ++i) {
-              const __m512i bit_i_times_4 = _mm512_broadcast_i64x4(
-                  _mm256_load_si256(reinterpret_cast<const __m256i*>(kHighBitTimes4.table[i])));
-              __m512i codes[P];
-              // (low >> 2i) & 3 | table bits: vpternlogd truth table of A & B | C is 0xEA (A, B, C = 0xF0, 0xCC, 0xAA).
-              COMPTRUST_UNROLL for (int q = 0; q < P; ++q)
-                codes[q] = _mm512_ternarylogic_epi32(i ? _mm512_srli_epi16(low[q], 2 * i) : low[q], _mm512_set1_epi8(3),
-                                                     _mm512_shuffle_epi8(bit_i_times_4, high_nibbles[q]), 0xEA);
+              __m512i codes[P];  // byte q' of a lane: row 4q' + i of the half
+              COMPTRUST_UNROLL for (int q = 0; q < P; ++q) codes[q] = int3_code_bytes(a[q], half_nibbles[q], i);
               // Each row's broadcast inputs feed every pair, one x register live.
               COMPTRUST_UNROLL for (int v = 0; v < V; ++v) {
-                const __m512i xv = x8_lanes4(x8 + v * p.k + ib + plane * 16 + i * 4);
+                const __m512i xv = x8_lanes4(x8 + v * p.k + ib + half * 16 + i * 4);
                 COMPTRUST_UNROLL for (int q = 0; q < P; ++q)
-                  dot[q][v][plane % C] = dpbusd(dot[q][v][plane % C], codes[q], xv);
+                  dot[q][v][half % C] = dpbusd(dot[q][v][half % C], codes[q], xv);
               }
             }
           }
@@ -235,9 +229,10 @@ COMPTRUST_AVX512_VNNI void a8_pair_unit_avx512(const Problem& p, int64_t first_p
 // multiply-add takes x as an embedded broadcast from L1.
 //   int4: one shift puts code j of the words in the low nibble: 3 instructions per 16 multiply-adds (the
 //         AVX2 kernel needs 5 per 8: shift, mask, convert, broadcast, fma).
-//   int3: code j of a plane's 16 rows is 2-bit field j of the low word plus one bit of the high word
-//         (cpu_tiles.h). One vpternlogd takes bits 0..1 from the shifted low word and bit 2 up from the
-//         shifted high word; bit 3 is then the high word's next bit, so the table repeats 0..7. 5 per 16.
+//   int3: row 4q + i of a block's half is 3 bits of its A word (i < 2) or nibble word (i = 3) at a fixed
+//         place (cpu_tiles.h), one shift; i = 2 takes bits 0..1 from the shifted A word and bit 2 up from the
+//         shifted nibble word in one vpternlogd. The bits above a code are its neighbours', so the table
+//         repeats 0..7. 3-5 per 16.
 // The two tiles' outputs are adjacent in y, so one 16-float store writes both.
 template <int BITS, int R>
 COMPTRUST_AVX512 void direct_avx512(const Problem& p, int64_t t, int64_t i0) {
@@ -265,17 +260,21 @@ COMPTRUST_AVX512 void direct_avx512(const Problem& p, int64_t t, int64_t i0) {
     } else {
       const __m512i low_bits = _mm512_set1_epi32(3);
       for (int64_t block = g * p.group_size / kInt3BlockRows; block < p.group_end(g) / kInt3BlockRows; ++block) {
-        const int64_t offset = block * kInt3BlockPlanes * kTileCols;
-        tiles.prefetch(offset, 2);  // a block is 96 bytes
-        const __m512i high = tiles.words(offset + 2 * kTileCols);
-        COMPTRUST_UNROLL for (int plane = 0; plane < 2; ++plane) {
-          const __m512i low = tiles.words(offset + plane * kTileCols);
-          const float* xb = x + block * kInt3BlockRows + plane * 16;
+        tiles.prefetch(block * kInt3BlockPlanes * kTileCols, 2);  // a block is 96 bytes
+        COMPTRUST_UNROLL for (int half = 0; half < 2; ++half) {
+          __m512i a, nibbles;
+          tiles.int3_half(block, half, a, nibbles);
+          const float* xb = x + block * kInt3BlockRows + half * 16;
           _Pragma("GCC unroll 16") for (int j = 0; j < 16; ++j) {
-            const int high_bit = 8 * (j / 4) + 4 * plane + j % 4;
-            const __m512i hi_at_2 = high_bit >= 2 ? _mm512_srli_epi32(high, high_bit - 2) : _mm512_slli_epi32(high, 2 - high_bit);
-            // A & C | B & ~C (A, B, C = 0xF0, 0xCC, 0xAA): 0xE4, with C the mask of bits 0..1.
-            const __m512i index = _mm512_ternarylogic_epi32(j ? _mm512_srli_epi32(low, 2 * j) : low, hi_at_2, low_bits, 0xE4);
+            // Row 4q + i's code in bits 0-2 (cpu_tiles.h); the bits above index the table's second, equal half.
+            const int q = j / 4, i = j % 4;
+            const __m512i index =
+                i == 0 ? _mm512_srli_epi32(a, 8 * q)
+                : i == 1 ? _mm512_srli_epi32(a, 8 * q + 3)
+                : i == 3 ? _mm512_srli_epi32(nibbles, 8 * q)
+                         // A & C | B & ~C (A, B, C = 0xF0, 0xCC, 0xAA): 0xE4, with C the mask of bits 0..1.
+                         : _mm512_ternarylogic_epi32(_mm512_srli_epi32(a, 8 * q + 6), _mm512_srli_epi32(nibbles, 8 * q + 1),
+                                                     low_bits, 0xE4);
             const __m512 codes = _mm512_permutexvar_ps(index, table);
             COMPTRUST_UNROLL for (int r = 0; r < R; ++r)
               acc[r][j % A] = _mm512_fmadd_ps(codes, _mm512_set1_ps(xb[r * p.k + j]), acc[r][j % A]);

@@ -61,18 +61,14 @@ COMPTRUST_AVX512_BF16 void dequantize_pairs(const Problem& p, int64_t t, int til
                               second ? load_scales(p.tile_scales(t + 1) + g * kTileCols) : _mm256_setzero_ps());
     if constexpr (BITS == 3) {
       for (int64_t block = kb / kInt3BlockRows; block < ke / kInt3BlockRows; ++block) {
-        const int32_t* b0 = w0 + block * kInt3BlockPlanes * kTileCols;
-        const int32_t* b1 = w1 + block * kInt3BlockPlanes * kTileCols;
-        const __m256i high0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b0 + 2 * kTileCols));
-        const __m256i high1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b1 + 2 * kTileCols));
-        for (int plane = 0; plane < 2; ++plane) {
-          const __m256i low0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b0 + plane * kTileCols));
-          const __m256i low1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b1 + plane * kTileCols));
+        for (int half = 0; half < 2; ++half) {
+          __m256i a0, nibbles0, a1, nibbles1;
+          load_int3_half(w0, p.k / kInt3BlockRows, block, half, a0, nibbles0);
+          load_int3_half(w1, p.k / kInt3BlockRows, block, half, a1, nibbles1);
           for (int j = 0; j < 16; j += 2)
-            store_pair_row(panel + (block * kInt3BlockRows - kb0 + plane * 16 + j) / 2 * kAmxCols * 2,
-                           panel_weights(int3_codes(low0, high0, plane, j), int3_codes(low1, high1, plane, j), zero, scale),
-                           panel_weights(int3_codes(low0, high0, plane, j + 1), int3_codes(low1, high1, plane, j + 1),
-                                         zero, scale));
+            store_pair_row(panel + (block * kInt3BlockRows - kb0 + half * 16 + j) / 2 * kAmxCols * 2,
+                           panel_weights(int3_codes(a0, nibbles0, j), int3_codes(a1, nibbles1, j), zero, scale),
+                           panel_weights(int3_codes(a0, nibbles0, j + 1), int3_codes(a1, nibbles1, j + 1), zero, scale));
         }
       }
     } else {
@@ -131,27 +127,29 @@ COMPTRUST_AVX512_BF16 void int4_code_pairs(const Problem& p, int64_t t, int tile
   }
 }
 
-// int3 (cpu_tiles.h planes): the low two bits from plane p and bit 2 from the high plane, merged by vpternlogd.
+// int3 (cpu_tiles.h): rows 4q and 4q + 1 of a block's half are two 3-bit fields of its A word, one
+// vpmultishiftqb; rows 4q + 2 and 4q + 3 take row 4q + 2's low bits from the A word and the rest from the nibble
+// word, merged by vpternlogd.
 COMPTRUST_AVX512_BF16 void int3_code_pairs(const Problem& p, int64_t t, int tiles, int64_t kb0, int64_t kb1,
                                            uint16_t* codes) {
   const int32_t* w0 = p.tile_w(t);
   const int32_t* w1 = tiles > 1 ? p.tile_w(t + 1) : w0;
-  const __m512i table = bf16_code_table(7), bit2 = _mm512_set1_epi16(4);
+  const __m512i table = bf16_code_table(7), first_low2 = _mm512_set1_epi32(3);  // bits 0-1 of a column's first lane
   for (int64_t block = kb0 / kInt3BlockRows; block < kb1 / kInt3BlockRows; ++block) {
-    const int32_t* b0 = w0 + block * kInt3BlockPlanes * kTileCols;
-    const int32_t* b1 = w1 + block * kInt3BlockPlanes * kTileCols;
-    prefetch_ahead(b0);
-    prefetch_ahead(b1);
-    const __m512i high = two_tiles(b0 + 2 * kTileCols, b1 + 2 * kTileCols);
-    for (int plane = 0; plane < 2; ++plane) {
-      const __m512i low = two_tiles(b0 + plane * kTileCols, b1 + plane * kTileCols);
-      COMPTRUST_UNROLL for (int jp = 0; jp < 8; ++jp) {  // rows j = 2 jp, 2 jp + 1 of the plane
-        const int high_bit = 8 * (jp / 2) + 4 * plane + 2 * (jp % 2);  // of row 2 jp; row 2 jp + 1 the next bit
-        const __m512i lows = _mm512_multishift_epi64_epi8(pair_offsets(4 * jp, 4 * jp + 2), low);
-        const __m512i highs = _mm512_multishift_epi64_epi8(pair_offsets(high_bit - 2, high_bit - 1), high);
-        const __m512i pair = _mm512_ternarylogic_epi32(bit2, highs, lows, 0xCA);  // bit2 ? highs : lows
-        _mm512_storeu_si512(codes + (block * kInt3BlockRows - kb0 + plane * 16 + 2 * jp) / 2 * kAmxCols * 2,
-                            _mm512_permutexvar_epi16(pair, table));
+    const int64_t offset = block * kInt3BlockPlanes * kTileCols;
+    prefetch_ahead(w0 + offset);
+    prefetch_ahead(w1 + offset);
+    for (int half = 0; half < 2; ++half) {
+      const Int3Words at = int3_words(p.k / kInt3BlockRows, block, half);
+      const __m512i a = two_tiles(w0 + at.a, w1 + at.a), nibbles = two_tiles(w0 + at.nibbles, w1 + at.nibbles);
+      uint16_t* out = codes + (block * kInt3BlockRows - kb0 + half * 16) / 2 * kAmxCols * 2;
+      COMPTRUST_UNROLL for (int q = 0; q < 4; ++q) {
+        const __m512i rows01 = _mm512_multishift_epi64_epi8(pair_offsets(8 * q, 8 * q + 3), a);
+        const __m512i low2 = _mm512_multishift_epi64_epi8(pair_offsets(8 * q + 6, 8 * q + 6), a);
+        const __m512i rest = _mm512_multishift_epi64_epi8(pair_offsets(8 * q + at.shift + 1, 8 * q + at.shift), nibbles);
+        const __m512i rows23 = _mm512_ternarylogic_epi32(first_low2, low2, rest, 0xCA);  // first_low2 ? low2 : rest
+        _mm512_storeu_si512(out + 2 * q * kAmxCols * 2, _mm512_permutexvar_epi16(rows01, table));
+        _mm512_storeu_si512(out + (2 * q + 1) * kAmxCols * 2, _mm512_permutexvar_epi16(rows23, table));
       }
     }
   }

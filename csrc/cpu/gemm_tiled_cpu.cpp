@@ -34,13 +34,13 @@ inline int code_at(const Problem& p, int64_t t, int64_t kk, int c) {
     const uint32_t word = static_cast<uint32_t>(tw[(kk / 4) * kTileCols + c]);
     return static_cast<int>((word >> (8 * (kk % 4))) & 0xFF);
   }
-  const int64_t block = kk / kInt3BlockRows, row = kk % kInt3BlockRows;
-  const int plane = static_cast<int>(row / 16), j = static_cast<int>(row % 16);
-  const int32_t* bw = tw + block * kInt3BlockPlanes * kTileCols;
-  const uint32_t low = static_cast<uint32_t>(bw[plane * kTileCols + c]);
-  const uint32_t high = static_cast<uint32_t>(bw[2 * kTileCols + c]);
-  const int high_bit = 8 * (j / 4) + 4 * plane + j % 4;
-  return static_cast<int>(((low >> (2 * j)) & 3) | (((high >> high_bit) & 1) << 2));
+  const int64_t row = kk % kInt3BlockRows;
+  const int q = static_cast<int>(row % 16 / 4), i = static_cast<int>(row % 4);
+  const Int3Words words = int3_words(p.k / kInt3BlockRows, kk / kInt3BlockRows, static_cast<int>(row / 16));
+  const uint32_t a = static_cast<uint32_t>(tw[words.a + c]) >> (8 * q);
+  const uint32_t nibble = static_cast<uint32_t>(tw[words.nibbles + c]) >> (words.shift + 8 * q);
+  const uint32_t codes[4] = {a, a >> 3, (a >> 6 & 3) | (nibble >> 1 & 4), nibble};
+  return static_cast<int>(codes[i] & 7);
 }
 
 void tile_scalar(const Problem& p, int64_t t, bool a8) {

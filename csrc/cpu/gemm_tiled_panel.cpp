@@ -37,13 +37,12 @@ COMPTRUST_AVX2 void dequantize_tile(const Problem& p, int64_t t, int64_t g, int6
     }
   } else {
     for (int64_t block = kc / kInt3BlockRows; block < kce / kInt3BlockRows; ++block) {
-      const int32_t* bw = tw + block * kInt3BlockPlanes * kTileCols;
-      const __m256i high = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bw + 2 * kTileCols));
-      for (int plane = 0; plane < 2; ++plane) {
-        const __m256i low = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bw + plane * kTileCols));
+      for (int half = 0; half < 2; ++half) {
+        __m256i a, nibbles;
+        load_int3_half(tw, p.k / kInt3BlockRows, block, half, a, nibbles);
         for (int j = 0; j < 16; ++j)
-          store8(out + (block * kInt3BlockRows + plane * 16 + j - kc) * ld,
-                           _mm256_mul_ps(_mm256_sub_ps(int3_codes(low, high, plane, j), zero), scale));
+          store8(out + (block * kInt3BlockRows + half * 16 + j - kc) * ld,
+                 _mm256_mul_ps(_mm256_sub_ps(int3_codes(a, nibbles, j), zero), scale));
       }
     }
   }

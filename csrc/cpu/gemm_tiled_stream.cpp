@@ -44,6 +44,15 @@ COMPTRUST_AVX512 inline __m512 add_limb_block(const Problem& p, const StreamLimb
   return sum;
 }
 
+// ... or one set alone, the sums of block b (int3 limb blocks of one block each, two at once: stream_tile).
+template <int L>
+COMPTRUST_AVX512 inline __m512 add_limb_set(const Problem& p, const StreamLimbs& x, int64_t g, int64_t b,
+                                            const __m512i (&acc)[L], __m512 sum) {
+  for (int l = 0; l < L; ++l)
+    sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[l]), _mm512_set1_ps(x.steps[(l * p.groups + g) * x.blocks_per_group + b]), sum);
+  return sum;
+}
+
 // ... a group's pairs added, its zero point and scale applied, into `out` ...
 COMPTRUST_AVX512 inline __m512 add_group(const Problem& p, int64_t t, int64_t g, __m512 sum, __m512 out) {
   const __m512i swap_pairs = _mm512_setr_epi32(1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
@@ -80,48 +89,31 @@ COMPTRUST_AVX512_VNNI inline void int4_step(const Problem& p, const StreamLimbs&
   }
 }
 
-// int3, one tile at a time as the int4 kernel: a block (32 inputs of the tile's 8 columns) is 96 contiguous
-// bytes, planes 0 and 1 in one 64-byte load, the high-bit plane in a 32-byte one. vpermd puts plane 0's column c
-// (rows 0-15) in lane 2c and plane 1's (rows 16-31) in lane 2c + 1, the high plane's word c in both; shifting lane
-// 2c + 1's high word right by 4 lines its rows' bits up with lane 2c's. Then code operand i = 0..3 holds, per lane,
-// rows 16p + 4q + i in byte q: the low plane's 2-bit field i, and the high bit moved to bit 2 and merged in by one
-// vpternlogd, ready for vpdpbusd against x's 8 bytes {x[4q + i]}, {x[16 + 4q + i]} (stream_lane_position):
-// per 96 bytes of weights two vpermd, ~14 shift/mask/merge instructions and twelve vpdpbusd (four with int8
-// activations). Needs the group size to be a multiple of 32 (stream_fits), so a limb block is whole int3 blocks.
-// With fp32 x it is compute-bound: with limb blocks of 32 inputs, warm in cache, 0.76-0.87x the int4 kernel's
-// weights per second (per 256 weights ~35 vector instructions against int4's ~26, Zen 4 issuing about two zmm ones
-// per cycle), so cold it ran 0.81-1.22x as fast as int4 in quick benchmark runs where its bytes would allow 1.3x.
-// Blocks of 128 (kLimbBlock) take 7 of those instructions off; cold, alternated in one process on Zen 5 (old
-// time / new): int3 4096 x 4096 1.13x, 11008 x 4096 1.09x, 4096 x 11008 1.10x (int4 0.99-1.03x: at the memory's
-// pace). Against int4, alternated, it then ran 1.07-1.34x as fast, with the host's memory speed of the minute.
-// With int8 activations it reads at the memory's pace (4096 x 4096 cold: 1.30x as fast as int4 a8 on Zen 4).
-// Its prefetch: both cache lines a 96-byte block can start 4 KB ahead, into L2. Cold, alternated in one process
-// against int4 (int4 time / int3 time, before -> after; one prefetch into L1 per block, 2 KB ahead, before): int8
-// activations 4096 x 4096 1.04 -> 1.11, 11008 x 4096 0.96 -> 1.04, 4096 x 11008 1.12 -> 1.25, SmolLM2's 576 x 1536
-// and 1536 x 576 1.02 -> 1.12 and 0.92 -> 1.04; fp32 x 1-4% faster. (A GFNI decode of the high bits, three
-// instructions fewer per block, measured no faster on top of it.)
+// int3, one tile at a time as the int4 kernel. A pair of blocks (64 inputs of the tile's 8 columns) is 192
+// contiguous bytes, three whole cache lines (cpu_tiles.h): each block's two A word rows, then the two nibble word
+// rows they share. One vpermd per 64-byte load puts half 0's column c in lane 2c and half 1's in lane 2c + 1;
+// then code operand i = 0..3 holds, per lane, rows 16p + 4q + i in byte q (int3_code_bytes: one or two
+// instructions, three for i = 2), ready for vpdpbusd against x's 8 bytes {x[4q + i]}, {x[16 + 4q + i]}
+// (stream_lane_position). Per 192 bytes of weights three vpermd, ~17 shift/mask/merge instructions and 24
+// vpdpbusd (8 with int8 activations). Needs the group size to be a multiple of 32 (stream_fits), so a limb block
+// is whole int3 blocks; a block whose partner lies in another limb block (groups of an odd number of blocks, a
+// last block alone) is read on its own.
+// The layout before (two 2-bit planes and a high-bit plane per 96-byte block: two vpermd, a vpsrlvd and ~14
+// shift/mask/merge instructions per block, and every other block's 64-byte load split across cache lines) kept
+// int3 fp32 at 0.80x int4's weights per second with both in L3, and cold at 1.0-1.1x int4's speed where its
+// bytes allow 1.31x. This one, alternated in one process (old time / new, cold, call order rotated): 4096 x 4096
+// 1.13-1.17x, 11008 x 4096 1.12x; in L3 int3 at 0.95x int4's weights per second. In `bench int` after it, batch 1
+// against int4: fp32 x 1.22x / 1.14x / 1.12x (4096 x 4096, 11008 x 4096, 4096 x 11008; 1.08 / 0.96 / 0.98 in the
+// last run before), int8 activations 1.28x / 1.31x / 1.26x.
 constexpr int64_t kInt3PrefetchBytes = 4096;
 
-// One int3 block (32 inputs) into acc.
+// Block `block`'s codes, operands i = 0..3 (a: its A words, nibbles: its nibble words in bits 0-3 of each byte,
+// both in the lanes above), into acc.
 template <int L>
-COMPTRUST_AVX512_VNNI inline void int3_step(const Problem& p, const StreamLimbs& x, const int32_t* tw, int64_t block,
-                                            __m512i (&acc)[L]) {
-  const __m512i interleave = _mm512_setr_epi32(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
-  const __m512i twice = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
-  const __m512i odd_lanes_by_4 = _mm512_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4);
-  const __m512i bit2 = _mm512_set1_epi8(0x04), low2 = _mm512_set1_epi8(0x03);
-  const int32_t* bw = tw + block * kInt3BlockPlanes * kTileCols;
-  // Every cache line of the stream (a block is 1.5 lines: one prefetch per block skipped every third line).
-  prefetch_to_l2(bw, kInt3PrefetchBytes);
-  prefetch_to_l2(bw + 16, kInt3PrefetchBytes);
-  const __m512i low = _mm512_permutexvar_epi32(interleave, _mm512_loadu_si512(bw));
-  const __m512i high = _mm512_srlv_epi32(
-      _mm512_permutexvar_epi32(twice, _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bw + 2 * kTileCols)))),
-      odd_lanes_by_4);
+COMPTRUST_AVX512_VNNI inline void int3_products(const Problem& p, const StreamLimbs& x, int64_t block, __m512i a,
+                                                __m512i nibbles, __m512i (&acc)[L]) {
   COMPTRUST_UNROLL for (int i = 0; i < 4; ++i) {
-    const __m512i low_i = i ? _mm512_srli_epi32(low, 2 * i) : low;
-    const __m512i high_i = _mm512_and_si512(i < 2 ? _mm512_slli_epi32(high, 2 - i) : i == 2 ? high : _mm512_srli_epi32(high, 1), bit2);
-    const __m512i codes = _mm512_ternarylogic_epi32(low2, low_i, high_i, 0xCA);  // low2 ? low_i : high_i, bitwise
+    const __m512i codes = int3_code_bytes(a, nibbles, i);
     for (int l = 0; l < L; ++l) {
       int64_t inputs;
       std::memcpy(&inputs, x.codes.data() + l * p.k + block * kInt3BlockRows + 8 * i, sizeof inputs);
@@ -130,12 +122,64 @@ COMPTRUST_AVX512_VNNI inline void int3_step(const Problem& p, const StreamLimbs&
   }
 }
 
-// One step of either kernel: an int4 word-row pair (16 inputs) or an int3 block (32).
+// The word row pair at `words` (16 words: half 0's 8 columns, then half 1's) in the lanes above.
+COMPTRUST_AVX512_VNNI inline __m512i interleaved_halves(const int32_t* words) {
+  const __m512i interleave = _mm512_setr_epi32(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
+  return _mm512_permutexvar_epi32(interleave, _mm512_loadu_si512(words));
+}
+
+// Blocks `block` and block + 1 of a pair into acc0 and acc1.
+template <int L>
+COMPTRUST_AVX512_VNNI inline void int3_pair_step(const Problem& p, const StreamLimbs& x, const int32_t* tw,
+                                                 int64_t block, __m512i (&acc0)[L], __m512i (&acc1)[L]) {
+  const int32_t* pw = tw + block * kInt3BlockPlanes * kTileCols;
+  for (int line = 0; line < 3; ++line) prefetch_to_l2(pw + 16 * line, kInt3PrefetchBytes);
+  const __m512i nibbles = interleaved_halves(pw + 4 * kTileCols);
+  int3_products(p, x, block, interleaved_halves(pw), nibbles, acc0);
+  int3_products(p, x, block + 1, interleaved_halves(pw + 2 * kTileCols), _mm512_srli_epi32(nibbles, 4), acc1);
+}
+
+// Block `block` alone into acc: one of a pair, or a last block without one (its nibble word holds both halves).
+template <int L>
+COMPTRUST_AVX512_VNNI inline void int3_block_step(const Problem& p, const StreamLimbs& x, const int32_t* tw,
+                                                  int64_t block, __m512i (&acc)[L]) {
+  const Int3Words half0 = int3_words(p.k / kInt3BlockRows, block, 0), half1 = int3_words(p.k / kInt3BlockRows, block, 1);
+  prefetch_to_l2(tw + half0.a, kInt3PrefetchBytes);
+  prefetch_to_l2(tw + half0.nibbles, kInt3PrefetchBytes);
+  __m512i nibbles;
+  if (half1.nibbles == half0.nibbles) {  // alone: lane 2c gets word c, lane 2c + 1 word c >> 4
+    const __m512i twice = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+    const __m512i odd_lanes_by_4 = _mm512_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4);
+    const __m256i words = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tw + half0.nibbles));
+    nibbles = _mm512_srlv_epi32(_mm512_permutexvar_epi32(twice, _mm512_castsi256_si512(words)), odd_lanes_by_4);
+  } else {
+    nibbles = _mm512_srli_epi32(interleaved_halves(tw + half0.nibbles), half0.shift);
+  }
+  int3_products(p, x, block, interleaved_halves(tw + half0.a), nibbles, acc);
+}
+
+// Steps s..end - 1 (int3 blocks or int4 word-row pairs) of one limb block, alternating between the two sum sets.
 template <int BITS, int L>
-COMPTRUST_AVX512_VNNI inline void stream_step(const Problem& p, const StreamLimbs& x, const int32_t* tw, int64_t s,
-                                              __m512i (&acc)[L]) {
-  if constexpr (BITS == 3) int3_step(p, x, tw, s, acc);
-  else int4_step(p, x, tw, s, acc);
+COMPTRUST_AVX512_VNNI inline void stream_steps(const Problem& p, const StreamLimbs& x, const int32_t* tw, int64_t s,
+                                               int64_t end, __m512i (&acc)[2][L]) {
+  if constexpr (BITS == 3) {
+    while (s < end) {
+      if (s % 2 == 0 && s + 2 <= end) {
+        int3_pair_step(p, x, tw, s, acc[0], acc[1]);
+        s += 2;
+      } else {  // a constant index: acc[s % 2] kept every set on the stack, in every step
+        if (s % 2) int3_block_step(p, x, tw, s, acc[1]);
+        else int3_block_step(p, x, tw, s, acc[0]);
+        ++s;
+      }
+    }
+  } else {
+    for (; s + 2 <= end; s += 2) {
+      int4_step(p, x, tw, s, acc[0]);
+      int4_step(p, x, tw, s + 1, acc[1]);
+    }
+    if (s < end) int4_step(p, x, tw, s, acc[0]);
+  }
 }
 
 // One row on tile t: per limb block, its steps alternate between the two sum sets.
@@ -151,12 +195,17 @@ COMPTRUST_AVX512_VNNI void stream_tile(const Problem& p, const StreamLimbs& x, i
       __m512i acc[2][L];
       for (auto& set : acc)
         for (__m512i& a : set) a = _mm512_setzero_si512();
-      const int64_t block_end = std::min(last, s + x.block_inputs / kStepInputs);
-      for (; s + 2 <= block_end; s += 2) {
-        stream_step<BITS>(p, x, tw, s, acc[0]);
-        stream_step<BITS>(p, x, tw, s + 1, acc[1]);
+      if (BITS == 3 && x.block_inputs == kInt3BlockRows && s % 2 == 0 && s + 2 <= last) {
+        // Limb blocks of one int3 block each (int8 activations: kActBlock inputs): two of them, a pair, in one step.
+        int3_pair_step(p, x, tw, s, acc[0], acc[1]);
+        sum = add_limb_set(p, x, g, b + 1, acc[1], add_limb_set(p, x, g, b, acc[0], sum));
+        ++b;
+        s += 2;
+        continue;
       }
-      if (s < block_end) stream_step<BITS>(p, x, tw, s++, acc[0]);
+      const int64_t block_end = std::min(last, s + x.block_inputs / kStepInputs);
+      stream_steps<BITS>(p, x, tw, s, block_end, acc);
+      s = block_end;
       sum = add_limb_block(p, x, g, b, acc, sum);
     }
     out = add_group(p, t, g, sum, out);

@@ -74,9 +74,9 @@ inline void prefetch_ahead(const void* stream) {
 }
 // Into L2, `bytes` ahead, for a stream that only wants bandwidth: the L1's few miss buffers held such streams back
 // on AMD EPYC (cold, alternated in one process). The int4 one-stream kernel's codes 4 KB ahead (4096x4096 and
-// 11008x4096 at batch 1 4-7% faster, SmolLM2's shapes even), the int3 one's too, both lines of each 96-byte block
-// (prefetching one of them, every third line of the stream was left out, and it ran 20-50% slower that way than
-// with prefetch_ahead); fp32 streams 8 KB (dense rows, 2:4 values); the greedy screen's int8 codes 16 KB.
+// 11008x4096 at batch 1 4-7% faster, SmolLM2's shapes even), the int3 one's too, every line of the stream (with
+// one prefetch per 96-byte block, every third line was left out, and it ran 20-50% slower than with
+// prefetch_ahead); fp32 streams 8 KB (dense rows, 2:4 values); the greedy screen's int8 codes 16 KB.
 inline void prefetch_to_l2(const void* stream, int64_t bytes) {
   _mm_prefetch(static_cast<const char*>(stream) + bytes, _MM_HINT_T1);
 }
