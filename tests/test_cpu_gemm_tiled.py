@@ -58,7 +58,7 @@ def test_tile_untile_round_trip_is_bit_exact(bits, group_size):
 
 
 @pytest.mark.parametrize("k, block", [(64, 0), (64, 1), (96, 2), (32, 0)])  # pair members; a last block alone
-@pytest.mark.parametrize("code", [5, 6])  # bit 2 and one low bit; bits 1 and 2
+@pytest.mark.parametrize("code", [5, 6])  # bits 0 and 2; bits 1 and 2
 def test_int3_words_follow_the_documented_bit_positions(k, block, code):
     # cpu_tiles.h: row 16p + 4q + i of block b, in byte q of A word (b, p) (i = 0, 1: bits 3i..3i+2; i = 2: its
     # bits 0-1 in bits 6-7) and of its nibble (i = 2: bit 2 in nibble bit 3; i = 3: nibble bits 0-2). Word rows:
