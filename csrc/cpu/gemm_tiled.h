@@ -10,7 +10,7 @@
 //     Batch 1 is memory-bound, so this is the path that must run at DRAM speed. One fp32 row on int4 and int3
 //     layers (TiledGemv, also the decode program's bound product) reads each thread's tiles as one stream with x
 //     as int8 limbs on VNNI where the limbs fit in L1 (limbs_fit_l1) and k and the group size fit
-//     (stream_tile in gemm_tiled_stream.cpp).
+//     (int4_tile and int3_tile in gemm_tiled_stream.cpp).
 //   * panel (kPanelMinRows <= batch < kBlasMinRows, float activations): two tiles (four with AVX-512) are
 //     dequantized once into an L1-resident fp32 panel, then a 6x16 (6x32) register-blocked microkernel runs
 //     every row over it (the decode cost is paid once per weight instead of once per row block).
@@ -93,7 +93,7 @@ inline int64_t a8_lane_position(int bits, int64_t kk) {
 }
 
 // ... and inside its 16 (int4) or 32 (int3) row unit in the one-stream kernels' lane order (gemm_tiled_stream.cpp's
-// stream_tile). int4: inputs 16v..16v+15 as {0,2,4,6}, {8,10,12,14}, {1,3,5,7}, {9,11,13,15}; int3:
+// int4_tile / int3_tile). int4: inputs 16v..16v+15 as {0,2,4,6}, {8,10,12,14}, {1,3,5,7}, {9,11,13,15}; int3:
 // bytes [8i, 8i + 8) of a block are x[16p + 4q + i] at 8i + 4p + q.
 inline int64_t stream_lane_position(int bits, int64_t kk) {
   if (bits == 4) {

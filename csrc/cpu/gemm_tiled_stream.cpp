@@ -19,9 +19,15 @@
 // ones: one 8-byte broadcast (vpbroadcastq, a plain load), as is the high nibbles' ({1,3,5,7}, {9,11,13,15}).
 // Each block's integer sums are scaled by its limb steps; per group the lane pairs are added before the zero
 // point and scale are applied. Needs k and the group size to be multiples of 16 (stream_fits).
-// Its vpdpbusd count bounds it about as much as the memory does: in the embedded model's decode step, the q/k/v
-// product run a second time with its weights hot in L2 took 9.4 us per layer against 12.5 cold (Zen 4 issues a zmm
-// vpdpbusd every two cycles: 12 cycles per 128 weights). Fewer limbs would halve that and lose fp32 accuracy.
+// What a line of weights costs, in L2, one thread (Zen 5 at ~3.8 GHz; a memory giving two cores 77 GB/s brings each
+// a line every 6.3 cycles): int4 fp32 x 4.9 cycles, int8 x 3.3; int3 (a line is 171 weights to int4's 128) 7.7 and
+// 5.1. The work around a limb block's steps (its sums cleared, scaled and added, a group's zero point and scale, the
+// loops' bounds) costs much of that: the code before spent 2.0 of its 6.2 cycles there. Straight-line limb blocks,
+// pointers advanced rather than bounds worked out per block, and four sum sets instead of two took int4 from 6.2
+// and 5.8 cycles (1.26x, 1.76x), int3 from 8.0 and 5.3 (1.04x, 1.04x).
+// Cold, alternated in one process with the code before, 4096 x 4096 at a slow minute (plain reads 29 GB/s): int4
+// and int3 fp32 1.00x, int8 x 1.13x and 1.12x. Reading two tiles side by side, so that x's broadcasts serve both,
+// took int4 fp32 to 4.0 cycles in L2 but cold to 0.73-0.92x: two streams 16 KB apart read slower than one.
 #include "gemm_tiled.h"
 
 #ifdef COMPTRUST_X86
@@ -32,24 +38,32 @@
 namespace comptrust::cpu::tiled {
 namespace {
 
-// The one-stream kernels' lanes hold a column's sums in lane pairs (2c, 2c + 1). A block's integer sums are kept
-// in two sets, alternate steps adding into each (a block of 128 inputs would otherwise be one chain of 16 vpdpbusd
-// per limb). Block b of group g, scaled by its limb steps (L limbs: x.limbs), added into `sum`:
-template <int L>
-COMPTRUST_AVX512 inline __m512 add_limb_block(const Problem& p, const StreamLimbs& x, int64_t g, int64_t b,
-                                              const __m512i (&acc)[2][L], __m512 sum) {
-  for (int l = 0; l < L; ++l)
-    sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(acc[0][l], acc[1][l])),
-                          _mm512_set1_ps(x.steps[(l * p.groups + g) * x.blocks_per_group + b]), sum);
-  return sum;
+// GCC left int4_block a call, its sums and pointers passed through memory (1.4x slower in L2), so the steps and blocks
+// are forced inline; each int4_tile / int3_tile instantiation stays a function of its own (inlined into one
+// function, all of them, they spilled).
+#define COMPTRUST_FORCE_INLINE inline __attribute__((always_inline))
+#define COMPTRUST_OWN_FUNCTION __attribute__((noinline))
+
+template <int kSets, int L>
+COMPTRUST_AVX512 COMPTRUST_FORCE_INLINE void clear_sums(__m512i (&acc)[kSets][L]) {
+  for (auto& set : acc)
+    for (__m512i& a : set) a = _mm512_setzero_si512();
 }
 
-// ... or one set alone, the sums of block b (int3 limb blocks of one block each, two at once: stream_tile).
-template <int L>
-COMPTRUST_AVX512 inline __m512 add_limb_set(const Problem& p, const StreamLimbs& x, int64_t g, int64_t b,
-                                            const __m512i (&acc)[L], __m512 sum) {
-  for (int l = 0; l < L; ++l)
-    sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[l]), _mm512_set1_ps(x.steps[(l * p.groups + g) * x.blocks_per_group + b]), sum);
+// The one-stream kernels' lanes hold a column's sums in lane pairs (2c, 2c + 1). A limb block's integer sums are
+// kept in several sets, so that its vpdpbusd form several chains (each waits 4 cycles on the one before it in its
+// set; Zen 5 issues two a cycle). Sets [first, first + count) (all by default), the sums of block b of group g,
+// scaled by its limb steps (L limbs: x.limbs), added into `sum`:
+template <int L, int kSets>
+COMPTRUST_AVX512 COMPTRUST_FORCE_INLINE __m512 add_limb_block(const Problem& p, const StreamLimbs& x, int64_t g,
+                                                              int64_t b, const __m512i (&acc)[kSets][L], __m512 sum,
+                                                              int first = 0, int count = kSets) {
+  for (int l = 0; l < L; ++l) {
+    __m512i total = acc[first][l];
+    for (int set = first + 1; set < first + count; ++set) total = _mm512_add_epi32(total, acc[set][l]);
+    const float limb_step = x.steps[(l * p.groups + g) * x.blocks_per_group + b];
+    sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), _mm512_set1_ps(limb_step), sum);
+  }
   return sum;
 }
 
@@ -69,23 +83,83 @@ COMPTRUST_AVX512 inline void store_pairs(const Problem& p, int64_t t, __m512 out
   _mm256_storeu_ps(p.y + t * kTileCols, _mm512_castps512_ps256(_mm512_permutexvar_ps(even_lanes, out)));
 }
 
-// One step of the int4 kernel: word rows 2v, 2v + 1 (inputs 16v..16v+15) into acc.
-template <int L>
-COMPTRUST_AVX512_VNNI inline void int4_step(const Problem& p, const StreamLimbs& x, const int32_t* tw, int64_t v,
-                                            __m512i (&acc)[L]) {
-  const __m512i nibble = _mm512_set1_epi8(0x0F);
+// The word row pair at `words` (16 words: half 0's 8 columns, then half 1's) in the lanes above.
+COMPTRUST_AVX512_VNNI inline __m512i interleaved_halves(const int32_t* words) {
   const __m512i interleave = _mm512_setr_epi32(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
-  const int32_t* rows = tw + v * 2 * kTileCols;
+  return _mm512_permutexvar_epi32(interleave, _mm512_loadu_si512(words));
+}
+
+// The int4 kernel. A limb block's integer sums are kept in four sets: a step's even nibbles add into one and its odd
+// nibbles into the next, alternate steps taking sets 0, 1 and 2, 3.
+constexpr int kInt4Sets = 4;
+
+// One step: word rows 2v, 2v + 1 at `rows` (inputs 16v..16v+15; `codes` at limb 0's bytes of them) into sets
+// `set` and set + 1.
+template <int L>
+COMPTRUST_AVX512_VNNI COMPTRUST_FORCE_INLINE void int4_step(const int32_t* rows, const int8_t* codes, int64_t k,
+                                                            int set, __m512i (&acc)[kInt4Sets][L]) {
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
   prefetch_to_l2(rows, 2 * kPrefetchBytes);
-  const __m512i words = _mm512_permutexvar_epi32(interleave, _mm512_loadu_si512(rows));
+  const __m512i words = interleaved_halves(rows);
   const __m512i even = _mm512_and_si512(words, nibble), odd = _mm512_and_si512(_mm512_srli_epi32(words, 4), nibble);
   for (int l = 0; l < L; ++l) {
-    const int8_t* codes = x.codes.data() + l * p.k + v * kStreamInputs;
     int64_t low, high;
-    std::memcpy(&low, codes, sizeof low);
-    std::memcpy(&high, codes + 8, sizeof high);
-    acc[l] = dpbusd(acc[l], even, _mm512_set1_epi64(low));
-    acc[l] = dpbusd(acc[l], odd, _mm512_set1_epi64(high));
+    std::memcpy(&low, codes + l * k, sizeof low);
+    std::memcpy(&high, codes + l * k + 8, sizeof high);
+    acc[set][l] = dpbusd(acc[set][l], even, _mm512_set1_epi64(low));
+    acc[set + 1][l] = dpbusd(acc[set + 1][l], odd, _mm512_set1_epi64(high));
+  }
+}
+
+// Block b of group g: `steps` steps (kSteps, unrolled, where that is not 0) from rows / codes on, both advanced
+// past it, added into sum.
+template <int L, int kSteps>
+COMPTRUST_AVX512_VNNI COMPTRUST_FORCE_INLINE __m512 int4_block(const Problem& p, const StreamLimbs& x, int64_t g,
+                                                               int64_t b, int64_t steps, const int32_t*& rows,
+                                                               const int8_t*& codes, __m512 sum) {
+  __m512i acc[kInt4Sets][L];
+  clear_sums(acc);
+  if constexpr (kSteps > 0) {
+    steps = kSteps;
+    COMPTRUST_UNROLL for (int s = 0; s < kSteps; ++s)
+      int4_step(rows + s * 2 * kTileCols, codes + s * kStreamInputs, p.k, (s % 2) * 2, acc);
+  } else {  // a constant set: an index s % 2 would keep the sums on the stack
+    for (int64_t s = 0; s < steps; ++s) int4_step(rows + s * 2 * kTileCols, codes + s * kStreamInputs, p.k, 0, acc);
+  }
+  rows += steps * 2 * kTileCols;
+  codes += steps * kStreamInputs;
+  return add_limb_block(p, x, g, b, acc, sum);
+}
+
+// One row on int4 tile t: per group its whole limb blocks of kSteps steps (0: however many, not unrolled), then
+// the part of one left at its end, if any (a last group short of the group size, a group size not a multiple of
+// the block's).
+template <int L, int kSteps>
+COMPTRUST_AVX512_VNNI COMPTRUST_OWN_FUNCTION void int4_tile(const Problem& p, const StreamLimbs& x, int64_t t) {
+  const int32_t* rows = p.tile_w(t);
+  const int8_t* codes = x.codes.data();
+  const int64_t block_steps = x.block_inputs / kStreamInputs;
+  __m512 out = _mm512_setzero_ps();
+  for (int64_t g = 0; g < p.groups; ++g) {
+    __m512 sum = _mm512_setzero_ps();
+    int64_t b = 0, left = (p.group_end(g) - g * p.group_size) / kStreamInputs;
+    for (; left >= block_steps; left -= block_steps)
+      sum = int4_block<L, kSteps>(p, x, g, b++, block_steps, rows, codes, sum);
+    if (left > 0) sum = int4_block<L, 0>(p, x, g, b, left, rows, codes, sum);
+    out = add_group(p, t, g, sum, out);
+  }
+  store_pairs(p, t, out);
+}
+
+// ... with its limb blocks unrolled where they are 2, 4 or 8 steps (int8 activations; fp32 x in groups of 32, 64
+// and 128 or more).
+template <int L>
+COMPTRUST_AVX512_VNNI void int4_tile(const Problem& p, const StreamLimbs& x, int64_t t) {
+  switch (x.block_inputs / kStreamInputs) {
+    case 2: return int4_tile<L, 2>(p, x, t);
+    case 4: return int4_tile<L, 4>(p, x, t);
+    case 8: return int4_tile<L, 8>(p, x, t);
+    default: return int4_tile<L, 0>(p, x, t);
   }
 }
 
@@ -107,42 +181,47 @@ COMPTRUST_AVX512_VNNI inline void int4_step(const Problem& p, const StreamLimbs&
 // last run before), int8 activations 1.28x / 1.31x / 1.26x.
 constexpr int64_t kInt3PrefetchBytes = 4096;
 
-// Block `block`'s codes, operands i = 0..3 (a: its A words, nibbles: its nibble words in bits 0-3 of each byte,
-// both in the lanes above), into acc.
+// int3's sets: a limb block's even blocks add into sets [0, kInt3Sets), its odd ones into the next kInt3Sets, code
+// operand i of a block into set i % kInt3Sets of its half. With one limb (int8 activations) every product of a pair
+// has a set of its own; with three, a pair's 24 vpdpbusd form 12 chains of two.
 template <int L>
-COMPTRUST_AVX512_VNNI inline void int3_products(const Problem& p, const StreamLimbs& x, int64_t block, __m512i a,
-                                                __m512i nibbles, __m512i (&acc)[L]) {
+constexpr int kInt3Sets = L == 1 ? 4 : 2;
+template <int L>
+using Int3Sums = __m512i[2 * kInt3Sets<L>][L];
+
+// Block `block`'s codes, operands i = 0..3 (a: its A words, nibbles: its nibble words in bits 0-3 of each byte,
+// both in the lanes above), into sets from `first` on.
+template <int L>
+COMPTRUST_AVX512_VNNI COMPTRUST_FORCE_INLINE void int3_products(const Problem& p, const StreamLimbs& x, int64_t block,
+                                                                __m512i a, __m512i nibbles, Int3Sums<L>& acc,
+                                                                int first) {
   COMPTRUST_UNROLL for (int i = 0; i < 4; ++i) {
     const __m512i codes = int3_code_bytes(a, nibbles, i);
     for (int l = 0; l < L; ++l) {
       int64_t inputs;
       std::memcpy(&inputs, x.codes.data() + l * p.k + block * kInt3BlockRows + 8 * i, sizeof inputs);
-      acc[l] = dpbusd(acc[l], codes, _mm512_set1_epi64(inputs));
+      __m512i& sums = acc[first + i % kInt3Sets<L>][l];
+      sums = dpbusd(sums, codes, _mm512_set1_epi64(inputs));
     }
   }
 }
 
-// The word row pair at `words` (16 words: half 0's 8 columns, then half 1's) in the lanes above.
-COMPTRUST_AVX512_VNNI inline __m512i interleaved_halves(const int32_t* words) {
-  const __m512i interleave = _mm512_setr_epi32(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
-  return _mm512_permutexvar_epi32(interleave, _mm512_loadu_si512(words));
-}
-
-// Blocks `block` and block + 1 of a pair into acc0 and acc1.
+// Blocks `block` (even) and block + 1 of a pair.
 template <int L>
-COMPTRUST_AVX512_VNNI inline void int3_pair_step(const Problem& p, const StreamLimbs& x, const int32_t* tw,
-                                                 int64_t block, __m512i (&acc0)[L], __m512i (&acc1)[L]) {
+COMPTRUST_AVX512_VNNI COMPTRUST_FORCE_INLINE void int3_pair_step(const Problem& p, const StreamLimbs& x,
+                                                                 const int32_t* tw, int64_t block, Int3Sums<L>& acc) {
   const int32_t* pw = tw + block * kInt3BlockPlanes * kTileCols;
   for (int line = 0; line < 3; ++line) prefetch_to_l2(pw + 16 * line, kInt3PrefetchBytes);
   const __m512i nibbles = interleaved_halves(pw + 4 * kTileCols);
-  int3_products(p, x, block, interleaved_halves(pw), nibbles, acc0);
-  int3_products(p, x, block + 1, interleaved_halves(pw + 2 * kTileCols), _mm512_srli_epi32(nibbles, 4), acc1);
+  int3_products<L>(p, x, block, interleaved_halves(pw), nibbles, acc, 0);
+  int3_products<L>(p, x, block + 1, interleaved_halves(pw + 2 * kTileCols), _mm512_srli_epi32(nibbles, 4), acc,
+                   kInt3Sets<L>);
 }
 
-// Block `block` alone into acc: one of a pair, or a last block without one (its nibble word holds both halves).
+// Block `block` alone: one of a pair, or a last block without one (its nibble word holds both halves).
 template <int L>
-COMPTRUST_AVX512_VNNI inline void int3_block_step(const Problem& p, const StreamLimbs& x, const int32_t* tw,
-                                                  int64_t block, __m512i (&acc)[L]) {
+COMPTRUST_AVX512_VNNI COMPTRUST_FORCE_INLINE void int3_block_step(const Problem& p, const StreamLimbs& x,
+                                                                  const int32_t* tw, int64_t block, Int3Sums<L>& acc) {
   const Int3Words half0 = int3_words(p.k / kInt3BlockRows, block, 0), half1 = int3_words(p.k / kInt3BlockRows, block, 1);
   prefetch_to_l2(tw + half0.a, kInt3PrefetchBytes);
   prefetch_to_l2(tw + half0.nibbles, kInt3PrefetchBytes);
@@ -155,57 +234,58 @@ COMPTRUST_AVX512_VNNI inline void int3_block_step(const Problem& p, const Stream
   } else {
     nibbles = _mm512_srli_epi32(interleaved_halves(tw + half0.nibbles), half0.shift);
   }
-  int3_products(p, x, block, interleaved_halves(tw + half0.a), nibbles, acc);
+  // a constant first set: (block % 2) * kInt3Sets as an index kept every set on the stack, in every step
+  if (block % 2) int3_products<L>(p, x, block, interleaved_halves(tw + half0.a), nibbles, acc, kInt3Sets<L>);
+  else int3_products<L>(p, x, block, interleaved_halves(tw + half0.a), nibbles, acc, 0);
 }
 
-// Steps s..end - 1 (int3 blocks or int4 word-row pairs) of one limb block, alternating between the two sum sets.
-template <int BITS, int L>
-COMPTRUST_AVX512_VNNI inline void stream_steps(const Problem& p, const StreamLimbs& x, const int32_t* tw, int64_t s,
-                                               int64_t end, __m512i (&acc)[2][L]) {
-  if constexpr (BITS == 3) {
-    while (s < end) {
-      if (s % 2 == 0 && s + 2 <= end) {
-        int3_pair_step(p, x, tw, s, acc[0], acc[1]);
-        s += 2;
-      } else {  // a constant index: acc[s % 2] kept every set on the stack, in every step
-        if (s % 2) int3_block_step(p, x, tw, s, acc[1]);
-        else int3_block_step(p, x, tw, s, acc[0]);
-        ++s;
-      }
+// int3 blocks s..end - 1 of one limb block: whole pairs together, any other block alone.
+template <int L>
+COMPTRUST_AVX512_VNNI COMPTRUST_FORCE_INLINE void int3_steps(const Problem& p, const StreamLimbs& x, const int32_t* tw,
+                                                             int64_t s, int64_t end, Int3Sums<L>& acc) {
+  while (s < end) {
+    if (s % 2 == 0 && s + 2 <= end) {
+      int3_pair_step<L>(p, x, tw, s, acc);
+      s += 2;
+    } else {
+      int3_block_step<L>(p, x, tw, s, acc);
+      ++s;
     }
-  } else {
-    for (; s + 2 <= end; s += 2) {
-      int4_step(p, x, tw, s, acc[0]);
-      int4_step(p, x, tw, s + 1, acc[1]);
-    }
-    if (s < end) int4_step(p, x, tw, s, acc[0]);
   }
 }
 
-// One row on tile t: per limb block, its steps alternate between the two sum sets.
-template <int BITS, int L>
-COMPTRUST_AVX512_VNNI void stream_tile(const Problem& p, const StreamLimbs& x, int64_t t) {
-  constexpr int64_t kStepInputs = BITS == 3 ? kInt3BlockRows : kStreamInputs;
+// One row on int3 tile t: per group, its limb blocks of kBlocks int3 blocks each (1, 2 or 4) as whole pairs
+// (kBlocks 1: a pair is two limb blocks) while they start on one, then the rest one limb block at a time, its
+// blocks in pairs where they can be (int3_steps; kBlocks 0: everything so).
+template <int L, int kBlocks>
+COMPTRUST_AVX512_VNNI COMPTRUST_OWN_FUNCTION void int3_tile(const Problem& p, const StreamLimbs& x, int64_t t) {
   const int32_t* tw = p.tile_w(t);
+  const int64_t limb_blocks = x.block_inputs / kInt3BlockRows;
   __m512 out = _mm512_setzero_ps();
   for (int64_t g = 0; g < p.groups; ++g) {
-    const int64_t last = p.group_end(g) / kStepInputs;
     __m512 sum = _mm512_setzero_ps();
-    for (int64_t b = 0, s = g * p.group_size / kStepInputs; s < last; ++b) {
-      __m512i acc[2][L];
-      for (auto& set : acc)
-        for (__m512i& a : set) a = _mm512_setzero_si512();
-      if (BITS == 3 && x.block_inputs == kInt3BlockRows && s % 2 == 0 && s + 2 <= last) {
-        // Limb blocks of one int3 block each (int8 activations: kActBlock inputs): two of them, a pair, in one step.
-        int3_pair_step(p, x, tw, s, acc[0], acc[1]);
-        sum = add_limb_set(p, x, g, b + 1, acc[1], add_limb_set(p, x, g, b, acc[0], sum));
-        ++b;
-        s += 2;
-        continue;
+    int64_t s = g * p.group_size / kInt3BlockRows, b = 0;
+    const int64_t last = p.group_end(g) / kInt3BlockRows;
+    Int3Sums<L> acc;
+    if constexpr (kBlocks == 1) {
+      for (; s % 2 == 0 && s + 2 <= last; s += 2, b += 2) {
+        clear_sums(acc);
+        int3_pair_step<L>(p, x, tw, s, acc);
+        sum = add_limb_block(p, x, g, b, acc, sum, 0, kInt3Sets<L>);
+        sum = add_limb_block(p, x, g, b + 1, acc, sum, kInt3Sets<L>, kInt3Sets<L>);
       }
-      const int64_t block_end = std::min(last, s + x.block_inputs / kStepInputs);
-      stream_steps<BITS>(p, x, tw, s, block_end, acc);
-      s = block_end;
+    } else if constexpr (kBlocks > 1) {
+      for (; s % 2 == 0 && s + kBlocks <= last; s += kBlocks, ++b) {
+        clear_sums(acc);
+        COMPTRUST_UNROLL for (int pair = 0; pair < kBlocks / 2; ++pair) int3_pair_step<L>(p, x, tw, s + 2 * pair, acc);
+        sum = add_limb_block(p, x, g, b, acc, sum);
+      }
+    }
+    for (; s < last; ++b) {
+      clear_sums(acc);
+      const int64_t end = std::min(last, s + limb_blocks);
+      int3_steps<L>(p, x, tw, s, end, acc);
+      s = end;
       sum = add_limb_block(p, x, g, b, acc, sum);
     }
     out = add_group(p, t, g, sum, out);
@@ -213,11 +293,23 @@ COMPTRUST_AVX512_VNNI void stream_tile(const Problem& p, const StreamLimbs& x, i
   store_pairs(p, t, out);
 }
 
+// ... with its limb blocks unrolled where they are 1, 2 or 4 int3 blocks (int8 activations; fp32 x in groups of
+// 32, 64 and 128 or more).
+template <int L>
+COMPTRUST_AVX512_VNNI void int3_tile(const Problem& p, const StreamLimbs& x, int64_t t) {
+  switch (x.block_inputs / kInt3BlockRows) {
+    case 1: return int3_tile<L, 1>(p, x, t);
+    case 2: return int3_tile<L, 2>(p, x, t);
+    case 4: return int3_tile<L, 4>(p, x, t);
+    default: return int3_tile<L, 0>(p, x, t);
+  }
+}
+
 template <int L>
 COMPTRUST_AVX512_VNNI void stream_pair(const Problem& p, const StreamLimbs& x, int64_t u) {
   for (int64_t t = 2 * u, last = std::min(2 * u + 2, p.n / kTileCols); t < last; ++t) {
-    if (p.bits == 3) stream_tile<3, L>(p, x, t);
-    else stream_tile<4, L>(p, x, t);
+    if (p.bits == 3) int3_tile<L>(p, x, t);
+    else int4_tile<L>(p, x, t);
   }
 }
 

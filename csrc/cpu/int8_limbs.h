@@ -13,7 +13,7 @@ constexpr int kLimbs = 3;
 // The one-stream kernels' limb blocks (gemm_tiled_stream.cpp, sparse24_vnni.cpp's stream_int4_avx512): a
 // quantization group's inputs, at most this many, share one set of steps. Each block's integer sums are scaled by
 // its steps and added, 9 instructions per block on 8 columns: per 32 inputs that was a sixth of the int3 kernel's
-// work and bounded it (int3's stream_tile: blocks of 128 run it 1.09-1.13x as fast cold). The int32 sums hold:
+// work and bounded it (int3's one-stream kernel: blocks of 128 run it 1.09-1.13x as fast cold). The int32 sums hold:
 // |sum| <= 128 * 127 * 15 per block. Accuracy: limbs of a block leave at most its largest |x| / 8.2e6 per input.
 constexpr int64_t kLimbBlock = 128;
 }
