@@ -33,6 +33,7 @@
 #ifdef COMPTRUST_X86
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace comptrust::cpu::tiled {
@@ -149,18 +150,6 @@ COMPTRUST_AVX512_VNNI COMPTRUST_OWN_FUNCTION void int4_tile(const Problem& p, co
     out = add_group(p, t, g, sum, out);
   }
   store_pairs(p, t, out);
-}
-
-// ... with its limb blocks unrolled where they are 2, 4 or 8 steps (int8 activations; fp32 x in groups of 32, 64
-// and 128 or more).
-template <int L>
-COMPTRUST_AVX512_VNNI void int4_tile(const Problem& p, const StreamLimbs& x, int64_t t) {
-  switch (x.block_inputs / kStreamInputs) {
-    case 2: return int4_tile<L, 2>(p, x, t);
-    case 4: return int4_tile<L, 4>(p, x, t);
-    case 8: return int4_tile<L, 8>(p, x, t);
-    default: return int4_tile<L, 0>(p, x, t);
-  }
 }
 
 // int3, one tile at a time as the int4 kernel. A pair of blocks (64 inputs of the tile's 8 columns) is 192
@@ -293,23 +282,22 @@ COMPTRUST_AVX512_VNNI COMPTRUST_OWN_FUNCTION void int3_tile(const Problem& p, co
   store_pairs(p, t, out);
 }
 
-// ... with its limb blocks unrolled where they are 1, 2 or 4 int3 blocks (int8 activations; fp32 x in groups of
-// 32, 64 and 128 or more).
-template <int L>
-COMPTRUST_AVX512_VNNI void int3_tile(const Problem& p, const StreamLimbs& x, int64_t t) {
-  switch (x.block_inputs / kInt3BlockRows) {
-    case 1: return int3_tile<L, 1>(p, x, t);
-    case 2: return int3_tile<L, 2>(p, x, t);
-    case 4: return int3_tile<L, 4>(p, x, t);
-    default: return int3_tile<L, 0>(p, x, t);
-  }
-}
-
+// Tiles 2u and 2u + 1 (where the layer has it), their limb blocks unrolled where they are 32, 64 or 128 inputs
+// (int8 activations; fp32 x in groups of 32, 64, and 128 or more).
 template <int L>
 COMPTRUST_AVX512_VNNI void stream_pair(const Problem& p, const StreamLimbs& x, int64_t u) {
+  const auto tile = [&](int64_t t, auto block_inputs) {
+    constexpr int64_t kInputs = decltype(block_inputs)::value;
+    if (p.bits == 3) int3_tile<L, kInputs / kInt3BlockRows>(p, x, t);
+    else int4_tile<L, kInputs / kStreamInputs>(p, x, t);
+  };
   for (int64_t t = 2 * u, last = std::min(2 * u + 2, p.n / kTileCols); t < last; ++t) {
-    if (p.bits == 3) int3_tile<L>(p, x, t);
-    else int4_tile<L>(p, x, t);
+    switch (x.block_inputs) {
+      case 32: tile(t, std::integral_constant<int64_t, 32>{}); break;
+      case 64: tile(t, std::integral_constant<int64_t, 64>{}); break;
+      case 128: tile(t, std::integral_constant<int64_t, 128>{}); break;
+      default: tile(t, std::integral_constant<int64_t, 0>{});
+    }
   }
 }
 
