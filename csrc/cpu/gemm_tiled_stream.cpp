@@ -20,14 +20,14 @@
 // Each block's integer sums are scaled by its limb steps; per group the lane pairs are added before the zero
 // point and scale are applied. Needs k and the group size to be multiples of 16 (stream_fits).
 // What a line of weights costs, in L2, one thread (Zen 5 at ~3.8 GHz; a memory giving two cores 77 GB/s brings each
-// a line every 6.3 cycles): int4 fp32 x 4.9 cycles, int8 x 3.3; int3 (a line is 171 weights to int4's 128) 7.7 and
+// a line every 6.3 cycles): int4 fp32 x 4.9 cycles, int8 x 3.2; int3 (a line is 171 weights to int4's 128) 7.5 and
 // 5.1. The work around a limb block's steps (its sums cleared, scaled and added, a group's zero point and scale, the
-// loops' bounds) costs much of that: the code before spent 2.0 of its 6.2 cycles there. Straight-line limb blocks,
-// pointers advanced rather than bounds worked out per block, and four sum sets instead of two took int4 from 6.2
-// and 5.8 cycles (1.26x, 1.76x), int3 from 8.0 and 5.3 (1.04x, 1.04x).
-// Cold, alternated in one process with the code before, 4096 x 4096 at a slow minute (plain reads 29 GB/s): int4
-// and int3 fp32 1.00x, int8 x 1.13x and 1.12x. Reading two tiles side by side, so that x's broadcasts serve both,
-// took int4 fp32 to 4.0 cycles in L2 but cold to 0.73-0.92x: two streams 16 KB apart read slower than one.
+// loops' bounds) costs much of that: the code before spent 2.0 of its 6.0 cycles there. Straight-line limb blocks,
+// pointers advanced rather than bounds worked out per block, and the steps forced inline took int4 from 6.0 and 5.6
+// cycles (1.23x, 1.77x), int3 from 7.9 and 5.5 (1.06x, 1.07x), alternated run by run. Cold, in one process with the
+// code before, 4096 x 4096 at a slow minute (plain reads 29 GB/s): int4 and int3 fp32 1.00x, int8 x 1.13x and 1.12x.
+// Reading two tiles side by side, so that x's broadcasts serve both, took int4 fp32 to 4.0 cycles in L2 but cold to
+// 0.73-0.92x: two streams 16 KB apart read slower than one.
 #include "gemm_tiled.h"
 
 #ifdef COMPTRUST_X86
@@ -52,9 +52,10 @@ COMPTRUST_AVX512 COMPTRUST_FORCE_INLINE void clear_sums(__m512i (&acc)[kSets][L]
 }
 
 // The one-stream kernels' lanes hold a column's sums in lane pairs (2c, 2c + 1). A limb block's integer sums are
-// kept in several sets, so that its vpdpbusd form several chains (each waits 4 cycles on the one before it in its
-// set; Zen 5 issues two a cycle). Sets [first, first + count) (all by default), the sums of block b of group g,
-// scaled by its limb steps (L limbs: x.limbs), added into `sum`:
+// kept in a few sets, so that its vpdpbusd form a few chains (each waits 4 cycles on the one before it in its set;
+// Zen 5 issues two a cycle). More sets than int4_step and int3_products use ran 5-9% slower in L2: a block's chains
+// overlap the next block's anyway, and each set costs a clear and an add per limb. Sets [first, first + count) (all
+// by default), the sums of block b of group g, scaled by its limb steps (L limbs: x.limbs), added into `sum`:
 template <int L, int kSets>
 COMPTRUST_AVX512 COMPTRUST_FORCE_INLINE __m512 add_limb_block(const Problem& p, const StreamLimbs& x, int64_t g,
                                                               int64_t b, const __m512i (&acc)[kSets][L], __m512 sum,
@@ -90,15 +91,14 @@ COMPTRUST_AVX512_VNNI inline __m512i interleaved_halves(const int32_t* words) {
   return _mm512_permutexvar_epi32(interleave, _mm512_loadu_si512(words));
 }
 
-// The int4 kernel. A limb block's integer sums are kept in four sets: a step's even nibbles add into one and its odd
-// nibbles into the next, alternate steps taking sets 0, 1 and 2, 3.
-constexpr int kInt4Sets = 4;
+// The int4 kernel. A limb block's integer sums are kept in two sets, a step's even nibbles adding into one and its
+// odd nibbles into the other.
+constexpr int kInt4Sets = 2;
 
-// One step: word rows 2v, 2v + 1 at `rows` (inputs 16v..16v+15; `codes` at limb 0's bytes of them) into sets
-// `set` and set + 1.
+// One step: word rows 2v, 2v + 1 at `rows` (inputs 16v..16v+15; `codes` at limb 0's bytes of them).
 template <int L>
 COMPTRUST_AVX512_VNNI COMPTRUST_FORCE_INLINE void int4_step(const int32_t* rows, const int8_t* codes, int64_t k,
-                                                            int set, __m512i (&acc)[kInt4Sets][L]) {
+                                                            __m512i (&acc)[kInt4Sets][L]) {
   const __m512i nibble = _mm512_set1_epi8(0x0F);
   prefetch_to_l2(rows, 2 * kPrefetchBytes);
   const __m512i words = interleaved_halves(rows);
@@ -107,8 +107,8 @@ COMPTRUST_AVX512_VNNI COMPTRUST_FORCE_INLINE void int4_step(const int32_t* rows,
     int64_t low, high;
     std::memcpy(&low, codes + l * k, sizeof low);
     std::memcpy(&high, codes + l * k + 8, sizeof high);
-    acc[set][l] = dpbusd(acc[set][l], even, _mm512_set1_epi64(low));
-    acc[set + 1][l] = dpbusd(acc[set + 1][l], odd, _mm512_set1_epi64(high));
+    acc[0][l] = dpbusd(acc[0][l], even, _mm512_set1_epi64(low));
+    acc[1][l] = dpbusd(acc[1][l], odd, _mm512_set1_epi64(high));
   }
 }
 
@@ -123,9 +123,9 @@ COMPTRUST_AVX512_VNNI COMPTRUST_FORCE_INLINE __m512 int4_block(const Problem& p,
   if constexpr (kSteps > 0) {
     steps = kSteps;
     COMPTRUST_UNROLL for (int s = 0; s < kSteps; ++s)
-      int4_step(rows + s * 2 * kTileCols, codes + s * kStreamInputs, p.k, (s % 2) * 2, acc);
-  } else {  // a constant set: an index s % 2 would keep the sums on the stack
-    for (int64_t s = 0; s < steps; ++s) int4_step(rows + s * 2 * kTileCols, codes + s * kStreamInputs, p.k, 0, acc);
+      int4_step(rows + s * 2 * kTileCols, codes + s * kStreamInputs, p.k, acc);
+  } else {
+    for (int64_t s = 0; s < steps; ++s) int4_step(rows + s * 2 * kTileCols, codes + s * kStreamInputs, p.k, acc);
   }
   rows += steps * 2 * kTileCols;
   codes += steps * kStreamInputs;
@@ -171,10 +171,10 @@ COMPTRUST_AVX512_VNNI COMPTRUST_OWN_FUNCTION void int4_tile(const Problem& p, co
 constexpr int64_t kInt3PrefetchBytes = 4096;
 
 // int3's sets: a limb block's even blocks add into sets [0, kInt3Sets), its odd ones into the next kInt3Sets, code
-// operand i of a block into set i % kInt3Sets of its half. With one limb (int8 activations) every product of a pair
-// has a set of its own; with three, a pair's 24 vpdpbusd form 12 chains of two.
+// operand i of a block into set i % kInt3Sets of its half: with one limb (int8 activations) a pair's 8 vpdpbusd
+// form four chains of two, with three limbs its 24 form six chains of four.
 template <int L>
-constexpr int kInt3Sets = L == 1 ? 4 : 2;
+constexpr int kInt3Sets = L == 1 ? 2 : 1;
 template <int L>
 using Int3Sums = __m512i[2 * kInt3Sets<L>][L];
 
