@@ -24,8 +24,9 @@
 // 5.1. The work around a limb block's steps (its sums cleared, scaled and added, a group's zero point and scale, the
 // loops' bounds) costs much of that: the code before spent 2.0 of its 6.0 cycles there. Straight-line limb blocks,
 // pointers advanced rather than bounds worked out per block, and the steps forced inline took int4 from 6.0 and 5.6
-// cycles (1.23x, 1.77x), int3 from 7.9 and 5.5 (1.06x, 1.07x), alternated run by run. Cold, in one process with the
-// code before, 4096 x 4096 at a slow minute (plain reads 29 GB/s): int4 and int3 fp32 1.00x, int8 x 1.13x and 1.12x.
+// cycles (1.23x, 1.77x), int3 from 7.9 and 5.5 (1.06x, 1.07x), alternated run by run. Cold that shows only in part
+// (4096 x 4096, two threads, call by call against the code before, reads at 40-70 GB/s: fp32 0.98-1.03x, int8 x
+// 0.99-1.06x): at 75 GB/s int4 reads 52 GB/s on fp32 x and 66 on int8 x, as if memory stalls and work added up.
 // Reading two tiles side by side, so that x's broadcasts serve both, took int4 fp32 to 4.0 cycles in L2 but cold to
 // 0.73-0.92x: two streams 16 KB apart read slower than one.
 #include "gemm_tiled.h"
