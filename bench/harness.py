@@ -119,30 +119,36 @@ _READ_TEST_COLUMNS = 4096
 def read_bandwidth(nbytes: int, min_time: float = 0.5) -> dict:
     """A STREAM-like read test over an fp32 buffer of nbytes, which should be much larger than the L3 so it
     comes from DRAM on every pass: the faster of two whole-buffer reads, torch.sum and a matrix-vector
-    product over the buffer seen as a [rows, 4096] matrix (MKL's sgemv). torch.sum alone measured 15-17 GB/s
-    here where sgemv read 22-24 GB/s (its reduction is slower than the memory), which would have let a
-    kernel show more than 100% of "bandwidth"; so `method` names the read that set the anchor.
+    product over the buffer seen as a [rows, 4096] matrix (MKL's sgemv). Which one is faster depends on the
+    torch build: an earlier one summed on one thread at 15-17 GB/s where sgemv read 22-24; torch 2.13 sums on
+    every thread (47 GB/s here) while sgemv stays on one (24). Either alone could have let a kernel show more
+    than 100% of "bandwidth" on some build, so `method` names the read that set the anchor.
 
-    Both run on all intra-op threads. We still count the threads that did work, so a torch build that
-    reduces on one thread shows up in the machine info instead of as a too-low bandwidth anchor."""
+    Both run on all intra-op threads. We count the threads that did work in each read and report those of the
+    anchor's read, so an anchor set on fewer threads than the kernels use shows up in the machine info instead
+    of hiding behind a too-low bandwidth."""
     buffer = torch.ones(nbytes // 4)
     matrix = buffer[: buffer.numel() // _READ_TEST_COLUMNS * _READ_TEST_COLUMNS].view(-1, _READ_TEST_COLUMNS)
     vector = torch.ones(_READ_TEST_COLUMNS)
     reads = {"sum": (buffer.numel() * 4, lambda _: buffer.sum()),
              "sgemv": (matrix.numel() * 4, lambda _: torch.mv(matrix, vector))}
-    rates, busy = {}, None
+    rates, busy = {}, {}
     for name, (read_bytes, call) in reads.items():
         before = _thread_cpu_ticks()
         rates[name] = read_bytes / median_ms(call, min_time=min_time / len(reads)) / 1e6
         after = _thread_cpu_ticks()
-        if before is not None and after is not None:
-            deltas = [after[tid] - before.get(tid, 0) for tid in after]
-            top = max(deltas, default=0)
-            threads = sum(1 for d in deltas if top and d >= 0.25 * top)
-            busy = threads if busy is None else min(busy, threads)
+        busy[name] = None if before is None or after is None else _busy_threads(before, after)
     method = max(rates, key=rates.get)
     return {"gb_per_s": rates[method], "method": method, "gb_per_s_by_method": rates,
-            "buffer_bytes": buffer.numel() * 4, "threads_busy": busy}
+            "buffer_bytes": buffer.numel() * 4, "threads_busy": busy[method], "threads_busy_by_method": busy}
+
+
+def _busy_threads(before: dict[str, int], after: dict[str, int]) -> int:
+    """The threads that used at least a quarter of the CPU time of the busiest one between two tick samples
+    (0 when the ticks did not move: the read was shorter than the kernel's tick)."""
+    deltas = [after[tid] - before.get(tid, 0) for tid in after]
+    top = max(deltas, default=0)
+    return sum(1 for delta in deltas if top and delta >= 0.25 * top)
 
 
 def _cpuinfo() -> tuple[str, int | None]:

@@ -207,13 +207,26 @@ def test_kernels_are_timed_in_interleaved_rounds():
 
 
 def test_read_bandwidth_is_the_faster_of_its_reads():
-    """The anchor is the best whole-buffer read (torch.sum is slower than sgemv here; one method alone would
-    let a kernel read faster than "bandwidth"), and it says which read set it."""
+    """The anchor is the best whole-buffer read (which of torch.sum and sgemv is faster depends on the torch
+    build; one method alone could let a kernel read faster than "bandwidth"), and it says which read set it
+    and how many threads that read kept busy."""
     result = harness.read_bandwidth(1 << 22, min_time=0.01)
     rates = result["gb_per_s_by_method"]
     assert set(rates) == {"sum", "sgemv"} and all(rate > 0 for rate in rates.values())
     assert result["gb_per_s"] == max(rates.values()) and rates[result["method"]] == result["gb_per_s"]
     assert result["buffer_bytes"] == 1 << 22
+    assert set(result["threads_busy_by_method"]) == {"sum", "sgemv"}
+    assert result["threads_busy"] == result["threads_busy_by_method"][result["method"]]
+
+
+def test_busy_threads_counts_those_near_the_busiest():
+    """A thread counts as busy with at least a quarter of the busiest one's ticks; threads born during the
+    read count from zero; no movement at all means no thread was seen working."""
+    before = {"1": 100, "2": 50, "3": 7}
+    after = {"1": 200, "2": 80, "3": 8, "4": 25}
+    assert harness._busy_threads(before, after) == 3  # 100, 30 and 25 ticks; the idle one's 1 tick is not
+    assert harness._busy_threads(before, before) == 0
+    assert harness._busy_threads({}, {}) == 0
 
 
 def test_cold_copies_are_independent_and_cover_the_target():
