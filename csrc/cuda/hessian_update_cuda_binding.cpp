@@ -1,7 +1,7 @@
 // torch binding of the CUDA GPTQ / SparseGPT block update (csrc/cuda/hessian_update_cuda.cu). Built only when
 // torch has CUDA (setup.py); the kernel includes no torch headers.
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
 
 #include "hessian_update_cuda.cuh"
@@ -46,7 +46,7 @@ std::tuple<at::Tensor, at::Tensor> hessian_block_update_cuda(at::Tensor w, const
       bits > 0 ? scales.data_ptr<float>() : nullptr, bits > 0 ? zeros.data_ptr<float>() : nullptr,
       bits > 0 ? col_group.data_ptr<int32_t>() : nullptr, err.data_ptr<float>(), loss.data_ptr<float>(), n, width,
       bits > 0 ? scales.size(1) : 0, bits > 0 ? (int64_t{1} << bits) - 1 : 0, prune_n, prune_m,
-      at::cuda::getCurrentCUDAStream());
+      c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(status == cudaSuccess, "hessian_block_update (CUDA): launch failed for n=", n, ", B=", width,
               " (B <= 4096, N < M, B % M == 0 required): ", cudaGetErrorString(status));
   return {err, loss};

@@ -3,7 +3,7 @@
 //   y[m, n] = x[m, k] @ W^T,   W[j, kk] = (q[kk, j] - zero[g, j]) * scale[g, j],  g = kk / group_size
 //
 // Plain CUDA launchers over raw device pointers: no torch headers here, so nvcc can compile-check the
-// kernels without a CUDA build of torch (csrc/cuda/int4_gemm_cuda_binding.cpp binds them to torch).
+// kernels without a CUDA build of torch (csrc/cuda/quant_gemm_cuda_binding.cpp binds them to torch).
 //
 // All pointers are device pointers to contiguous row-major arrays:
 //   x       [m, k]          activations (fp32, fp16 or bf16); any alignment (16-byte aligned is faster)

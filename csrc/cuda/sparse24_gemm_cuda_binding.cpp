@@ -1,49 +1,15 @@
 // torch binding of the CUDA 2:4 sparse GEMM launchers (csrc/cuda/sparse24_gemm_cuda.cu,
 // sparse24_int4_gemm_cuda.cu). Built only when torch has CUDA (setup.py); the kernels include no torch headers.
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
 
 #include "../sparse24_checks.h"
 #include "sparse24_gemm_cuda.cuh"
+#include "torch_cuda_types.h"
 
 namespace comptrust::gpu {
 namespace {
-
-// torch's 16-bit float types and the CUDA ones share their bit layout.
-template <typename Torch>
-struct CudaType {
-  using type = Torch;
-};
-template <>
-struct CudaType<at::Half> {
-  using type = __half;
-};
-template <>
-struct CudaType<at::BFloat16> {
-  using type = __nv_bfloat16;
-};
-
-template <typename Torch>
-const typename CudaType<Torch>::type* cuda_ptr(const at::Tensor& t) {
-  return reinterpret_cast<const typename CudaType<Torch>::type*>(t.data_ptr<Torch>());
-}
-
-template <typename Torch>
-typename CudaType<Torch>::type* cuda_ptr_mut(at::Tensor& t) {
-  return reinterpret_cast<typename CudaType<Torch>::type*>(t.data_ptr<Torch>());
-}
-
-// Calls fn(tag) with a value-initialized scalar of the torch C++ type of dtype t (float, at::Half, at::BFloat16).
-template <typename Fn>
-void dispatch_float(at::ScalarType t, const char* what, Fn&& fn) {
-  switch (t) {
-    case at::kFloat: fn(float{}); break;
-    case at::kHalf: fn(at::Half{}); break;
-    case at::kBFloat16: fn(at::BFloat16{}); break;
-    default: TORCH_CHECK(false, what, ": unsupported dtype ", t);
-  }
-}
 
 at::Tensor sparse24_gemm_cuda(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta) {
   check_sparse24_gemm_args(x, values, meta);
@@ -57,7 +23,7 @@ at::Tensor sparse24_gemm_cuda(const at::Tensor& x, const at::Tensor& values, con
   at::Tensor y = at::empty({m, n}, xc.options());
   if (m == 0) return y;
 
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const auto* meta_ptr = mc.data_ptr<uint8_t>();
   cudaError_t err = cudaSuccess;
   dispatch_float(xc.scalar_type(), "sparse24_gemm (CUDA) x", [&](auto x_tag) {
@@ -86,7 +52,7 @@ at::Tensor sparse24_int4_gemm_cuda(const at::Tensor& x, const at::Tensor& qweigh
   at::Tensor y = at::empty({m, n}, xc.options());
   if (m == 0) return y;
 
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   cudaError_t err = cudaSuccess;
   dispatch_float(xc.scalar_type(), "sparse24_int4_gemm (CUDA) x", [&](auto x_tag) {
     using TX = decltype(x_tag);
