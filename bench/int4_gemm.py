@@ -7,8 +7,9 @@ Ours: the tiled CPU kernels as QuantLinear runs them (weights tiled once, comptr
 and int3, with float activations and with int8 activations (a8); int8 weights with fp32 activations. bf16
 activations run on the AMX tile unit from 8 rows where the CPU has it, else on AVX512-BF16's vdpbf16ps from 8
 to 127 rows (to 1023 on layers of 2^22+ weights) where the CPU has that (Zen 4), else in fp32 below 64 rows;
-the rest through a dequantized bf16 block and torch's bf16 GEMM. fp32 activations go through dequantized blocks
-and torch's GEMM only from 256 rows (64 without AVX-512), beyond the batches timed here.
+the rest through a dequantized bf16 block and torch's bf16 GEMM. fp32 activations stay on our kernels at every
+batch (in passes of up to 256 rows) except on the scalar ISA, where dequantized blocks and torch's GEMM take
+them from 64 rows.
 Anchors on the same shapes: F.linear fp32 and bf16 on the dense weight, and torch's own int4 CPU op
 (_weight_int4pack_mm_for_cpu, bf16 activations). Each row has the median time, the effective GB/s of the
 bytes the kernel must read (weights + activations), its share of the machine's measured read bandwidth,

@@ -4,10 +4,11 @@ Each SIMD path is forced in turn through COMPTRUST_CPU_ISA. Against the pure-tor
 dequantized weight; for act_bits=8 the same int8 activation rounding done in torch), float activations
 differ only by summation order: bound 1e-5 relative Frobenius error, measured <1e-6. A wrong code, plane
 bit, zero, scale or group gives errors of order 1. Float activations run the register kernels at batch
-1..7, the dequantized-panel kernel from 8 and, from 64 rows (256 with AVX-512), a dequantized scratch block
-through torch's GEMM (bf16 activations: a bf16 scratch from 64 rows, so the weights are rounded to bf16; on a
-CPU with AMX-BF16, bf16 activations from 8 rows run on the tile unit instead, and fp32 ones from 8 to 255 rows
-split into three exact bf16 planes); all are covered.
+1..7 and the dequantized-panel kernel from 8 (with VNNI, the int8 limb kernels where limbs_for says), in passes
+of at most 256 rows; on the scalar ISA, from 64 rows, a dequantized scratch block through torch's GEMM (bf16
+activations: a bf16 scratch from 64 rows where no bf16 panel takes them, so the weights are rounded to bf16; on
+a CPU with AMX-BF16, bf16 activations from 8 rows run on the tile unit instead, and fp32 ones from 8 rows split
+into three exact bf16 planes); all are covered.
 """
 import pytest
 import torch
@@ -133,6 +134,17 @@ def test_batch_one_int8_activations_on_the_one_stream_kernels(isa, bits, k, grou
     x = torch.randn(1, k, generator=torch.Generator().manual_seed(k))
     for one, many in zip([ops.gemm_tiled(x, t, 8) for t in layers], ops.gemm_tiled_many(x, layers, 8)):
         assert torch.equal(one, many)
+
+
+@pytest.mark.parametrize("act_bits", [None, 8])
+@pytest.mark.parametrize("bits", [4, 3])
+def test_large_batches_run_in_passes(isa, bits, act_bits):
+    """Past 256 rows the tile kernels run the batch in even passes (257: 129 + 128; 513: three of 171); each pass
+    prepares its own rows' codes, limbs and group sums, so a pass that reads or writes another's rows, or a row
+    left out, shows as an error of order 1 in those rows."""
+    n, k = (200, 136) if bits == 4 else (96, 160)
+    for m in (256, 257, 513):
+        _check(bits, act_bits, m, n, k, 8 if bits == 4 else 32, seed=m)
 
 
 @pytest.mark.parametrize("bits", [4, 3])
@@ -281,7 +293,8 @@ def test_fp32_as_int8_limbs_keeps_fp32_accuracy(bits, monkeypatch):
     """With VNNI, fp32 x runs on the int8 kernels as three int8 limbs per block (a group's inputs up to 128),
     leaving at most 2^-23 of the block's largest input: at batch 1 (int3 always; int4 from 2^22 weights where the
     one-stream kernel does not take it: limbs too big for L1, or k or the group size not a multiple of 16), on
-    layers of 2^22+ weights up to 255 rows, on layers of 2^18+ from 8 rows (int3: 2) to 63. Wide-range inputs (a
+    layers of 2^22+ weights at every batch (300 rows: two passes of 150), on layers of 2^18+ from 8 rows (int3: 2)
+    to 63. Wide-range inputs (a
     dropped third limb: 4e-5 relative error), groups that cut blocks short (int4 g24), groups of several blocks
     and a last group cut short (g352 at k = 4096: 128 + 128 + 96, then 128 + 96), odd row counts (the kernels take
     rows in pairs), bf16 x; and against the other ISAs' fp32 kernels."""
@@ -291,7 +304,7 @@ def test_fp32_as_int8_limbs_keeps_fp32_accuracy(bits, monkeypatch):
             continue
         packed = AMX_RANDOM[bits](n, k, group, seed=n + group)[0]
         ref_op = AMX_REFERENCE[bits]
-        for m in (1, 2, 3, 8, 17, 63, 64, 255):
+        for m in (1, 2, 3, 8, 17, 63, 64, 255, 300):
             if n * k < 1 << 22 and m > 64:
                 continue  # small layers leave the limbs at 64 rows; the other paths have their own tests
             x = wide_range_rows(m, k, seed=m)
@@ -329,11 +342,15 @@ def test_int3_op_in_gptq_layout_runs_the_tiled_kernel():
 @pytest.mark.parametrize("bits", [4, 3])
 @pytest.mark.parametrize("act_bits", [None, 8])
 def test_thread_count_does_not_change_results(bits, act_bits):
-    """Our kernels split work by tiles, which are independent, so the thread count changes no bit. The BLAS
-    path (float activations, 64+ rows, 256+ with AVX-512) is MKL's reduction, which like dense F.linear may
-    round differently with another thread count; it must still be repeatable at a fixed count."""
+    """Our kernels split work by tiles, which are independent, so the thread count changes no bit, at any batch
+    (300 rows: two passes). The BLAS path (float activations from 64 rows on the scalar ISA only) is MKL's
+    reduction, which like dense F.linear may round differently with another thread count; it must still be
+    repeatable at a fixed count."""
+    from comptrust import _C
+
     tiled = tile(_random(bits, 576, 1536, 128))
     threads = torch.get_num_threads()
+    blas = _C.cpu_isa() == "scalar"
     for m in (1, 13, 70, 300):
         x = torch.randn(m, 1536)
         try:
@@ -345,7 +362,7 @@ def test_thread_count_does_not_change_results(bits, act_bits):
         finally:
             torch.set_num_threads(threads)
         assert torch.equal(many, again), m
-        if m < 64 or act_bits:
+        if m < 64 or act_bits or not blas:
             assert torch.equal(one, many), m
         else:
             assert rel_err(one, many) < 1e-6, m

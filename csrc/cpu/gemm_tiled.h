@@ -11,23 +11,24 @@
 //     layers (TiledGemv, also the decode program's bound product) reads each thread's tiles as one stream with x
 //     as int8 limbs on VNNI where the limbs fit in L1 (limbs_fit_l1) and k and the group size fit
 //     (int4_tile and int3_tile in gemm_tiled_stream.cpp).
-//   * panel (kPanelMinRows <= batch < kBlasMinRows, float activations): two tiles (four with AVX-512) are
+//   * panel (batch >= kPanelMinRows, float activations): two tiles (four with AVX-512) are
 //     dequantized once into an L1-resident fp32 panel, then a 6x16 (6x32) register-blocked microkernel runs
 //     every row over it (the decode cost is paid once per weight instead of once per row block).
-//   * dequantize + BLAS (batch >= kBlasMinRows, kBlasMinRowsAvx512 with AVX-512; float activations):
-//     blocks of tiles dequantized into a scratch and multiplied by torch's GEMM (dense_blocks.h).
+//   * dequantize + BLAS (batch >= kBlasMinRows, float activations, only without SIMD kernels; bf16 activations
+//     where no bf16 panel takes them): blocks of tiles dequantized into a scratch and multiplied by torch's
+//     GEMM (dense_blocks.h).
 //   * AMX-BF16 (bf16 activations, kPanelMinRows <= batch < kAmxMaxRows, where the CPU has AMX): two tiles'
 //     codes (or, for int8 and groups that split a 32-input step, dequantized weights) as a bf16 panel in the
 //     tile unit's pair layout, multiplied with tdpbf16ps; codes are scaled per group in fp32. Without AMX but
 //     with AVX512-BF16 (Zen 4), bf16 activations from kPanelMinRows to kDotMaxRows rows (kAmxMaxRows on large
 //     layers) run the same panels on vdpbf16ps (bf16_dot.h). fp32
-//     activations take it too for panels of codes (kPanelMinRows <= batch < kBlasMinRowsAvx512), x split into
+//     activations take it too for panels of codes (batch >= kPanelMinRows), x split into
 //     three bf16 planes whose sum is exactly x (run_amx_fp32), in place of the panel path.
 //   * a8 (int8 activations, any batch; int4/int3 weights): x is quantized per row and per block of 32
 //     inputs, the codes are unpacked into u8 lanes and multiplied with vpdpbusd where the CPU has AVX-512
 //     VNNI (64 u8 x s8 products per instruction), else vpmaddubsw/vpmaddwd (16 per pair), the integer
 //     block sums scaled once per block. With VNNI, fp32 x runs there too where that is faster (limbs_for:
-//     batch 1, and up to 255 rows on larger layers), as three int8 limbs per block (a group's inputs up to
+//     batch 1, and any batch on larger layers), as three int8 limbs per block (a group's inputs up to
 //     kLimbBlock) that hold x to 2^-23 of the block's largest input (quantize_limbs): fp32 accuracy, in place of
 //     the direct and panel kernels.
 // Each kernel has an AVX2 path and a portable scalar one (the BLAS path a scalar dequantization); direct,
@@ -52,9 +53,11 @@
 namespace comptrust::cpu::tiled {
 
 constexpr int64_t kPanelMinRows = 8;
-// Row counts where the float-x paths change (gemm_tiled_2d): the panel (or limbs) below, dequantize + BLAS from.
+// Float x through dequantize + BLAS from kBlasMinRows rows: bf16 x where no bf16 panel takes it, and fp32 x only
+// on the scalar kernels. The SIMD kernels take fp32 x at every batch (gemm_tiled_cpu.cpp, "dequantize + BLAS").
 constexpr int64_t kBlasMinRows = 64;
-constexpr int64_t kBlasMinRowsAvx512 = 256;
+// The tile kernels run a batch in passes of at most this many rows (gemm_tiled_2d).
+constexpr int64_t kRowsPerPass = 256;
 
 // int4: k/8 words per column; int3: 3 words per 32 rows; int8: k/4.
 inline int64_t words_per_column(int bits, int64_t k) {

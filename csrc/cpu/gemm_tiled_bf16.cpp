@@ -176,15 +176,14 @@ void run_amx_codes(const Problem& p, const AmxActivations& x, Out* y) {
 }  // namespace
 
 bool amx_fp32_for(const Problem& p) {
-  return p.m >= kPanelMinRows && p.m < kBlasMinRowsAvx512 && p.k % kAmxStep == 0 && amx_code_panels(p) &&
-         amx_bf16_usable();
+  return p.m >= kPanelMinRows && p.k % kAmxStep == 0 && amx_code_panels(p) && amx_bf16_usable();
 }
 
 // y[m, n] (fp32) = x[m, k] (fp32) @ W^T on the tile unit, x split into three exact bf16 planes
 // (amx_bf16.h AmxActivations): as accurate as the fp32 kernels (max error against the float64 product
 // 0.3-1.2e-6 of the largest output, fp32 F.linear 0.5-1.7e-6). Where the CPU has AMX it replaces the AVX-512
-// fp32 panel from kPanelMinRows rows up to the BLAS path (kBlasMinRowsAvx512). Int4 side by side on cold
-// SmolLM2 and 4096x4096 weights, against the panel: 1.6-2.5x at 8 rows, 1.4-2.1x at 32, 1.6-1.8x at 64,
+// fp32 panel from kPanelMinRows rows, in gemm_tiled_2d's passes of up to kRowsPerPass rows. Int4 side by side on
+// cold SmolLM2 and 4096x4096 weights, against the panel: 1.6-2.5x at 8 rows, 1.4-2.1x at 32, 1.6-1.8x at 64,
 // 1.2-2.4x at 128, even at 256; against fp32 F.linear 2.9-5.5x at 8 rows, 1.4-2.0x at 64.
 void run_amx_fp32(const Problem& p, const float* x, float* y) {
   const at::Tensor planes = at::empty({3, p.m, p.k}, at::kBFloat16);

@@ -168,17 +168,17 @@ void run(const Problem& p, bool a8, Isa isa) {
 }
 
 // ------------------------------------------------------------ dequantize + BLAS (float x, large batch)
-// From kBlasMinRows rows on, the weight is dequantized block by block and run through torch's GEMM
-// (dense_blocks.h). fp32 x: MKL's sgemm. Against fp32 F.linear, side by side on SmolLM2 and 4096x4096
-// shapes, the AVX2 panel kernel ran 1.5-1.8x at 64 rows and 1.9-2.6x at 128, the BLAS path 1.2-1.7x and
-// 1.0-1.3x at 3072; so from 64 rows with AVX2. The AVX-512 panel is twice as fast (0.9-1.3x at 64 rows,
-// 1.1-1.5x at 256 against the BLAS path's 1.6-1.8x and 1.2-1.3x), so there the switch waits for 256 rows,
-// where writing the dequantized scratch (4 bytes per weight) stops mattering. bf16 x: a bf16 scratch
-// through oneDNN, rounding the weights to bf16 as a bf16 dense model would; from 64 rows with any ISA
-// (against bf16 F.linear, AVX-512 panel / BLAS path: 2.1-2.6x / 2.6-4.4x at 32 rows, 2.8-3.5x / 2.3-2.9x at 64).
-// Where the CPU has AMX, bf16 x from 8 to 1023 rows takes the AMX-BF16 tile path instead, and without AMX but
-// with AVX512-BF16 the same panels on vdpbf16ps (run_bf16_panels, bf16_panels_for).
-// (kBlasMinRows, kBlasMinRowsAvx512: gemm_tiled.h.)
+// The weight dequantized block by block and run through torch's GEMM (dense_blocks.h). bf16 x: a bf16 scratch
+// through oneDNN, rounding the weights to bf16 as a bf16 dense model would, from kBlasMinRows rows where no bf16
+// panel takes them (against bf16 F.linear, AVX-512 panel / BLAS path: 2.1-2.6x / 2.6-4.4x at 32 rows, 2.8-3.5x /
+// 2.3-2.9x at 64). Where the CPU has AMX, bf16 x from 8 to 1023 rows takes the AMX-BF16 tile path instead, and
+// without AMX but with AVX512-BF16 the same panels on vdpbf16ps (run_bf16_panels, bf16_panels_for).
+// fp32 x: MKL's sgemm, only on the scalar ISA (from kBlasMinRows rows). The SIMD kernels take every batch: at
+// 256-1024 rows they run at 85-93% of the FMA peak of their ISA (AVX2 panel, 4096x4096 at 1024 rows: 225 of 242
+// GFLOP/s on 2 Zen 5 cores; AVX-512 panel, 1536x576 at 512 rows: 440 of 485), so no sgemm behind a dequantized
+// scratch can gain much on them anywhere, and here, where MKL's sgemm runs at AVX2 speed on this AMD CPU, the BLAS
+// path ran 0.80-1.02x fp32 F.linear against the SIMD kernels' 1.9-2.7x (int4 and int3, 576x1536, 1536x576 and
+// 4096x4096 at 256 to 4096 rows, warm; AVX2 forced: 1.05-1.6x against the BLAS path's 0.55-1.0x from 64 rows).
 template <typename Out>
 void run_dequantized(const Problem& p, const at::Tensor& x, at::Tensor& y, Isa isa) {
   gemm_by_dense_blocks<Out>(x, y, [&](int64_t t, Out* out, int64_t ld) {
@@ -252,8 +252,9 @@ void quantize_rows(const Problem& p, const float* x, int8_t* x8, float* block_sc
 //   * batch 1, cold weights, against the fp32 direct kernel: int3 1.1-1.25x on the SmolLM2 shapes and 1.6-1.8x
 //     on 4096x4096, 11008x4096 and 4096x11008; int4 1.1-1.35x on those three, but 0.83-0.9x on the SmolLM2
 //     shapes, where the int4 direct kernel (cheaper to decode than int3's) stays;
-//   * layers of 2^22+ weights, 2 to 255 rows (then the BLAS path): int4 4096x4096 5.1 / 3.3 at 2 rows,
-//     1.76 / 0.94 at 8, 1.11 / 0.75 at 16, 0.65 / 0.51 at 64, 0.61 / 0.48 at 128; 11008x4096 alike;
+//   * layers of 2^22+ weights, 2 rows on: int4 4096x4096 5.1 / 3.3 at 2 rows, 1.76 / 0.94 at 8, 1.11 / 0.75 at
+//     16, 0.65 / 0.51 at 64, 0.61 / 0.48 at 128; 11008x4096 alike; against fp32 F.linear 2.2-2.7x at 256 to 4096
+//     rows in passes of kRowsPerPass (4096 rows in one pass: 1.86x);
 //   * smaller layers of 2^18+ weights: from kPanelMinRows (int3: 2) to 63 rows, where the fp32 panel is weakest
 //     (1536x576 int4 at 8 rows 1.20 / 0.79, at 32 0.68 / 0.60; int3 at 2 rows 2.40 / 1.69). Below 8 rows int4's
 //     direct kernel keeps up (576x576 at 4 rows 1.70 / 1.79), from 64 rows the panel (576x1536 even), and on
@@ -266,7 +267,7 @@ bool limbs_for(int bits, int64_t m, int64_t n, int64_t k, Isa isa) {
   if (bits == 8 || isa != Isa::kAvx512 || !avx512_vnni_usable()) return false;
   const int64_t weights = n * k;
   if (m == 1) return bits == 3 || weights >= kLimbsMinInt4Weights;
-  if (weights >= kLimbsMinInt4Weights) return m < kBlasMinRowsAvx512;
+  if (weights >= kLimbsMinInt4Weights) return true;
   return weights >= kLimbsMinWeights && m < kLimbsMaxSmallRows && (bits == 3 || m >= kPanelMinRows);
 }
 
@@ -433,6 +434,51 @@ bool direct_many_fits(at::TensorList weights, int64_t bits, int64_t k, Isa isa, 
 }
 #endif
 
+// y's p.m rows (at most kRowsPerPass) on the tile kernels: float x on the direct, panel or limb kernels (or the
+// tile unit), int8 x (a8) on the a8 kernels, with x's int8 codes or limbs and group sums made for these rows.
+void run_rows(Problem p, bool a8, Isa isa) {
+#ifdef COMPTRUST_X86
+  if (!a8 && amx_fp32_for(p)) return run_amx_fp32(p, p.x, p.y);
+  const bool limbs = !a8 && limbs_for(p.bits, p.m, p.n, p.k, isa);
+#else
+  constexpr bool limbs = false;
+#endif
+  at::Tensor group_sum;
+  if (a8 || limbs) {
+    // One allocation for the int8 codes, block scales and group sums (three would cost more than a
+    // 576-wide layer's product at batch 1).
+    p.limbs = limbs ? kLimbs : 1;
+    if (limbs) {
+      p.block_inputs = std::min(p.group_size, kLimbBlock);
+      p.blocks_per_group = (p.group_size + p.block_inputs - 1) / p.block_inputs;
+    }
+    const int64_t scale_floats = p.m * p.limbs * p.groups * p.blocks_per_group, sum_floats = p.m * p.groups;
+    const int64_t code_floats = (p.m * p.limbs * p.k + sizeof(float) - 1) / sizeof(float);
+    group_sum = at::empty({scale_floats + sum_floats + code_floats}, at::kFloat);
+    float* block_scale = group_sum.data_ptr<float>();
+    float* sums = block_scale + scale_floats;
+    auto* x8 = reinterpret_cast<int8_t*>(sums + sum_floats);
+    p.x8 = x8;
+    p.x_block_scale = block_scale;
+    p.x_group_sum = sums;
+#ifdef COMPTRUST_X86
+    if (limbs) {
+      quantize_limbs(p, p.x, x8, block_scale);
+      group_sums_fp32(p, p.x, sums);
+    } else {
+      quantize_rows(p, p.x, x8, block_scale, sums, Lanes::kTwoTile);
+    }
+#else
+    quantize_rows(p, p.x, x8, block_scale, sums, Lanes::kTwoTile);
+#endif
+  } else {
+    group_sum = at::empty({p.m, p.groups}, at::kFloat);
+    group_sums_fp32(p, p.x, group_sum.data_ptr<float>());
+    p.x_group_sum = group_sum.data_ptr<float>();
+  }
+  run(p, a8, isa);
+}
+
 at::Tensor gemm_tiled_2d(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& zeros,
                          const at::Tensor& scales, int64_t bits, int64_t group_size, int64_t act_bits) {
   check_args(x, weight, zeros, scales, bits, group_size, act_bits);
@@ -459,13 +505,7 @@ at::Tensor gemm_tiled_2d(const at::Tensor& x, const at::Tensor& weight, const at
   const at::Tensor xf = x.to(at::kFloat).contiguous();
   at::Tensor y = at::empty({m, n}, xf.options());
   if (m == 0) return y.to(x.scalar_type());
-#ifdef COMPTRUST_X86
-  if (act_bits == 0 && amx_fp32_for(p)) {
-    run_amx_fp32(p, xf.data_ptr<float>(), y.data_ptr<float>());
-    return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
-  }
-#endif
-  if (act_bits == 0 && m >= (isa == Isa::kAvx512 ? kBlasMinRowsAvx512 : kBlasMinRows)) {
+  if (act_bits == 0 && isa == Isa::kScalar && m >= kBlasMinRows) {
     run_dequantized<float>(p, xf, y, isa);
     return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
   }
@@ -477,45 +517,18 @@ at::Tensor gemm_tiled_2d(const at::Tensor& x, const at::Tensor& weight, const at
     return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
   }
 #endif
-  at::Tensor group_sum;
-#ifdef COMPTRUST_X86
-  const bool limbs = act_bits == 0 && limbs_for(p.bits, m, n, k, isa);
-#else
-  constexpr bool limbs = false;
-#endif
-  if (act_bits == 8 || limbs) {
-    // One allocation for the int8 codes, block scales and group sums (three would cost more than a
-    // 576-wide layer's product at batch 1).
-    p.limbs = limbs ? kLimbs : 1;
-    if (limbs) {
-      p.block_inputs = std::min(group_size, kLimbBlock);
-      p.blocks_per_group = (group_size + p.block_inputs - 1) / p.block_inputs;
-    }
-    const int64_t scale_floats = m * p.limbs * groups * p.blocks_per_group, sum_floats = m * groups;
-    const int64_t code_floats = (m * p.limbs * k + sizeof(float) - 1) / sizeof(float);
-    group_sum = at::empty({scale_floats + sum_floats + code_floats}, xf.options());
-    float* block_scale = group_sum.data_ptr<float>();
-    float* sums = block_scale + scale_floats;
-    auto* x8 = reinterpret_cast<int8_t*>(sums + sum_floats);
-    p.x8 = x8;
-    p.x_block_scale = block_scale;
-    p.x_group_sum = sums;
-#ifdef COMPTRUST_X86
-    if (limbs) {
-      quantize_limbs(p, p.x, x8, block_scale);
-      group_sums_fp32(p, p.x, sums);
-    } else {
-      quantize_rows(p, p.x, x8, block_scale, sums, Lanes::kTwoTile);
-    }
-#else
-    quantize_rows(p, p.x, x8, block_scale, sums, Lanes::kTwoTile);
-#endif
-  } else {
-    group_sum = at::empty({m, groups}, xf.options());
-    group_sums_fp32(p, p.x, group_sum.data_ptr<float>());
-    p.x_group_sum = group_sum.data_ptr<float>();
+  // Passes of at most kRowsPerPass rows, as even as they go (300 rows: two of 150), so x's codes or limbs and a
+  // pass's rows stay in cache while the tiles stream past them. Rows are independent on every path.
+  const int64_t passes = (m + kRowsPerPass - 1) / kRowsPerPass;
+  for (int64_t pass = 0, row = 0; pass < passes; ++pass) {
+    const int64_t rows = (m - row + (passes - pass) - 1) / (passes - pass);
+    Problem part = p;
+    part.m = rows;
+    part.x = p.x + row * k;
+    part.y = p.y + row * n;
+    run_rows(part, act_bits == 8, isa);
+    row += rows;
   }
-  run(p, act_bits == 8, isa);
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
