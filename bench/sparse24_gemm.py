@@ -16,7 +16,8 @@ depends on the rows: on AVX-512, fp32 activations from 32 rows run the row-vecto
 the large layers from 64; bf16 activations from 8 rows, and fp32 ones with int4 values below that, run on the
 AMX tile unit where the CPU has it (bf16 activations from 8 to 511 rows, 1023 on layers of 2^22+ weights, on
 AVX512-BF16's vdpbf16ps where it has that instead, each column's kept inputs gathered so the pruned zeros are
-not multiplied); from 512 rows (192 without AVX-512) the weight is expanded block by block for torch's GEMM. See csrc/cpu/sparse24_cpu.cpp's run_kind.) Row fields as in
+not multiplied); bf16 activations from 512 rows, and any from 192 without AVX-512, have the weight expanded block
+by block for torch's GEMM. See csrc/cpu/sparse24_cpu.cpp's run_kind.) Row fields as in
 `comptrust bench int` (comptrust.bench.harness). Timings are noisy: compare rows of one run only.
 """
 from __future__ import annotations

@@ -82,3 +82,23 @@ def fp32_paths_only(monkeypatch) -> None:
     """Turn both bf16 panel engines (AMX, AVX512-BF16) off: bf16 activations take the fp32 kernels or BLAS."""
     monkeypatch.setenv("COMPTRUST_CPU_AMX", "0")
     monkeypatch.setenv("COMPTRUST_CPU_BF16", "0")
+
+
+def rows_before_guard_page(m: int, k: int, seed: int = 0) -> torch.Tensor:
+    """Random fp32 x [m, k] whose last byte is the last before a page the process may not touch (mprotect
+    PROT_NONE): a kernel that reads past x's last row crashes here every time, instead of reading whatever lies
+    there (harmless garbage in padded rows, or a crash only when the allocator happens to end a mapping there)."""
+    import ctypes
+    import mmap
+
+    page, nbytes = mmap.PAGESIZE, m * k * 4
+    total = (nbytes + page - 1) // page * page + page
+    buffer = mmap.mmap(-1, total, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    address = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    if libc.mprotect(address + total - page, page, 0) != 0:  # PROT_NONE (mmap has no name for it)
+        raise OSError(ctypes.get_errno(), "mprotect of the guard page failed")
+    x = torch.frombuffer(buffer, dtype=torch.float32, count=m * k, offset=total - page - nbytes).view(m, k)
+    x.copy_(torch.randn(m, k, generator=torch.Generator().manual_seed(seed)))
+    return x

@@ -7,7 +7,7 @@ error (measured ~1e-7). bf16 / fp16 activations are converted to fp32 on entry a
 once: bound 8e-3 (2^-8 is bf16's step). A wrong index, nibble, value slot, zero, scale or group gives
 errors of order 1. Batches below 192 rows run the sparse kernel on blocks of 4 rows (1..3-row tails
 included); from 192 rows the weight is expanded to dense blocks for torch's GEMM (bf16 activations: bf16
-blocks); on AVX-512, float kept values from 32 to 511 rows run the row-vector kernel instead
+blocks); on AVX-512, float kept values run the row-vector kernel instead from 32 rows (bf16 x: up to 511)
 (sparse24_row_vectors.h: blocks of up to 96 rows, the last register zero-padded), int4 ones too from 64 rows
 on layers of 2^24 weights and from 32 elsewhere where the tile unit does not take them; on a CPU with AMX-BF16, bf16 activations from 8 to 1023 rows run on the tile unit, and fp32 ones from
 16 to 191 rows where the kept values are exact in bf16 (three exact bf16 planes of x). All are covered.
@@ -20,7 +20,7 @@ from comptrust.formats.cpu_tiles import TiledSparse24, tile_sparse24, tile_spars
 from comptrust.formats.sparse24 import (Sparse24Packed, dequantize_sparse24_int4, pack_sparse24, prune_magnitude_24,
                                         unpack_sparse24)
 from quant_cases import (MODEL_SHAPES, available_isas, fp32_paths_only, full_precision_one_hot_rows, rel_err,
-                         wide_range_rows)
+                         rows_before_guard_page, wide_range_rows)
 from sparse24_cases import uniform_sparse24, uniform_sparse24_int4
 
 FLOAT_ODD_SHAPES = ((8, 8), (24, 40), (200, 136), (16, 200), (40, 96))
@@ -262,7 +262,8 @@ def test_amx_fp32_activations_lose_no_bit(monkeypatch):
 
 
 # Row counts around the row-vector kernel's edges: 31 (column kernel) and 32, 1-6 registers of 16 rows with and
-# without padding, two blocks (97: 49 + 48, 250: three), 511 (the last), 512 (dense blocks again).
+# without padding, two blocks (97: 49 + 48, 250: three), 511 and 512 (the last for bf16 x, which goes to dense
+# blocks from 512; fp32 x stays: six blocks of 86 rows, the last of 82).
 ROW_VECTOR_M = (31, 32, 33, 47, 64, 80, 96, 97, 150, 250, 511, 512)
 # 33 tiles cross a block of 32 tiles; k = 72 ends in a chunk of 2 groups; k = 8 is a single group.
 ROW_VECTOR_SHAPES = ((264, 72), (16, 8), (40, 576))
@@ -285,7 +286,7 @@ def test_row_vector_kernel_one_hot_rows_are_exact(isa, m, monkeypatch):
 
 
 @pytest.mark.skipif("avx512" not in available_isas(), reason="the row-vector kernel is AVX-512")
-@pytest.mark.parametrize("m", [m for m in ROW_VECTOR_M if 32 <= m < 512])
+@pytest.mark.parametrize("m", [m for m in ROW_VECTOR_M if m >= 32])
 def test_row_vector_kernel_int4_one_hot_rows_are_exact(m, monkeypatch):
     """int4 kept values are dequantized a chunk at a time as the reference does, (code - zero) * scale, so here
     too each output of a one-hot row is exactly fp32(w * x). (The column kernel scales after summing
@@ -302,11 +303,12 @@ def test_row_vector_kernel_int4_one_hot_rows_are_exact(m, monkeypatch):
             assert torch.equal(ops.sparse24_tiled(x, tile_sparse24_int4(packed)), expected), (m, n, k, group)
 
 
-@pytest.mark.parametrize("m", (32, 64, 97, 200))
+@pytest.mark.parametrize("m", (32, 64, 97, 200, 600))
 def test_row_vector_kernel_wide_range_inputs(isa, m, monkeypatch):
     """Every value kind (int4 in groups of 24) on inputs spanning ~10^+-2.6 within a row, against the reference
     (fp32 x at 1e-6; bf16 / fp16 x rounded once at the end), on a model shape and an odd one (k = 80: a last
-    chunk of 4 groups). The bf16 panel engines are off (they would take bf16 x)."""
+    chunk of 4 groups). The bf16 panel engines are off (they would take bf16 x). At 600 rows fp32 and fp16 x stay
+    on the row-vector kernel (AVX-512), bf16 x goes to dense blocks."""
     fp32_paths_only(monkeypatch)
     for kind in VALUE_DTYPES + ("int4",):
         for n, k in ((576, 1536), (264, 80)):
@@ -325,6 +327,22 @@ def test_row_vector_kernel_wide_range_inputs(isa, m, monkeypatch):
                 xl = x.clamp(-6e4, 6e4).to(x_dtype)
                 y = ops.sparse24_tiled(xl, tiled)
                 assert y.dtype == x_dtype and rel_err(y, ref(xl)) < 8e-3, (m, n, k, kind, x_dtype)
+
+
+@pytest.mark.parametrize("m", (97, 1000, 4944))
+def test_row_vector_blocks_read_only_x_rows(isa, m):
+    """x ends right before a page no one may read, so any read past its last row crashes. The row-vector kernel
+    splits a batch into blocks of up to 96 rows, each padded to whole registers of 16: 4944 rows once made 51
+    blocks of 96 and a last one of 48 padded to 96, whose registers past row 48 gathered from beyond x (a
+    crash in an evaluation's prefill of 16 x 309 tokens). Now 52 blocks of 95 or 96; every row lands in place."""
+    packed = uniform_sparse24(16, 64, seed=m)
+    packed_int4 = uniform_sparse24_int4(16, 64, 8, seed=m)
+    q = packed_int4.qvalues
+    x = rows_before_guard_page(m, 64, seed=m)
+    ref = reference.sparse24_gemm(x, packed.values, packed.meta)
+    assert rel_err(ops.sparse24_tiled(x, tile_sparse24(packed)), ref) < 1e-6
+    ref = reference.sparse24_int4_gemm(x, q.qweight, q.qzeros, q.scales, packed_int4.meta, 8)
+    assert rel_err(ops.sparse24_tiled(x, tile_sparse24_int4(packed_int4)), ref) < 1e-6
 
 
 def test_batch_one_fp32_int4_values_as_int8_limbs_keep_fp32_accuracy(monkeypatch):
@@ -396,7 +414,7 @@ def test_magnitude_pruned_weight_runs_exactly_like_its_dense_form(isa):
 def test_thread_count_does_not_change_results(int4):
     tiled = tile_sparse24_int4(uniform_sparse24_int4(576, 1536, 64)) if int4 else tile_sparse24(uniform_sparse24(576, 1536))
     threads = torch.get_num_threads()
-    row_vectors = _C.cpu_isa() == "avx512"  # from 32 to 511 rows, else dense blocks from 192
+    row_vectors = _C.cpu_isa() == "avx512"  # fp32 x from 32 rows on, else dense blocks from 192
     for m in (1, 13, 64, 200, 600):
         x = torch.randn(m, 1536)
         try:
@@ -408,7 +426,7 @@ def test_thread_count_does_not_change_results(int4):
         finally:
             torch.set_num_threads(threads)
         assert torch.equal(many, again), m
-        if m < 192 or (row_vectors and m < 512):  # our kernels: tiles are independent, no order depends on threads
+        if m < 192 or row_vectors:  # our kernels: tiles are independent, no order depends on threads
             assert torch.equal(one, many), m
         else:  # torch's GEMM on expanded blocks: like dense F.linear, may round differently per thread count
             assert rel_err(one, many) < 1e-6, m

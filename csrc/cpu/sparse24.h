@@ -17,8 +17,8 @@
 // An AVX-512 version (both kept-value slots in one register) runs where the CPU has it; a portable scalar
 // twin where AVX2 is missing. Work split: tiles (8 output columns) are
 // at::parallel_for's tasks.
-// On AVX-512, 32 to 511 rows run the row-vector kernel instead (sparse24_row_vectors.h: vectorized over x's rows,
-// so only the kept weights are multiplied), except where the tile unit below is faster.
+// On AVX-512, float x from 32 rows on (bf16 x to 511) runs the row-vector kernel instead (sparse24_row_vectors.h:
+// vectorized over x's rows, so only the kept weights are multiplied), except where the tile unit below is faster.
 // Where the CPU has AMX, bf16 activations from 8 rows, and fp32 ones from 16 when the kept values are exact in
 // bf16, run on the tile unit instead (run_bf16_panels); without AMX but with AVX512-BF16, bf16 activations
 // from 8 to kDotMaxRows rows (kAmxMaxRows on large layers) run the same panels on vdpbf16ps (bf16_dot.h), as

@@ -209,7 +209,7 @@ void check_cpu(const char* op, std::initializer_list<const at::Tensor*> tensors)
 // there. Measured against dense fp32 F.linear, side by side on SmolLM2 and 4096x4096 shapes (direct /
 // expanded): 256 rows 1.3-1.6x / 1.1-1.25x, 3072 rows 2.0-2.9x / 0.9-1.25x; 128 rows about even (direct
 // ahead for fp32 values, behind for int4 ones); 64 rows 0.7-1.3x / 1.5-1.9x. On AVX-512 the row-vector kernel
-// takes 32 to 511 rows first, so there this path starts at kRowVectorMaxRows.
+// takes float x from 32 rows on, bf16 x from 32 to 511, so there this path serves bf16 x from kRowVectorMaxRows.
 // (kDenseMinRows: sparse24.h.)
 template <class V, typename Out>
 void run_expanded(const Sparse24Problem& p, const at::Tensor& x, at::Tensor& y, Isa isa) {
@@ -251,9 +251,10 @@ at::Tensor run_kind(Sparse24Problem& p, const at::Tensor& x) {
     run_bf16_panels<V>(p, AmxActivations{planes.data_ptr<at::BFloat16>(), 3, nullptr}, y.data_ptr<float>());
     return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
   }
-  // kRowVectorMinRows to kRowVectorMaxRows rows: vectorized over x's rows (sparse24_row_vectors.h), multiplying
-  // only the kept weights.
-  if (isa == Isa::kAvx512 && p.m >= kRowVectorMinRows && p.m < kRowVectorMaxRows) {
+  // From kRowVectorMinRows rows (bf16 x: up to kRowVectorMaxRows, where oneDNN's bf16 GEMM on expanded blocks
+  // takes over): vectorized over x's rows (sparse24_row_vectors.h), multiplying only the kept weights.
+  if (isa == Isa::kAvx512 && p.m >= kRowVectorMinRows &&
+      (p.m < kRowVectorMaxRows || x.scalar_type() != at::kBFloat16)) {
     const at::Tensor xf = x.to(at::kFloat).contiguous();
     at::Tensor y;
     if constexpr (std::is_same_v<V, Int4Values>)

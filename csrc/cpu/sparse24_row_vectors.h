@@ -33,22 +33,28 @@ namespace comptrust::cpu {
 // kernel below 192 rows, dense blocks for torch's GEMM from 192), on 576x1536, 1536x576, 4096x4096,
 // 11008x4096: fp32 values at 16 rows 1.41-2.02 / 1.59-2.09 (the column kernel stays there), 32 rows
 // 1.36-1.90 / 1.12-1.58, 64 rows 1.18-1.74 / 0.88-1.47, 128 rows 1.07-1.27 / 0.71-0.96, 256 rows 0.92-1.01 /
-// 0.78-0.85, 384 rows 0.86-1.28 / 0.78-0.86, 512 rows 0.78-0.91 / 0.84-1.04 (dense blocks keep 512 on);
-// fp16 values at 64 rows 1.23-1.38 / 0.88-1.01; int4 values (g128, also 4096x11008) at 64 rows 1.13-1.62 /
-// 0.76-0.97, 192 rows 0.94-1.48 / 0.68-0.87.
+// 0.78-0.85, 384 rows 0.86-1.28 / 0.78-0.86, 512 rows 0.78-0.91 / 0.84-1.04; fp16 values at 64 rows 1.23-1.38 /
+// 0.88-1.01; int4 values (g128, also 4096x11008) at 64 rows 1.13-1.62 / 0.76-0.97, 192 rows 0.94-1.48 / 0.68-0.87.
+// Those figures came from a CPU whose MKL ran sgemm at AVX-512 speed, so dense blocks kept fp32 x from 512 rows
+// on. On Zen 5, where MKL's sgemm runs at AVX2 speed, dense blocks ran 0.93-1.03x fp32 F.linear from 512 rows
+// and this kernel 2.2-3.2x (fp32 and int4 values, 576x1536, 1536x576, 4096x4096 at 256-1024 rows, warm): float x
+// stays here at every batch, as the tiled int GEMM's kernels do (a loss of at most ~15% where MKL is fast, a gain
+// of 2-3x where it is not). bf16 x stops at kRowVectorMaxRows: bf16 F.linear (oneDNN, the GEMM the expanded
+// blocks run) was 1.5-1.8x as fast as this kernel at 512-1024 rows.
 constexpr int64_t kRowVectorMinRows = 32;
-constexpr int64_t kRowVectorMaxRows = 512;
+constexpr int64_t kRowVectorMaxRows = 512;  // bf16 x
 constexpr int kRowVectorMaxRegisters = 6;      // rows per block up to 96: registers of 16
 constexpr int64_t kRowVectorChunkGroups = 16;    // 2:4 groups per input chunk: 64 xt rows, 16-24 KB
 constexpr int64_t kRowVectorBlockTiles = 32;     // tiles that share a chunk while it is in L1
 
-// xt[kk][0..ld) = x[0..rows)[kk] for kk in [k0, k1), zero past rows: one masked gather per 16 rows.
+// xt[kk][0..ld) = x[0..rows)[kk] for kk in [k0, k1), zero past rows: one masked gather per 16 rows. Registers
+// wholly past `rows` gather nothing (no read past x's last row, whatever ld the caller pads to).
 COMPTRUST_AVX512 inline void transpose_x(const float* x, int64_t k, int64_t rows, int64_t ld, int64_t k0, int64_t k1,
                                          float* xt) {
   const __m512i offsets = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                              _mm512_set1_epi32(static_cast<int>(k)));
   for (int64_t r0 = 0; r0 < ld; r0 += 16) {
-    const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(rows - r0, 16)) - 1);  // r0 < rows
+    const __mmask16 mask = static_cast<__mmask16>((1u << std::clamp<int64_t>(rows - r0, 0, 16)) - 1);
     const float* xr = x + r0 * k;
     for (int64_t kk = k0; kk < k1; ++kk)
       _mm512_store_ps(xt + kk * ld + r0, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, offsets, xr + kk, 4));
@@ -193,19 +199,21 @@ at::Tensor sparse24_row_vectors(const at::Tensor& x, const Kept& kept, const uin
   const int64_t m = x.size(0), k = x.size(1), tiles = n / kTileCols;
   at::Tensor y = at::empty({m, n}, x.options());
   const int64_t max_rows = 16 * kRowVectorMaxRegisters, blocks = (m + max_rows - 1) / max_rows;
-  const int64_t block_rows = (m + blocks - 1) / blocks;  // even blocks: 100 rows as 50 + 50, not 96 + 4
-  const int64_t rv = (block_rows + 15) / 16, ld = 16 * rv;
+  const int64_t max_ld = 16 * (((m + blocks - 1) / blocks + 15) / 16);  // the largest block's xt row
   // xt is kept per calling thread and reused: a fresh allocation of megabytes goes back to the OS when freed,
   // and faulting its pages in again cost as much as the transpose (see dense_blocks.h). 64-byte aligned rows.
   thread_local std::vector<float> xt_buffer;
-  if (static_cast<int64_t>(xt_buffer.size()) < k * ld + 16) xt_buffer.resize(k * ld + 16);
+  if (static_cast<int64_t>(xt_buffer.size()) < k * max_ld + 16) xt_buffer.resize(k * max_ld + 16);
   float* xtp = align64(xt_buffer.data());  // not xt_buffer inside the workers
   // Tasks of kRowVectorBlockTiles tiles, fewer where the layer has fewer tiles than that per thread: with 32,
   // 192x576 (24 tiles) ran on one thread, 1.00x dense fp32 F.linear at 64 rows.
   const int64_t threads = at::get_num_threads();
   const int64_t grain = std::clamp<int64_t>((tiles + threads - 1) / threads, 1, kRowVectorBlockTiles);
-  for (int64_t i0 = 0; i0 < m; i0 += block_rows) {
-    const int64_t rows = std::min(block_rows, m - i0);
+  // Even blocks, a row apart at most: 100 rows as 50 + 50, not 96 + 4; 4944 as 52 blocks of 95 or 96, not 51 of
+  // 96 and one of 48 padded to 96. Each block pads its rows to whole registers only.
+  for (int64_t b = 0, i0 = 0; b < blocks; ++b) {
+    const int64_t rows = (m - i0 + (blocks - b) - 1) / (blocks - b);
+    const int64_t rv = (rows + 15) / 16, ld = 16 * rv;
     const float* xb = x.data_ptr<float>() + i0 * k;
     float* yb = y.data_ptr<float>() + i0 * n;
     at::parallel_for(0, k, 256, [&](int64_t k0, int64_t k1) { transpose_x(xb, k, rows, ld, k0, k1, xtp); });
@@ -219,6 +227,7 @@ at::Tensor sparse24_row_vectors(const at::Tensor& x, const Kept& kept, const uin
         default: row_vector_tiles<Kept, 6>(kept, meta, k, t0, t1, xtp, rows, yb, n); break;
       }
     });
+    i0 += rows;
   }
   return y;
 }
